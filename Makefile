@@ -1,0 +1,32 @@
+# The README's two commands: `make run` (set up, fetch the default model, serve the app) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test setup system-deps clean
+
+setup: $(STAMP)
+
+# torch is installed first, on its own, so that pip takes the pinned build and no other package pulls a different one.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+# Debian packages the tests use: a PostgreSQL server for the store's tests and Chromium for the browser test.
+# Installed only where we are root and apt-get exists; the tests that need them skip with a notice otherwise.
+system-deps:
+	@bash .ci/system-deps.sh
+
+run: setup
+	$(BIN)/tpa-rag models fetch
+	$(BIN)/tpa-rag serve
+
+test: setup system-deps
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache

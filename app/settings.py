@@ -1,0 +1,83 @@
+"""Runtime settings: one object, read once at the entry point and passed down.
+
+Nothing else in the code base reads environment variables; library code takes what it needs from here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_CACHE_BUDGET_BYTES = 4 * 1024**3
+
+
+def _default_data_dir() -> Path:
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("tpa-rag", appauthor=False))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the app, the CLI and the services are configured with."""
+
+    data_dir: Path
+    database_url: str = ""  # "" = SQLite file in the data directory
+    model: str = DEFAULT_MODEL
+    device: str = "auto"  # auto | cpu | cuda
+    attention_backend: str = "auto"  # auto | torch | triton
+    cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES
+    embedding_model: str = ""  # "" = the offline all-MiniLM-L6-v2 package
+    top_k: int = 5
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    verbose: int = 0
+    extra: dict = field(default_factory=dict)
+
+    # The data directory's layout (architecture.md, "Data directory").
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "tpa_rag.sqlite"
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def indexes_dir(self) -> Path:
+        return self.data_dir / "indexes"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.sqlite_path}"
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: "os._Environ[str] | dict[str, str] | None" = None, **overrides) -> "Settings":
+        """Settings from TPA_RAG_* environment variables; explicit overrides (CLI flags) win."""
+        env = os.environ if environ is None else environ
+        values: dict = {
+            "data_dir": Path(env["TPA_RAG_HOME"]) if env.get("TPA_RAG_HOME") else None,
+            "database_url": env.get("TPA_RAG_DATABASE_URL", ""),
+            "model": env.get("TPA_RAG_MODEL", DEFAULT_MODEL),
+            "device": env.get("TPA_RAG_DEVICE", "auto"),
+            "attention_backend": env.get("TPA_RAG_ATTENTION_BACKEND", "auto"),
+            "cache_budget_bytes": int(env.get("TPA_RAG_CACHE_BUDGET_BYTES", DEFAULT_CACHE_BUDGET_BYTES)),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["data_dir"] is None:
+            values["data_dir"] = _default_data_dir()
+        values["data_dir"] = Path(values["data_dir"]).expanduser().resolve()
+        return cls(**values)
