@@ -1,0 +1,213 @@
+"""The prompt of one ask: context units in canonical order, chat messages, and the overflow policy.
+
+The prompt is `system (instructions + context), earlier turns, question`. The context is rendered in a canonical
+order (collection, document path, chunk index), never with scores or dates, so the same set of chunks always
+gives the same token prefix and the store finds it again.
+
+Overflow policy (when the prompt and the answer budget do not fit the model's window), in this order:
+1. earlier turns are left out, the oldest first, down to the latest one;
+2. context units are left out: in retrieval mode the lowest-scored chunk first, in pinned mode from the end of
+   the canonical order (so the cached prefix of the pinned documents stays the same from question to question);
+3. the latest earlier turn is left out;
+4. if the question alone still does not fit, the ask fails with a message saying by how much.
+Then as much context as fits is given back, in order of preference (best score first in retrieval mode, canonical
+order in pinned mode): whole units where they fit; in pinned mode the first document that does not fit whole is
+given back cut at a line boundary (and the rest stay out), in retrieval mode the best chunk is cut that way only
+when no chunk fits whole. Everything left out is reported to the user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from app.errors import AppError
+
+SYSTEM_PROMPT = (
+    "You are a helpful assistant for questions about the user's documents and code. "
+    "Answer from the numbered context below. Cite the sources you use by their number, like [1]. "
+    "If the context does not contain the answer, say so."
+)
+
+MessageList = list[dict[str, str]]
+
+# Per-unit token estimates can be off by a few tokens where text joins (BPE merges across a boundary); a unit whose
+# estimate exceeds the room by more than this is not worth an exact count.
+_ESTIMATE_SLACK = 8
+
+
+class ContextOverflowError(AppError):
+    """Even the question alone does not fit the model's context window."""
+
+
+@dataclass(frozen=True)
+class ContextUnit:
+    """A piece of context: a retrieved chunk, or a whole (pinned) document. Lines are 1-based and inclusive."""
+
+    collection: str
+    path: str
+    chunk_index: int
+    text: str
+    start_line: int | None = None
+    end_line: int | None = None
+    score: float | None = None  # retrieval score; None for pinned documents (never rendered into the prompt)
+
+    @property
+    def sort_key(self) -> tuple[str, str, int]:
+        return (self.collection, self.path, self.chunk_index)
+
+    def label(self) -> str:
+        if self.start_line is None:
+            return self.path
+        return f"{self.path} lines {self.start_line}-{self.end_line}"
+
+    def source(self) -> dict:
+        """The citation shown with an answer: {"path", "start_line", "end_line", "score", "text"}."""
+        return {
+            "path": self.path,
+            "start_line": self.start_line,
+            "end_line": self.end_line,
+            "score": None if self.score is None else round(float(self.score), 4),
+            "text": self.text,
+        }
+
+    def head(self, n_lines: int) -> ContextUnit:
+        """The first `n_lines` lines of this unit (the line range follows)."""
+        lines = self.text.splitlines(keepends=True)[:n_lines]
+        start = self.start_line if self.start_line is not None else 1
+        return replace(self, text="".join(lines), start_line=start, end_line=start + len(lines) - 1)
+
+    def n_lines(self) -> int:
+        return len(self.text.splitlines())
+
+
+def canonical(units: Sequence[ContextUnit]) -> list[ContextUnit]:
+    """Units in (collection, path, chunk index) order, duplicates removed."""
+    seen: dict[tuple[str, str, int], ContextUnit] = {}
+    for unit in units:
+        seen.setdefault(unit.sort_key, unit)
+    return [seen[key] for key in sorted(seen)]
+
+
+def render_context(units: Sequence[ContextUnit]) -> str:
+    """The numbered context block; numbers follow the canonical order, so they are stable for a given set."""
+    parts = []
+    for number, unit in enumerate(canonical(units), start=1):
+        parts.append(f"[{number}] {unit.label()}\n{unit.text.rstrip()}\n")
+    return "\n".join(parts)
+
+
+def build_messages(
+    units: Sequence[ContextUnit], history: Sequence[tuple[str, str]], question: str, system: str = SYSTEM_PROMPT
+) -> MessageList:
+    """Chat messages: system (instructions + context), earlier (question, answer) turns, the new question."""
+    content = system
+    if units:
+        content += "\n\nContext:\n\n" + render_context(units)
+    messages: MessageList = [{"role": "system", "content": content}]
+    for asked, answered in history:
+        messages.append({"role": "user", "content": asked})
+        messages.append({"role": "assistant", "content": answered})
+    messages.append({"role": "user", "content": question})
+    return messages
+
+
+@dataclass
+class FittedPrompt:
+    """What goes into the prompt after the overflow policy, and what was left out (as text for the user)."""
+
+    messages: MessageList
+    units: list[ContextUnit]  # canonical order, as rendered
+    history: list[tuple[str, str]]
+    prompt_tokens: int
+    left_out: list[str] = field(default_factory=list)
+
+
+def fit_prompt(
+    units: Sequence[ContextUnit],
+    history: Sequence[tuple[str, str]],
+    question: str,
+    *,
+    count_tokens: Callable[[MessageList], int],
+    budget: int,
+    pinned: bool,
+    system: str = SYSTEM_PROMPT,
+) -> FittedPrompt:
+    """Apply the overflow policy (module docstring) so that the prompt has at most `budget` tokens.
+
+    `count_tokens(messages)` is the exact token count of the rendered chat template; `budget` is the model's
+    window less the tokens reserved for the answer.
+    """
+    kept = canonical(units) if pinned else sorted(units, key=lambda u: -(u.score or 0.0))
+    turns = list(history)
+
+    def size(with_units: Sequence[ContextUnit], with_turns: Sequence[tuple[str, str]]) -> int:
+        return count_tokens(build_messages(with_units, with_turns, question, system))
+
+    total = size(kept, turns)
+    if total <= budget:
+        return FittedPrompt(build_messages(kept, turns, question, system), canonical(kept), turns, total)
+
+    dropped_turns = 0
+    while len(turns) > 1 and size(kept, turns) > budget:
+        turns.pop(0)
+        dropped_turns += 1
+    dropped: list[ContextUnit] = []  # in the order they were left out
+    # A first pass on per-unit estimates, so that a context many times the window costs a few renders, not one
+    # render per unit left out; the exact loop below finishes the job.
+    empty = size([], [])
+    cost = {u.sort_key: size([u], []) - empty for u in kept}
+    estimate = size([], turns) + sum(cost.values())
+    while len(kept) > 1 and estimate - cost[kept[-1].sort_key] > budget:
+        estimate -= cost[kept[-1].sort_key]
+        dropped.append(kept.pop())
+    while kept and size(kept, turns) > budget:
+        dropped.append(kept.pop())  # the lowest score (retrieval) or the last in canonical order (pinned)
+    if turns and size(kept, turns) > budget:
+        turns.pop(0)
+        dropped_turns += 1
+    total = size(kept, turns)
+    if total > budget:
+        raise ContextOverflowError(
+            f"the question does not fit the model's context window: the prompt needs {total} tokens and "
+            f"{budget} are available after reserving the answer; shorten the question or lower max new tokens"
+        )
+
+    # Give back as much context as fits, in order of preference (the reverse of the order of leaving out).
+    cut_notes: list[str] = []
+    for unit in reversed(dropped):
+        room = budget - total
+        if cost[unit.sort_key] <= room + _ESTIMATE_SLACK and size(kept + [unit], turns) <= budget:
+            kept.append(unit)
+            total = size(kept, turns)
+            continue
+        if pinned or not kept:
+            n_fit = _max_lines_that_fit(unit, lambda part: size(kept + [part], turns) <= budget)
+            if n_fit:
+                part = unit.head(n_fit)
+                kept.append(part)
+                total = size(kept, turns)
+                cut_notes.append(f"{unit.path} lines {part.end_line + 1}-{unit.end_line or unit.n_lines()}")
+            if pinned:
+                break  # pinned mode keeps a prefix of the canonical order
+
+    left_out = []
+    if dropped_turns:
+        left_out.append(f"{dropped_turns} earlier turn{'s' if dropped_turns > 1 else ''} of this session")
+    kept_keys = {u.sort_key for u in kept}
+    left_out += [u.label() for u in canonical(dropped) if u.sort_key not in kept_keys]
+    left_out += cut_notes
+    messages = build_messages(kept, turns, question, system)
+    return FittedPrompt(messages, canonical(kept), turns, count_tokens(messages), left_out)
+
+
+def _max_lines_that_fit(unit: ContextUnit, fits: Callable[[ContextUnit], bool]) -> int:
+    """The largest n < unit.n_lines() such that the unit's first n lines fit (0 if not even one line fits)."""
+    lo, hi = 0, unit.n_lines() - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(unit.head(mid)):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
