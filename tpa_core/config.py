@@ -26,9 +26,11 @@ ROPE_STYLES = ("rotate_half", "t6")
 ROPE_SCALING_KEYS: dict[str, tuple[str, ...]] = {
     "linear": ("factor",),
     "dynamic": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
     "yarn": ("factor",),
 }
+# Scalings that need the pre-training context length; it defaults to max_position_embeddings (as in transformers).
+ROPE_SCALING_WITH_ORIGINAL = ("dynamic", "llama3", "yarn")
 HF_ARCHITECTURES = ("llama", "qwen2", "mistral")
 
 
@@ -81,6 +83,9 @@ class TPAConfig:
                                f"got k_rank={self.k_rank}, v_rank={self.v_rank}")
             if self.n_heads % self.k_rank:
                 raise TPAError(f"TPAConfig.k_rank (KV heads, {self.k_rank}) must divide n_heads ({self.n_heads})")
+        if self.qkv_bias and self.q_rank > 0:
+            raise TPAError("TPAConfig.qkv_bias needs a full query projection (q_rank = 0); "
+                           "contextual query factors have no biases")
         if self.norm_eps is not None and not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
             raise TPAError(f"TPAConfig.norm_eps must be positive or None, got {self.norm_eps!r}")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
@@ -89,6 +94,8 @@ class TPAConfig:
         if self.rope_style not in ROPE_STYLES:
             raise TPAError(f"TPAConfig.rope_style must be one of {ROPE_STYLES}, got {self.rope_style!r}")
         self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
+        if self.rope_scaling is not None and self.rope_scaling["rope_type"] in ROPE_SCALING_WITH_ORIGINAL:
+            self.rope_scaling.setdefault("original_max_position_embeddings", self.max_position_embeddings)
         self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
         for name in ("bos_token_id",):
             value = getattr(self, name)
@@ -188,6 +195,15 @@ class TPAConfig:
         if hf.get("partial_rotary_factor", 1.0) != 1.0:
             raise TPAError("unsupported config.json: partial_rotary_factor != 1")
         max_pos = int(hf.get("max_position_embeddings", 2048))
+        scaling = dict(scaling) if isinstance(scaling, dict) else scaling
+        if isinstance(scaling, dict):
+            rope_type = scaling.get("rope_type", scaling.get("type"))
+            if rope_type == "dynamic":
+                # transformers' dynamic NTK measures against max_position_embeddings, whatever else is given
+                scaling["original_max_position_embeddings"] = max_pos
+            elif rope_type in ROPE_SCALING_WITH_ORIGINAL:
+                scaling.setdefault("original_max_position_embeddings", hf.get("original_max_position_embeddings",
+                                                                              max_pos))
         window = hf.get("sliding_window")
         use_window = model_type == "mistral" or (model_type == "qwen2" and hf.get("use_sliding_window"))
         if use_window and window and int(window) < max_pos:

@@ -1,0 +1,168 @@
+"""`TPAAttention`: x -> TPA factors -> factor cache -> `kernels.dispatch.attention` -> output projection.
+
+Three forms (TPAConfig.form), one code path each:
+
+- "contextual": aq, bq, ak, bk, av, bv all from x (T6);
+- "kv_only":    q, ak, bk, av, bv (T6 KV-only);
+- "fixed":      q, bk, bv; the head factors are constants (MHA/GQA/MQA, Qwen2 biases included), so the cache
+                holds only the B factors, which are exactly the GQA K/V heads.
+
+RoPE goes on bq/bk (or q), never on A factors or bv. All input projections run as one matmul over a fused
+weight; `state_dict()` and `load_state_dict()` still speak the per-factor names of docs/interfaces.md
+(`w_aq`, `w_bq` | `w_q`, `w_ak`, `w_bk`, `w_av`, `w_bv`, biases `b_q`, `b_bk`, `b_bv`, and `w_o`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kernels.dispatch import attention
+from tpa_core.cache import FactorCache
+from tpa_core.config import TPAConfig
+from tpa_core.rope import RopeTables, apply_rope
+
+
+@dataclass
+class StepInfo:
+    """What every layer needs to know about one forward call, built once per call.
+
+    rows: the cache rows (sequences) this call extends; starts: their lengths before the call (host ints);
+    kv_lens: `[B']` int32 lengths after the call; rope: tables for the new positions; backend: attention backend.
+    """
+
+    rows: slice
+    starts: list[int]
+    kv_lens: Tensor
+    rope: RopeTables
+    backend: str = "auto"
+
+
+class FusedParams(nn.Module):
+    """Base for modules whose parameters are concatenations of named parts along dim 0.
+
+    `self.fused[param_name] = [(part_name | None, rows), ...]`: `state_dict` splits the fused parameter into its
+    named parts (clones, so they can be saved with safetensors); `load_state_dict` concatenates them back.
+    A part named None is not in the state dict and loads as zeros (the bias of a factor that has none).
+    """
+
+    fused: dict[str, list[tuple[str | None, int]]]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 (torch signature)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for fused_name, parts in self.fused.items():
+            if prefix + fused_name not in destination:
+                continue
+            value = destination.pop(prefix + fused_name)
+            offset = 0
+            for part, rows in parts:
+                if part is not None:
+                    piece = value[offset:offset + rows]
+                    destination[prefix + part] = piece if keep_vars else piece.detach().clone()
+                offset += rows
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # noqa: ANN001
+                              unexpected_keys, error_msgs):
+        unloaded = []
+        for fused_name, parts in self.fused.items():
+            param = getattr(self, fused_name)
+            pieces, complete = [], True
+            for part, rows in parts:
+                expected = (rows, *param.shape[1:])
+                if part is None:
+                    pieces.append(torch.zeros(expected, dtype=param.dtype, device=param.device))
+                    continue
+                piece = state_dict.pop(prefix + part, None)
+                if piece is None:
+                    missing_keys.append(prefix + part)
+                    complete = False
+                elif tuple(piece.shape) != expected:
+                    error_msgs.append(f"size mismatch for {prefix + part}: copying a param with shape "
+                                      f"{tuple(piece.shape)}, the model has {expected}")
+                    complete = False
+                else:
+                    pieces.append(piece.to(device=param.device, dtype=param.dtype))
+            if complete:
+                state_dict[prefix + fused_name] = torch.cat(pieces, dim=0)
+            else:
+                unloaded.append(prefix + fused_name)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        for name in unloaded:  # already reported under the part names
+            if name in missing_keys:
+                missing_keys.remove(name)
+
+
+class TPAAttention(FusedParams):
+    """Multi-head attention in TPA factor form; `forward(x [B, N, d], cache, layer, step) -> [B, N, d]`."""
+
+    def __init__(self, config: TPAConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        c = config
+        self.form = c.form
+        self.n_heads, self.head_dim = c.n_heads, c.head_dim
+        self.q_rank, self.k_rank, self.v_rank = c.q_rank, c.k_rank, c.v_rank
+        H, D = c.n_heads, c.head_dim
+        if self.form == "contextual":
+            parts = [("aq", H * c.q_rank), ("bq", c.q_rank * D)]
+        else:
+            parts = [("q", H * D)]
+        if c.contextual_kv:
+            parts += [("ak", H * c.k_rank), ("bk", c.k_rank * D), ("av", H * c.v_rank), ("bv", c.v_rank * D)]
+        else:
+            parts += [("bk", c.k_rank * D), ("bv", c.v_rank * D)]
+        self.part_names = [name for name, _ in parts]
+        self.part_sizes = [rows for _, rows in parts]
+        biased = {"q", "bk", "bv"} if c.qkv_bias else set()
+        factory = {"device": device, "dtype": dtype}
+        total = sum(self.part_sizes)
+        self.w_in = nn.Parameter(torch.empty(total, c.d_model, **factory))  # [sum of parts, d]
+        self.b_in = nn.Parameter(torch.zeros(total, **factory)) if biased else None
+        self.w_o = nn.Parameter(torch.empty(c.d_model, H * D, **factory))  # [d, H*D]
+        self.fused = {"w_in": [(f"w_{name}", rows) for name, rows in parts]}
+        if biased:
+            self.fused["b_in"] = [(f"b_{name}" if name in biased else None, rows) for name, rows in parts]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random init (tests and fresh models); loading overwrites it."""
+        nn.init.normal_(self.w_in, std=0.02)
+        nn.init.normal_(self.w_o, std=0.02)
+        if self.b_in is not None:
+            nn.init.zeros_(self.b_in)
+
+    def factors(self, x: Tensor, rope: RopeTables) -> dict[str, Tensor]:
+        """The new tokens' factors, RoPE applied: name -> [B, N, H, R_Q] / [B, N, R, D] / [B, N, H, D] (q)."""
+        B, N, _ = x.shape
+        H, D = self.n_heads, self.head_dim
+        y = F.linear(x, self.w_in, self.b_in)  # [B, N, sum of parts]
+        parts = dict(zip(self.part_names, y.split(self.part_sizes, dim=-1)))
+        out: dict[str, Tensor] = {}
+        if self.form == "contextual":
+            out["aq"] = parts["aq"].view(B, N, H, self.q_rank)  # [B, N, H, R_Q]
+            out["bq"] = apply_rope(parts["bq"].view(B, N, self.q_rank, D), rope)  # [B, N, R_Q, D]
+        else:
+            out["q"] = apply_rope(parts["q"].view(B, N, H, D), rope)  # [B, N, H, D]
+        out["bk"] = apply_rope(parts["bk"].view(B, N, self.k_rank, D), rope)  # [B, N, R_K, D]
+        out["bv"] = parts["bv"].view(B, N, self.v_rank, D)  # [B, N, R_V, D]
+        if self.form != "fixed":
+            out["ak"] = parts["ak"].view(B, N, H, self.k_rank)  # [B, N, H, R_K]
+            out["av"] = parts["av"].view(B, N, H, self.v_rank)  # [B, N, H, R_V]
+        return out
+
+    def forward(self, x: Tensor, cache: FactorCache, layer: int, step: StepInfo) -> Tensor:
+        """x `[B, N, d]` (the rows `step.rows` of `cache`) -> `[B, N, d]`; appends the K/V factors to the cache."""
+        B, N, _ = x.shape
+        f = self.factors(x, step.rope)
+        cache.write(layer, {name: f[name] for name in cache.names}, step.starts, step.rows)
+        buf = cache.layer(layer, step.rows)  # name -> [B, T_cap, ...] views
+        out = attention(
+            q=f.get("q"), aq=f.get("aq"), bq=f.get("bq"),
+            ak=buf.get("ak"), bk=buf["bk"], av=buf.get("av"), bv=buf["bv"],
+            kv_lens=step.kv_lens, backend=step.backend,
+        )  # [B, N, H, D]
+        return F.linear(out.reshape(B, N, self.n_heads * self.head_dim), self.w_o)  # [B, N, H*D] -> [B, N, d]

@@ -1,0 +1,148 @@
+"""`TPAModel`: token embedding, pre-norm blocks (RMSNorm, TPA attention, SwiGLU MLP), final norm, LM head.
+
+`forward(tokens [B, N], cache) -> logits` appends the N new tokens of each sequence to the factor cache and
+attends over everything cached before them, so one call covers prefill, extend-after-a-cached-prefix and decode.
+Without a cache it is an ordinary full causal forward (a fresh cache of N tokens is used and dropped).
+
+State-dict names are those of docs/interfaces.md (`embed.weight`, `layers.{i}.attn_norm.weight`, attention
+`layers.{i}.attn.w_*`, `layers.{i}.mlp.w_gate|w_up|w_down`, `norm.weight`, `lm_head.weight` unless tied).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tpa_core.attention import FusedParams, StepInfo, TPAAttention
+from tpa_core.cache import FactorCache
+from tpa_core.config import TPAConfig
+from tpa_core.errors import TPAError
+from tpa_core.rope import Rope
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, with a learnable weight or none (T6); eps None = the dtype's epsilon."""
+
+    def __init__(self, dim: int, eps: float | None, has_weight: bool, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype)) if has_weight else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x `[..., d]` -> `[..., d]`."""
+        return F.rms_norm(x, (self.dim,), self.weight, self.eps)
+
+
+class SwiGLU(FusedParams):
+    """w_down(silu(w_gate x) * w_up x); gate and up run as one matmul (state dict: `w_gate`, `w_up`, `w_down`)."""
+
+    def __init__(self, d_model: int, hidden: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.w_gate_up = nn.Parameter(torch.empty(2 * hidden, d_model, device=device, dtype=dtype))  # [2F, d]
+        self.w_down = nn.Parameter(torch.empty(d_model, hidden, device=device, dtype=dtype))  # [d, F]
+        self.fused = {"w_gate_up": [("w_gate", hidden), ("w_up", hidden)]}
+        nn.init.normal_(self.w_gate_up, std=0.02)
+        nn.init.normal_(self.w_down, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x `[B, N, d]` -> `[B, N, d]`."""
+        gate, up = F.linear(x, self.w_gate_up).split(self.hidden, dim=-1)  # 2 x [B, N, F]
+        return F.linear(F.silu(gate) * up, self.w_down)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, config: TPAConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        c = config
+        self.attn_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_has_weight, device, dtype)
+        self.attn = TPAAttention(c, device, dtype)
+        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps, c.norm_has_weight, device, dtype)
+        self.mlp = SwiGLU(c.d_model, c.mlp_hidden, device, dtype)
+
+    def forward(self, x: Tensor, cache: FactorCache, layer: int, step: StepInfo) -> Tensor:
+        """x `[B, N, d]` -> `[B, N, d]`."""
+        x = x + self.attn(self.attn_norm(x), cache, layer, step)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TPAModel(nn.Module):
+    """A TPA decoder for any of the three attention forms of `TPAConfig`."""
+
+    def __init__(self, config: TPAConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.d_model, device=device, dtype=dtype)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.layers = nn.ModuleList(Block(c, device, dtype) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.d_model, c.norm_eps, c.norm_has_weight, device, dtype)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False,
+                                                               device=device, dtype=dtype)
+        self.rope = Rope(c, device=device)
+        self.attention_backend = "auto"  # "auto" | "torch" | "triton", passed to kernels.dispatch
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def new_cache(self, batch_size: int = 1, capacity: int = 256) -> FactorCache:
+        """An empty factor cache for this model (its dtype and device)."""
+        return FactorCache(self.config, batch_size=batch_size, capacity=capacity, dtype=self.dtype,
+                           device=self.device)
+
+    def forward(self, tokens: Tensor, cache: FactorCache | None = None, *, seq: int | None = None,
+                last_only: bool = False) -> Tensor:
+        """Run N new tokens per sequence through the model, appending their factors to `cache`.
+
+        Args:
+            tokens: `[B, N]` token ids; B = the cache's batch size, or 1 with `seq` given.
+            cache: the factor cache to extend; None = a full forward from position 0 with a private cache.
+            seq: extend only this sequence of the cache (its own length; the others are untouched).
+            last_only: compute logits for the last position only (prefill and decode need nothing else).
+
+        Returns:
+            logits `[B, N, V]` (or `[B, 1, V]` with `last_only`), float32.
+        """
+        if tokens.dim() != 2:
+            raise TPAError(f"tokens must be [B, N], got shape {tuple(tokens.shape)}")
+        B, N = tokens.shape
+        if cache is None:
+            cache = self.new_cache(batch_size=B, capacity=max(N, 1))
+        rows = slice(None) if seq is None else slice(seq, seq + 1)
+        if seq is not None:
+            cache.length(seq)  # validates seq
+        seqs = range(cache.batch_size)[rows]
+        if len(seqs) != B:
+            raise TPAError(f"tokens hold {B} sequences but the cache rows selected hold {len(seqs)}")
+        if N == 0:
+            raise TPAError("forward needs at least one new token per sequence")
+        starts = [cache.length(b) for b in seqs]
+        end = max(starts) + N
+        if end > self.config.max_position_embeddings:
+            raise TPAError(f"context window exceeded: {end} tokens > max_position_embeddings "
+                           f"{self.config.max_position_embeddings}")
+        cache.reserve(end)
+        positions = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(N, device=tokens.device)
+        step = StepInfo(rows=rows, starts=starts, kv_lens=cache.lengths[rows] + N,
+                        rope=self.rope.tables(positions, self.dtype), backend=self.attention_backend)
+        x = self.embed(tokens)  # [B, N, d]
+        for i, block in enumerate(self.layers):
+            x = block(x, cache, i, step)
+        cache.advance(N, rows)
+        if last_only:
+            x = x[:, -1:]  # [B, 1, d]
+        x = self.norm(x)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight).float()  # [B, N or 1, V]
