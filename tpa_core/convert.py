@@ -79,3 +79,80 @@ def hf_llama_family_to_tpa(state_dict: dict[str, Tensor], config: TPAConfig) -> 
         raise TPAError(f"checkpoint has weights the config does not use: {', '.join(leftover[:5])}"
                        f"{' ...' if len(leftover) > 5 else ''}")
     return out
+
+
+# ----- official T6 checkpoints -------------------------------------------------------------------------------
+# T6 parameter name (under transformer.h.{i}.) -> TPA name (under layers.{i}.)
+T6_LAYER_NAMES = {
+    "attn.c_qkv.W_A_q.weight": "attn.w_aq",
+    "attn.c_qkv.W_B_q.weight": "attn.w_bq",
+    "attn.c_qkv.c_q.weight": "attn.w_q",
+    "attn.c_qkv.W_A_k.weight": "attn.w_ak",
+    "attn.c_qkv.W_B_k.weight": "attn.w_bk",
+    "attn.c_qkv.W_A_v.weight": "attn.w_av",
+    "attn.c_qkv.W_B_v.weight": "attn.w_bv",
+    "attn.c_proj.weight": "attn.w_o",
+    "mlp.c_fc1.weight": "mlp.w_gate",  # SwiGLU: silu(c_fc1 x) * c_fc2 x
+    "mlp.c_fc2.weight": "mlp.w_up",
+    "mlp.c_proj.weight": "mlp.w_down",
+}
+
+
+def t6_to_tpa(state_dict: dict[str, Tensor], config: TPAConfig) -> dict[str, Tensor]:
+    """Official T6 checkpoint weights (tpa-reference.md) -> TPA state dict (docs/interfaces.md names).
+
+    The row layouts already agree: W_A_q rows are (head, r) = head*R_Q + r, W_B_q rows (r, j) = r*D + j, exactly
+    the engine's `w_aq` / `w_bq`. The embedding is tied to `lm_head` (either key may be the one saved); T6 has no
+    norm weights. Unknown keys (e.g. a `subln` of `using_groupnorm`) and wrong shapes are errors, never dropped.
+    """
+    H, D, d = config.n_heads, config.head_dim, config.d_model
+    expected: dict[str, tuple[int, ...]] = {"embed.weight": (config.vocab_size, d)}
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        if config.q_rank > 0:
+            expected[p + "attn.w_aq"] = (H * config.q_rank, d)
+            expected[p + "attn.w_bq"] = (config.q_rank * D, d)
+        else:
+            expected[p + "attn.w_q"] = (H * D, d)
+        expected[p + "attn.w_ak"] = (H * config.k_rank, d)
+        expected[p + "attn.w_bk"] = (config.k_rank * D, d)
+        expected[p + "attn.w_av"] = (H * config.v_rank, d)
+        expected[p + "attn.w_bv"] = (config.v_rank * D, d)
+        expected[p + "attn.w_o"] = (d, H * D)
+        expected[p + "mlp.w_gate"] = (config.mlp_hidden, d)
+        expected[p + "mlp.w_up"] = (config.mlp_hidden, d)
+        expected[p + "mlp.w_down"] = (d, config.mlp_hidden)
+
+    out: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key, tensor in state_dict.items():
+        if key in ("transformer.wte.weight", "lm_head.weight"):
+            out.setdefault("embed.weight", tensor)
+            continue
+        parts = key.split(".")
+        if len(parts) > 3 and parts[0] == "transformer" and parts[1] == "h" and parts[2].isdigit():
+            target = T6_LAYER_NAMES.get(".".join(parts[3:]))
+            if target is not None:
+                out[f"layers.{int(parts[2])}.{target}"] = tensor
+                continue
+        unknown.append(key)
+    if unknown:
+        raise TPAError(f"unsupported T6 checkpoint: unexpected weights {unknown[:5]}"
+                       f"{' ...' if len(unknown) > 5 else ''}")
+    if ("transformer.wte.weight" in state_dict and "lm_head.weight" in state_dict
+            and not state_dict["transformer.wte.weight"].equal(state_dict["lm_head.weight"])):
+        raise TPAError("unsupported T6 checkpoint: transformer.wte.weight and lm_head.weight differ "
+                       "(the official model ties them)")
+    missing = sorted(set(expected) - set(out))
+    if missing:
+        raise TPAError(f"T6 checkpoint is incomplete or of another form (KV-only vs TPA): missing "
+                       f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    extra = sorted(set(out) - set(expected))
+    if extra:
+        raise TPAError(f"T6 checkpoint has weights its config.json does not describe: {extra[:5]} "
+                       f"(n_layer or the query form disagree)")
+    for name, shape in expected.items():
+        if tuple(out[name].shape) != shape:
+            raise TPAError(f"T6 checkpoint weight for {name} has shape {tuple(out[name].shape)}, "
+                           f"config.json implies {shape}")
+    return {name: out[name].float().contiguous() for name in expected}

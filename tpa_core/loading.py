@@ -1,0 +1,367 @@
+"""Loading a model: a known name, a GGUF file, a Hugging Face safetensors folder or an official T6 checkpoint.
+
+    loaded = load_model("smollm2-135m-instruct", settings.models_dir)   # or a folder / .gguf path
+    loaded.model, loaded.tokenizer, loaded.config, loaded.fingerprint
+
+The first load of a source converts it (dequantize a GGUF, map HF or T6 weights to TPA names), computes the
+model's fingerprint - sha256 over the TPA config, every weight (name, dtype, shape, bytes), the tokenizer and the
+chat template - and keeps the result in the model cache, `<models_dir>/<fingerprint>/`:
+
+    model.safetensors     TPA state dict (docs/interfaces.md names), float32
+    config.json           {"format", "name", "source", "fingerprint", "tpa_config": TPAConfig.to_dict()}
+    tokenizer.json, tokenizer_meta.json, chat_template.jinja   (tpa_core.tokenizer; absent without a tokenizer)
+
+`<models_dir>/sources/<key>.json` remembers which fingerprint a source (path, size, mtime of its files) gave, so a
+later load goes straight to the cache: safetensors memory-mapped, the model built on the meta device and the
+weights assigned, no conversion and no re-hashing.
+
+Every user mistake (unknown name, missing or damaged file, unsupported architecture, missing tokenizer) is a
+`TPAError` with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tpa_core import registry
+from tpa_core.config import HF_ARCHITECTURES, TPAConfig
+from tpa_core.errors import TPAError
+from tpa_core.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = "tpa-rag-model/1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+T6_KEYS = ("n_layer", "n_head", "n_embd", "rank")
+# Files of a source folder whose size/mtime identify a version of it.
+_SOURCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja", "chat_template.json", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: `model` (TPAModel, eval mode), `tokenizer` (None only when loaded with
+    `require_tokenizer=False` from a source without one), `config`, `fingerprint` (64 hex chars),
+    `chat_template` (None if the model has none), `name` (the known name, or the source's file/folder name),
+    `source` (the original path), `cache_dir` (the converted copy)."""
+
+    model: Any
+    tokenizer: Tokenizer | None
+    config: TPAConfig
+    fingerprint: str
+    chat_template: str | None
+    name: str
+    source: Path
+    cache_dir: Path
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def context_window(self) -> int:
+        return self.config.max_position_embeddings
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved model source: `kind` is "gguf", "hf" or "t6"."""
+
+    name: str
+    path: Path
+    kind: str
+
+
+def load_model(name_or_path: str | Path, models_dir: str | Path, device: str = "auto",
+               dtype: torch.dtype | None = None, *, fetch: bool = True, require_tokenizer: bool = True
+               ) -> LoadedModel:
+    """Load a model by known name (fetched on first use when `fetch`) or local path, through the model cache.
+
+    device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". dtype: None = float32 on the CPU,
+    bfloat16 on CUDA. A T6 checkpoint folder without a tokenizer.json loads only with `require_tokenizer=False`
+    (token ids in, token ids out).
+    """
+    models_dir = Path(models_dir).expanduser()
+    source = resolve_source(name_or_path, models_dir, fetch=fetch)
+    target_device = resolve_device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if target_device.type == "cuda" else torch.float32
+    cache_dir = cached_dir_for(source, models_dir)
+    if cache_dir is None:
+        cache_dir = convert_to_cache(source, models_dir)
+    try:
+        return _load_cached(cache_dir, source, target_device, dtype, require_tokenizer)
+    except _DamagedCache as exc:
+        logger.warning("model cache %s is damaged (%s); converting %s again", cache_dir, exc, source.path)
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        cache_dir = convert_to_cache(source, models_dir)
+        return _load_cached(cache_dir, source, target_device, dtype, require_tokenizer)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TPAError("device 'cuda' was asked for but no CUDA device is available; use --device cpu")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise TPAError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+# ----- sources ---------------------------------------------------------------------------------------------
+def resolve_source(name_or_path: str | Path, models_dir: Path, *, fetch: bool = True) -> Source:
+    """A known model name (fetched if missing and `fetch`) or a local .gguf file / model folder."""
+    text = str(name_or_path)
+    if text in registry.KNOWN_MODELS:
+        if not registry.is_fetched(text, models_dir):
+            if not fetch:
+                raise TPAError(f"model {text!r} is not fetched yet: run `tpa-rag models fetch {text}`")
+            logger.warning("fetching %s (first use)", text)
+            registry.fetch(text, models_dir)
+        return Source(name=text, path=registry.download_path(text, models_dir), kind="gguf")
+    path = Path(text).expanduser()
+    if not path.exists():
+        if os.sep in text or text.endswith((".gguf", ".bin", ".safetensors")) or text.startswith("."):
+            raise TPAError(f"model path not found: {path}")
+        raise TPAError(f"unknown model {text!r}: known models are {', '.join(registry.known_names())}; "
+                       f"or pass a local Hugging Face folder, T6 checkpoint folder or .gguf file")
+    path = path.resolve()
+    if path.is_file():
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if magic != b"GGUF":
+            raise TPAError(f"{path} is not a GGUF file (no GGUF magic); a model is a .gguf file or a folder "
+                           f"with config.json")
+        return Source(name=path.stem, path=path, kind="gguf")
+    config = _read_config(path)
+    if config.get("model_type") == "gpt2" and all(key in config for key in T6_KEYS):
+        return Source(name=path.name, path=path, kind="t6")
+    model_type = config.get("model_type")
+    if model_type in HF_ARCHITECTURES:
+        return Source(name=path.name, path=path, kind="hf")
+    raise TPAError(f"unsupported architecture in {path / CONFIG_FILE}: model_type={model_type!r} "
+                   f"(architectures={config.get('architectures')!r}); supported: {', '.join(HF_ARCHITECTURES)} "
+                   f"Hugging Face folders, GGUF files of those, and official T6 checkpoints")
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise TPAError(f"{folder} is not a model folder: it has no {CONFIG_FILE}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TPAError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise TPAError(f"{path} does not hold a JSON object")
+    return data
+
+
+def source_key(source: Source) -> str:
+    """sha256 over the source's path and the sizes/mtimes of its files (changes when any file changes)."""
+    entries = [source.kind, str(source.path)]
+    files = [source.path] if source.path.is_file() else sorted(
+        p for p in source.path.iterdir() if p.name in _SOURCE_FILES or p.suffix == ".safetensors")
+    for p in files:
+        stat = p.stat()
+        entries.append(f"{p.name}|{stat.st_size}|{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+def _index_path(models_dir: Path, key: str) -> Path:
+    return models_dir / "sources" / f"{key}.json"
+
+
+def cached_dir_for(source: Source, models_dir: Path) -> Path | None:
+    """The cache folder this exact source was converted into before, if it is still there."""
+    index = _index_path(models_dir, source_key(source))
+    if not index.is_file():
+        return None
+    try:
+        fingerprint = json.loads(index.read_text(encoding="utf-8"))["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        return None
+    folder = models_dir / fingerprint
+    return folder if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file() else None
+
+
+# ----- conversion ------------------------------------------------------------------------------------------
+def convert_source(source: Source) -> tuple[TPAConfig, dict[str, torch.Tensor], Tokenizer | None]:
+    """Read a source and convert it: (TPA config, TPA state dict in float32, tokenizer or None)."""
+    from tpa_core import convert
+
+    if source.kind == "gguf":
+        from tpa_core.gguf import GGUFFile
+
+        gguf = GGUFFile(source.path)
+        config = TPAConfig.from_hf_config(gguf.hf_config())
+        tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, source=source.path.name)
+        state = convert.hf_llama_family_to_tpa(gguf.hf_state_dict(), config)
+        return config, state, tokenizer
+    if source.kind == "hf":
+        hf_config = _read_config(source.path)
+        config = TPAConfig.from_hf_config(hf_config)
+        tokenizer = Tokenizer.from_hf_folder(source.path, eos_token_ids=list(config.eos_token_ids))
+        state = convert.hf_llama_family_to_tpa(_read_hf_weights(source.path), config)
+        return config, state, tokenizer
+    if source.kind == "t6":
+        t6_config = _read_config(source.path)
+        weights = _read_torch_bin(source.path / "pytorch_model.bin")
+        kv_only = any(key.endswith("attn.c_qkv.c_q.weight") for key in weights)
+        config = TPAConfig.from_t6_config(t6_config, kv_only=kv_only)
+        state = convert.t6_to_tpa(weights, config)
+        tokenizer = None
+        if (source.path / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.from_hf_folder(source.path, eos_token_ids=list(config.eos_token_ids))
+        return config, state, tokenizer
+    raise TPAError(f"unknown source kind {source.kind!r}")
+
+
+def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        if (folder / "pytorch_model.bin").is_file():
+            return _read_torch_bin(folder / "pytorch_model.bin")
+        raise TPAError(f"no weights in {folder}: expected *.safetensors (or pytorch_model.bin)")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            state.update(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise TPAError(f"{path} is not a readable safetensors file ({exc})") from None
+    return {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
+
+
+def _read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise TPAError(f"missing weights file {path}")
+    try:
+        # weights_only: a checkpoint is data, never code to run.
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TPAError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TPAError(f"{path} does not hold a state dict of tensors")
+    return {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
+
+
+def fingerprint(config: TPAConfig, state: dict[str, torch.Tensor], tokenizer: Tokenizer | None) -> str:
+    """sha256 over the TPA config, every weight (name, dtype, shape, bytes), the tokenizer and chat template."""
+    digest = hashlib.sha256(CACHE_FORMAT.encode())
+    digest.update(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"\n{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
+    digest.update(b"\ntokenizer\n")
+    digest.update(tokenizer.fingerprint_text().encode() if tokenizer is not None else b"none")
+    return digest.hexdigest()
+
+
+def convert_to_cache(source: Source, models_dir: Path) -> Path:
+    """Convert `source` and write it into the model cache (atomically); returns the cache folder."""
+    from safetensors.torch import save_file
+
+    logger.info("converting %s (%s) into the model cache", source.path, source.kind)
+    config, state, tokenizer = convert_source(source)
+    state = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
+    fp = fingerprint(config, state, tokenizer)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    final = models_dir / fp
+    if not (final / CONFIG_FILE).is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=models_dir))
+        try:
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": CACHE_FORMAT})
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            meta = {"format": CACHE_FORMAT, "name": source.name, "source": str(source.path), "kind": source.kind,
+                    "fingerprint": fp, "tpa_config": config.to_dict()}
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+            if final.exists():  # a damaged earlier copy
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    index = _index_path(models_dir, source_key(source))
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_text(json.dumps({"fingerprint": fp, "name": source.name, "source": str(source.path)}),
+                     encoding="utf-8")
+    return final
+
+
+# ----- loading from the cache ------------------------------------------------------------------------------
+class _DamagedCache(Exception):
+    pass
+
+
+def read_cache_meta(cache_dir: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((cache_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise _DamagedCache(f"config.json: {exc}") from None
+    if meta.get("format") != CACHE_FORMAT:
+        raise _DamagedCache(f"unknown cache format {meta.get('format')!r}")
+    return meta
+
+
+def _load_cached(cache_dir: Path, source: Source, device: torch.device, dtype: torch.dtype,
+                 require_tokenizer: bool) -> LoadedModel:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta = read_cache_meta(cache_dir)
+    config = TPAConfig.from_dict(meta["tpa_config"])
+    try:
+        # load_file memory-maps the file; the weights are then moved/cast once into the model.
+        state = load_file(str(cache_dir / WEIGHTS_FILE), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _DamagedCache(f"{WEIGHTS_FILE}: {exc}") from None
+    tokenizer = Tokenizer.load(cache_dir) if (cache_dir / "tokenizer.json").is_file() else None
+    if tokenizer is None and require_tokenizer:
+        raise TPAError(f"no tokenizer found for {source.path}: a T6 checkpoint folder must bring a GPT-2 "
+                       f"tokenizer.json next to its config.json (tiktoken's 'gpt2' needs the internet)")
+    model = build_model(config, state, device, dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, fingerprint=meta["fingerprint"],
+                       chat_template=tokenizer.chat_template if tokenizer is not None else None,
+                       name=meta.get("name", source.name), source=source.path, cache_dir=cache_dir)
+
+
+def build_model(config: TPAConfig, state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32):
+    """A TPAModel holding `state` (TPA names), in eval mode, without a random initialization pass."""
+    from tpa_core.model import TPAModel
+    from tpa_core.rope import Rope
+
+    device = torch.device(device)
+    # Parameters on the meta device cost nothing to create; to_empty allocates them once, uninitialized, and
+    # load_state_dict fills them (the fused projections are concatenated from their named parts there).
+    model = TPAModel(config, device="meta", dtype=dtype).to_empty(device=device)
+    model.rope = Rope(config, device=device)  # its frequency table is plain data, not a parameter
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise TPAError(f"the weights do not fit the model config: {exc}") from None
+    if missing or unexpected:
+        raise TPAError(f"the weights do not fit the model config: missing {sorted(missing)[:5]}, "
+                       f"unexpected {sorted(unexpected)[:5]}")
+    return model.eval()
