@@ -1,0 +1,622 @@
+"""`FactorStore`: prefix pages of factor caches, persisted as safetensors blobs and indexed in SQL.
+
+See `tpa_core.store` (the package docstring) for the API and docs/../cache-store.md for the design.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, delete, exists, select, update
+
+from tpa_core.store import blobs as blobfmt
+from tpa_core.store.db import bump, chunks, ensure_counters, insert_ignore
+from tpa_core.store.errors import PageCorrupt, StoreError
+from tpa_core.store.eviction import Budget, admits, evict, usage
+from tpa_core.store.keys import FORMAT_VERSION, PAGE_TOKENS, ExtraValue, canonical_json, namespace_key, page_key
+from tpa_core.store.reconcile import ReconcileReport, drop_stale_pending, reconcile, writer_alive, writer_id
+from tpa_core.store.tables import (
+    COUNTERS,
+    PENDING,
+    READY,
+    Counter,
+    Entry,
+    Link,
+    Namespace,
+    Quarantined,
+    create_tables,
+)
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from tpa_core.cache import FactorCache
+
+log = logging.getLogger(__name__)
+
+# Config fields that shape RoPE; they also go into the namespace on their own (cache-store.md, point 1).
+_ROPE_FIELDS = ("head_dim", "max_position_embeddings")
+
+
+_REF_COLUMNS = (Entry.key, Entry.namespace, Entry.parent, Entry.kind, Entry.start, Entry.n_tokens, Entry.nbytes,
+                Entry.path, Entry.sha256)
+
+
+@dataclass(frozen=True)
+class PageRef:
+    """One ready entry as the index knows it (fields in the order of `_REF_COLUMNS`)."""
+
+    key: str
+    namespace: str
+    parent: str | None
+    kind: str
+    start: int
+    n_tokens: int
+    nbytes: int
+    path: str
+    sha256: str
+
+
+@dataclass
+class StoreStats:
+    entries: int
+    bytes: int
+    pinned_bytes: int
+    pending: int
+    namespaces: int
+    quarantined: int
+    budget_bytes: int
+    hits: int
+    misses: int
+    tokens_reused: int
+    tokens_requested: int
+    pages_written: int
+    rejected: int
+    evicted: int
+
+    @property
+    def hit_rate(self) -> float:
+        """Pages served / pages asked for, over the store's whole life (survives restarts)."""
+        asked = self.hits + self.misses
+        return self.hits / asked if asked else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "hit_rate": self.hit_rate}
+
+
+@dataclass
+class VerifyReport:
+    """`entries` ready entries checked; `ok` passed; `corrupt` failed now (and were quarantined);
+    `quarantined` pages in quarantine after the run (earlier ones included); `bytes` of the entries that passed."""
+
+    entries: int = 0
+    ok: int = 0
+    corrupt: int = 0
+    quarantined: int = 0
+    bytes: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SessionCounters:
+    """What this process did (the persistent counters add up all processes)."""
+
+    hits: int = 0
+    misses: int = 0
+    tokens_reused: int = 0
+    tokens_requested: int = 0
+    pages_written: int = 0
+    rejected: int = 0
+    corrupt: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        asked = self.hits + self.misses
+        return self.hits / asked if asked else 0.0
+
+
+def _ids(token_ids: Sequence[int] | Any) -> list[int]:
+    return [int(t) for t in (token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids)]
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if hasattr(config, "to_dict"):
+        return dict(config.to_dict())
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    if isinstance(config, Mapping):
+        return dict(config)
+    raise StoreError(f"namespace_for needs the model config (TPAConfig or a mapping), got {type(config).__name__}")
+
+
+class FactorStore:
+    """The persisted factor-cache store. Make one with `FactorStore.open(engine, blobs_dir, budget_bytes)`."""
+
+    def __init__(self, engine: Engine, blobs_dir: Path, budget: Budget) -> None:
+        self.engine = engine
+        self.blobs_dir = Path(blobs_dir)
+        self.budget = budget
+        self.session = SessionCounters()
+        self._writer = writer_id()
+        self._layouts: dict[str, dict[str, list] | None] = {}
+
+    # ----- opening -------------------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        engine: Engine,
+        blobs_dir: str | Path,
+        budget_bytes: int,
+        *,
+        high_watermark: float = 0.9,
+        low_watermark: float = 0.7,
+        protected_share: float = 0.8,
+        reconcile_on_open: bool = True,
+    ) -> "FactorStore":
+        """Open (and create where missing) the store: its tables on `engine`, its blobs under `blobs_dir`.
+
+        Reconciles the index with the folder first (crashed writes, orphan files, missing files)."""
+        budget = Budget(int(budget_bytes), high_watermark, low_watermark, protected_share)
+        store = cls(engine, Path(blobs_dir), budget)
+        store.blobs_dir.mkdir(parents=True, exist_ok=True)
+        create_tables(engine)
+        with engine.begin() as conn:
+            ensure_counters(conn)
+        if reconcile_on_open:
+            store.reconcile()
+        return store
+
+    def reconcile(self) -> ReconcileReport:
+        """Repair the index and the folder after crashes (see `tpa_core.store.reconcile`)."""
+        return reconcile(self.engine, self.blobs_dir, self._quarantine)
+
+    # ----- namespaces ------------------------------------------------------------------------------------------
+    def namespace_for(self, model: Any, config: Any = None, dtype: Any = None) -> str:
+        """The namespace key for a model and the factor dtype of its cache; registers it in the index.
+
+        `model` is a loaded model (anything with `.fingerprint` and `.config`) or a fingerprint string, then
+        with `config` (a TPAConfig or its dict). `dtype` is the cache's dtype (torch.float32, "bfloat16"...).
+        """
+        fingerprint = model if isinstance(model, str) else getattr(model, "fingerprint", None)
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise StoreError("namespace_for needs a model fingerprint: a loaded model or a non-empty string")
+        config = config if config is not None else getattr(model, "config", None)
+        if config is None:
+            raise StoreError("namespace_for needs the model config (pass config=... with a fingerprint string)")
+        if dtype is None:
+            dtype = getattr(model, "dtype", None)
+        if dtype is None:
+            raise StoreError("namespace_for needs the cache's factor dtype (dtype=torch.float32, ...)")
+        cfg = _config_dict(config)
+        rope = {k: v for k, v in sorted(cfg.items()) if k.startswith("rope") or k in _ROPE_FIELDS}
+        dtype_name = str(dtype).removeprefix("torch.")
+        key = namespace_key(fingerprint, dtype_name, rope, format_version=FORMAT_VERSION, config=cfg)
+        with self.engine.begin() as conn:
+            insert_ignore(conn, Namespace, {
+                "key": key, "fingerprint": fingerprint[:256], "dtype": dtype_name, "rope": canonical_json(rope),
+                "format_version": FORMAT_VERSION, "layout": None, "created": time.time(),
+            })
+        return key
+
+    def _layout(self, namespace: str) -> dict[str, list] | None:
+        if self._layouts.get(namespace) is None:
+            with self.engine.connect() as conn:
+                row = conn.execute(select(Namespace.layout).where(Namespace.key == namespace)).first()
+            if row is None:
+                raise StoreError(f"unknown cache namespace {namespace[:16]}...; get one from namespace_for()")
+            self._layouts[namespace] = json.loads(row[0]) if row[0] else None
+        return self._layouts[namespace]
+
+    def _check_layout(self, namespace: str, tensors: Mapping[str, "Tensor"]) -> None:
+        """The first page of a namespace fixes its layout; every later page must match it."""
+        layout = blobfmt.layout_of(tensors)
+        known = self._layout(namespace)
+        if known is None:
+            with self.engine.begin() as conn:
+                conn.execute(update(Namespace).where(Namespace.key == namespace, Namespace.layout.is_(None))
+                             .values(layout=canonical_json(layout)))
+            self._layouts.pop(namespace, None)
+            known = self._layout(namespace)
+        if known != json.loads(canonical_json(layout)):
+            raise StoreError(f"this cache's factors do not fit namespace {namespace[:16]}... (a different model "
+                             f"or dtype?): {sorted(layout.items())[:2]} vs {sorted((known or {}).items())[:2]}")
+
+    # ----- lookup and restore --------------------------------------------------------------------------------
+    def prefix_keys(self, namespace: str, token_ids: Sequence[int], *,
+                    extras: Mapping[str, ExtraValue] | None = None) -> list[str]:
+        """Keys naming `token_ids` as pages: the full pages, then a tail for a partial last page (to pin them)."""
+        ids = _ids(token_ids)
+        keys: list[str] = []
+        parent: str | None = None
+        full = len(ids) // PAGE_TOKENS
+        for i in range(full):
+            parent = page_key(namespace, parent, ids[i * PAGE_TOKENS:(i + 1) * PAGE_TOKENS], extras=extras)
+            keys.append(parent)
+        if len(ids) % PAGE_TOKENS:
+            keys.append(page_key(namespace, parent, ids[full * PAGE_TOKENS:], kind="tail", extras=extras))
+        return keys
+
+    def lookup(self, namespace: str, token_ids: Sequence[int], *, limit: int | None = None,
+               extras: Mapping[str, ExtraValue] | None = None) -> list[PageRef]:
+        """The longest chain of ready pages that covers a prefix of `token_ids` (at most `limit` tokens are
+        wanted, so pages starting at or after `limit` are not looked up). The last may be a tail."""
+        ids = _ids(token_ids)
+        limit = len(ids) if limit is None else max(0, min(limit, len(ids)))
+        n_pages = min(len(ids) // PAGE_TOKENS, math.ceil(limit / PAGE_TOKENS))
+        keys: list[str] = []
+        parent: str | None = None
+        for i in range(n_pages):
+            parent = page_key(namespace, parent, ids[i * PAGE_TOKENS:(i + 1) * PAGE_TOKENS], extras=extras)
+            keys.append(parent)
+        found: dict[str, PageRef] = {}
+        with self.engine.connect() as conn:
+            for batch in chunks(keys):
+                for row in conn.execute(select(*_REF_COLUMNS).where(Entry.key.in_(batch), Entry.state == READY)):
+                    found[row.key] = PageRef(*row)
+        chain: list[PageRef] = []
+        for key in keys:
+            if key not in found:
+                break
+            chain.append(found[key])
+        start = len(chain) * PAGE_TOKENS
+        if start < limit:
+            tail = self._find_tail(namespace, chain[-1].key if chain else None, ids[start:], extras)
+            if tail is not None:
+                chain.append(tail)
+        return chain
+
+    def _find_tail(self, namespace: str, parent: str | None, rest: list[int],
+                   extras: Mapping[str, ExtraValue] | None) -> PageRef | None:
+        """The longest ready tail under `parent` whose tokens are a prefix of `rest`."""
+        query = select(*_REF_COLUMNS).where(Entry.namespace == namespace, Entry.kind == "tail", Entry.state == READY,
+                                    Entry.n_tokens <= len(rest),
+                                    Entry.parent.is_(None) if parent is None else Entry.parent == parent)
+        with self.engine.connect() as conn:
+            tails = sorted((PageRef(*r) for r in conn.execute(query)), key=lambda r: -r.n_tokens)
+        for ref in tails:
+            if page_key(namespace, parent, rest[:ref.n_tokens], kind="tail", extras=extras) == ref.key:
+                return ref
+        return None
+
+    def restore(self, namespace: str, token_ids: Sequence[int], cache: "FactorCache", seq: int = 0, *,
+                limit: int | None = None, extras: Mapping[str, ExtraValue] | None = None) -> int:
+        """Load the longest cached prefix of `token_ids` into sequence `seq` of `cache` at position 0.
+
+        Returns the number of tokens restored, P: the cache then holds tokens [0, P) and the caller prefills
+        `token_ids[P:]`. At most `limit` tokens are restored (default `len(token_ids) - 1`: the last token is
+        always left to prefill, since its logits are needed). Every page is verified before it is imported;
+        a bad page is quarantined (warning) and the restore stops before it - a miss, recomputed by the caller.
+        """
+        ids = _ids(token_ids)
+        limit = len(ids) - 1 if limit is None else min(limit, len(ids))
+        if limit <= 0:
+            return 0
+        chain = self.lookup(namespace, ids, limit=limit, extras=extras)
+        layout = self._layout(namespace) if chain else None
+        loaded = 0
+        used: list[str] = []
+        for ref in chain:
+            try:
+                tensors = blobfmt.read_page(
+                    self.blobs_dir / ref.path, sha256=ref.sha256, layout=layout,
+                    expect={"namespace": namespace, "key": ref.key, "kind": ref.kind, "start": ref.start,
+                            "n_tokens": ref.n_tokens, "parent": ref.parent or ""},
+                )
+            except FileNotFoundError:  # evicted by another process since the lookup: a plain miss
+                break
+            except PageCorrupt as exc:
+                self.session.corrupt += 1
+                self._quarantine(ref.key, str(exc))
+                break
+            take = min(ref.n_tokens, limit - ref.start)
+            if take < ref.n_tokens:
+                tensors = {name: t[:take] for name, t in tensors.items()}  # [take, ...]
+            cache.import_(tensors, seq, ref.start)
+            loaded = ref.start + take
+            used.append(ref.key)
+        asked = math.ceil(limit / PAGE_TOKENS)
+        counts = {"hits": len(used), "misses": asked - len(used), "tokens_reused": loaded,
+                  "tokens_requested": limit}
+        for name, n in counts.items():
+            setattr(self.session, name, getattr(self.session, name) + n)
+        now = time.time()
+        with self.engine.begin() as conn:
+            for batch in chunks(used):
+                conn.execute(update(Entry).where(Entry.key.in_(batch))
+                             .values(hits=Entry.hits + 1, last_access=now))
+            bump(conn, counts)
+        return loaded
+
+    # ----- save ----------------------------------------------------------------------------------------------
+    def save(self, namespace: str, token_ids: Sequence[int], cache: "FactorCache", seq: int = 0, *,
+             extras: Mapping[str, ExtraValue] | None = None) -> int:
+        """Persist the pages of `token_ids` that `cache` (sequence `seq`) holds and the store lacks.
+
+        Full pages are written once (content addressed: pages already there, or being written by another
+        process, are skipped); a partial last page is written as a tail, replacing the shorter tails it
+        extends and being replaced by the full page once that exists. Admission control may refuse pages
+        (see `tpa_core.store.eviction`); a refused page ends the save (later pages would be unreachable).
+        Returns the number of pages (tails included) this call wrote."""
+        ids = _ids(token_ids)
+        n = min(len(ids), cache.length(seq))
+        if n <= 0:
+            return 0
+        self._layout(namespace)  # fails early on an unknown namespace
+        full = n // PAGE_TOKENS
+        keys = self.prefix_keys(namespace, ids[:n], extras=extras)
+        with self.engine.connect() as conn:
+            present = {k for batch in chunks(keys) for k in conn.execute(
+                select(Entry.key).where(Entry.key.in_(batch), Entry.state == READY)).scalars()}
+        written = 0
+        parent: str | None = None
+        complete = True
+        for i, key in enumerate(keys):
+            start = i * PAGE_TOKENS
+            kind = "page" if i < full else "tail"
+            end = start + PAGE_TOKENS if kind == "page" else n
+            if key not in present:
+                outcome = self._write_page(namespace, key, parent, kind, start, cache.export(seq, start, end))
+                if outcome == "rejected":
+                    complete = False
+                    break
+                written += outcome == "written"
+            self._supersede_tails(namespace, parent, ids[start:end], keep=key, extras=extras)
+            parent = key
+        if complete and present:
+            with self.engine.begin() as conn:
+                for batch in chunks(sorted(present)):
+                    conn.execute(update(Entry).where(Entry.key.in_(batch)).values(last_access=time.time()))
+        self.evict()
+        return written
+
+    def _write_page(self, namespace: str, key: str, parent: str | None, kind: str, start: int,
+                    tensors: Mapping[str, "Tensor"]) -> str:
+        """Write one page atomically. Returns "written", "exists" (another writer has or is writing it)
+        or "rejected" (admission control)."""
+        self._check_layout(namespace, tensors)
+        n_tokens = next(iter(tensors.values())).shape[0]
+        header = {"namespace": namespace, "key": key, "kind": kind, "start": start, "n_tokens": n_tokens,
+                  "parent": parent or ""}
+        data = blobfmt.encode_page(tensors, header)
+        if not admits(self.budget, usage(self.engine), len(data)):
+            self.session.rejected += 1
+            with self.engine.begin() as conn:
+                bump(conn, {"rejected": 1})
+            log.info("store: page %s not admitted (the budget is held by warm or pinned pages)", key[:16])
+            return "rejected"
+        path = blobfmt.blob_relpath(namespace, key)
+        now = time.time()
+        row = {"key": key, "namespace": namespace, "parent": parent, "kind": kind, "start": start,
+               "n_tokens": n_tokens, "nbytes": len(data), "path": path, "sha256": hashlib.sha256(data).hexdigest(),
+               "state": PENDING, "writer": self._writer, "created": now, "last_access": now, "hits": 0,
+               "pinned": False}
+        if not self._claim(row):
+            return "exists"
+        try:
+            blobfmt.write_atomic(self.blobs_dir / path, data)
+        except BaseException:
+            with self.engine.begin() as conn:
+                conn.execute(delete(Entry).where(Entry.key == key, Entry.state == PENDING,
+                                                 Entry.writer == self._writer))
+            raise
+        has_link = exists().where(Link.key == Entry.key)
+        with self.engine.begin() as conn:
+            done = conn.execute(update(Entry).where(Entry.key == key, Entry.state == PENDING,
+                                                    Entry.writer == self._writer)
+                                .values(state=READY, writer=None, last_access=time.time(), pinned=has_link))
+            bump(conn, {"pages_written": 1})
+        if done.rowcount != 1:  # our claim was taken away (a reconciler thought us dead): the file is an orphan
+            log.warning("store: the claim on page %s was lost during its write; it will be rewritten", key[:16])
+            return "exists"
+        self.session.pages_written += 1
+        return "written"
+
+    def _claim(self, row: dict[str, Any]) -> bool:
+        """Insert the pending row; of several writers of one key exactly one gets it. A pending row left by a
+        dead writer is cleared and claimed again."""
+        for _ in range(2):
+            with self.engine.begin() as conn:
+                if insert_ignore(conn, Entry, row):
+                    return True
+            with self.engine.connect() as conn:
+                other = conn.execute(select(Entry.state, Entry.writer, Entry.created, Entry.path)
+                                     .where(Entry.key == row["key"])).first()
+            if other is None:
+                continue  # removed meanwhile: try again
+            state, writer, created, path = other
+            if state != PENDING or writer_alive(writer, created):
+                return False
+            drop_stale_pending(self.engine, self.blobs_dir, row["key"], writer, path)
+        return False
+
+    def _supersede_tails(self, namespace: str, parent: str | None, tokens: list[int], *, keep: str,
+                         extras: Mapping[str, ExtraValue] | None) -> None:
+        """Remove tails under `parent` whose tokens are a proper prefix of `tokens` (the page or longer tail
+        `keep` now covers them); their links move to `keep`."""
+        query = select(Entry.key, Entry.path, Entry.n_tokens).where(
+            Entry.namespace == namespace, Entry.kind == "tail", Entry.state == READY, Entry.key != keep,
+            Entry.n_tokens < len(tokens), Entry.parent.is_(None) if parent is None else Entry.parent == parent)
+        with self.engine.connect() as conn:
+            tails = conn.execute(query).all()
+        for key, path, m in tails:
+            if page_key(namespace, parent, tokens[:m], kind="tail", extras=extras) != key:
+                continue
+            with self.engine.begin() as conn:
+                owners = conn.execute(select(Link.owner).where(Link.key == key)).scalars().all()
+                for owner in owners:
+                    insert_ignore(conn, Link, {"owner": owner, "key": keep})
+                if owners:
+                    conn.execute(update(Entry).where(Entry.key == keep).values(pinned=True))
+                    conn.execute(delete(Link).where(Link.key == key))
+                conn.execute(update(Entry).where(Entry.key == key).values(pinned=False))
+            self._remove(key, path, pinned_ok=True)
+
+    # ----- removal, quarantine, eviction ---------------------------------------------------------------------
+    def _remove(self, key: str, path: str, *, pinned_ok: bool = False) -> bool:
+        """Delete a ready entry, then its file (a crash in between leaves an orphan file: reconciled)."""
+        cond = [Entry.key == key, Entry.state == READY]
+        if not pinned_ok:
+            cond.append(Entry.pinned.is_(False))
+        with self.engine.begin() as conn:
+            gone = conn.execute(delete(Entry).where(*cond)).rowcount == 1
+        if gone:
+            (self.blobs_dir / path).unlink(missing_ok=True)
+        return gone
+
+    def _quarantine(self, key: str, reason: str) -> None:
+        """Move a bad page's file to quarantine/, drop its entry, record why, warn."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(Entry.namespace, Entry.path, Entry.sha256)
+                               .where(Entry.key == key, Entry.state == READY)).first()
+        if row is None:
+            return
+        namespace, path, sha = row
+        qrel: str | None = f"{blobfmt.QUARANTINE_DIR}/{key}.{time.time_ns()}{blobfmt.BLOB_SUFFIX}"
+        (self.blobs_dir / blobfmt.QUARANTINE_DIR).mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(self.blobs_dir / path, self.blobs_dir / qrel)
+        except FileNotFoundError:
+            qrel = None
+        with self.engine.begin() as conn:
+            conn.execute(delete(Entry).where(Entry.key == key, Entry.state == READY, Entry.sha256 == sha))
+            conn.execute(Quarantined.__table__.insert().values(key=key, namespace=namespace, path=qrel,
+                                                               reason=reason[:2000], at=time.time()))
+        log.warning("store: page %s failed verification (%s); quarantined%s - it is treated as a miss and "
+                    "recomputed", key[:16], reason, f" as {qrel}" if qrel else "")
+
+    def evict(self, *, force: bool = False) -> tuple[int, int]:
+        """Apply the budget now (see `tpa_core.store.eviction`). Returns (entries evicted, bytes freed)."""
+        count, freed = evict(self.engine, self.budget, self._remove, force=force)
+        if count:
+            with self.engine.begin() as conn:
+                bump(conn, {"evicted": count})
+        return count, freed
+
+    # ----- links (pins) --------------------------------------------------------------------------------------
+    def pin(self, keys: Iterable[str], owner: str) -> int:
+        """Link `owner` (e.g. "session:42", "document:<sha>") to entries; linked entries are never evicted.
+        Keys may name pages not written yet: they are pinned when they arrive. Returns the links added."""
+        keys = sorted(set(keys))
+        if not owner:
+            raise StoreError("pin needs a non-empty owner name")
+        added = 0
+        with self.engine.begin() as conn:
+            for key in keys:
+                added += insert_ignore(conn, Link, {"owner": owner, "key": key})
+            for batch in chunks(keys):
+                conn.execute(update(Entry).where(Entry.key.in_(batch)).values(pinned=True))
+        return added
+
+    def unpin(self, owner: str) -> int:
+        """Drop every link of `owner`; entries no other owner holds become evictable. Returns links removed."""
+        has_link = exists().where(Link.key == Entry.key)
+        with self.engine.begin() as conn:
+            keys = conn.execute(select(Link.key).where(Link.owner == owner)).scalars().all()
+            conn.execute(delete(Link).where(Link.owner == owner))
+            for batch in chunks(keys):
+                conn.execute(update(Entry).where(Entry.key.in_(batch)).values(pinned=has_link))
+        return len(keys)
+
+    def owners(self, key: str) -> list[str]:
+        with self.engine.connect() as conn:
+            return sorted(conn.execute(select(Link.owner).where(Link.key == key)).scalars())
+
+    # ----- reporting and maintenance -------------------------------------------------------------------------
+    def stats(self) -> StoreStats:
+        from sqlalchemy import func
+
+        now = usage(self.engine)
+        with self.engine.connect() as conn:
+            entries = conn.execute(select(func.count()).select_from(Entry).where(Entry.state == READY)).scalar_one()
+            pending = conn.execute(select(func.count()).select_from(Entry).where(Entry.state == PENDING)).scalar_one()
+            spaces = conn.execute(select(func.count()).select_from(Namespace)).scalar_one()
+            quarantined = conn.execute(select(func.count()).select_from(Quarantined)).scalar_one()
+            counters = dict(conn.execute(select(Counter.name, Counter.value)).all())
+        return StoreStats(entries=entries, bytes=now.total, pinned_bytes=now.pinned, pending=pending,
+                          namespaces=spaces, quarantined=quarantined, budget_bytes=self.budget.budget_bytes,
+                          **{name: int(counters.get(name, 0)) for name in COUNTERS})
+
+    def verify(self) -> VerifyReport:
+        """Read and check every ready entry; bad ones are quarantined."""
+        from sqlalchemy import func
+
+        report = VerifyReport()
+        with self.engine.connect() as conn:
+            rows = [PageRef(*r) for r in conn.execute(select(*_REF_COLUMNS).where(Entry.state == READY)
+                                                      .order_by(Entry.namespace, Entry.start, Entry.key))]
+        for ref in rows:
+            report.entries += 1
+            try:
+                blobfmt.read_page(self.blobs_dir / ref.path, sha256=ref.sha256, layout=self._layout(ref.namespace),
+                                  expect={"namespace": ref.namespace, "key": ref.key, "kind": ref.kind,
+                                          "start": ref.start, "n_tokens": ref.n_tokens, "parent": ref.parent or ""})
+            except FileNotFoundError:
+                with self.engine.connect() as conn:
+                    still = conn.execute(select(Entry.key).where(Entry.key == ref.key)).first()
+                if still is None:  # evicted meanwhile: not checked after all
+                    report.entries -= 1
+                    continue
+                self._quarantine(ref.key, "the blob file is missing")
+                report.corrupt += 1
+                continue
+            except PageCorrupt as exc:
+                self._quarantine(ref.key, str(exc))
+                report.corrupt += 1
+                continue
+            report.ok += 1
+            report.bytes += ref.nbytes
+        with self.engine.connect() as conn:
+            report.quarantined = conn.execute(select(func.count()).select_from(Quarantined)).scalar_one()
+        return report
+
+    def purge_quarantine(self) -> int:
+        """Delete quarantined files and their records. Returns how many."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(Quarantined.id, Quarantined.path)).all()
+            conn.execute(delete(Quarantined).where(Quarantined.id.in_([r[0] for r in rows])))
+        for _, path in rows:
+            if path:
+                (self.blobs_dir / path).unlink(missing_ok=True)
+        return len(rows)
+
+    def gc(self) -> dict[str, int]:
+        """Reconcile, apply the budget, purge the quarantine, drop empty folders."""
+        report = self.reconcile()
+        evicted, freed = self.evict()
+        purged = self.purge_quarantine()
+        for root, dirs, files in os.walk(self.blobs_dir, topdown=False):
+            if Path(root) != self.blobs_dir and not dirs and not files:
+                try:
+                    os.rmdir(root)
+                except OSError:
+                    pass  # a writer just put a file there
+        return {**dataclasses.asdict(report), "evicted": evicted, "freed_bytes": freed, "quarantine_purged": purged}
+
+    def clear(self, *, include_pinned: bool = False) -> int:
+        """Delete every ready entry (pinned ones and their links too with `include_pinned`, which also resets
+        the counters). Returns the entries deleted."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(Entry.key, Entry.path, Entry.pinned).where(Entry.state == READY)).all()
+        removed = sum(self._remove(k, p, pinned_ok=include_pinned) for k, p, pinned in rows
+                      if include_pinned or not pinned)
+        self.purge_quarantine()
+        if include_pinned:
+            with self.engine.begin() as conn:
+                conn.execute(delete(Link))
+                conn.execute(update(Counter).values(value=0))
+            shutil.rmtree(self.blobs_dir / blobfmt.QUARANTINE_DIR, ignore_errors=True)
+        return removed
