@@ -69,6 +69,9 @@ def attention(
         AttentionInputError: shapes, devices or lengths that do not fit the contract, or an unknown backend.
     """
     chosen = resolve_backend(backend, bk.is_cuda)
+    D = bk.shape[-1]
+    if backend == "auto" and not (16 <= D <= 256 and D & (D - 1) == 0):
+        chosen = "torch"  # head dims the kernels do not tile run on the reference
     if chosen == "torch":
         return attention_reference(q=q, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, kv_lens=kv_lens, scale=scale)
     from kernels.triton_attention import attention_triton

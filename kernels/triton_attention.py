@@ -1,0 +1,52 @@
+"""The Triton backend of `kernels.dispatch.attention`: validate once, then decode (N = 1) or prefill (N > 1).
+
+No host synchronisation: lengths stay on the device (so a CUDA graph can capture a decode step), which means
+the kernels clamp a length past the buffer capacity instead of raising; the torch backend checks lengths.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from kernels._checks import AttentionInputError, AttentionShape, check_attention_inputs
+
+
+def triton_supports(shape: AttentionShape) -> bool:
+    """Whether the kernels handle these sizes: head dim a power of two in [16, 256] (tl.arange, tl.dot K >= 16)."""
+    D = shape.D
+    return 16 <= D <= 256 and D & (D - 1) == 0
+
+
+def attention_triton(
+    *,
+    q: Tensor | None = None,
+    aq: Tensor | None = None,
+    bq: Tensor | None = None,
+    ak: Tensor | None,
+    bk: Tensor,
+    av: Tensor | None,
+    bv: Tensor,
+    kv_lens: Tensor,
+    scale: float | None = None,
+) -> Tensor:
+    """Attention in factor space with the Triton kernels (same contract as `kernels.dispatch.attention`).
+
+    Returns:
+        [B, N, H, D] in the dtype of bk.
+
+    Raises:
+        AttentionInputError: bad shapes, tensors not on a GPU (outside the interpreter), unsupported head dim.
+    """
+    shape = check_attention_inputs(q=q, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, kv_lens=kv_lens)
+    if not triton_supports(shape):
+        raise AttentionInputError(
+            f"the Triton kernels need a power-of-two head dim in [16, 256], got D={shape.D}; use backend='torch'"
+        )
+    scale = shape.D ** -0.5 if scale is None else float(scale)
+    if shape.N == 1:
+        from kernels.triton_decode import decode_attention
+
+        return decode_attention(q=q, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, kv_lens=kv_lens, scale=scale)
+    from kernels.triton_prefill import prefill_attention
+
+    return prefill_attention(q=q, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, kv_lens=kv_lens, scale=scale)

@@ -1,0 +1,282 @@
+"""FlashTPA decode in Triton: one new token per sequence, the cache split across programs (flash-decoding).
+
+Stages: `_decode_split_kernel` walks one slice of one sequence's cache and writes a float32 partial output with
+its log2-sum-exp; `_decode_merge_kernel` combines the slices, shifting by the MAXIMUM log-sum-exp so that no
+slice overflows (the official kernel shifts by the minimum and returns NaN once slices differ by ~88).
+
+Why it is shaped this way (../shared/design/tpa-reference.md, performance.md):
+- Sequence lengths are read from `kv_lens` inside the kernels: nothing about a length is a constexpr or a
+  launch-shape input, so a decode loop never recompiles and a CUDA graph replays across steps. The number of
+  slices in the grid follows the buffer capacity; the slices a sequence actually uses follow its runtime length.
+- Contextual K/V: one program holds all H heads, so every cache byte (ak, bk, av, bv of a token) is read once;
+  the ranks R_K, R_V are unrolled and each rank is one tl.dot of [H, D] x [D, T_blk]. The query is rebuilt from
+  aq, bq in the program with the rank dim padded to 16 for tl.dot (any R_Q works, R_Q = 6 included).
+- Fixed head factors (GQA): one program per (sequence, group), the group's heads stacked as query rows (padded
+  to 16 for tl.dot), reading the ordinary [B, T, G, D] cache.
+- Every tensor is addressed by its strides (last dim contiguous): the FactorCache views are read in place.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, AQ, BQ, AK, BK, AV, BV, LENS, PART_O, PART_LSE,
+    stride_qb, stride_qh,
+    stride_aqb, stride_aqh, stride_bqb, stride_bqr,
+    stride_akb, stride_akt, stride_akh,
+    stride_bkb, stride_bkt, stride_bkr,
+    stride_avb, stride_avt, stride_avh,
+    stride_bvb, stride_bvt, stride_bvr,
+    stride_pob, stride_poh, stride_pos,
+    stride_plb, stride_plh,
+    T_cap, heads_per_prog, n_groups, num_splits, min_chunk, qk_scale,
+    R_Q: tl.constexpr, RQ_PAD: tl.constexpr, R_K: tl.constexpr, R_V: tl.constexpr,
+    HEAD_DIM: tl.constexpr, H_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    Q_FACTORS: tl.constexpr, FIXED: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_bg = tl.program_id(0)  # sequence * n_groups + group (n_groups = 1 for contextual K/V)
+    pid_s = tl.program_id(1)   # slice of the sequence
+    b = pid_bg // n_groups
+    g = pid_bg % n_groups
+    seq_len = tl.minimum(tl.load(LENS + b).to(tl.int32), T_cap)
+    # Slices in use for this length: at least min_chunk tokens each; the grid's surplus programs do nothing.
+    n_used = tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, min_chunk)), 1)
+    chunk = tl.cdiv(tl.cdiv(seq_len, n_used), BLOCK_T) * BLOCK_T
+    start = pid_s * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    offs_h = tl.arange(0, H_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_t0 = tl.arange(0, BLOCK_T)
+    h_mask = offs_h < heads_per_prog
+    head = g * heads_per_prog + offs_h  # global head index of each query row
+
+    # ---- the query rows [H_PAD, D], in float32 then the cache dtype for tl.dot
+    if Q_FACTORS:
+        offs_r = tl.arange(0, RQ_PAD)
+        aq = tl.load(AQ + b * stride_aqb + head[:, None] * stride_aqh + offs_r[None, :],
+                     mask=h_mask[:, None] & (offs_r[None, :] < R_Q), other=0.0)  # [H_PAD, RQ_PAD]
+        bq = tl.load(BQ + b * stride_bqb + offs_r[:, None] * stride_bqr + offs_d[None, :],
+                     mask=offs_r[:, None] < R_Q, other=0.0)  # [RQ_PAD, D]
+        if IEEE:
+            q = tl.dot(aq.to(tl.float32), bq.to(tl.float32), input_precision="ieee")
+        else:
+            q = tl.dot(aq.to(tl.float32), bq.to(tl.float32))
+        q = q * (1.0 / R_Q)
+    else:
+        q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=h_mask[:, None], other=0.0).to(tl.float32)  # [H_PAD, D]
+    q = q.to(BK.dtype.element_ty)
+
+    m_i = tl.full([H_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([H_PAD], dtype=tl.float32)
+    acc = tl.zeros([H_PAD, HEAD_DIM], dtype=tl.float32)
+
+    for t0 in range(start, end, BLOCK_T):
+        offs_t = t0 + offs_t0
+        t_mask = offs_t < end
+        # ---- logits [H_PAD, BLOCK_T] = sum_r (q . bk_r) * ak_r
+        if FIXED:
+            bk = tl.load(BK + b * stride_bkb + offs_t[:, None] * stride_bkt + g * stride_bkr + offs_d[None, :],
+                         mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
+            if IEEE:
+                logits = tl.dot(q, tl.trans(bk), input_precision="ieee")
+            else:
+                logits = tl.dot(q, tl.trans(bk))
+        else:
+            logits = tl.zeros([H_PAD, BLOCK_T], dtype=tl.float32)
+            for r in tl.static_range(R_K):
+                bk = tl.load(BK + b * stride_bkb + offs_t[:, None] * stride_bkt + r * stride_bkr + offs_d[None, :],
+                             mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
+                ak = tl.load(AK + b * stride_akb + offs_t[None, :] * stride_akt + offs_h[:, None] * stride_akh + r,
+                             mask=h_mask[:, None] & t_mask[None, :], other=0.0)  # [H_PAD, BLOCK_T]
+                if IEEE:
+                    s = tl.dot(q, tl.trans(bk), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(bk))
+                logits += s * ak.to(tl.float32)
+        logits = tl.where(t_mask[None, :], logits * qk_scale, float("-inf"))
+        # ---- online softmax (base 2), one running max / sum per head
+        m_new = tl.maximum(m_i, tl.max(logits, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(logits - m_new[:, None])  # [H_PAD, BLOCK_T]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        # ---- values: acc += sum_r (p * av_r) . bv_r
+        if FIXED:
+            bv = tl.load(BV + b * stride_bvb + offs_t[:, None] * stride_bvt + g * stride_bvr + offs_d[None, :],
+                         mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
+            if IEEE:
+                acc += tl.dot(p.to(bv.dtype), bv, input_precision="ieee")
+            else:
+                acc += tl.dot(p.to(bv.dtype), bv)
+        else:
+            for r in tl.static_range(R_V):
+                bv = tl.load(BV + b * stride_bvb + offs_t[:, None] * stride_bvt + r * stride_bvr + offs_d[None, :],
+                             mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
+                av = tl.load(AV + b * stride_avb + offs_t[None, :] * stride_avt + offs_h[:, None] * stride_avh + r,
+                             mask=h_mask[:, None] & t_mask[None, :], other=0.0)  # [H_PAD, BLOCK_T]
+                w = (p * av.to(tl.float32)).to(bv.dtype)
+                if IEEE:
+                    acc += tl.dot(w, bv, input_precision="ieee")
+                else:
+                    acc += tl.dot(w, bv)
+        m_i = m_new
+
+    # ---- the slice's partial: normalised output and log2-sum-exp (-inf for an empty slice)
+    if pid_s < n_used:
+        safe_l = tl.where(l_i > 0.0, l_i, 1.0)
+        o = acc / safe_l[:, None]
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(safe_l), float("-inf"))
+        tl.store(PART_O + b * stride_pob + head[:, None] * stride_poh + pid_s * stride_pos + offs_d[None, :], o,
+                 mask=h_mask[:, None])
+        tl.store(PART_LSE + b * stride_plb + head * stride_plh + pid_s, lse, mask=h_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    PART_O, PART_LSE, LENS, OUT,
+    stride_pob, stride_poh, stride_pos,
+    stride_plb, stride_plh,
+    stride_ob, stride_oh,
+    T_cap, num_splits, min_chunk, out_scale,
+    HEAD_DIM: tl.constexpr, S_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.minimum(tl.load(LENS + b).to(tl.int32), T_cap)
+    n_used = tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, min_chunk)), 1)
+    offs_s = tl.arange(0, S_PAD)
+    lse = tl.load(PART_LSE + b * stride_plb + h * stride_plh + offs_s, mask=offs_s < n_used, other=float("-inf"))
+    # Shift by the maximum: every weight is <= 1, the largest is exactly 1, so the sum never under- or overflows.
+    m = tl.max(lse, 0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_sb = tl.arange(0, BLOCK_S)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    den = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, n_used, BLOCK_S):
+        s_idx = s0 + offs_sb
+        s_mask = s_idx < n_used
+        lse_blk = tl.load(PART_LSE + b * stride_plb + h * stride_plh + s_idx, mask=s_mask, other=float("-inf"))
+        w = tl.where(s_mask, tl.exp2(lse_blk - m), 0.0)  # [BLOCK_S]
+        o = tl.load(PART_O + b * stride_pob + h * stride_poh + s_idx[:, None] * stride_pos + offs_d[None, :],
+                    mask=s_mask[:, None], other=0.0)  # [BLOCK_S, D]
+        acc += tl.sum(o * w[:, None], 0)
+        den += w
+    out = acc * (out_scale / tl.sum(den, 0))
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def default_num_splits(device: torch.device, programs_per_split: int, T_cap: int, min_chunk: int) -> int:
+    """Slices in the grid: enough programs for ~2 waves on the GPU, never more than the capacity can fill."""
+    waves = 2 * (_sm_count(device.index or 0) if device.type == "cuda" else 4)
+    return max(1, min(triton.cdiv(waves, programs_per_split), triton.cdiv(T_cap, min_chunk), 1024))
+
+
+def decode_attention(
+    *,
+    q: Tensor | None,
+    aq: Tensor | None,
+    bq: Tensor | None,
+    ak: Tensor | None,
+    bk: Tensor,
+    av: Tensor | None,
+    bv: Tensor,
+    kv_lens: Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    min_chunk: int = 256,
+    block_t: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> Tensor:
+    """FlashTPA decode launcher (inputs already validated by `kernels.triton_attention`).
+
+    Args:
+        q: [B, 1, H, D] full queries, or aq [B, 1, H, R_Q] with bq [B, 1, R_Q, D].
+        ak, av: [B, T_cap, H, R_K], [B, T_cap, H, R_V], or both None (fixed head factors, G = R_K groups).
+        bk, bv: [B, T_cap, R_K, D], [B, T_cap, R_V, D] cache views, last dim contiguous.
+        kv_lens: [B] int32 valid tokens per sequence (read on the device; no host synchronisation).
+        num_splits, min_chunk, block_t, num_warps, num_stages: tuning knobs; the defaults suit an H200.
+
+    Returns:
+        [B, 1, H, D] in the dtype of bk.
+    """
+    B, T_cap, R_K, D = bk.shape
+    R_V = bv.shape[2]
+    fixed = ak is None
+    H = q.shape[2] if q is not None else aq.shape[2]
+    R_Q = 0 if q is None and aq is None else (aq.shape[3] if aq is not None else 0)
+    n_groups = R_K if fixed else 1
+    heads_per_prog = H // n_groups
+    h_pad = max(16, _next_pow2(heads_per_prog))
+    if block_t is None:
+        block_t = 64 if h_pad <= 64 else 32
+    if num_warps is None:
+        num_warps = 4 if h_pad * D <= 64 * 64 else 8
+    if num_stages is None:
+        num_stages = 3
+    if num_splits is None:
+        num_splits = default_num_splits(bk.device, B * n_groups, T_cap, min_chunk)
+    dev = bk.device
+    part_o = torch.empty(B, H, num_splits, D, device=dev, dtype=torch.float32)  # [B, H, S, D]
+    part_lse = torch.empty(B, H, num_splits, device=dev, dtype=torch.float32)  # [B, H, S]
+    out = torch.empty(B, 1, H, D, device=dev, dtype=bk.dtype)
+    dummy = bk  # unused pointer arguments (the constexpr flags keep them unread)
+    q_t = q if q is not None else dummy
+    aq_t = aq if aq is not None else dummy
+    bq_t = bq if bq is not None else dummy
+    ak_t = ak if ak is not None else dummy
+    av_t = av if av is not None else dummy
+    ieee = bk.dtype == torch.float32
+    qk_scale = scale * LOG2E / (1 if fixed else R_K)
+    _decode_split_kernel[(B * n_groups, num_splits)](
+        q_t, aq_t, bq_t, ak_t, bk, av_t, bv, kv_lens, part_o, part_lse,
+        q.stride(0) if q is not None else 0, q.stride(2) if q is not None else 0,
+        aq.stride(0) if aq is not None else 0, aq.stride(2) if aq is not None else 0,
+        bq.stride(0) if bq is not None else 0, bq.stride(2) if bq is not None else 0,
+        ak.stride(0) if ak is not None else 0, ak.stride(1) if ak is not None else 0,
+        ak.stride(2) if ak is not None else 0,
+        bk.stride(0), bk.stride(1), bk.stride(2),
+        av.stride(0) if av is not None else 0, av.stride(1) if av is not None else 0,
+        av.stride(2) if av is not None else 0,
+        bv.stride(0), bv.stride(1), bv.stride(2),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        T_cap, heads_per_prog, n_groups, num_splits, min_chunk, qk_scale,
+        R_Q=max(R_Q, 1), RQ_PAD=max(16, _next_pow2(max(R_Q, 1))), R_K=R_K, R_V=R_V,
+        HEAD_DIM=D, H_PAD=h_pad, BLOCK_T=block_t,
+        Q_FACTORS=q is None, FIXED=fixed, IEEE=ieee,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    s_pad = max(16, _next_pow2(num_splits))
+    _decode_merge_kernel[(B, H)](
+        part_o, part_lse, kv_lens, out,
+        part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(2),
+        T_cap, num_splits, min_chunk, 1.0 if fixed else 1.0 / R_V,
+        HEAD_DIM=D, S_PAD=s_pad, BLOCK_S=16,
+        num_warps=1 if D <= 64 else 2,
+    )
+    return out
+

@@ -1,0 +1,220 @@
+"""FlashTPA prefill / extend in Triton: N new tokens per sequence attend causally to a cached prefix and themselves.
+
+One program = one tile of BLOCK_N queries of one (sequence, head); it walks the cache in BLOCK_T blocks with an
+online softmax (the FlashAttention schedule). Query n of sequence b sits at position kv_lens[b] - N + n, so the
+tile's keys split into blocks every row may read (no mask) and the diagonal blocks (masked); lengths are read on
+the device, never compiled in.
+
+Each head's K and V tiles are rebuilt in registers from the factors (K = sum_r ak[:, h, r] bk[:, r] / R_K): that
+costs R_K multiply-adds per element against BLOCK_N per element for the score product, so it is free next to the
+attention itself, and the cache is still read in place by its strides. Fixed head factors read bk/bv of the
+head's group directly: ordinary GQA.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_kv_tile(
+    AF, BF, b, h, g, offs_t, offs_d, t_mask,
+    stride_ab, stride_at, stride_ah, stride_bb, stride_bt, stride_br,
+    R: tl.constexpr, FIXED: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """One [BLOCK_T, D] K or V tile of head h (unscaled by 1/R), in the cache dtype."""
+    if FIXED:
+        tile = tl.load(BF + b * stride_bb + offs_t[:, None] * stride_bt + g * stride_br + offs_d[None, :],
+                       mask=t_mask[:, None], other=0.0)
+    else:
+        acc = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32)
+        for r in tl.static_range(R):
+            a = tl.load(AF + b * stride_ab + offs_t * stride_at + h * stride_ah + r, mask=t_mask, other=0.0)
+            bf = tl.load(BF + b * stride_bb + offs_t[:, None] * stride_bt + r * stride_br + offs_d[None, :],
+                         mask=t_mask[:, None], other=0.0)
+            acc += a.to(tl.float32)[:, None] * bf.to(tl.float32)
+        tile = acc.to(BF.dtype.element_ty)
+    return tile
+
+
+@triton.jit
+def _attend_block(
+    q, acc, m_i, l_i, t0, pos, seq_len,
+    AK, BK, AV, BV, b, h, g, offs_t0, offs_d,
+    stride_akb, stride_akt, stride_akh, stride_bkb, stride_bkt, stride_bkr,
+    stride_avb, stride_avt, stride_avh, stride_bvb, stride_bvt, stride_bvr,
+    qk_scale,
+    R_K: tl.constexpr, R_V: tl.constexpr, FIXED: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    offs_t = t0 + offs_t0
+    t_mask = offs_t < seq_len
+    k = _load_kv_tile(AK, BK, b, h, g, offs_t, offs_d, t_mask, stride_akb, stride_akt, stride_akh,
+                      stride_bkb, stride_bkt, stride_bkr, R_K, FIXED, BLOCK_T, HEAD_DIM)  # [BLOCK_T, D]
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))  # [BLOCK_N, BLOCK_T]
+    s = s * qk_scale
+    if MASKED:
+        allowed = (offs_t[None, :] <= pos[:, None]) & t_mask[None, :]
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Rows past N (padding of the last tile) may see no key at all: keep their max finite.
+    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_kv_tile(AV, BV, b, h, g, offs_t, offs_d, t_mask, stride_avb, stride_avt, stride_avh,
+                      stride_bvb, stride_bvt, stride_bvr, R_V, FIXED, BLOCK_T, HEAD_DIM)  # [BLOCK_T, D]
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, AQ, BQ, AK, BK, AV, BV, LENS, OUT,
+    stride_qb, stride_qn, stride_qh,
+    stride_aqb, stride_aqn, stride_aqh, stride_bqb, stride_bqn, stride_bqr,
+    stride_akb, stride_akt, stride_akh,
+    stride_bkb, stride_bkt, stride_bkr,
+    stride_avb, stride_avt, stride_avh,
+    stride_bvb, stride_bvt, stride_bvr,
+    stride_ob, stride_on, stride_oh,
+    N, H, heads_per_group, T_cap, qk_scale, out_scale,
+    R_Q: tl.constexpr, R_K: tl.constexpr, R_V: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    Q_FACTORS: tl.constexpr, FIXED: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    g = h // heads_per_group
+    seq_len = tl.minimum(tl.load(LENS + b).to(tl.int32), T_cap)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_t0 = tl.arange(0, BLOCK_T)
+    n_mask = offs_n < N
+    pos = seq_len - N + offs_n  # cache position of each query row
+
+    # ---- the query tile [BLOCK_N, D]
+    if Q_FACTORS:
+        qf = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        for r in tl.static_range(R_Q):
+            a = tl.load(AQ + b * stride_aqb + offs_n * stride_aqn + h * stride_aqh + r, mask=n_mask, other=0.0)
+            bq = tl.load(BQ + b * stride_bqb + offs_n[:, None] * stride_bqn + r * stride_bqr + offs_d[None, :],
+                         mask=n_mask[:, None], other=0.0)
+            qf += a.to(tl.float32)[:, None] * bq.to(tl.float32)
+        q = (qf * (1.0 / R_Q)).to(BK.dtype.element_ty)
+    else:
+        q = tl.load(Q + b * stride_qb + offs_n[:, None] * stride_qn + h * stride_qh + offs_d[None, :],
+                    mask=n_mask[:, None], other=0.0).to(BK.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    first_pos = seq_len - N + pid_n * BLOCK_N  # the tile's smallest position
+    full_end = tl.maximum(first_pos + 1, 0) // BLOCK_T * BLOCK_T  # blocks below this are visible to every row
+    hi = tl.minimum(first_pos + BLOCK_N, seq_len)  # one past the tile's largest readable position
+    for t0 in range(0, full_end, BLOCK_T):
+        acc, m_i, l_i = _attend_block(
+            q, acc, m_i, l_i, t0, pos, seq_len, AK, BK, AV, BV, b, h, g, offs_t0, offs_d,
+            stride_akb, stride_akt, stride_akh, stride_bkb, stride_bkt, stride_bkr,
+            stride_avb, stride_avt, stride_avh, stride_bvb, stride_bvt, stride_bvr,
+            qk_scale, R_K, R_V, FIXED, False, IEEE, BLOCK_T, HEAD_DIM)
+    for t0 in range(full_end, hi, BLOCK_T):
+        acc, m_i, l_i = _attend_block(
+            q, acc, m_i, l_i, t0, pos, seq_len, AK, BK, AV, BV, b, h, g, offs_t0, offs_d,
+            stride_akb, stride_akt, stride_akh, stride_bkb, stride_bkt, stride_bkr,
+            stride_avb, stride_avt, stride_avh, stride_bvb, stride_bvt, stride_bvr,
+            qk_scale, R_K, R_V, FIXED, True, IEEE, BLOCK_T, HEAD_DIM)
+
+    safe_l = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc * (out_scale / safe_l)[:, None]
+    tl.store(OUT + b * stride_ob + offs_n[:, None] * stride_on + h * stride_oh + offs_d[None, :],
+             o.to(OUT.dtype.element_ty), mask=n_mask[:, None])
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def prefill_attention(
+    *,
+    q: Tensor | None,
+    aq: Tensor | None,
+    bq: Tensor | None,
+    ak: Tensor | None,
+    bk: Tensor,
+    av: Tensor | None,
+    bv: Tensor,
+    kv_lens: Tensor,
+    scale: float,
+    block_n: int | None = None,
+    block_t: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> Tensor:
+    """FlashTPA prefill/extend launcher (inputs already validated by `kernels.triton_attention`).
+
+    Args:
+        q: [B, N, H, D] full queries, or aq [B, N, H, R_Q] with bq [B, N, R_Q, D].
+        ak, av: [B, T_cap, H, R_K], [B, T_cap, H, R_V], or both None (fixed head factors, G = R_K groups).
+        bk, bv: [B, T_cap, R_K, D], [B, T_cap, R_V, D] cache views, last dim contiguous.
+        kv_lens: [B] int32 valid tokens per sequence, the N new ones included (read on the device).
+        block_n, block_t, num_warps, num_stages: tuning knobs; the defaults suit an H200.
+
+    Returns:
+        [B, N, H, D] in the dtype of bk.
+    """
+    B, T_cap, R_K, D = bk.shape
+    R_V = bv.shape[2]
+    fixed = ak is None
+    if q is not None:
+        N, H = q.shape[1], q.shape[2]
+        R_Q = 1
+    else:
+        N, H, R_Q = aq.shape[1], aq.shape[2], aq.shape[3]
+    if block_n is None:
+        block_n = min(128, max(16, _next_pow2(N)))
+    if block_t is None:
+        block_t = 64
+    if num_warps is None:
+        num_warps = 8 if block_n >= 128 else 4
+    if num_stages is None:
+        num_stages = 3
+    out = torch.empty(B, N, H, D, device=bk.device, dtype=bk.dtype)
+    dummy = bk
+    z3 = (0, 0, 0)
+    q_str = (q.stride(0), q.stride(1), q.stride(2)) if q is not None else z3
+    aq_str = (aq.stride(0), aq.stride(1), aq.stride(2)) if aq is not None else z3
+    bq_str = (bq.stride(0), bq.stride(1), bq.stride(2)) if bq is not None else z3
+    ak_str = (ak.stride(0), ak.stride(1), ak.stride(2)) if ak is not None else z3
+    av_str = (av.stride(0), av.stride(1), av.stride(2)) if av is not None else z3
+    ieee = bk.dtype == torch.float32
+    qk_scale = scale * LOG2E / (1 if fixed else R_K)
+    grid = (triton.cdiv(N, block_n), B * H)
+    _prefill_kernel[grid](
+        q if q is not None else dummy, aq if aq is not None else dummy, bq if bq is not None else dummy,
+        ak if ak is not None else dummy, bk, av if av is not None else dummy, bv, kv_lens, out,
+        *q_str, *aq_str, *bq_str, *ak_str,
+        bk.stride(0), bk.stride(1), bk.stride(2),
+        *av_str,
+        bv.stride(0), bv.stride(1), bv.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        N, H, H // R_K if fixed else H, T_cap, qk_scale, 1.0 if fixed else 1.0 / R_V,
+        R_Q=R_Q, R_K=R_K, R_V=R_V, HEAD_DIM=D, BLOCK_N=block_n, BLOCK_T=block_t,
+        Q_FACTORS=q is None, FIXED=fixed, IEEE=ieee,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
