@@ -36,8 +36,6 @@ class _SessionRow(_Base):
     name: Mapped[str] = mapped_column(String(MAX_SESSION_NAME_CHARS), default="")
     collection: Mapped[str] = mapped_column(String(200), index=True)
     pinned_documents: Mapped[list] = mapped_column(JSON, default=list)
-    # Store keys the session holds pinned (its latest conversation prefix); released when the session goes.
-    cache_pins: Mapped[list] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     turns: Mapped[list[_TurnRow]] = relationship(
@@ -83,7 +81,6 @@ class SessionInfo:
     name: str
     collection: str
     pinned_documents: list[str]
-    cache_pins: list[str]
     created_at: datetime
     updated_at: datetime
     n_turns: int
@@ -110,7 +107,6 @@ def _info(row: _SessionRow, n_turns: int) -> SessionInfo:
         name=row.name,
         collection=row.collection,
         pinned_documents=list(row.pinned_documents or []),
-        cache_pins=list(row.cache_pins or []),
         created_at=row.created_at,
         updated_at=row.updated_at,
         n_turns=n_turns,
@@ -163,7 +159,6 @@ class SessionStore:
             name=_clean_name(name),
             collection=collection,
             pinned_documents=list(pinned_documents),
-            cache_pins=[],
             created_at=now,
             updated_at=now,
         )
@@ -210,14 +205,6 @@ class SessionStore:
             row.pinned_documents = list(paths)
             return _info(row, self._count(db, session_id))
 
-    def set_cache_pins(self, session_id: str, keys: Sequence[str]) -> list[str]:
-        """Record the store keys the session now holds pinned; returns the keys it held before."""
-        with Session(self._engine) as db, db.begin():
-            row = self._row(db, session_id)
-            previous = list(row.cache_pins or [])
-            row.cache_pins = list(keys)
-            return previous
-
     def add_turn(
         self,
         session_id: str,
@@ -253,7 +240,7 @@ class SessionStore:
             return _turn(turn)
 
     def delete(self, session_id: str) -> SessionInfo:
-        """Delete the session and its turns; returns what it was (its `cache_pins` are the caller's to release)."""
+        """Delete the session and its turns; returns what it was (its cache pins are the caller's to release)."""
         with Session(self._engine) as db, db.begin():
             row = self._row(db, session_id)
             info = _info(row, self._count(db, session_id))

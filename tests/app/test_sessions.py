@@ -41,11 +41,10 @@ def test_rename_delete_and_unknown_ids(store):
     with pytest.raises(AppError, match="too long"):
         store.rename(info.id, "x" * 500)
     assert store.get(info.id).name == "my notes"
-    assert store.set_cache_pins(info.id, ["k1", "k2"]) == []
-    assert store.set_cache_pins(info.id, ["k3"]) == ["k1", "k2"]
+    assert store.set_pinned_documents(info.id, ["a.md", "b.py"]).pinned_documents == ["a.md", "b.py"]
     store.add_turn(info.id, "q", "a", mode="retrieval", sources=[], metrics={})
     gone = store.delete(info.id)
-    assert gone.cache_pins == ["k3"] and gone.n_turns == 1
+    assert gone.n_turns == 1 and gone.pinned_documents == ["a.md", "b.py"]
     for call in (store.get, store.turns, store.delete):
         with pytest.raises(UnknownSessionError, match="unknown session"):
             call(info.id)

@@ -1,0 +1,79 @@
+"""Fixtures of the app's tests: a ChatService on a tiny random model and a hashing embedder, and a small corpus."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import HashingEmbedder, tiny_loaded_model  # noqa: E402
+
+CACHE_DOC = """# The factor-cache store
+
+The store keeps prefix pages of factor caches on disk. Each entry is keyed by a chained sha256 over the
+namespace, the parent key and the token ids of the page, so the same prefix always finds the same entry.
+
+A namespace is the sha256 of the model fingerprint, the factor dtype and the RoPE settings.
+"""
+
+MODEL_CODE = '''"""Attention in factor space."""
+
+
+def attention(aq, bq, ak, bk, av, bv):
+    """Tensor product attention: queries, keys and values are sums of rank-one products."""
+    return softmax(aq @ bq @ (ak @ bk).T) @ (av @ bv)
+
+
+def rope(x, positions):
+    """Rotary position embedding applied to the token factors only."""
+    return rotate(x, positions)
+'''
+
+NOTES = "Paris is the capital of France.\n" * 3 + "The Eiffel tower is in Paris.\n"
+
+
+@pytest.fixture
+def corpus_dir(tmp_path) -> Path:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "cache.md").write_text(CACHE_DOC)
+    (folder / "model.py").write_text(MODEL_CODE)
+    (folder / "notes.txt").write_text(NOTES)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return tiny_loaded_model()
+
+
+@pytest.fixture
+def make_service(data_dir, tiny_model):
+    """Build ChatServices on one data directory (a second one = the app after a restart); all are closed."""
+    from app.service import ChatService
+    from app.settings import Settings
+
+    made = []
+
+    def make(model=None, **settings_overrides):
+        values = {"top_k": 3, "max_new_tokens": 12, "temperature": 0.0}
+        values.update(settings_overrides)
+        max_upload = values.pop("max_upload_bytes", 1024 * 1024)
+        service = ChatService(Settings(data_dir=data_dir, **values), model=model or tiny_model,
+                              embedder=HashingEmbedder(), max_upload_bytes=max_upload)
+        made.append(service)
+        return service
+
+    yield make
+    for service in made:
+        service.close()
+
+
+@pytest.fixture
+def service(make_service, corpus_dir):
+    service = make_service()
+    service.ingest_paths("docs", [str(corpus_dir)])
+    return service
