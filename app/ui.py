@@ -1,0 +1,371 @@
+"""The web UI (Gradio 6 Blocks): collections, chat with citations and metrics, sessions, cache panel, settings.
+
+Layout and wiring only: every handler calls `ChatService` and renders its result with `app.ui_render`. The model,
+the indexes and the caches live in the service, never in `gr.State`; the only per-browser state is the id of the
+tab's current chat session, so two browser sessions never see each other's chat. Generation goes through one
+queue (`concurrency_id="model"`, one at a time), ingestion through another, so the page stays responsive.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from app import ui_render
+from app.errors import AppError
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+    from app.service import ChatService
+
+log = logging.getLogger(__name__)
+
+MODEL_QUEUE = "model"
+INGEST_QUEUE = "ingest"
+
+CSS = """
+.tpa-metrics { font-size: 0.8em; opacity: 0.75; font-family: ui-monospace, monospace; }
+#chat { flex-grow: 1; }
+"""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from retrieval.errors import RetrievalError
+    from tpa_core.errors import TPAError
+
+    return (AppError, TPAError, RetrievalError)
+
+
+def _guard(fn: Callable) -> Callable:
+    """Turn user mistakes into gr.Error messages and bugs into a short message (the traceback goes to the log)."""
+    import functools
+    import inspect
+
+    import gradio as gr
+
+    def translate(exc: BaseException) -> gr.Error:
+        if isinstance(exc, gr.Error):
+            return exc
+        if isinstance(exc, _user_errors()):
+            return gr.Error(str(exc), print_exception=False)
+        log.exception("unexpected error in %s", fn.__name__)
+        return gr.Error(f"internal error ({type(exc).__name__}); the server log has the details",
+                        print_exception=False)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args: Any, **kwargs: Any) -> Iterator:
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - translated for the user, logged when unexpected
+                raise translate(exc) from None
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise translate(exc) from None
+
+    return wrapper
+
+
+def build_app(service: ChatService) -> gr.Blocks:
+    """The Blocks page for `service`. Launch it with `launch(demo, ...)` (or `demo.launch`)."""
+    import gradio as gr
+
+    settings = service.settings
+    collections = service.collection_names()
+
+    def session_choices(collection: str | None) -> list[tuple[str, str]]:
+        return [(ui_render.session_label(s), s.id) for s in service.sessions(collection or None)]
+
+    def ttft_frame(session_id: str):
+        import pandas as pd
+
+        rows = service.ttft_history(session_id) if session_id else []
+        return pd.DataFrame(rows, columns=["turn", "ttft_ms", "series"])
+
+    def cache_text() -> str:
+        return ui_render.cache_markdown(service.cache_stats())
+
+    with gr.Blocks(title="tpa-rag", fill_height=True) as demo:
+        session_id = gr.State("")
+        gr.Markdown("## tpa-rag · ask your documents and code, with reusable TPA factor caches")
+        with gr.Row(equal_height=False):
+            # ---- left: collections and sessions ------------------------------------------------------------
+            with gr.Column(scale=1, min_width=260):
+                collection = gr.Dropdown(collections, value=collections[0] if collections else None,
+                                         label="Collection", elem_id="collection")
+                with gr.Accordion("Add documents", open=not collections):
+                    new_collection = gr.Textbox(label="New collection", placeholder="name (letters, digits, - _)",
+                                                elem_id="new-collection")
+                    uploads = gr.File(label="Files or a .zip", file_count="multiple",
+                                      file_types=sorted(service.allowed_upload_types()), elem_id="upload")
+                    folder = gr.File(label="A folder", file_count="directory", elem_id="upload-folder")
+                    local_path = gr.Textbox(label="Or a folder / git repository on this machine",
+                                            placeholder="/path/to/repository", elem_id="local-path")
+                    ingest_button = gr.Button("Ingest", variant="primary", elem_id="ingest")
+                ingest_summary = gr.Markdown(elem_id="ingest-summary")
+                delete_collection = gr.Button("Delete collection", variant="stop", size="sm")
+                gr.Markdown("### Sessions")
+                session_list = gr.Dropdown(session_choices(collections[0] if collections else None), value=None,
+                                           label="Resume a session", elem_id="sessions")
+                with gr.Row():
+                    new_session = gr.Button("New", size="sm", elem_id="new-session")
+                    delete_session = gr.Button("Delete", size="sm", variant="stop")
+                rename_box = gr.Textbox(label="Rename this session", placeholder="new name", elem_id="rename")
+
+            # ---- middle: the chat ----------------------------------------------------------------------------
+            with gr.Column(scale=3, min_width=420):
+                chatbot = gr.Chatbot(elem_id="chat", height=560, label="Chat",
+                                     placeholder="Pick or create a collection, then ask a question.")
+                with gr.Row():
+                    question = gr.Textbox(show_label=False, placeholder="Ask a question about the collection",
+                                          scale=8, lines=1, max_lines=8, elem_id="question")
+                    ask_button = gr.Button("Ask", variant="primary", scale=1, elem_id="ask")
+                with gr.Row():
+                    mode = gr.Radio(["retrieval", "pinned"], value="retrieval", label="Context",
+                                    info="retrieval: top-k chunks · pinned: whole documents, cached once",
+                                    elem_id="mode")
+                    pinned_docs = gr.Dropdown([], multiselect=True, label="Pinned documents (all when empty)",
+                                              visible=False, elem_id="pinned-docs")
+
+            # ---- right: cache panel and settings ---------------------------------------------------------
+            with gr.Column(scale=1, min_width=260):
+                gr.Markdown("### Cache")
+                cache_stats = gr.Markdown(cache_text(), elem_id="cache-stats")
+                ttft_plot = gr.LinePlot(ttft_frame(""), x="turn", y="ttft_ms", color="series",
+                                        title="Time to first token per turn", x_title="turn",
+                                        y_title="ms", height=220, elem_id="ttft-plot")
+                clear_cache = gr.Button("Clear cache", size="sm", variant="stop", elem_id="clear-cache")
+                with gr.Accordion("Settings", open=False):
+                    model = gr.Dropdown(service.model_choices(), value=service.model_name, label="Model",
+                                        allow_custom_value=True, elem_id="model")
+                    top_k = gr.Slider(1, 20, value=settings.top_k, step=1, label="Retrieval top-k")
+                    max_new_tokens = gr.Slider(16, 1024, value=settings.max_new_tokens, step=16,
+                                               label="Max new tokens")
+                    temperature = gr.Slider(0.0, 1.5, value=settings.temperature, step=0.05, label="Temperature")
+
+        # ---- handlers: each calls the service and renders -------------------------------------------------
+        @_guard
+        def on_ask(text: str, chat: list, sid: str, coll: str | None, ctx_mode: str, docs: list[str] | None,
+                   k: float, max_new: float, temp: float) -> Iterator:
+            if not coll:
+                raise AppError("pick a collection first, or create one under 'Add documents'")
+            events = service.ask_stream(
+                text, coll, sid, pinned=ctx_mode == "pinned",
+                options=service.options(top_k=int(k), max_new_tokens=int(max_new), temperature=float(temp),
+                                        documents=tuple(docs or ()) or None),
+            )
+            start = next(events)  # validation, retrieval and overflow errors surface here, before the chat changes
+            if start.left_out:
+                gr.Warning("Left out to fit the model's window: " + "; ".join(start.left_out), duration=12)
+            history = list(chat or [])
+            answer = ""
+            live = history + ui_render.turn_messages(text, answer, [], None)[:2]
+            yield live, start.session_id, "", gr.update(), gr.update(), gr.update()
+            for event in events:
+                if event.kind == "delta":
+                    answer += event.text
+                    live[-1] = {"role": "assistant", "content": ui_render.answer_markdown(answer)}
+                    yield live, start.session_id, "", gr.update(), gr.update(), gr.update()
+                elif event.kind == "done":
+                    result = event.result
+                    final = history + ui_render.turn_messages(text, result.answer, result.sources, result.metrics,
+                                                              result.left_out)
+                    yield (final, result.session_id, "",
+                           gr.update(choices=session_choices(coll), value=result.session_id),
+                           cache_text(), ttft_frame(result.session_id))
+
+        ask_inputs = [question, chatbot, session_id, collection, mode, pinned_docs, top_k, max_new_tokens,
+                      temperature]
+        ask_outputs = [chatbot, session_id, question, session_list, cache_stats, ttft_plot]
+        for trigger in (ask_button.click, question.submit):
+            trigger(on_ask, ask_inputs, ask_outputs, concurrency_id=MODEL_QUEUE, concurrency_limit=1,
+                    api_visibility="private", show_progress="minimal")
+
+        @_guard
+        def on_ingest(coll: str | None, new_name: str, files: list[str] | None, folder_files: list[str] | None,
+                      path: str, progress: gr.Progress = gr.Progress()) -> tuple:
+            name = (new_name or "").strip() or coll
+            if not name:
+                raise AppError("name a new collection or pick one to add documents to")
+            sources = list(files or []) + list(folder_files or [])
+            if not sources and not (path or "").strip():
+                raise AppError("choose files, a .zip or a folder to upload, or give a path on this machine")
+
+            def report(done: int, total: int, message: str) -> None:
+                progress((done, max(total, 1)), desc=message)
+
+            summary = service.ingest(name, uploads=sources, local_path=(path or "").strip() or None,
+                                     progress=report)
+            for item in summary.get("rejected", []):
+                gr.Warning(f"{item['path']}: {item['reason']}")
+            names = service.collection_names()
+            return (ui_render.ingest_markdown(summary), gr.update(choices=names, value=name), "", None, None, "",
+                    gr.update(choices=service.document_paths(name)))
+
+        ingest_button.click(
+            on_ingest, [collection, new_collection, uploads, folder, local_path],
+            [ingest_summary, collection, new_collection, uploads, folder, local_path, pinned_docs],
+            concurrency_id=INGEST_QUEUE, concurrency_limit=1, api_name="ingest",
+        )
+
+        @_guard
+        def on_collection(coll: str | None) -> tuple:
+            docs = service.document_paths(coll) if coll else []
+            return ([], "", gr.update(choices=session_choices(coll), value=None), gr.update(choices=docs, value=[]),
+                    ttft_frame(""))
+
+        collection.change(on_collection, [collection], [chatbot, session_id, session_list, pinned_docs, ttft_plot],
+                          api_visibility="private")
+
+        @_guard
+        def on_delete_collection(coll: str | None) -> tuple:
+            if not coll:
+                raise AppError("no collection selected")
+            service.delete_collection(coll)
+            gr.Info(f"collection {coll!r} deleted")
+            names = service.collection_names()
+            return gr.update(choices=names, value=names[0] if names else None), "", cache_text()
+
+        delete_collection.click(on_delete_collection, [collection], [collection, ingest_summary, cache_stats],
+                                concurrency_id=MODEL_QUEUE, api_visibility="private")
+
+        @_guard
+        def on_resume(sid: str | None, coll: str | None) -> tuple:
+            if not sid:
+                return gr.update(), gr.update(), gr.update(), gr.update()
+            info, turns = service.session(sid)
+            chat: list = []
+            for turn in turns:
+                chat += ui_render.turn_messages(turn.question, turn.answer, turn.sources, turn.metrics,
+                                                turn.left_out)
+            coll_update = gr.update(value=info.collection) if info.collection != coll else gr.update()
+            return chat, sid, ttft_frame(sid), coll_update
+
+        # `input` (not `change`): fires on the user's pick only, not when a handler refreshes the list.
+        session_list.input(on_resume, [session_list, collection], [chatbot, session_id, ttft_plot, collection],
+                           api_visibility="private")
+
+        def on_new_session() -> tuple:
+            return [], "", gr.update(value=None), ttft_frame("")
+
+        new_session.click(on_new_session, None, [chatbot, session_id, session_list, ttft_plot],
+                          api_visibility="private")
+
+        @_guard
+        def on_rename(sid: str, name: str, coll: str | None) -> tuple:
+            if not sid:
+                raise AppError("ask a first question (or resume a session) before renaming it")
+            service.rename_session(sid, name)
+            return gr.update(choices=session_choices(coll), value=sid), ""
+
+        rename_box.submit(on_rename, [session_id, rename_box, collection], [session_list, rename_box],
+                          api_visibility="private")
+
+        @_guard
+        def on_delete_session(sid: str, coll: str | None) -> tuple:
+            if not sid:
+                raise AppError("no session to delete: resume one first")
+            service.delete_session(sid)
+            gr.Info("session deleted")
+            return [], "", gr.update(choices=session_choices(coll), value=None), ttft_frame(""), cache_text()
+
+        delete_session.click(on_delete_session, [session_id, collection],
+                             [chatbot, session_id, session_list, ttft_plot, cache_stats],
+                             concurrency_id=MODEL_QUEUE, api_visibility="private")
+
+        @_guard
+        def on_clear_cache() -> str:
+            removed = service.clear_cache()
+            gr.Info(f"cache cleared ({removed} pages removed)")
+            return cache_text()
+
+        clear_cache.click(on_clear_cache, None, [cache_stats], concurrency_id=MODEL_QUEUE, api_visibility="private")
+
+        def on_mode(ctx_mode: str, coll: str | None) -> Any:
+            docs = service.document_paths(coll) if coll and ctx_mode == "pinned" else []
+            return gr.update(visible=ctx_mode == "pinned", choices=docs)
+
+        mode.change(_guard(on_mode), [mode, collection], [pinned_docs], api_visibility="private")
+
+        @_guard
+        def on_model(name: str) -> str:
+            service.switch_model(name)
+            gr.Info(f"model {service.model_name} loaded")
+            return cache_text()
+
+        model.input(on_model, [model], [cache_stats], concurrency_id=MODEL_QUEUE, api_visibility="private")
+
+        def on_load() -> tuple:
+            return cache_text(), gr.update(choices=service.collection_names())
+
+        demo.load(_guard(on_load), None, [cache_stats, collection], api_visibility="private")
+
+        # ---- the named API endpoint (same object as `tpa-rag ask --json`) ---------------------------------
+        @_guard
+        def ask(question: str, collection: str, session_id: str = "", pinned: bool = False) -> Iterator[dict]:
+            """Ask a question about a collection. Streams partial objects (metrics null) and ends with the same
+            object as `tpa-rag ask --json`: {answer, session_id, sources, metrics, left_out}."""
+            answer = ""
+            for event in service.ask_stream(question, collection, session_id, pinned=pinned):
+                if event.kind == "done":
+                    yield event.result.to_json()
+                else:
+                    answer += event.text
+                    yield {"answer": answer, "session_id": event.session_id,
+                           "sources": [ui_render_public(s) for s in event.sources], "metrics": None,
+                           "left_out": list(event.left_out)}
+
+        gr.api(ask, api_name="ask", concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+    return demo
+
+
+def ui_render_public(source: dict) -> dict:
+    """A source as the JSON contract has it: path, line range and score (the text stays in the UI)."""
+    return {key: source.get(key) for key in ("path", "start_line", "end_line", "score")}
+
+
+def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
+    """`user:password`, or the path of a file with one `user:password` per line (blank lines and # comments)."""
+    from pathlib import Path
+
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else [value]
+    pairs = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user or not password:
+            where = f"in {path}" if path.is_file() else "given to --auth"
+            raise AppError(f"auth entries are user:password; got {line.split(':')[0]!r}... {where}")
+        pairs.append((user, password))
+    if not pairs:
+        raise AppError(f"no user:password entries in {path}")
+    return pairs
+
+
+def launch(demo: gr.Blocks, service: ChatService, *, host: str = "127.0.0.1", port: int = 7860,
+           auth: list[tuple[str, str]] | None = None, block: bool = True) -> str:
+    """Queue and launch `demo`; returns the local URL. Uploads are capped at the service's size limit."""
+    import gradio as gr
+
+    demo.queue(default_concurrency_limit=4, max_size=64)
+    if host not in ("127.0.0.1", "localhost", "::1") and not auth:
+        log.warning("serving on %s without --auth: anyone who can reach this address can use the app", host)
+    _, url, _ = demo.launch(
+        server_name=host, server_port=port, auth=auth, prevent_thread_lock=not block, quiet=not block,
+        max_file_size=service.max_upload_bytes, allowed_paths=[], show_error=True,
+        theme=gr.themes.Soft(), css=CSS, footer_links=["api"],
+    )
+    return url
