@@ -212,12 +212,20 @@ def attention_reference(
     scale = shape.D ** -0.5 if scale is None else float(scale)
     dtype = _compute_dtype(bk.dtype)
     bk, bv = bk[:, :T], bv[:, :T]  # positions past the longest sequence are never read
+    if shape.contextual:
+        ak, av = ak[:, :T], av[:, :T]
+    if any(n_b != T for n_b in lens):
+        # A shorter sequence's tail inside [0, T) is garbage (possibly NaN): zero it, since a masked score
+        # still multiplies its value (0 * NaN = NaN). Only batches of unequal lengths pay for this copy.
+        valid = (torch.arange(T, device=bk.device)[None, :] < kv_lens[:, None])[:, :, None, None]  # [B, T, 1, 1]
+        bk, bv = bk.where(valid, 0), bv.where(valid, 0)
+        if shape.contextual:
+            ak, av = ak.where(valid, 0), av.where(valid, 0)
     if not shape.contextual:
         if q is None:
             q = _full_queries(aq, bq, dtype)
         out = _fixed_head_attention(q, bk, bv, kv_lens, lens, scale, dtype)
     else:
-        ak, av = ak[:, :T], av[:, :T]
         if shape.N <= FACTOR_SPACE_MAX_QUERIES:
             out = _factor_space_attention(q, aq, bq, ak, bk, av, bv, kv_lens, lens, shape, scale, dtype)
         else:

@@ -1,0 +1,10 @@
+"""tests/kernels: make the helper modules beside the tests (kernel_oracle, kernel_inputs) importable."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_HERE = str(Path(__file__).parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
