@@ -24,8 +24,9 @@ def insert_ignore(conn: Connection, model: type, values: dict[str, Any]) -> bool
             from sqlalchemy.dialects.sqlite import insert as dialect_insert
         else:
             from sqlalchemy.dialects.postgresql import insert as dialect_insert
-        result = conn.execute(dialect_insert(model).values(**values).on_conflict_do_nothing())
-        return result.rowcount == 1
+        pk = model.__table__.primary_key.columns
+        stmt = dialect_insert(model).values(**values).on_conflict_do_nothing().returning(*pk)
+        return conn.execute(stmt).first() is not None
     try:
         with conn.begin_nested():
             conn.execute(insert(model).values(**values))

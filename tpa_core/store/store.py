@@ -303,10 +303,10 @@ class FactorStore:
         """
         ids = _ids(token_ids)
         limit = len(ids) - 1 if limit is None else min(limit, len(ids))
+        layout = self._layout(namespace)  # also rejects an unknown namespace
         if limit <= 0:
             return 0
         chain = self.lookup(namespace, ids, limit=limit, extras=extras)
-        layout = self._layout(namespace) if chain else None
         loaded = 0
         used: list[str] = []
         for ref in chain:
