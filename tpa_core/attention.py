@@ -69,11 +69,14 @@ class FusedParams(nn.Module):
         unloaded = []
         for fused_name, parts in self.fused.items():
             param = getattr(self, fused_name)
+            given = [state_dict.get(prefix + part) for part, _ in parts if part is not None]
+            # On the meta device (loading with assign=True) the parts keep their own device and dtype.
+            like = next((t for t in given if t is not None), param) if param.is_meta else param
             pieces, complete = [], True
             for part, rows in parts:
                 expected = (rows, *param.shape[1:])
                 if part is None:
-                    pieces.append(torch.zeros(expected, dtype=param.dtype, device=param.device))
+                    pieces.append(torch.zeros(expected, dtype=like.dtype, device=like.device))
                     continue
                 piece = state_dict.pop(prefix + part, None)
                 if piece is None:
@@ -84,7 +87,7 @@ class FusedParams(nn.Module):
                                       f"{tuple(piece.shape)}, the model has {expected}")
                     complete = False
                 else:
-                    pieces.append(piece.to(device=param.device, dtype=param.dtype))
+                    pieces.append(piece.to(device=like.device, dtype=like.dtype))
             if complete:
                 state_dict[prefix + fused_name] = torch.cat(pieces, dim=0)
             else:

@@ -68,8 +68,10 @@ class FactorCache:
         self.shapes = factor_shapes(config)
         self.names = tuple(self.shapes)
         self.capacity = capacity
+        # Zero-filled, not empty: a masked position is multiplied by a zero probability in dense attention paths,
+        # and 0 * NaN from uninitialized memory would poison the output.
         self.storage: dict[str, Tensor] = {
-            name: torch.empty((config.n_layers, batch_size, capacity, *shape), dtype=dtype, device=self.device)
+            name: torch.zeros((config.n_layers, batch_size, capacity, *shape), dtype=dtype, device=self.device)
             for name, shape in self.shapes.items()
         }
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
@@ -97,6 +99,7 @@ class FactorCache:
             new = torch.empty((old.shape[0], old.shape[1], new_cap, *old.shape[3:]), dtype=old.dtype,
                               device=old.device)
             new[:, :, :keep].copy_(old[:, :, :keep])
+            new[:, :, keep:].zero_()
             self.storage[name] = new
         logger.debug("factor cache grown from %d to %d tokens", self.capacity, new_cap)
         self.capacity = new_cap

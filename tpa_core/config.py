@@ -195,15 +195,19 @@ class TPAConfig:
         if hf.get("partial_rotary_factor", 1.0) != 1.0:
             raise TPAError("unsupported config.json: partial_rotary_factor != 1")
         max_pos = int(hf.get("max_position_embeddings", 2048))
-        scaling = dict(scaling) if isinstance(scaling, dict) else scaling
         if isinstance(scaling, dict):
+            scaling = dict(scaling)
             rope_type = scaling.get("rope_type", scaling.get("type"))
             if rope_type == "dynamic":
                 # transformers' dynamic NTK measures against max_position_embeddings, whatever else is given
                 scaling["original_max_position_embeddings"] = max_pos
             elif rope_type in ROPE_SCALING_WITH_ORIGINAL:
-                scaling.setdefault("original_max_position_embeddings", hf.get("original_max_position_embeddings",
-                                                                              max_pos))
+                scaling.setdefault("original_max_position_embeddings",
+                                   hf.get("original_max_position_embeddings", max_pos))
+            original = scaling.get("original_max_position_embeddings", max_pos)
+            if rope_type == "dynamic" or (rope_type == "yarn" and max_pos <= original):
+                # these scalings stretch the pre-training window by `factor` beyond max_position_embeddings
+                max_pos = int(original * float(scaling.get("factor") or 1.0))
         window = hf.get("sliding_window")
         use_window = model_type == "mistral" or (model_type == "qwen2" and hf.get("use_sliding_window"))
         if use_window and window and int(window) < max_pos:

@@ -86,7 +86,7 @@ class TPAModel(nn.Module):
         self.norm = RMSNorm(c.d_model, c.norm_eps, c.norm_has_weight, device, dtype)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False,
                                                                device=device, dtype=dtype)
-        self.rope = Rope(c, device=device)
+        self.rope = Rope(c)
         self.attention_backend = "auto"  # "auto" | "torch" | "triton", passed to kernels.dispatch
 
     @property

@@ -37,7 +37,7 @@ def inv_freq(config: TPAConfig, seq_len: int | None = None, device: torch.device
     dim = config.head_dim
     base = config.rope_theta
     scaling = config.rope_scaling
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float32) / dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(torch.float32) / dim
     if scaling is None:
         return 1.0 / (base ** exponents), 1.0
     rope_type = scaling["rope_type"]
@@ -95,8 +95,9 @@ def _yarn_inv_freq(base: float, dim: int, exponents: Tensor, scaling: dict) -> t
     if low == high:
         high += 0.001  # the ramp would divide by zero
     pos_freqs = base ** exponents
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    extrapolation = 1 - ramp.to(pos_freqs.device)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=pos_freqs.device) - low) / (high - low),
+                       0, 1)
+    extrapolation = 1 - ramp
     freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return freq, float(attention_factor)
 
@@ -104,10 +105,11 @@ def _yarn_inv_freq(base: float, dim: int, exponents: Tensor, scaling: dict) -> t
 class Rope:
     """RoPE for one model: `tables(positions)` once per forward, `apply_rope(x, tables)` per factor."""
 
-    def __init__(self, config: TPAConfig, device: torch.device | str | None = None) -> None:
+    def __init__(self, config: TPAConfig) -> None:
         self.config = config
         self.dynamic = config.rope_scaling is not None and config.rope_scaling["rope_type"] == "dynamic"
-        self._inv_freq, self._attention_factor = inv_freq(config, device=device)
+        # Built on the CPU (also under a meta-device context) and moved to the positions' device on first use.
+        self._inv_freq, self._attention_factor = inv_freq(config, device="cpu")
         self._sign = -1.0 if config.rope_style == "t6" else 1.0
 
     def tables(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> RopeTables:
