@@ -309,6 +309,27 @@ def convert_to_cache(source: Source, models_dir: Path) -> Path:
     return final
 
 
+def list_cached(models_dir: str | Path) -> list[dict[str, Any]]:
+    """The converted models in the cache: name, fingerprint, kind, source, size_mb, form, layers."""
+    models_dir = Path(models_dir)
+    out = []
+    if not models_dir.is_dir():
+        return out
+    for folder in sorted(models_dir.iterdir()):
+        if not (folder / CONFIG_FILE).is_file() or folder.name.startswith("."):
+            continue
+        try:
+            meta = read_cache_meta(folder)
+        except _DamagedCache:
+            continue
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        config = meta.get("tpa_config", {})
+        out.append({"name": meta.get("name"), "fingerprint": meta.get("fingerprint"), "kind": meta.get("kind"),
+                    "source": meta.get("source"), "size_mb": round(size / 2**20, 1),
+                    "n_layers": config.get("n_layers"), "arch": config.get("arch"), "path": str(folder)})
+    return out
+
+
 # ----- loading from the cache ------------------------------------------------------------------------------
 class _DamagedCache(Exception):
     pass
@@ -350,13 +371,11 @@ def build_model(config: TPAConfig, state: dict[str, torch.Tensor], device: torch
                 dtype: torch.dtype = torch.float32):
     """A TPAModel holding `state` (TPA names), in eval mode, without a random initialization pass."""
     from tpa_core.model import TPAModel
-    from tpa_core.rope import Rope
 
     device = torch.device(device)
     # Parameters on the meta device cost nothing to create; to_empty allocates them once, uninitialized, and
     # load_state_dict fills them (the fused projections are concatenated from their named parts there).
     model = TPAModel(config, device="meta", dtype=dtype).to_empty(device=device)
-    model.rope = Rope(config, device=device)  # its frequency table is plain data, not a parameter
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:

@@ -1,0 +1,229 @@
+"""Engine commands: `tpa-rag generate`, `tpa-rag chat`, `tpa-rag models fetch|list`.
+
+    tpa-rag generate [--raw] [--json] [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K]
+                     [--seed S] [--system TEXT] PROMPT        (PROMPT "-" or absent: read stdin)
+    tpa-rag chat [--max-new-tokens N] [--temperature T] ... [--system TEXT]
+    tpa-rag models fetch [NAME]
+    tpa-rag models list [--json]
+
+The model is `--model` (a known name, a .gguf file or a model folder), loaded through the model cache under
+`<data-dir>/models`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from app.settings import Settings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    gen = subparsers.add_parser("generate", help="generate a continuation or an answer for one prompt",
+                                description="Stream the model's answer to PROMPT (chat template applied "
+                                            "unless --raw) to stdout.")
+    _add_sampling_args(gen)
+    gen.add_argument("--raw", action="store_true", help="feed PROMPT as is, without the chat template")
+    gen.add_argument("--json", action="store_true",
+                     help='print one JSON object {"text", "token_ids", "prompt_tokens", "metrics"} at the end')
+    gen.add_argument("prompt", nargs="?", default="-", metavar="PROMPT", help="the prompt ('-' or none: stdin)")
+    gen.set_defaults(handler=cmd_generate)
+
+    chat = subparsers.add_parser("chat", help="interactive multi-turn chat in the terminal",
+                                 description="Chat with the model: one line per turn on stdin; /reset starts "
+                                             "over, /exit (or end of input) quits.")
+    _add_sampling_args(chat)
+    chat.set_defaults(handler=cmd_chat)
+
+    models = subparsers.add_parser("models", help="fetch and list models")
+    sub = models.add_subparsers(dest="models_command", metavar="ACTION")
+    fetch = sub.add_parser("fetch", help="download (if needed) and convert a model into the model cache")
+    fetch.add_argument("name", nargs="?", help="a known model name or a local path (default: --model)")
+    fetch.set_defaults(handler=cmd_models_fetch)
+    listing = sub.add_parser("list", help="known models and the converted models in the cache")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(handler=cmd_models_list)
+    models.set_defaults(handler=lambda args, settings: _usage(models))
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                        help="most tokens to generate (default from the settings, 256)")
+    parser.add_argument("--temperature", type=float, default=None, metavar="T", help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (1.0 = off)")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="top-k sampling (0 = off)")
+    parser.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
+    parser.add_argument("--system", default=None, metavar="TEXT", help="a system message for the chat template")
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _generation_config(args: argparse.Namespace, settings: Settings):
+    from tpa_core.generate import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else settings.max_new_tokens,
+        temperature=args.temperature if args.temperature is not None else settings.temperature,
+        top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def _load(settings: Settings):
+    from tpa_core.loading import load_model
+
+    return load_model(settings.model, settings.models_dir, device=settings.device)
+
+
+def _messages(system: str | None, turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system}] if system else []) + turns
+
+
+# ----- generate --------------------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
+    from app.errors import AppError
+    from tpa_core.generate import generate
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise AppError("the prompt is empty")
+    config = _generation_config(args, settings)
+    loaded = _load(settings)
+    tokenizer = loaded.tokenizer
+    if args.raw:
+        prompt_ids = tokenizer.encode(prompt)
+    else:
+        prompt_ids = tokenizer.encode_chat(_messages(args.system, [{"role": "user", "content": prompt}]))
+    token_ids: list[int] = []
+    pieces: list[str] = []
+    metrics = None
+    for event in generate(loaded.model, tokenizer, prompt_ids, config):
+        token_ids.extend(event.token_ids)
+        pieces.append(event.text)
+        if not args.json and event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        if event.done:
+            metrics = event.metrics
+    if args.json:
+        out: dict[str, Any] = {
+            "text": "".join(pieces), "token_ids": token_ids, "prompt_tokens": len(prompt_ids),
+            "metrics": {"prefill_ms": round(metrics.prefill_ms, 3), "ttft_ms": round(metrics.ttft_ms, 3),
+                        "decode_tokens_per_s": round(metrics.decode_tokens_per_s, 3)},
+        }
+        sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    return 0
+
+
+# ----- chat ------------------------------------------------------------------------------------------------
+def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
+    from tpa_core.errors import TPAError
+    from tpa_core.generate import generate
+
+    config = _generation_config(args, settings)
+    loaded = _load(settings)
+    tokenizer, model = loaded.tokenizer, loaded.model
+    if tokenizer.chat_template is None:
+        raise TPAError(f"{loaded.name} has no chat template; use `tpa-rag generate --raw`")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"{loaded.name} ({loaded.config.n_layers} layers, context {loaded.context_window} tokens). "
+              f"/reset starts over, /exit quits.", file=sys.stderr)
+    turns: list[dict[str, str]] = []
+    cache = model.new_cache(batch_size=1)
+    cached_ids: list[int] = []  # the tokens whose factors `cache` holds
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            turns, cached_ids = [], []
+            cache.truncate(0, 0)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        candidate = turns + [{"role": "user", "content": text}]
+        try:
+            prompt_ids = tokenizer.encode_chat(_messages(args.system, candidate))
+            # Keep the cached factors of the longest common prefix (earlier turns); prefill only the rest.
+            common = _common_prefix(cached_ids, prompt_ids)
+            cache.truncate(0, common)
+            cached_ids = cached_ids[:common]
+            reply_ids: list[int] = []
+            pieces: list[str] = []
+            if interactive:
+                print("assistant> ", end="", file=sys.stderr, flush=True)
+            for event in generate(model, tokenizer, prompt_ids, config, cache=cache):
+                reply_ids.extend(event.token_ids)
+                pieces.append(event.text)
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+        except TPAError as exc:
+            print(f"\ntpa-rag: error: {exc} (use /reset to start over)", file=sys.stderr)
+            cache.truncate(0, 0)
+            cached_ids = []
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        cached_ids = prompt_ids + reply_ids[:-1]  # generate leaves the last sampled token out of the cache
+        turns = candidate + [{"role": "assistant", "content": "".join(pieces)}]
+    return 0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# ----- models ----------------------------------------------------------------------------------------------
+def cmd_models_fetch(args: argparse.Namespace, settings: Settings) -> int:
+    from tpa_core import registry
+    from tpa_core.loading import load_model
+
+    name = args.name or settings.model
+    if name in registry.KNOWN_MODELS:
+        already = registry.is_fetched(name, settings.models_dir)
+        path = registry.fetch(name, settings.models_dir)
+        print(f"{name}: {'already fetched' if already else 'fetched'} ({path})")
+    loaded = load_model(name, settings.models_dir, device="cpu", require_tokenizer=False)
+    print(f"{loaded.name}: converted, fingerprint {loaded.fingerprint} ({loaded.cache_dir})")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
+    from tpa_core import registry
+    from tpa_core.loading import list_cached
+
+    known = [{"name": spec.name, "description": spec.description, "license": spec.license,
+              "fetched": registry.is_fetched(spec.name, settings.models_dir),
+              "source": f"pypi:{spec.package}=={spec.version}"} for spec in registry.KNOWN_MODELS.values()]
+    cached = list_cached(settings.models_dir)
+    if args.json:
+        print(json.dumps({"known": known, "cached": cached}, indent=1))
+        return 0
+    print("Known models:")
+    for entry in known:
+        state = "fetched" if entry["fetched"] else "not fetched"
+        print(f"  {entry['name']:<24} {state:<12} {entry['description']}")
+    print(f"Converted models in {settings.models_dir}:")
+    if not cached:
+        print("  (none; run `tpa-rag models fetch`)")
+    for entry in cached:
+        print(f"  {entry['name']:<24} {entry['fingerprint'][:12]}  {entry['size_mb']:>8.1f} MB  {entry['source']}")
+    return 0
