@@ -30,7 +30,7 @@ from tpa_core.store.tables import PENDING, READY, Entry
 
 log = logging.getLogger(__name__)
 
-_BATCH = 64
+_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -125,22 +125,19 @@ def evict(
     if now.total <= budget.high and not (force and now.total > budget.low):
         return 0, 0
     count = freed = 0
-    for _ in range(100_000):  # a bound, not a limit in practice: each round removes or finds nothing
+    for _ in range(1_000_000):  # a bound, not a limit in practice: each round removes one entry or stops
         if now.total <= budget.low:
             break
+        # Re-ranked after every removal: taking a leaf can make its parent the next leaf in line.
         batch = _victims(engine, now.protected > budget.protected_cap, _BATCH)
         if not batch:
             log.warning("store: %d bytes on disk over a low watermark of %d, but nothing left is evictable "
                         "(pinned or in use)", now.total, budget.low)
             break
-        over_share = now.protected > budget.protected_cap
-        total, protected = now.total, now.protected
-        for key, path, nbytes, hits in batch:
-            if total <= budget.low or (over_share and protected <= budget.protected_cap):
-                break  # done, or the protected segment is back within its share: re-rank
-            if remove(key, path):  # False: another process evicted it first; the next round re-reads usage
-                count, freed, total = count + 1, freed + nbytes, total - nbytes
-                protected -= nbytes if hits > 0 else 0
+        for key, path, nbytes, _hits in batch:
+            if remove(key, path):  # False: another process took it first; try the next one
+                count, freed = count + 1, freed + nbytes
+                break
         now = usage(engine)
     if count:
         log.info("store: evicted %d pages (%d bytes)", count, freed)
