@@ -1,0 +1,115 @@
+"""The Triton kernels on a CUDA GPU (skipped without one): bf16 numerics, the split merge, no recompilation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_inputs import TOLERANCES, make_inputs, rel_err
+from kernel_oracle import oracle_attention
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+# form, B, N, H, D, T_cap, kv_lens, (R_Q, R_K, R_V)
+BF16_CASES = [
+    ("contextual", 2, 1, 32, 64, 5000, [4999, 1234], (16, 1, 1)),
+    ("contextual", 3, 1, 34, 64, 3000, [3000, 17, 2049], (6, 2, 2)),
+    ("contextual", 1, 1, 78, 64, 40000, [40000], (6, 2, 2)),
+    ("kv_only", 2, 1, 47, 64, 2000, [1999, 300], (0, 2, 2)),
+    ("fixed", 2, 1, 9, 64, 6000, [6000, 777], (0, 3, 3)),
+    ("fixed", 1, 1, 32, 128, 9000, [9000], (0, 8, 8)),
+    ("contextual", 2, 200, 32, 64, 1500, [1500, 200], (16, 1, 1)),
+    ("contextual", 1, 300, 61, 64, 300, [300], (6, 2, 2)),
+    ("kv_only", 1, 129, 29, 64, 700, [650], (0, 2, 2)),
+    ("fixed", 2, 257, 9, 64, 800, [800, 257], (0, 3, 3)),
+]
+
+
+def _args(form, B, N, H, D, T_cap, lens, ranks, dtype=torch.bfloat16):
+    R_Q, R_K, R_V = ranks
+    return make_inputs(form=form, B=B, N=N, H=H, D=D, T_cap=T_cap, kv_lens=lens, R_Q=max(R_Q, 1), R_K=R_K,
+                       R_V=R_V, dtype=dtype, device="cuda", seed=N + H)
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: f"{c[0]}-B{c[1]}N{c[2]}H{c[3]}D{c[4]}T{c[5]}")
+def test_bf16_against_float64(case) -> None:
+    from kernels.dispatch import attention
+
+    args = _args(*case)
+    out = attention(**args)  # auto = triton on CUDA
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    assert rel_err(out, oracle_attention(**args)) <= TOLERANCES[torch.bfloat16]
+
+
+@pytest.mark.parametrize("form", ["contextual", "fixed"])
+def test_float32_matches_torch_backend(form: str) -> None:
+    from kernels.dispatch import attention
+
+    for N in (1, 37):
+        args = _args(form, 2, N, 12, 64, 3000, [2999, 1000], (6, 2, 2) if form == "contextual" else (0, 3, 3),
+                     dtype=torch.float32)
+        tri = attention(**args, backend="triton")
+        ref = attention(**args, backend="torch")
+        assert rel_err(tri, ref) <= TOLERANCES[torch.float32]
+
+
+def test_logit_gap_of_1000_between_splits_is_finite() -> None:
+    from kernels.triton_decode import decode_attention
+
+    M = 1 << 16
+    args = _args("kv_only", 1, 1, 4, 64, M, [M], (0, 1, 1))
+    args["q"].fill_(1.0)
+    args["ak"].fill_(1.0)
+    args["av"].fill_(1.0)
+    args["bk"].uniform_(-0.01, 0.01)
+    hot = slice(M - 3000, M - 2990)  # ten tokens in the last slices with logit ~1,000, the rest ~0
+    args["bk"][0, hot] = 125.0  # 64 * 125 / sqrt(64) = 1,000
+    out = decode_attention(**args, scale=0.125, num_splits=64)
+    want = args["bv"][0, hot, 0].float().mean(0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0, 0, 0].float(), want, rtol=2e-2, atol=2e-2)
+
+
+def _compiled_variants(kernel) -> int:
+    caches = getattr(kernel, "device_caches", None)
+    if caches is None:  # older Triton: a plain dict per device
+        return sum(len(c) for c in kernel.cache.values())
+    return sum(len(entry[0]) for entry in caches.values())
+
+
+def test_1000_consecutive_lengths_compile_a_few_variants() -> None:
+    from kernels.dispatch import attention
+    from kernels.triton_decode import _decode_merge_kernel, _decode_split_kernel
+
+    T_cap = 4096
+    args = _args("contextual", 1, 1, 34, 64, T_cap, [T_cap], (6, 2, 2))
+    args["kv_lens"] = torch.ones(1, dtype=torch.int32, device="cuda")
+    attention(**args)
+    before = _compiled_variants(_decode_split_kernel) + _compiled_variants(_decode_merge_kernel)
+    for length in range(1, 1001):
+        args["kv_lens"].fill_(length)
+        attention(**args)
+    torch.cuda.synchronize()
+    after = _compiled_variants(_decode_split_kernel) + _compiled_variants(_decode_merge_kernel)
+    assert after - before <= 2, f"{after - before} new compilations over 1,000 lengths"
+    assert after <= 8
+
+
+def test_cuda_graph_replay_follows_the_runtime_length() -> None:
+    from kernels.dispatch import attention
+
+    args = _args("fixed", 1, 1, 9, 64, 8192, [8192], (0, 3, 3))
+    args["kv_lens"].fill_(100)
+    static_out = attention(**args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = attention(**args)
+    for length in (100, 5000, 8192):
+        args["kv_lens"].fill_(length)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(static_out, oracle_attention(**args)) <= TOLERANCES[torch.bfloat16]
