@@ -97,8 +97,8 @@ def load_model(name_or_path: str | Path, models_dir: str | Path, device: str = "
     (token ids in, token ids out).
     """
     models_dir = Path(models_dir).expanduser()
-    source = resolve_source(name_or_path, models_dir, fetch=fetch)
     target_device = resolve_device(device)
+    source = resolve_source(name_or_path, models_dir, fetch=fetch)
     if dtype is None:
         dtype = torch.bfloat16 if target_device.type == "cuda" else torch.float32
     cache_dir = cached_dir_for(source, models_dir)
