@@ -27,7 +27,7 @@ from retrieval.chunking import ChunkingConfig
 from retrieval.corpus import CollectionRow, CorpusDB
 from retrieval.embeddings import Embedder, SentenceTransformerEmbedder
 from retrieval.errors import (EmbeddingModelMismatchError, InvalidCollectionNameError, InvalidQueryError,
-                              UnknownDocumentError)
+                              SourceNotFoundError, UnknownDocumentError)
 from retrieval.index import IndexFileError, IndexParams, VectorIndex
 from retrieval.ingest import Ingestion
 from retrieval.records import CollectionInfo, DocumentInfo, DocumentText, Hit, IngestReport, ProgressCallback
@@ -124,7 +124,15 @@ class Corpus:
 
     def ingest(self, collection: str, paths: Sequence[str | Path], progress: ProgressCallback | None = None
                ) -> IngestReport:
-        """Ingest files, folders, .zip archives or git repositories into a collection (created if needed)."""
+        """Ingest files, folders, .zip archives or git repositories into a collection (created if needed).
+
+        A path that does not exist stops the request before anything is done (SourceNotFoundError)."""
+        check_collection_name(collection)
+        if not paths:
+            raise SourceNotFoundError("(no path given)")
+        for path in paths:
+            if not os.path.lexists(Path(path).expanduser()):
+                raise SourceNotFoundError(str(path))
         row = self._collection_for_write(collection)
         with self._file_lock(row.id):
             index = self._load_index(row, persist=False)

@@ -314,11 +314,13 @@ class _Chunker:
         if isinstance(node, ast.ClassDef) and node.body:
             member = node.body[0]
             body_first = min([member.lineno] + [d.lineno for d in getattr(member, "decorator_list", [])])
-            # The class statement (and any comment before its first statement) is a header piece of its own; the
-            # packer joins it to the docstring and attributes that follow when they fit.
+            # The class statement (and any comment before its first statement) is a header piece.
             pieces = self.code_pieces(*self.line_span(first, body_first - 1), level=1) if body_first > first else []
             for a, b, child in self._python_segments(node.body, max(first, body_first), last):
                 pieces.extend(self._python_segment_pieces(a, b, child))
+            # The class line is glued to what follows it, so no chunk ends with a bare `class X:`.
+            if body_first > first and len(pieces) > 1 and self.fits(pieces[0][0], pieces[1][1]):
+                pieces[:2] = [(pieces[0][0], pieces[1][1])]
             return pieces
         return self.code_pieces(start, end, level=1)
 
