@@ -170,10 +170,10 @@ class CorpusDB:
     def list_collections(self) -> list[tuple[CollectionRow, int, int]]:
         """(collection, documents, chunks), by name."""
         with self.session() as s:
-            docs = dict(s.execute(select(DocumentRow.collection_id, func.count()).group_by(
-                DocumentRow.collection_id)).tuples().all())
-            chunks = dict(s.execute(select(ChunkRow.collection_id, func.count()).group_by(
-                ChunkRow.collection_id)).tuples().all())
+            docs = {cid: n for cid, n in s.execute(select(DocumentRow.collection_id, func.count()).group_by(
+                DocumentRow.collection_id))}
+            chunks = {cid: n for cid, n in s.execute(select(ChunkRow.collection_id, func.count()).group_by(
+                ChunkRow.collection_id))}
             rows = s.scalars(select(CollectionRow).order_by(CollectionRow.name)).all()
             return [(r, docs.get(r.id, 0), chunks.get(r.id, 0)) for r in rows]
 
