@@ -27,6 +27,7 @@ from app.context import ContextUnit, fit_prompt
 from app.database import make_engine
 from app.errors import AppError
 from app.sessions import SessionInfo, SessionStore, Turn
+from app.tokens import encode_conversation
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -217,11 +218,6 @@ class ChatService:
     def document_paths(self, collection: str) -> list[str]:
         return [d.path for d in self.corpus.list_documents(collection)]
 
-    def allowed_upload_types(self) -> set[str]:
-        from retrieval.extract import TEXT_EXTENSIONS
-
-        return {f".{ext}" for ext in TEXT_EXTENSIONS if "." not in ext} | {".zip"}
-
     def ingest(self, collection: str, *, uploads: Sequence[str | Path] = (), local_path: str | None = None,
                progress: ProgressFn | None = None) -> dict:
         """Ingest uploaded files (copied into the data folder first) and/or a folder or repository on this
@@ -315,13 +311,10 @@ class ChatService:
         self.store.unpin(_pin_owner(session_id))
         return info
 
-    def ttft_history(self, session_id: str) -> list[tuple[int, float, str]]:
-        """(turn number, TTFT ms, series) rows for the cache panel's plot."""
-        rows = []
-        for turn in self._sessions.turns(session_id):
-            if "ttft_ms" in turn.metrics:
-                rows.append((turn.position + 1, float(turn.metrics["ttft_ms"]), "TTFT"))
-        return rows
+    def ttft_history(self, session_id: str) -> list[tuple[int, float, int]]:
+        """(turn number, TTFT ms, reused tokens) rows for the cache panel's plot."""
+        return [(t.position + 1, float(t.metrics["ttft_ms"]), int(t.metrics.get("reused_tokens", 0)))
+                for t in self._sessions.turns(session_id) if "ttft_ms" in t.metrics]
 
     # ----- the cache ----------------------------------------------------------------------------------------------
     def cache_stats(self) -> dict:
@@ -400,7 +393,11 @@ class ChatService:
             count_tokens=lambda messages: len(tokenizer.encode_chat(messages)),
             budget=window - max_new, pinned=pinned,
         )
-        prompt_ids = tokenizer.encode_chat(fitted.messages)
+        kept_turns = turns[len(turns) - len(fitted.history):] if fitted.history else []
+        prompt_ids = encode_conversation(tokenizer, fitted.messages,
+                                         {2 + 2 * i: t.answer_ids for i, t in enumerate(kept_turns)})
+        if len(prompt_ids) > window - max_new:  # a generated spelling can be longer than the canonical one
+            prompt_ids = tokenizer.encode_chat(fitted.messages)
         if info is None:
             info = self._sessions.create(collection)
         job = _AskJob(
@@ -505,6 +502,7 @@ class ChatService:
             log.info("ask in session %s cancelled after %d tokens", job.session_id, len(answer_ids))
             return
         answer = "".join(parts)
+        spelled = answer_ids[:-1] if finish == "eos" else answer_ids  # the end-of-turn token is the template's
         result_metrics = {
             "prompt_tokens": len(job.prompt_ids),
             "reused_tokens": int(reused),
@@ -516,7 +514,7 @@ class ChatService:
             "queued_ms": round(queued_s * 1e3, 1),
         }
         self._sessions.add_turn(job.session_id, job.question, answer, mode=job.mode, sources=job.sources,
-                                metrics=result_metrics, left_out=job.left_out)
+                                metrics=result_metrics, left_out=job.left_out, answer_ids=spelled)
         result = AskResult(answer=answer, session_id=job.session_id, sources=job.sources, metrics=result_metrics,
                            left_out=job.left_out, mode=job.mode, finish_reason=finish)
         job.events.put(AskEvent("done", job.session_id, sources=job.sources, left_out=job.left_out, result=result))

@@ -51,6 +51,9 @@ class _TurnRow(_Base):
     position: Mapped[int] = mapped_column(Integer)
     question: Mapped[str] = mapped_column(Text)
     answer: Mapped[str] = mapped_column(Text)
+    # The answer's token ids as generated (no end-of-turn token): the next prompt of the session uses them
+    # instead of re-tokenizing the text, so its prefix is token for token what the cache holds.
+    answer_ids: Mapped[list] = mapped_column(JSON, default=list)
     mode: Mapped[str] = mapped_column(String(16), default="retrieval")
     sources: Mapped[list] = mapped_column(JSON, default=list)
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
@@ -70,6 +73,7 @@ class Turn:
     sources: list[dict] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     left_out: list[str] = field(default_factory=list)
+    answer_ids: list[int] = field(default_factory=list)
     created_at: datetime | None = None
 
 
@@ -122,6 +126,7 @@ def _turn(row: _TurnRow) -> Turn:
         sources=list(row.sources or []),
         metrics=dict(row.metrics or {}),
         left_out=list(row.left_out or []),
+        answer_ids=list(row.answer_ids or []),
         created_at=row.created_at,
     )
 
@@ -215,6 +220,7 @@ class SessionStore:
         sources: Sequence[dict],
         metrics: dict,
         left_out: Sequence[str] = (),
+        answer_ids: Sequence[int] = (),
     ) -> Turn:
         """Append a turn (in one transaction with the session's `updated_at`)."""
         now = _now()
@@ -230,6 +236,7 @@ class SessionStore:
                 sources=list(sources),
                 metrics=dict(metrics),
                 left_out=list(left_out),
+                answer_ids=[int(t) for t in answer_ids],
                 created_at=now,
             )
             db.add(turn)

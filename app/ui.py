@@ -88,7 +88,8 @@ def build_app(service: ChatService) -> gr.Blocks:
         import pandas as pd
 
         rows = service.ttft_history(session_id) if session_id else []
-        return pd.DataFrame(rows, columns=["turn", "ttft_ms", "series"])
+        frame = pd.DataFrame(rows, columns=["turn", "ttft_ms", "reused_tokens"])
+        return frame.astype({"turn": "int64", "ttft_ms": "float64", "reused_tokens": "int64"})  # numeric axes
 
     def cache_text() -> str:
         return ui_render.cache_markdown(service.cache_stats())
@@ -104,9 +105,10 @@ def build_app(service: ChatService) -> gr.Blocks:
                 with gr.Accordion("Add documents", open=not collections):
                     new_collection = gr.Textbox(label="New collection", placeholder="name (letters, digits, - _)",
                                                 elem_id="new-collection")
-                    uploads = gr.File(label="Files or a .zip", file_count="multiple",
-                                      file_types=sorted(service.allowed_upload_types()), elem_id="upload")
-                    folder = gr.File(label="A folder", file_count="directory", elem_id="upload-folder")
+                    # No `file_types` filter: the service checks each upload and names the refused ones.
+                    uploads = gr.File(label="Files or a .zip (text, markdown, html, pdf, notebooks, code)",
+                                      file_count="multiple", height=120, elem_id="upload")
+                    folder = gr.File(label="A folder", file_count="directory", height=120, elem_id="upload-folder")
                     local_path = gr.Textbox(label="Or a folder / git repository on this machine",
                                             placeholder="/path/to/repository", elem_id="local-path")
                     ingest_button = gr.Button("Ingest", variant="primary", elem_id="ingest")
@@ -139,17 +141,20 @@ def build_app(service: ChatService) -> gr.Blocks:
             with gr.Column(scale=1, min_width=260):
                 gr.Markdown("### Cache")
                 cache_stats = gr.Markdown(cache_text(), elem_id="cache-stats")
-                ttft_plot = gr.LinePlot(ttft_frame(""), x="turn", y="ttft_ms", color="series",
-                                        title="Time to first token per turn", x_title="turn",
-                                        y_title="ms", height=220, elem_id="ttft-plot")
+                ttft_plot = gr.LinePlot(ttft_frame(""), x="turn", y="ttft_ms", title="Time to first token per turn",
+                                        x_title="turn", y_title="ms", y_lim=[0, None],
+                                        tooltip=["turn", "ttft_ms", "reused_tokens"], height=220,
+                                        elem_id="ttft-plot")
                 clear_cache = gr.Button("Clear cache", size="sm", variant="stop", elem_id="clear-cache")
                 with gr.Accordion("Settings", open=False):
                     model = gr.Dropdown(service.model_choices(), value=service.model_name, label="Model",
                                         allow_custom_value=True, elem_id="model")
-                    top_k = gr.Slider(1, 20, value=settings.top_k, step=1, label="Retrieval top-k")
-                    max_new_tokens = gr.Slider(16, 1024, value=settings.max_new_tokens, step=16,
-                                               label="Max new tokens")
-                    temperature = gr.Slider(0.0, 1.5, value=settings.temperature, step=0.05, label="Temperature")
+                    top_k = gr.Slider(1, max(20, settings.top_k), value=settings.top_k, step=1,
+                                      label="Retrieval top-k")
+                    max_new_tokens = gr.Slider(1, max(1024, settings.max_new_tokens), value=settings.max_new_tokens,
+                                               step=1, label="Max new tokens")
+                    temperature = gr.Slider(0.0, max(2.0, settings.temperature), value=settings.temperature,
+                                            step=0.05, label="Temperature")
 
         # ---- handlers: each calls the service and renders -------------------------------------------------
         @_guard

@@ -1,0 +1,109 @@
+"""A person's session in a real browser (headless Chromium from Debian, driven by Playwright): create a collection
+by upload, ask, read the streamed answer and its citation, ask a follow-up, see the reused tokens, screenshot.
+
+Used by test_browser.py against an app on the tiny model, and runnable against a real `tpa-rag serve` to take
+the README's screenshot:  python tests/app/browser_flow.py http://127.0.0.1:7860 docs/screenshot.png
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update"]
+METRICS = re.compile(r"prompt ([\d,]+) tokens · reused ([\d,]+)")
+
+
+@dataclass
+class FlowResult:
+    answers: list[str] = field(default_factory=list)
+    metrics: list[tuple[int, int]] = field(default_factory=list)  # (prompt tokens, reused tokens) per answer
+    citation: str = ""
+    citation_text: str = ""
+    toasts: list[str] = field(default_factory=list)
+
+
+def toasts(page) -> list[str]:
+    return [t.strip() for t in page.locator("[data-testid='toast-body']").all_inner_texts()]
+
+
+def wait_for_answers(page, n: int, timeout_ms: int) -> None:
+    page.wait_for_function(f"document.querySelectorAll('#chat .tpa-metrics').length >= {n}", timeout=timeout_ms)
+
+
+def ask(page, question: str, n_answers: int, timeout_ms: int) -> None:
+    page.fill("#question textarea", question)
+    page.click("#ask")
+    wait_for_answers(page, n_answers, timeout_ms)
+
+
+def run_flow(url: str, screenshot: Path, *, upload: list[Path] | None = None, collection: str = "guides",
+             questions: tuple[str, str] = ("How does the cache store key its entries?",
+                                           "And what goes into the namespace?"),
+             bad_upload: Path | None = None, oversized: Path | None = None, timeout_ms: int = 60_000
+             ) -> FlowResult:
+    """Drive the page at `url`; with `upload`, first create `collection` from those files (and `bad_upload`)."""
+    from playwright.sync_api import sync_playwright
+
+    result = FlowResult()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("#question textarea", timeout=timeout_ms)
+            if oversized:  # refused by the upload itself, with the size limit in the message
+                page.set_input_files("#upload input[type=file]", [str(oversized)])
+                page.wait_for_function(
+                    "[...document.querySelectorAll(\"[data-testid='toast-body']\")]"
+                    ".some(t => t.innerText.includes('exceed the maximum allowed size'))", timeout=timeout_ms)
+            if upload:
+                page.fill("#new-collection textarea", collection)
+                files = [str(f) for f in upload] + ([str(bad_upload)] if bad_upload else [])
+                page.set_input_files("#upload input[type=file]", files)
+                page.wait_for_function(
+                    f"document.querySelectorAll('#upload .file-preview tr, #upload tbody tr').length >= {len(files)}",
+                    timeout=timeout_ms)
+                page.click("#ingest")
+                page.wait_for_selector("#ingest-summary :text('indexed')", timeout=timeout_ms)
+                # The question box is empty: asking must be refused with a message, the chat left as it was.
+                page.click("#ask")
+                page.wait_for_function(
+                    "[...document.querySelectorAll(\"[data-testid='toast-body']\")]"
+                    ".some(t => t.innerText.includes('the question is empty'))", timeout=timeout_ms)
+            else:
+                page.wait_for_function("document.querySelector('#collection input').value.length > 0",
+                                       timeout=timeout_ms)
+            ask(page, questions[0], 1, timeout_ms)
+            # The citation: expand the sources of the answer and read the first one.
+            page.locator("#chat .thought-group .title:has-text('Sources')").first.click()
+            summary = page.locator("#chat details summary").first
+            summary.wait_for(timeout=timeout_ms)
+            result.citation = summary.inner_text().strip()
+            summary.click()
+            result.citation_text = page.locator("#chat details pre").first.inner_text()
+            ask(page, questions[1], 2, timeout_ms)
+            for line in page.locator("#chat .tpa-metrics").all_inner_texts():
+                m = METRICS.search(line)
+                if m:
+                    result.metrics.append((int(m[1].replace(",", "")), int(m[2].replace(",", ""))))
+            result.answers = page.locator("#chat .message-row.bot-row, #chat [data-testid='bot']").all_inner_texts()
+            result.toasts = toasts(page)
+            for close in page.locator("[data-testid='toast-close']").all():
+                if close.is_visible():
+                    close.click()
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    return result
+
+
+if __name__ == "__main__":
+    flow = run_flow(sys.argv[1], Path(sys.argv[2]))
+    print(flow)

@@ -1,0 +1,53 @@
+"""The app in a real browser: headless Chromium (Debian's package) driven by Playwright, never a downloaded one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from browser_flow import CHROMIUM, run_flow
+from test_ui import free_port
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture
+def empty_app(make_service):
+    from app import ui
+
+    service = make_service(max_new_tokens=16)
+    demo = ui.build_app(service)
+    url = ui.launch(demo, service, host="127.0.0.1", port=free_port(), block=False)
+    yield url, service
+    demo.close()
+
+
+def test_upload_ask_cite_follow_up_in_chromium(empty_app, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (Debian package 'chromium'; `make system-deps` installs it)")
+    url, service = empty_app
+    guide = tmp_path / "guide.md"
+    guide.write_text("# The cache store\n\nThe store keys its entries by a chained sha256 over the namespace,\n"
+                     "the parent key and the token ids of each page.\n")
+    bad = tmp_path / "tool.exe"
+    bad.write_bytes(b"MZ" * 64)
+    huge = tmp_path / "huge.txt"
+    huge.write_text("x" * (service.max_upload_bytes + 1))
+    shot = ARTIFACTS / "browser-chat.png"
+    flow = run_flow(url, shot, upload=[guide], bad_upload=bad, oversized=huge)
+
+    assert service.collection_names() == ["guides"]
+    assert any("tool.exe" in t and "unsupported file type .exe" in t for t in flow.toasts)
+    assert any("exceed the maximum allowed size" in t for t in flow.toasts)
+    assert flow.citation.startswith("[1] guide.md lines 1-")
+    assert "chained sha256" in flow.citation_text
+    assert len(flow.metrics) == 2
+    (prompt1, reused1), (prompt2, reused2) = flow.metrics
+    assert reused1 == 0 and prompt2 > prompt1
+    assert reused2 > 0  # the follow-up restored the first turn's prefix from the cache
+    sessions = service.sessions()
+    assert len(sessions) == 1 and sessions[0].n_turns == 2  # the refused empty question changed nothing
+    assert shot.is_file() and shot.stat().st_size > 10_000
