@@ -96,7 +96,6 @@ def test_1000_consecutive_lengths_compile_a_few_variants() -> None:
     torch.cuda.synchronize()
     after = _compiled_variants(_decode_split_kernel) + _compiled_variants(_decode_merge_kernel)
     assert after - before <= 2, f"{after - before} new compilations over 1,000 lengths"
-    assert after <= 8
 
 
 def test_cuda_graph_replay_follows_the_runtime_length() -> None:
