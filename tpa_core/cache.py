@@ -12,6 +12,9 @@ Per factor name one storage tensor for all layers, `[L, B, T_cap, ...]` (docs/in
 A layer's buffers are views of the storage, handed to the attention kernels as they are (last dim contiguous;
 never permuted or copied per call). Capacity grows by doubling, so appending a token is amortized O(1).
 `lengths[b]` is the number of valid tokens of sequence b; positions past it are garbage and never read.
+
+The storage and `lengths` are inference tensors, created and changed only under `torch.inference_mode` (every
+method enters it), so a cache grown during generation can be imported into or truncated from anywhere.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class FactorCache:
     change it only through the methods); `capacity` (T_cap); `names` (the factor names, storage order).
     """
 
+    @torch.inference_mode()
     def __init__(self, config: TPAConfig, batch_size: int = 1, capacity: int = 256,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         if batch_size <= 0:
@@ -87,6 +91,7 @@ class FactorCache:
         """Bytes one token takes in this cache, all layers and factors together."""
         return nbytes_per_token(self.config, self.dtype)
 
+    @torch.inference_mode()
     def reserve(self, total: int) -> None:
         """Make room for `total` tokens per sequence, doubling the capacity (contents preserved)."""
         if total <= self.capacity:
@@ -110,6 +115,7 @@ class FactorCache:
         rows = rows if rows is not None else slice(None)
         return {name: store[i, rows] for name, store in self.storage.items()}
 
+    @torch.inference_mode()
     def write(self, i: int, factors: dict[str, Tensor], starts: list[int], rows: slice | None = None) -> None:
         """Write layer i's new factors `name -> [B', N, ...]` at positions `starts[b] ..` of rows `rows`.
 
@@ -126,6 +132,7 @@ class FactorCache:
                 for b, start in enumerate(starts):
                     dest[b, start:start + n].copy_(value[b])
 
+    @torch.inference_mode()
     def advance(self, n: int, rows: slice | None = None) -> None:
         """Count `n` more valid tokens for the sequences in `rows` (default all), after all layers are written."""
         idx = range(self.batch_size)[rows if rows is not None else slice(None)]
@@ -137,6 +144,7 @@ class FactorCache:
             self.lengths[idx.start:idx.stop] += n
 
     # ----- sequence management ---------------------------------------------------------------------------------
+    @torch.inference_mode()
     def truncate(self, seq: int, length: int) -> None:
         """Keep the first `length` tokens of sequence `seq` (for regenerate / a shorter shared prefix)."""
         self._check_seq(seq)
@@ -144,6 +152,7 @@ class FactorCache:
             raise TPAError(f"truncate: length {length} outside 0..{self._lens[seq]} for sequence {seq}")
         self._set_length(seq, length)
 
+    @torch.inference_mode()
     def reset(self) -> None:
         """Empty every sequence (the buffers are kept)."""
         self._lens = [0] * self.batch_size
@@ -160,6 +169,7 @@ class FactorCache:
                 out[f"layers.{i}.{name}"] = store[i, seq, start:end].to("cpu", copy=True).contiguous()
         return out
 
+    @torch.inference_mode()
     def import_(self, tensors: dict[str, Tensor], seq: int, at: int) -> int:
         """Write an `export` dict into sequence `seq` at position `at`; the sequence then ends after it.
 
@@ -197,6 +207,7 @@ class FactorCache:
         return at + count
 
     # ----- helpers ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def _set_length(self, seq: int, length: int) -> None:
         self._lens[seq] = length
         self.lengths[seq] = length

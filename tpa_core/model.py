@@ -102,6 +102,7 @@ class TPAModel(nn.Module):
         return FactorCache(self.config, batch_size=batch_size, capacity=capacity, dtype=self.dtype,
                            device=self.device)
 
+    @torch.inference_mode()
     def forward(self, tokens: Tensor, cache: FactorCache | None = None, *, seq: int | None = None,
                 last_only: bool = False) -> Tensor:
         """Run N new tokens per sequence through the model, appending their factors to `cache`.
@@ -113,13 +114,18 @@ class TPAModel(nn.Module):
             last_only: compute logits for the last position only (prefill and decode need nothing else).
 
         Returns:
-            logits `[B, N, V]` (or `[B, 1, V]` with `last_only`), float32.
+            logits `[B, N, V]` (or `[B, 1, V]` with `last_only`), float32. Runs under torch.inference_mode:
+            this is an inference engine, and the factor cache holds inference tensors.
         """
         if tokens.dim() != 2:
             raise TPAError(f"tokens must be [B, N], got shape {tuple(tokens.shape)}")
         B, N = tokens.shape
         if cache is None:
             cache = self.new_cache(batch_size=B, capacity=max(N, 1))
+        elif cache.dtype != self.dtype or not _same_device(cache.device, self.device) or (
+                cache.config is not self.config and cache.config != self.config):
+            raise TPAError(f"the cache was made for another model ({cache.config.arch}, {cache.dtype}, "
+                           f"{cache.device}); this one is {self.config.arch}, {self.dtype}, {self.device}")
         rows = slice(None) if seq is None else slice(seq, seq + 1)
         if seq is not None:
             cache.length(seq)  # validates seq
@@ -146,3 +152,8 @@ class TPAModel(nn.Module):
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight).float()  # [B, N or 1, V]
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Same device, reading a missing CUDA index as device 0 ("cuda" vs "cuda:0")."""
+    return a.type == b.type and (a.index or 0) == (b.index or 0)

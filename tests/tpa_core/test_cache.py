@@ -63,8 +63,9 @@ def test_export_is_a_copy(helpers):
     cache = _filled(helpers, "contextual", [5])
     exported = cache.export(0, 0, 5)
     before = {k: v.clone() for k, v in exported.items()}
-    for store in cache.storage.values():
-        store.fill_(7.0)
+    with torch.inference_mode():  # the storage is made of inference tensors
+        for store in cache.storage.values():
+            store.fill_(7.0)
     for key in exported:
         assert torch.equal(exported[key], before[key])
 
@@ -120,3 +121,20 @@ def test_bytes_per_token_match_the_paper():
     gqa = TPAConfig(vocab_size=10, d_model=64, n_layers=1, n_heads=8, head_dim=64, k_rank=2, v_rank=2,
                     mlp_hidden=8, contextual_kv=False)
     assert nbytes_per_token(gqa, torch.bfloat16) == 2 * 2 * 64 * 2 == gqa.cache_bytes_per_token(2)
+
+
+def test_cache_grown_during_inference_is_usable_anywhere(helpers):
+    """Storage that grew inside the model (inference mode) can be imported into and truncated outside it."""
+    config = helpers.tiny_config("contextual")
+    model = helpers.random_model(config)
+    cache = model.new_cache(capacity=2)
+    model(torch.randint(0, config.vocab_size, (1, 9)), cache)  # grows 2 -> 16 inside the model
+    exported = cache.export(0, 0, 9)
+    cache.truncate(0, 4)
+    cache.import_({k: v[4:] for k, v in exported.items()}, seq=0, at=4)
+    assert cache.length(0) == 9
+    for key, value in cache.export(0, 0, 9).items():
+        assert torch.equal(value, exported[key])
+    value.add_(1.0)  # exports are ordinary tensors the caller owns
+    with pytest.raises(TPAError, match="another model"):
+        model(torch.zeros(1, 1, dtype=torch.long), FactorCache(config, dtype=torch.float64))
