@@ -21,6 +21,7 @@ Every user mistake (unknown name, missing or damaged file, unsupported architect
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,7 +41,8 @@ from tpa_core.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = "tpa-rag-model/1"
+CACHE_FORMAT = "tpa-rag-model/2"  # the layout of a cache folder
+FINGERPRINT_VERSION = "tpa-rag-fingerprint/1"  # what the fingerprint hashes (changing it re-keys every store)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 T6_KEYS = ("n_layer", "n_head", "n_embd", "rank")
@@ -266,7 +268,7 @@ def _read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
 
 def fingerprint(config: TPAConfig, state: dict[str, torch.Tensor], tokenizer: Tokenizer | None) -> str:
     """sha256 over the TPA config, every weight (name, dtype, shape, bytes), the tokenizer and chat template."""
-    digest = hashlib.sha256(CACHE_FORMAT.encode())
+    digest = hashlib.sha256(FINGERPRINT_VERSION.encode())
     digest.update(json.dumps(config.to_dict(), sort_keys=True).encode())
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
@@ -290,7 +292,12 @@ def convert_to_cache(source: Source, models_dir: Path) -> Path:
     if not (final / CONFIG_FILE).is_file():
         tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=models_dir))
         try:
-            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": CACHE_FORMAT})
+            # Stored as the model's own parameters (fused projections included), so a load assigns the
+            # memory-mapped tensors without a copy; the fingerprint above is over the interface names.
+            model = build_model(config, state, "cpu", torch.float32)
+            params = {name: p.detach().contiguous() for name, p in model.named_parameters()}
+            save_file(params, str(tmp / WEIGHTS_FILE), metadata={"format": CACHE_FORMAT})
+            del model, params
             if tokenizer is not None:
                 tokenizer.save(tmp)
             meta = {"format": CACHE_FORMAT, "name": source.name, "source": str(source.path), "kind": source.kind,
@@ -353,18 +360,58 @@ def _load_cached(cache_dir: Path, source: Source, device: torch.device, dtype: t
     meta = read_cache_meta(cache_dir)
     config = TPAConfig.from_dict(meta["tpa_config"])
     try:
-        # load_file memory-maps the file; the weights are then moved/cast once into the model.
-        state = load_file(str(cache_dir / WEIGHTS_FILE), device="cpu")
+        # load_file memory-maps the file: the tensors are views of the page cache until written to.
+        params = load_file(str(cache_dir / WEIGHTS_FILE), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise _DamagedCache(f"{WEIGHTS_FILE}: {exc}") from None
     tokenizer = Tokenizer.load(cache_dir) if (cache_dir / "tokenizer.json").is_file() else None
     if tokenizer is None and require_tokenizer:
         raise TPAError(f"no tokenizer found for {source.path}: a T6 checkpoint folder must bring a GPT-2 "
                        f"tokenizer.json next to its config.json (tiktoken's 'gpt2' needs the internet)")
-    model = build_model(config, state, device, dtype)
+    model = assign_parameters(config, params, device, dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, fingerprint=meta["fingerprint"],
                        chat_template=tokenizer.chat_template if tokenizer is not None else None,
                        name=meta.get("name", source.name), source=source.path, cache_dir=cache_dir)
+
+
+@contextlib.contextmanager
+def _skip_init():
+    """Make torch.nn.init's in-place initializers no-ops while a model whose weights will be loaded is built.
+
+    Random init is wasted work here, and on meta tensors it goes through torch._refs, whose first use imports
+    torch._dynamo (about 2 s on this CPU): more than the whole load from the model cache otherwise takes.
+    """
+    names = ("normal_", "uniform_", "zeros_", "ones_", "constant_", "kaiming_uniform_", "kaiming_normal_",
+             "xavier_uniform_", "xavier_normal_", "trunc_normal_", "orthogonal_")
+    saved = {name: getattr(torch.nn.init, name) for name in names if hasattr(torch.nn.init, name)}
+    try:
+        for name in saved:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def assign_parameters(config: TPAConfig, params: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float32):
+    """A TPAModel whose parameters are `params` (named as `model.named_parameters()`), assigned without a copy
+    when device and dtype already match. A layout that does not fit the model is a damaged cache entry."""
+    from tpa_core.model import TPAModel
+
+    with _skip_init():
+        model = TPAModel(config, device="meta", dtype=dtype)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    found = {name: tuple(t.shape) for name, t in params.items()}
+    if expected != found:
+        raise _DamagedCache(f"parameter layout differs from the model's ({sorted(set(expected) ^ set(found))[:3]})")
+    for name, tensor in params.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        setattr(module, attr, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        raise _DamagedCache("some model tensors were not in the file")
+    return model.eval()
 
 
 def build_model(config: TPAConfig, state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
@@ -375,7 +422,9 @@ def build_model(config: TPAConfig, state: dict[str, torch.Tensor], device: torch
     device = torch.device(device)
     # Parameters on the meta device cost nothing to create; to_empty allocates them once, uninitialized, and
     # load_state_dict fills them (the fused projections are concatenated from their named parts there).
-    model = TPAModel(config, device="meta", dtype=dtype).to_empty(device=device)
+    with _skip_init():
+        model = TPAModel(config, device="meta", dtype=dtype)
+    model = model.to_empty(device=device)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
