@@ -42,14 +42,14 @@ def prompt(seed: int, n_tokens: int, shared: int = 0, shared_seed: int = 7) -> l
 
 
 @torch.no_grad()
-def prefill_paged(model, ids: list[int], cache=None, seq: int = 0):
-    """Prefill `ids[cache.length(seq):]` in chunks cut at absolute multiples of PAGE (the store's pages), so a
-    restored prefix and a fresh prefill run exactly the same chunks. Returns (cache, last logits [V])."""
+def prefill_paged(model, ids: list[int], cache=None, seq: int = 0, cuts: tuple[int, ...] = ()):
+    """Prefill `ids[cache.length(seq):]` in chunks cut at absolute multiples of PAGE (the store's pages) and at
+    `cuts`, so a restored prefix and a fresh prefill run exactly the same chunks. Returns (cache, logits [V])."""
     cache = cache if cache is not None else model.new_cache()
     pos = cache.length(seq)
     logits = None
     while pos < len(ids):
-        end = min(len(ids), (pos // PAGE + 1) * PAGE)
+        end = min([len(ids), (pos // PAGE + 1) * PAGE, *(c for c in cuts if c > pos)])
         chunk = torch.tensor([ids[pos:end]])  # [1, N]
         logits = model(chunk, cache, seq=seq if cache.batch_size > 1 else None, last_only=True)[0, -1]
         pos = end

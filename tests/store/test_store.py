@@ -88,6 +88,23 @@ def test_reused_prefix_gives_bit_identical_logits(store, ns, tiny_model):
     assert torch.equal(warm_logits, cold_logits)
 
 
+def test_a_boundary_tail_serves_the_next_question_on_the_same_context(store, ns, tiny_model):
+    doc = prompt(13, 600)
+    first = doc + prompt(14, 30)
+    cache, _ = prefill_paged(tiny_model, first, cuts=(len(doc),))  # the app cuts its prefill there too
+    assert store.save(ns, first, cache, boundaries=[len(doc)]) == 4  # 2 pages, the anchored tail, the tail
+
+    second = doc + prompt(15, 25)
+    warm = tiny_model.new_cache()
+    assert store.restore(ns, second, warm) == len(doc)
+    _, warm_logits = prefill_paged(tiny_model, second, warm)
+    _, cold_logits = prefill_paged(tiny_model, second, cuts=(len(doc),))
+    assert torch.equal(warm_logits, cold_logits)
+    store.save(ns, second, warm, boundaries=[len(doc)])
+    assert _count(store, Entry.kind == "tail") == 3  # the anchored tail is never replaced by a longer one
+    assert _count(store, Entry.kind == "tail", Entry.anchored.is_(True)) == 1
+
+
 def test_tail_is_replaced_when_it_grows_and_when_it_fills(store, ns, tiny_model):
     base = prompt(20, 900)
     for n in (300, 400):

@@ -343,40 +343,52 @@ class FactorStore:
 
     # ----- save ----------------------------------------------------------------------------------------------
     def save(self, namespace: str, token_ids: Sequence[int], cache: "FactorCache", seq: int = 0, *,
-             extras: Mapping[str, ExtraValue] | None = None) -> int:
+             boundaries: Iterable[int] = (), extras: Mapping[str, ExtraValue] | None = None) -> int:
         """Persist the pages of `token_ids` that `cache` (sequence `seq`) holds and the store lacks.
 
         Full pages are written once (content addressed: pages already there, or being written by another
         process, are skipped); a partial last page is written as a tail, replacing the shorter tails it
-        extends and being replaced by the full page once that exists. Admission control may refuse pages
-        (see `tpa_core.store.eviction`); a refused page ends the save (later pages would be unreachable).
-        Returns the number of pages (tails included) this call wrote."""
+        extends. `boundaries` are positions where a prefix is worth keeping on its own even though this
+        prompt goes on - typically the end of the document context, before the question: a tail is kept there
+        too ("anchored": never replaced, only evicted), so the next question on the same context reuses it.
+        Admission control may refuse pages (see `tpa_core.store.eviction`); a refused page ends the save
+        (later pages would be unreachable). Returns the number of pages (tails included) this call wrote."""
         ids = _ids(token_ids)
         n = min(len(ids), cache.length(seq))
         if n <= 0:
             return 0
         self._layout(namespace)  # fails early on an unknown namespace
         full = n // PAGE_TOKENS
-        keys = self.prefix_keys(namespace, ids[:n], extras=extras)
+        pages = self.prefix_keys(namespace, ids[:full * PAGE_TOKENS], extras=extras)
+        units: list[tuple[int, int, str, bool]] = [(i * PAGE_TOKENS, (i + 1) * PAGE_TOKENS, key, False)
+                                                   for i, key in enumerate(pages)]  # (start, end, key, anchored)
+        marks = {int(b) for b in boundaries}
+        for end in sorted({b for b in marks if 0 < b <= n} | {n}):
+            if end % PAGE_TOKENS == 0:
+                continue
+            start = end // PAGE_TOKENS * PAGE_TOKENS
+            parent = pages[start // PAGE_TOKENS - 1] if start else None
+            tail = page_key(namespace, parent, ids[start:end], kind="tail", extras=extras)
+            units.append((start, end, tail, end in marks))
+        units.sort(key=lambda u: (u[0], u[1] - u[0] < PAGE_TOKENS, u[1]))  # a page's tails right after it
         with self.engine.connect() as conn:
-            present = {k for batch in chunks(keys) for k in conn.execute(
-                select(Entry.key).where(Entry.key.in_(batch), Entry.state == READY)).scalars()}
+            present = {k: a for batch in chunks([u[2] for u in units]) for k, a in conn.execute(
+                select(Entry.key, Entry.anchored).where(Entry.key.in_(batch), Entry.state == READY))}
         written = 0
-        parent: str | None = None
-        complete = True
-        for i, key in enumerate(keys):
-            start = i * PAGE_TOKENS
-            kind = "page" if i < full else "tail"
-            end = start + PAGE_TOKENS if kind == "page" else n
+        for start, end, key, anchored in units:
+            parent = pages[start // PAGE_TOKENS - 1] if start else None
+            kind = "page" if end - start == PAGE_TOKENS else "tail"
             if key not in present:
-                outcome = self._write_page(namespace, key, parent, kind, start, cache.export(seq, start, end))
+                outcome = self._write_page(namespace, key, parent, kind, start, cache.export(seq, start, end),
+                                           anchored=anchored)
                 if outcome == "rejected":
-                    complete = False
                     break
                 written += outcome == "written"
+            elif anchored and not present[key]:
+                with self.engine.begin() as conn:
+                    conn.execute(update(Entry).where(Entry.key == key).values(anchored=True))
             self._supersede_tails(namespace, parent, ids[start:end], keep=key, extras=extras)
-            parent = key
-        if complete and present:
+        if present:
             with self.engine.begin() as conn:
                 for batch in chunks(sorted(present)):
                     conn.execute(update(Entry).where(Entry.key.in_(batch)).values(last_access=time.time()))
@@ -384,7 +396,7 @@ class FactorStore:
         return written
 
     def _write_page(self, namespace: str, key: str, parent: str | None, kind: str, start: int,
-                    tensors: Mapping[str, "Tensor"]) -> str:
+                    tensors: Mapping[str, "Tensor"], *, anchored: bool = False) -> str:
         """Write one page atomically. Returns "written", "exists" (another writer has or is writing it)
         or "rejected" (admission control)."""
         self._check_layout(namespace, tensors)
@@ -403,7 +415,7 @@ class FactorStore:
         row = {"key": key, "namespace": namespace, "parent": parent, "kind": kind, "start": start,
                "n_tokens": n_tokens, "nbytes": len(data), "path": path, "sha256": hashlib.sha256(data).hexdigest(),
                "state": PENDING, "writer": self._writer, "created": now, "last_access": now, "hits": 0,
-               "pinned": False}
+               "pinned": False, "anchored": anchored}
         if not self._claim(row):
             return "exists"
         try:
@@ -446,9 +458,10 @@ class FactorStore:
     def _supersede_tails(self, namespace: str, parent: str | None, tokens: list[int], *, keep: str,
                          extras: Mapping[str, ExtraValue] | None) -> None:
         """Remove tails under `parent` whose tokens are a proper prefix of `tokens` (the page or longer tail
-        `keep` now covers them); their links move to `keep`."""
+        `keep` now covers them); their links move to `keep`. Anchored tails stay."""
         query = select(Entry.key, Entry.path, Entry.n_tokens).where(
             Entry.namespace == namespace, Entry.kind == "tail", Entry.state == READY, Entry.key != keep,
+            Entry.anchored.is_(False),
             Entry.n_tokens < len(tokens), Entry.parent.is_(None) if parent is None else Entry.parent == parent)
         with self.engine.connect() as conn:
             tails = conn.execute(query).all()

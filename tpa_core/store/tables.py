@@ -53,6 +53,7 @@ class Entry(StoreBase):
     last_access: Mapped[float] = mapped_column(Float)
     hits: Mapped[int] = mapped_column(Integer, default=0)
     pinned: Mapped[bool] = mapped_column(Boolean, default=False)  # some link holds it; kept in step with links
+    anchored: Mapped[bool] = mapped_column(Boolean, default=False)  # a tail saved at a boundary: never replaced
 
     __table_args__ = (
         Index("ix_store_entries_parent", "parent"),
