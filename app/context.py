@@ -1,19 +1,22 @@
-"""The prompt of one ask: context units in canonical order, chat messages, and the overflow policy.
+"""The prompt of one ask: context units in a stable order, chat messages, and the overflow policy.
 
-The prompt is `system (instructions + context), earlier turns, question`. The context is rendered in a canonical
-order (collection, document path, chunk index), never with scores or dates, so the same set of chunks always
-gives the same token prefix and the store finds it again.
+The prompt is `system (instructions + context), earlier turns, question`. The context is rendered in the order the
+caller gives, never with scores or dates. The service gives the canonical order (collection, document path, chunk
+index) for a session's first question and for pinned documents, so the same set of chunks always gives the same
+token prefix; a follow-up keeps the previous turn's context in place and appends its new chunks, so the
+session's cached prefix stays valid (see `app.service`).
 
 Overflow policy (when the prompt and the answer budget do not fit the model's window), in this order:
 1. earlier turns are left out, the oldest first, down to the latest one;
-2. context units are left out: in retrieval mode the lowest-scored chunk first, in pinned mode from the end of
-   the canonical order (so the cached prefix of the pinned documents stays the same from question to question);
+2. context units are left out: in retrieval mode the lowest-ranked chunk first (chunks kept from earlier turns
+   rank below those retrieved for this question; then by score), in pinned mode from the end of the canonical
+   order (so the cached prefix of the pinned documents stays the same from question to question);
 3. the latest earlier turn is left out;
 4. if the question alone still does not fit, the ask fails with a message saying by how much.
-Then as much context as fits is given back, in order of preference (best score first in retrieval mode, canonical
+Then as much context as fits is given back, in order of preference (best rank first in retrieval mode, canonical
 order in pinned mode): whole units where they fit; in pinned mode the first document that does not fit whole is
 given back cut at a line boundary (and the rest stay out), in retrieval mode the best chunk is cut that way only
-when no chunk fits whole. Everything left out is reported to the user.
+when no chunk fits whole. The context keeps its order. Everything left out is reported to the user.
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ class ContextUnit:
     start_line: int | None = None
     end_line: int | None = None
     score: float | None = None  # retrieval score; None for pinned documents (never rendered into the prompt)
+    rank: float | None = None  # what the overflow policy keeps longest (default: the score); never rendered
+
+    @property
+    def priority(self) -> float:
+        return self.rank if self.rank is not None else (self.score or 0.0)
 
     @property
     def sort_key(self) -> tuple[str, str, int]:
@@ -71,6 +79,16 @@ class ContextUnit:
             "text": self.text,
         }
 
+    def to_dict(self) -> dict:
+        """What a turn records of its context, to rebuild it for the next question (`from_dict`)."""
+        return {"collection": self.collection, "path": self.path, "chunk_index": self.chunk_index,
+                "text": self.text, "start_line": self.start_line, "end_line": self.end_line, "score": self.score}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ContextUnit:
+        return cls(data["collection"], data["path"], int(data["chunk_index"]), data["text"], data.get("start_line"),
+                   data.get("end_line"), data.get("score"))
+
     def head(self, n_lines: int) -> ContextUnit:
         """The first `n_lines` lines of this unit (the line range follows)."""
         lines = self.text.splitlines(keepends=True)[:n_lines]
@@ -90,9 +108,9 @@ def canonical(units: Sequence[ContextUnit]) -> list[ContextUnit]:
 
 
 def render_context(units: Sequence[ContextUnit]) -> str:
-    """The numbered context block; numbers follow the canonical order, so they are stable for a given set."""
+    """The numbered context block, in the order given (numbers follow it)."""
     parts = []
-    for number, unit in enumerate(canonical(units), start=1):
+    for number, unit in enumerate(units, start=1):
         parts.append(f"[{number}] {unit.label()}\n{unit.text.rstrip()}\n")
     return "\n".join(parts)
 
@@ -100,7 +118,8 @@ def render_context(units: Sequence[ContextUnit]) -> str:
 def build_messages(
     units: Sequence[ContextUnit], history: Sequence[tuple[str, str]], question: str, system: str = SYSTEM_PROMPT
 ) -> MessageList:
-    """Chat messages: system (instructions + context), earlier (question, answer) turns, the new question."""
+    """Chat messages: system (instructions + context, in the order given), earlier (question, answer) turns, the
+    new question."""
     content = system
     if units:
         content += "\n\nContext:\n\n" + render_context(units)
@@ -117,7 +136,7 @@ class FittedPrompt:
     """What goes into the prompt after the overflow policy, and what was left out (as text for the user)."""
 
     messages: MessageList
-    units: list[ContextUnit]  # canonical order, as rendered
+    units: list[ContextUnit]  # as rendered (the order given, less what was left out)
     history: list[tuple[str, str]]
     prompt_tokens: int
     left_out: list[str] = field(default_factory=list)
@@ -135,18 +154,31 @@ def fit_prompt(
 ) -> FittedPrompt:
     """Apply the overflow policy (module docstring) so that the prompt has at most `budget` tokens.
 
+    `units` are in the order they are rendered in (duplicates by (collection, path, chunk index) are dropped).
     `count_tokens(messages)` is the exact token count of the rendered chat template; `budget` is the model's
     window less the tokens reserved for the answer.
     """
-    kept = canonical(units) if pinned else sorted(units, key=lambda u: -(u.score or 0.0))
+    seen: set[tuple[str, str, int]] = set()
+    order: list[ContextUnit] = []
+    for unit in units:
+        if unit.sort_key not in seen:
+            seen.add(unit.sort_key)
+            order.append(unit)
+    position = {u.sort_key: i for i, u in enumerate(order)}
+
+    def presented(chosen: Sequence[ContextUnit]) -> list[ContextUnit]:
+        return sorted(chosen, key=lambda u: position[u.sort_key])
+
+    # `kept` is in order of preference: its last unit is the next to leave.
+    kept = list(order) if pinned else sorted(order, key=lambda u: (-u.priority, position[u.sort_key]))
     turns = list(history)
 
     def size(with_units: Sequence[ContextUnit], with_turns: Sequence[tuple[str, str]]) -> int:
-        return count_tokens(build_messages(with_units, with_turns, question, system))
+        return count_tokens(build_messages(presented(with_units), with_turns, question, system))
 
     total = size(kept, turns)
     if total <= budget:
-        return FittedPrompt(build_messages(kept, turns, question, system), canonical(kept), turns, total)
+        return FittedPrompt(build_messages(order, turns, question, system), order, turns, total)
 
     dropped_turns = 0
     while len(turns) > 1 and size(kept, turns) > budget:
@@ -162,7 +194,7 @@ def fit_prompt(
         estimate -= cost[kept[-1].sort_key]
         dropped.append(kept.pop())
     while kept and size(kept, turns) > budget:
-        dropped.append(kept.pop())  # the lowest score (retrieval) or the last in canonical order (pinned)
+        dropped.append(kept.pop())  # the lowest rank (retrieval) or the last in order (pinned)
     if turns and size(kept, turns) > budget:
         turns.pop(0)
         dropped_turns += 1
@@ -195,10 +227,11 @@ def fit_prompt(
     if dropped_turns:
         left_out.append(f"{dropped_turns} earlier turn{'s' if dropped_turns > 1 else ''} of this session")
     kept_keys = {u.sort_key for u in kept}
-    left_out += [u.label() for u in canonical(dropped) if u.sort_key not in kept_keys]
+    left_out += [u.label() for u in presented(dropped) if u.sort_key not in kept_keys]
     left_out += cut_notes
-    messages = build_messages(kept, turns, question, system)
-    return FittedPrompt(messages, canonical(kept), turns, count_tokens(messages), left_out)
+    final = presented(kept)
+    messages = build_messages(final, turns, question, system)
+    return FittedPrompt(messages, final, turns, count_tokens(messages), left_out)
 
 
 def _max_lines_that_fit(unit: ContextUnit, fits: Callable[[ContextUnit], bool]) -> int:

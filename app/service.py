@@ -19,11 +19,11 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.context import ContextUnit, fit_prompt
+from app.context import ContextUnit, canonical, fit_prompt
 from app.database import make_engine
 from app.errors import AppError
 from app.sessions import SessionInfo, SessionStore, Turn
@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 MAX_QUESTION_CHARS = 8_000
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024**2
 MAX_TOP_K = 50
+# Generation stops when the answer ends with the same block of ids REPEATS times (8..200 ids per block).
+REPEATS = 3
+MIN_REPEAT_PERIOD = 8
+MAX_REPEAT_PERIOD = 200
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what)
 
 
@@ -103,6 +107,7 @@ class _AskJob:
     max_new_tokens: int
     temperature: float
     t_start: float  # when ask_stream was called
+    context: list[dict] = field(default_factory=list)  # retrieval mode: the context as rendered, for follow-ups
     t_submit: float = 0.0  # when the job was handed to the worker (the wait for it is not the ask's latency)
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -381,12 +386,16 @@ class ChatService:
         if max_new >= window:
             raise AppError(f"max new tokens ({max_new}) must be below the model's context window ({window})")
 
+        turns = self._sessions.turns(info.id) if info else []
         if pinned:
             documents = opts.documents or (tuple(info.pinned_documents) if info else ()) or None
-            units = self._pinned_units(collection, documents)
+            units = canonical(self._pinned_units(collection, documents))
+            hits: set = {u.sort_key for u in units}
         else:
-            units = self._retrieved_units(collection, question, top_k)
-        turns = self._sessions.turns(info.id) if info else []
+            retrieved = self._retrieved_units(collection, question, top_k)
+            hits = {u.sort_key for u in retrieved}
+            earlier = turns[-1].context if turns and turns[-1].mode == "retrieval" else []
+            units = _follow_up_context([ContextUnit.from_dict(d) for d in earlier], retrieved)
         tokenizer = loaded.tokenizer
         fitted = fit_prompt(
             units, [(t.question, t.answer) for t in turns], question,
@@ -400,10 +409,12 @@ class ChatService:
             prompt_ids = tokenizer.encode_chat(fitted.messages)
         if info is None:
             info = self._sessions.create(collection)
+        sources = [dict(u.source(), ref=number) for number, u in enumerate(fitted.units, start=1)
+                   if u.sort_key in hits]
         job = _AskJob(
             session_id=info.id, question=question, mode="pinned" if pinned else "retrieval", prompt_ids=prompt_ids,
-            sources=[u.source() for u in fitted.units], left_out=fitted.left_out, max_new_tokens=max_new,
-            temperature=temperature, t_start=t_start,
+            sources=sources, left_out=fitted.left_out, max_new_tokens=max_new, temperature=temperature,
+            t_start=t_start, context=[] if pinned else [u.to_dict() for u in fitted.units],
         )
         yield AskEvent("start", info.id, sources=job.sources, left_out=job.left_out)
         job.t_submit = time.perf_counter()
@@ -477,44 +488,56 @@ class ChatService:
         config = GenerationConfig(max_new_tokens=job.max_new_tokens, temperature=job.temperature)
         answer_ids: list[int] = []
         parts: list[str] = []
-        ttft_ms = 0.0
-        metrics = None
+        t_first = t_last = 0.0
+        prefill_ms = None
         finish = ""
         for event in generate(loaded.model, loaded.tokenizer, job.prompt_ids, config, cache=cache):
+            t_last = time.perf_counter()
             if not answer_ids:
-                ttft_ms = (time.perf_counter() - job.t_start - queued_s) * 1e3
+                t_first = t_last
             answer_ids += event.token_ids
             if event.text:
                 parts.append(event.text)
                 job.events.put(AskEvent("delta", job.session_id, text=event.text))
             if event.done:
-                metrics, finish = event.metrics, event.finish_reason
-            if job.cancelled.is_set():
+                finish, prefill_ms = event.finish_reason, event.metrics.prefill_ms
+            elif job.cancelled.is_set():
                 break
-        # The cache holds the prompt and the answer but its last token: the next turn of this session starts
-        # with exactly these tokens, up to where the answer's text re-tokenizes the same way.
+            elif period := repeating(answer_ids):
+                finish = "repetition"
+                break
+        # The cache holds the prompt and the answer but its last token; the next question of the session starts
+        # with exactly these tokens (its prompt spells this answer with these ids, see app.tokens).
         seen = (job.prompt_ids + answer_ids)[:cache.length(0)]
         owner = _pin_owner(job.session_id)
         store.unpin(owner)
         store.pin(store.prefix_keys(namespace, seen), owner)
         store.save(namespace, seen, cache)
-        if job.cancelled.is_set() or metrics is None:
+        if not finish:
             log.info("ask in session %s cancelled after %d tokens", job.session_id, len(answer_ids))
             return
-        answer = "".join(parts)
-        spelled = answer_ids[:-1] if finish == "eos" else answer_ids  # the end-of-turn token is the template's
+        if finish == "repetition":  # keep one copy of the repeated text
+            spelled = answer_ids[:len(answer_ids) - (REPEATS - 1) * period]
+            answer = loaded.tokenizer.decode(spelled)
+        else:
+            spelled = answer_ids[:-1] if finish == "eos" else answer_ids  # the end-of-turn token is the template's
+            answer = "".join(parts)
+        n_new = len(answer_ids)
         result_metrics = {
             "prompt_tokens": len(job.prompt_ids),
             "reused_tokens": int(reused),
-            "ttft_ms": round(ttft_ms, 1),
-            "decode_tokens_per_s": round(metrics.decode_tokens_per_s, 2),
+            "ttft_ms": round((t_first - job.t_start - queued_s) * 1e3, 1),
+            "decode_tokens_per_s": round((n_new - 1) / (t_last - t_first), 2) if n_new > 1 and t_last > t_first
+            else 0.0,
             "total_ms": round((time.perf_counter() - job.t_start - queued_s) * 1e3, 1),
-            "new_tokens": metrics.new_tokens,
-            "prefill_ms": round(metrics.prefill_ms, 1),
+            "new_tokens": n_new,
+            "prefill_ms": None if prefill_ms is None else round(prefill_ms, 1),
             "queued_ms": round(queued_s * 1e3, 1),
+            "finish_reason": finish,
         }
         self._sessions.add_turn(job.session_id, job.question, answer, mode=job.mode, sources=job.sources,
-                                metrics=result_metrics, left_out=job.left_out, answer_ids=spelled)
+                                metrics=result_metrics, left_out=job.left_out, answer_ids=spelled,
+                                context=job.context)
         result = AskResult(answer=answer, session_id=job.session_id, sources=job.sources, metrics=result_metrics,
                            left_out=job.left_out, mode=job.mode, finish_reason=finish)
         job.events.put(AskEvent("done", job.session_id, sources=job.sources, left_out=job.left_out, result=result))
@@ -571,6 +594,35 @@ class ChatService:
             self._jobs.put(None)
             self._worker.join(timeout=60)
         self._engine.dispose()
+
+
+def repeating(ids: Sequence[int], min_period: int = MIN_REPEAT_PERIOD, max_period: int = MAX_REPEAT_PERIOD) -> int:
+    """The period p when the last REPEATS * p ids are one block of p ids repeated (a small model stuck in a
+    loop, as greedy decoding of a 135M model often is), else 0. Blocks shorter than `min_period` ids (a word
+    or two said twice) never count."""
+    n = len(ids)
+    for p in range(min_period, min(max_period, n // REPEATS) + 1):
+        if ids[-1] != ids[-1 - p]:
+            continue
+        if all(ids[n - p:] == ids[n - (k + 1) * p:n - k * p] for k in range(1, REPEATS)):
+            return p
+    return 0
+
+
+def _follow_up_context(earlier: list[ContextUnit], retrieved: list[ContextUnit]) -> list[ContextUnit]:
+    """The context of a question: the previous turn's context in place (its cached prefix stays valid), then the
+    newly retrieved chunks in canonical order. A session's first question gets its chunks in canonical order.
+
+    Ranks for the overflow policy: this question's chunks by score, above every chunk kept from earlier turns
+    (those leave from the end first, so the prefix that stays is the longest)."""
+    current = {u.sort_key: u.score or 0.0 for u in retrieved}
+    kept = [
+        replace(u, rank=2.0 + current[u.sort_key]) if u.sort_key in current else replace(u, rank=-1.0 - 1e-3 * i)
+        for i, u in enumerate(earlier)
+    ]
+    known = {u.sort_key for u in earlier}
+    fresh = canonical([replace(u, rank=2.0 + (u.score or 0.0)) for u in retrieved if u.sort_key not in known])
+    return kept + fresh
 
 
 def _pin_owner(session_id: str) -> str:

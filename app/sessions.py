@@ -56,6 +56,8 @@ class _TurnRow(_Base):
     answer_ids: Mapped[list] = mapped_column(JSON, default=list)
     mode: Mapped[str] = mapped_column(String(16), default="retrieval")
     sources: Mapped[list] = mapped_column(JSON, default=list)
+    # The retrieval context as the prompt had it (ContextUnit.to_dict each): the next question keeps it in place.
+    context: Mapped[list] = mapped_column(JSON, default=list)
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     left_out: Mapped[list] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -74,6 +76,7 @@ class Turn:
     metrics: dict = field(default_factory=dict)
     left_out: list[str] = field(default_factory=list)
     answer_ids: list[int] = field(default_factory=list)
+    context: list[dict] = field(default_factory=list)
     created_at: datetime | None = None
 
 
@@ -127,6 +130,7 @@ def _turn(row: _TurnRow) -> Turn:
         metrics=dict(row.metrics or {}),
         left_out=list(row.left_out or []),
         answer_ids=list(row.answer_ids or []),
+        context=list(row.context or []),
         created_at=row.created_at,
     )
 
@@ -221,6 +225,7 @@ class SessionStore:
         metrics: dict,
         left_out: Sequence[str] = (),
         answer_ids: Sequence[int] = (),
+        context: Sequence[dict] = (),
     ) -> Turn:
         """Append a turn (in one transaction with the session's `updated_at`)."""
         now = _now()
@@ -237,6 +242,7 @@ class SessionStore:
                 metrics=dict(metrics),
                 left_out=list(left_out),
                 answer_ids=[int(t) for t in answer_ids],
+                context=list(context),
                 created_at=now,
             )
             db.add(turn)

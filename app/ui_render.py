@@ -51,7 +51,7 @@ def sources_markdown(sources: Sequence[dict]) -> str:
     for number, source in enumerate(sources, start=1):
         text = html.escape(source.get("text", "").rstrip())
         blocks.append(
-            f"<details><summary>[{number}] {html.escape(source_label(source))}</summary>\n\n"
+            f"<details><summary>[{source.get('ref', number)}] {html.escape(source_label(source))}</summary>\n\n"
             f"<pre>{text}</pre>\n\n</details>"
         )
     return "\n\n".join(blocks)

@@ -120,7 +120,7 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     print()
     for number, source in enumerate(result.sources, start=1):
-        print(f"[{number}] {ui_render.source_label(source)}", file=sys.stderr)
+        print(f"[{source.get('ref', number)}] {ui_render.source_label(source)}", file=sys.stderr)
     print(ui_render.metrics_line(result.metrics), file=sys.stderr)
     print(f"session: {result.session_id} (continue with --session {result.session_id})", file=sys.stderr)
     return 0
@@ -157,7 +157,7 @@ def cmd_sessions(args: argparse.Namespace, settings: Settings) -> int:
                 for turn in turns:
                     print(f"\nQ{turn.position + 1}: {turn.question}\nA{turn.position + 1}: {turn.answer}")
                     for number, source in enumerate(turn.sources, start=1):
-                        print(f"  [{number}] {ui_render.source_label(source)}")
+                        print(f"  [{source.get('ref', number)}] {ui_render.source_label(source)}")
                     print(f"  {ui_render.metrics_line(turn.metrics)}")
         elif action == "rename":
             info = service.rename_session(args.session_id, args.name)

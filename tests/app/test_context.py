@@ -21,11 +21,11 @@ def unit(path, index, n_words=10, score=None, lines=None, collection="c"):
 
 def test_canonical_order_gives_the_same_prefix_for_the_same_set():
     a, b, c = unit("b.py", 2, score=0.9), unit("a.md", 0, score=0.1), unit("b.py", 0, score=0.5)
-    first = build_messages([a, b, c], [], "q?")
-    second = build_messages([c, a, b, a], [], "q?")
+    first = build_messages(canonical([a, b, c]), [], "q?")
+    second = build_messages(canonical([c, a, b, a]), [], "q?")
     assert first == second
     assert [u.path for u in canonical([a, b, c])] == ["a.md", "b.py", "b.py"]
-    text = render_context([a, b, c])
+    text = render_context(canonical([a, b, c]))
     assert text.index("[1] a.md") < text.index("[2] b.py lines 1-9") < text.index("[3] b.py lines 21-29")
     assert "0.9" not in text and "0.5" not in text  # scores never enter the prefix
 
@@ -60,7 +60,7 @@ def test_pinned_overflow_keeps_a_canonical_prefix_and_cuts_at_a_line():
     empty = words(build_messages([], [], "q?"))
     one_doc = words(build_messages(docs[1:2], [], "q?")) - empty
     budget = empty + one_doc + one_doc // 2  # a.md whole, about half of b.md, no c.md
-    fitted = fit_prompt(docs, [], "q?", count_tokens=words, budget=budget, pinned=True)
+    fitted = fit_prompt(canonical(docs), [], "q?", count_tokens=words, budget=budget, pinned=True)
     assert [u.path for u in fitted.units] == ["a.md", "b.md"]
     cut = fitted.units[1]
     assert 1 <= cut.end_line < 20 and cut.text.count("\n") == cut.end_line
@@ -90,3 +90,20 @@ def test_many_times_the_window_is_reduced_with_few_renders():
     assert fitted.units[-1].path == "f299"  # the best scores stay
     assert len(fitted.left_out) == 300 - len(fitted.units)
     assert len(calls) < 340  # one estimate per unit, then a handful of exact renders
+
+
+def test_presentation_order_is_kept_and_earlier_turns_units_leave_first():
+    from dataclasses import replace
+
+    old = [replace(unit("z-old", 0, 100, 0.9), rank=-1.0), replace(unit("y-old", 0, 100, 0.8), rank=-1.001)]
+    new = [unit("b-new", 0, 100, 0.2), unit("a-new", 0, 100, 0.6)]
+    units = old + new  # the previous turn's context first, then this question's chunks
+    fitted = fit_prompt(units, [], "q?", count_tokens=words, budget=10_000, pinned=False)
+    assert [u.path for u in fitted.units] == ["z-old", "y-old", "b-new", "a-new"]
+    room_for_three = words(build_messages(units[:3], [], "q?"))
+    fitted = fit_prompt(units, [], "q?", count_tokens=words, budget=room_for_three, pinned=False)
+    assert [u.path for u in fitted.units] == ["z-old", "b-new", "a-new"]  # y-old ranks lowest
+    assert fitted.left_out == ["y-old lines 1-9"]
+    room_for_two = words(build_messages(units[:2], [], "q?"))
+    fitted = fit_prompt(units, [], "q?", count_tokens=words, budget=room_for_two, pinned=False)
+    assert [u.path for u in fitted.units] == ["b-new", "a-new"]

@@ -214,3 +214,27 @@ def _all_entry_keys(store):
 
     with store.engine.connect() as conn:
         return list(conn.execute(select(Entry.key)).scalars())
+
+
+def test_follow_up_keeps_the_earlier_context_in_place(make_service, corpus_dir):
+    service = make_service(top_k=1)
+    service.ingest_paths("docs", [str(corpus_dir)])
+    first = service.ask(QUESTION, "docs")
+    assert [s["path"] for s in first.sources] == ["corpus/cache.md"]
+    follow = service.ask("What is the capital of France? Paris?", "docs", first.session_id)
+    # Cited: what this question retrieved, numbered as it appears in the context (after the kept chunk).
+    assert [(s["path"], s["ref"]) for s in follow.sources] == [("corpus/notes.txt", 2)]
+    turns = service.session(first.session_id)[1]
+    assert [c["path"] for c in turns[1].context] == ["corpus/cache.md", "corpus/notes.txt"]
+    assert follow.metrics["reused_tokens"] >= 256  # the first context's pages, although the chunk set changed
+
+
+def test_repetition_detector():
+    from app.service import repeating
+
+    block = list(range(100, 112))
+    assert repeating([1, 2, 3] + block * 3) == 12
+    assert repeating([1, 2, 3] + block * 2) == 0  # said twice is not a loop yet
+    assert repeating([5, 6] * 30) == 8  # a short cycle is caught at the smallest allowed period
+    assert repeating(list(range(300))) == 0
+    assert repeating([7] * 7) == 0
