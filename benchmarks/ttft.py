@@ -1,0 +1,213 @@
+"""Time to first token with the persisted factor cache: a cold prefill vs a restore from disk in a NEW process.
+
+    .venv/bin/tpa-rag models fetch                       # once: the default model into the model cache
+    .venv/bin/python benchmarks/ttft.py [--data-dir DIR] [--model NAME] [--lengths 1024 2048 4096]
+                                        [--repeats 3] [--json OUT.json]
+
+For each context length L the prompt is L tokens of real text (Python standard-library sources, read in a fixed
+order) followed by a question. Two processes run one after the other, each loading the model itself:
+
+1. cold: an empty store. TTFT = store lookup (a miss) + prefill of the whole prompt + the first token (argmax),
+   median of `--repeats` runs on a fresh cache. Then the pages are saved, with an anchored tail at the end of
+   the context (what the app does), and the bytes on disk are measured.
+2. warm, a new process: the store is opened from disk (reconciliation included, not timed). TTFT = restore +
+   prefill of what is left + the first token, for (a) the same prompt again and (b) the same context with a new
+   question. Median of `--repeats`, each on a fresh cache reading the blobs from disk (after the first run the
+   OS page cache holds them: the figures are "warm disk", as for any second question).
+
+Reported: cold and warm TTFT, warm/cold ratios, tokens reused, restore time per 1,000 tokens, and bytes per token
+on disk against the factor bytes per token of the cache (`FactorCache.nbytes_per_token`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, this folder comes first on sys.path, and benchmarks/kernels.py would shadow the kernels package.
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+STDLIB_FILES = ("argparse.py", "inspect.py", "typing.py", "dataclasses.py", "pathlib.py", "functools.py")
+QUESTIONS = ("\n\nQuestion: Which classes are defined in the code above?\nAnswer:",
+             "\n\nQuestion: What does the first function above return?\nAnswer:")
+
+
+def _context_text() -> str:
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    return "".join((lib / name).read_text(encoding="utf-8") for name in STDLIB_FILES)
+
+
+_TOKENS: dict[int, list[int]] = {}
+
+
+def _prompts(tokenizer, length: int, offset: int = 0) -> tuple[list[int], list[int], list[int]]:
+    """(context ids: `length` tokens from `offset` on, question A ids, question B ids). Each length reads its
+    own stretch of text, so no context is a prefix of another (a cold run must find nothing)."""
+    if id(tokenizer) not in _TOKENS:
+        _TOKENS[id(tokenizer)] = tokenizer.encode(_context_text(), add_special_tokens=False)
+    context = _TOKENS[id(tokenizer)]
+    if len(context) < offset + length:
+        raise SystemExit(f"only {len(context)} tokens of text for a {length}-token context at {offset}")
+    return (context[offset:offset + length], tokenizer.encode(QUESTIONS[0], add_special_tokens=False),
+            tokenizer.encode(QUESTIONS[1], add_special_tokens=False))
+
+
+def _offset(lengths: list[int], length: int) -> int:
+    """Where the text of `length` starts: after the texts of the lengths before it (and the warm-up's 256)."""
+    return 256 + sum(lengths[:lengths.index(length)])
+
+
+def _ttft(model, store, ns, ids: list[int]) -> tuple[float, int, float, int]:
+    """One time to first token on a fresh cache: (seconds, tokens reused, restore seconds, first token)."""
+    import torch
+
+    from tpa_core.generate import prefill
+
+    cache = model.new_cache(capacity=len(ids) + 64)
+    t0 = time.perf_counter()
+    reused = store.restore(ns, ids, cache)
+    t1 = time.perf_counter()
+    logits = prefill(model, cache, ids[reused:])
+    first = int(torch.argmax(logits))
+    t2 = time.perf_counter()
+    return t2 - t0, reused, t1 - t0, first
+
+
+def _open(args) -> tuple:
+    from app.database import make_engine
+    from tpa_core.loading import load_model
+    from tpa_core.store import FactorStore
+
+    loaded = load_model(args.model, Path(args.data_dir) / "models", device="cpu")
+    store = FactorStore.open(make_engine(f"sqlite:///{args.store_dir}/store.sqlite"),
+                             Path(args.store_dir) / "blobs", 64 * 1024**3)
+    return loaded, store, store.namespace_for(loaded, dtype=loaded.dtype)
+
+
+def phase_cold(args) -> dict:
+    import torch
+
+    loaded, store, ns = _open(args)
+    model = loaded.model
+    out = {}
+    _ttft(model, store, ns, _prompts(loaded.tokenizer, 256)[0])  # warm-up: first-call allocations
+    for length in args.lengths:
+        context, qa, _ = _prompts(loaded.tokenizer, length, _offset(args.lengths, length))
+        ids = context + qa
+        runs = [_ttft(model, store, ns, ids) for _ in range(args.repeats)]
+        assert all(r[1] == 0 for r in runs), "the cold runs found pages: the store was not empty"
+        cache = model.new_cache(capacity=len(ids) + 64)
+        from tpa_core.generate import prefill
+
+        prefill(model, cache, ids)
+        before = store.stats().bytes
+        t0 = time.perf_counter()
+        written = store.save(ns, ids, cache, boundaries=[len(context)])
+        save_s = time.perf_counter() - t0
+        disk = store.stats().bytes - before
+        stored_tokens = len(ids) + (len(context) % 256)  # the anchored context tail is stored as well
+        out[str(length)] = {
+            "prompt_tokens": len(ids), "cold_s": statistics.median(r[0] for r in runs),
+            "cold_runs_s": [r[0] for r in runs], "first_token": runs[0][3], "pages_written": written,
+            "save_s": save_s, "disk_bytes": disk, "disk_bytes_per_token": disk / stored_tokens,
+            "factor_bytes_per_token": cache.nbytes_per_token(),
+        }
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
+def phase_warm(args) -> dict:
+    import torch
+
+    loaded, store, ns = _open(args)
+    model = loaded.model
+    out = {}
+    _ttft(model, store, ns, list(range(300, 556)))  # warm-up on tokens no prompt starts with (a miss)
+    for length in args.lengths:
+        context, qa, qb = _prompts(loaded.tokenizer, length, _offset(args.lengths, length))
+        row = {}
+        for label, ids in (("same", context + qa), ("new_question", context + qb)):
+            runs = [_ttft(model, store, ns, ids) for _ in range(args.repeats)]
+            row[label] = {"warm_s": statistics.median(r[0] for r in runs), "warm_runs_s": [r[0] for r in runs],
+                          "reused": runs[0][1], "prompt_tokens": len(ids),
+                          "restore_s": statistics.median(r[2] for r in runs), "first_token": runs[0][3]}
+        out[str(length)] = row
+    out["threads"] = torch.get_num_threads()
+    out["hit_rate"] = store.session.hit_rate
+    return out
+
+
+def _child(args, phase: str) -> dict:
+    cmd = [sys.executable, __file__, "--phase", phase, "--data-dir", str(args.data_dir), "--model", args.model,
+           "--store-dir", str(args.store_dir), "--repeats", str(args.repeats), "--threads", str(args.threads),
+           "--lengths", *map(str, args.lengths)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0:
+        raise SystemExit(f"{phase} phase failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default=None, help="tpa-rag data dir holding models/ (default: settings)")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in both phases (0: torch's default)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--phase", choices=("cold", "warm"), help=argparse.SUPPRESS)
+    parser.add_argument("--store-dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.data_dir is None:
+        from app.settings import Settings
+
+        args.data_dir = Settings.from_env().data_dir
+    if args.phase:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        result = (phase_cold if args.phase == "cold" else phase_warm)(args)
+        print(json.dumps(result))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="ttft-store-") as store_dir:
+        args.store_dir = store_dir
+        cold = _child(args, "cold")
+        warm = _child(args, "warm")
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor()
+              or platform.machine(), "cpus": os.cpu_count(), "threads": cold["threads"], "model": args.model,
+              "repeats": args.repeats, "lengths": {}}
+    print(f"{'context':>8} {'prompt':>6} {'cold s':>8} | {'same prompt: warm s':>19} {'ratio':>6} {'reused':>6} | "
+          f"{'new question: warm s':>20} {'ratio':>6} {'reused':>6} | {'load ms/1k':>10} "
+          f"{'disk B/tok':>10} {'factor B/tok':>12}")
+    for length in args.lengths:
+        c, w = cold[str(length)], warm[str(length)]
+        same, new = w["same"], w["new_question"]
+        row = {**c, "warm_same": same, "warm_new_question": new,
+               "ratio_same": same["warm_s"] / c["cold_s"], "ratio_new_question": new["warm_s"] / c["cold_s"],
+               "restore_ms_per_1k_tokens": 1e3 * same["restore_s"] / same["reused"] * 1000,
+               "same_first_token": same["first_token"] == c["first_token"]}
+        report["lengths"][str(length)] = row
+        print(f"{length:>8} {c['prompt_tokens']:>6} {c['cold_s']:>8.3f} | {same['warm_s']:>19.3f} "
+              f"{row['ratio_same']:>6.3f} {same['reused']:>6} | {new['warm_s']:>20.3f} "
+              f"{row['ratio_new_question']:>6.3f} {new['reused']:>6} | {row['restore_ms_per_1k_tokens']:>10.1f} "
+              f"{c['disk_bytes_per_token']:>10.1f} {c['factor_bytes_per_token']:>12}")
+    print(f"first token equal cold/warm: {all(r['same_first_token'] for r in report['lengths'].values())}; "
+          f"warm-process hit rate {warm['hit_rate']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
