@@ -27,7 +27,7 @@ from retrieval.chunking import ChunkingConfig
 from retrieval.corpus import CollectionRow, CorpusDB
 from retrieval.embeddings import Embedder, SentenceTransformerEmbedder
 from retrieval.errors import (EmbeddingModelMismatchError, InvalidCollectionNameError, InvalidQueryError,
-                              SourceNotFoundError, UnknownDocumentError)
+                              SourceNotFoundError, UnknownCollectionError, UnknownDocumentError)
 from retrieval.index import IndexFileError, IndexParams, VectorIndex
 from retrieval.ingest import Ingestion
 from retrieval.records import CollectionInfo, DocumentInfo, DocumentText, Hit, IngestReport, ProgressCallback
@@ -135,6 +135,9 @@ class Corpus:
                 raise SourceNotFoundError(str(path))
         row = self._collection_for_write(collection)
         with self._file_lock(row.id):
+            current = self.db.get_collection(collection)
+            if current is None or current.id != row.id:  # deleted while we waited for the lock
+                raise UnknownCollectionError(collection)
             index = self._load_index(row, persist=False)
             try:
                 report = Ingestion(self.db, row, index, self.embedder, limits=self.limits, chunking=self.chunking,

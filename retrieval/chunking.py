@@ -158,7 +158,7 @@ class _Chunker:
             if j + 1 >= len(pieces):
                 break
             nxt = j + 1
-            if overlap and self.overlap_tokens > 0:
+            if overlap and self.overlap_tokens > 0 and nxt not in breaks_before:  # a heading starts afresh
                 back = j
                 while back > i and self.tokens(pieces[back][0], pieces[j][1]) <= self.overlap_tokens:
                     back -= 1
