@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 from sqlalchemy import func, select
-from store_workload import PAGE, factor_digest, make_config, namespace, prefill_paged, prompt
+from store_workload import PAGE, make_config, namespace, prefill_paged, prompt
 
 from tpa_core.store import FactorStore, StoreError
 from tpa_core.store.tables import Entry, Quarantined

@@ -1,6 +1,6 @@
 """`FactorStore`: prefix pages of factor caches, persisted as safetensors blobs and indexed in SQL.
 
-See `tpa_core.store` (the package docstring) for the API and docs/../cache-store.md for the design.
+See `tpa_core.store` (the package docstring) for the API and the design notes (cache-store.md) for the why.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,16 +20,16 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, delete, exists, select, update
 
 from tpa_core.store import blobs as blobfmt
+from tpa_core.store import maintenance
 from tpa_core.store.db import bump, chunks, ensure_counters, insert_ignore
 from tpa_core.store.errors import PageCorrupt, StoreError
 from tpa_core.store.eviction import Budget, admits, evict, usage
+from tpa_core.store.maintenance import REF_COLUMNS, PageRef, StoreStats, VerifyReport
 from tpa_core.store.keys import FORMAT_VERSION, PAGE_TOKENS, ExtraValue, canonical_json, namespace_key, page_key
 from tpa_core.store.reconcile import ReconcileReport, drop_stale_pending, reconcile, writer_alive, writer_id
 from tpa_core.store.tables import (
-    COUNTERS,
     PENDING,
     READY,
-    Counter,
     Entry,
     Link,
     Namespace,
@@ -47,67 +46,6 @@ log = logging.getLogger(__name__)
 
 # Config fields that shape RoPE; they also go into the namespace on their own (cache-store.md, point 1).
 _ROPE_FIELDS = ("head_dim", "max_position_embeddings")
-
-
-_REF_COLUMNS = (Entry.key, Entry.namespace, Entry.parent, Entry.kind, Entry.start, Entry.n_tokens, Entry.nbytes,
-                Entry.path, Entry.sha256)
-
-
-@dataclass(frozen=True)
-class PageRef:
-    """One ready entry as the index knows it (fields in the order of `_REF_COLUMNS`)."""
-
-    key: str
-    namespace: str
-    parent: str | None
-    kind: str
-    start: int
-    n_tokens: int
-    nbytes: int
-    path: str
-    sha256: str
-
-
-@dataclass
-class StoreStats:
-    entries: int
-    bytes: int
-    pinned_bytes: int
-    pending: int
-    namespaces: int
-    quarantined: int
-    budget_bytes: int
-    hits: int
-    misses: int
-    tokens_reused: int
-    tokens_requested: int
-    pages_written: int
-    rejected: int
-    evicted: int
-
-    @property
-    def hit_rate(self) -> float:
-        """Pages served / pages asked for, over the store's whole life (survives restarts)."""
-        asked = self.hits + self.misses
-        return self.hits / asked if asked else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "hit_rate": self.hit_rate}
-
-
-@dataclass
-class VerifyReport:
-    """`entries` ready entries checked; `ok` passed; `corrupt` failed now (and were quarantined);
-    `quarantined` pages in quarantine after the run (earlier ones included); `bytes` of the entries that passed."""
-
-    entries: int = 0
-    ok: int = 0
-    corrupt: int = 0
-    quarantined: int = 0
-    bytes: int = 0
-
-    def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -265,7 +203,7 @@ class FactorStore:
         found: dict[str, PageRef] = {}
         with self.engine.connect() as conn:
             for batch in chunks(keys):
-                for row in conn.execute(select(*_REF_COLUMNS).where(Entry.key.in_(batch), Entry.state == READY)):
+                for row in conn.execute(select(*REF_COLUMNS).where(Entry.key.in_(batch), Entry.state == READY)):
                     found[row.key] = PageRef(*row)
         chain: list[PageRef] = []
         for key in keys:
@@ -282,7 +220,7 @@ class FactorStore:
     def _find_tail(self, namespace: str, parent: str | None, rest: list[int],
                    extras: Mapping[str, ExtraValue] | None) -> PageRef | None:
         """The longest ready tail under `parent` whose tokens are a prefix of `rest`."""
-        query = select(*_REF_COLUMNS).where(Entry.namespace == namespace, Entry.kind == "tail", Entry.state == READY,
+        query = select(*REF_COLUMNS).where(Entry.namespace == namespace, Entry.kind == "tail", Entry.state == READY,
                                     Entry.n_tokens <= len(rest),
                                     Entry.parent.is_(None) if parent is None else Entry.parent == parent)
         with self.engine.connect() as conn:
@@ -313,8 +251,7 @@ class FactorStore:
             try:
                 tensors = blobfmt.read_page(
                     self.blobs_dir / ref.path, sha256=ref.sha256, layout=layout,
-                    expect={"namespace": namespace, "key": ref.key, "kind": ref.kind, "start": ref.start,
-                            "n_tokens": ref.n_tokens, "parent": ref.parent or ""},
+                    expect=ref.expect(),
                 )
             except FileNotFoundError:  # evicted by another process since the lookup: a plain miss
                 break
@@ -548,88 +485,28 @@ class FactorStore:
         with self.engine.connect() as conn:
             return sorted(conn.execute(select(Link.owner).where(Link.key == key)).scalars())
 
-    # ----- reporting and maintenance -------------------------------------------------------------------------
+    # ----- reporting and maintenance (tpa_core.store.maintenance) ----------------------------------------------
     def stats(self) -> StoreStats:
-        from sqlalchemy import func
-
-        now = usage(self.engine)
-        with self.engine.connect() as conn:
-            entries = conn.execute(select(func.count()).select_from(Entry).where(Entry.state == READY)).scalar_one()
-            pending = conn.execute(select(func.count()).select_from(Entry).where(Entry.state == PENDING)).scalar_one()
-            spaces = conn.execute(select(func.count()).select_from(Namespace)).scalar_one()
-            quarantined = conn.execute(select(func.count()).select_from(Quarantined)).scalar_one()
-            counters = dict(conn.execute(select(Counter.name, Counter.value)).all())
-        return StoreStats(entries=entries, bytes=now.total, pinned_bytes=now.pinned, pending=pending,
-                          namespaces=spaces, quarantined=quarantined, budget_bytes=self.budget.budget_bytes,
-                          **{name: int(counters.get(name, 0)) for name in COUNTERS})
+        """Entries, bytes, pins, quarantine and the lifetime counters (hits, misses, hit rate...)."""
+        return maintenance.collect_stats(self.engine, self.budget)
 
     def verify(self) -> VerifyReport:
         """Read and check every ready entry; bad ones are quarantined."""
-        from sqlalchemy import func
-
-        report = VerifyReport()
-        with self.engine.connect() as conn:
-            rows = [PageRef(*r) for r in conn.execute(select(*_REF_COLUMNS).where(Entry.state == READY)
-                                                      .order_by(Entry.namespace, Entry.start, Entry.key))]
-        for ref in rows:
-            report.entries += 1
-            try:
-                blobfmt.read_page(self.blobs_dir / ref.path, sha256=ref.sha256, layout=self._layout(ref.namespace),
-                                  expect={"namespace": ref.namespace, "key": ref.key, "kind": ref.kind,
-                                          "start": ref.start, "n_tokens": ref.n_tokens, "parent": ref.parent or ""})
-            except FileNotFoundError:
-                with self.engine.connect() as conn:
-                    still = conn.execute(select(Entry.key).where(Entry.key == ref.key)).first()
-                if still is None:  # evicted meanwhile: not checked after all
-                    report.entries -= 1
-                    continue
-                self._quarantine(ref.key, "the blob file is missing")
-                report.corrupt += 1
-                continue
-            except PageCorrupt as exc:
-                self._quarantine(ref.key, str(exc))
-                report.corrupt += 1
-                continue
-            report.ok += 1
-            report.bytes += ref.nbytes
-        with self.engine.connect() as conn:
-            report.quarantined = conn.execute(select(func.count()).select_from(Quarantined)).scalar_one()
-        return report
+        return maintenance.verify_all(self)
 
     def purge_quarantine(self) -> int:
         """Delete quarantined files and their records. Returns how many."""
-        with self.engine.begin() as conn:
-            rows = conn.execute(select(Quarantined.id, Quarantined.path)).all()
-            conn.execute(delete(Quarantined).where(Quarantined.id.in_([r[0] for r in rows])))
-        for _, path in rows:
-            if path:
-                (self.blobs_dir / path).unlink(missing_ok=True)
-        return len(rows)
+        return maintenance.purge_quarantine(self.engine, self.blobs_dir)
 
     def gc(self) -> dict[str, int]:
         """Reconcile, apply the budget, purge the quarantine, drop empty folders."""
         report = self.reconcile()
         evicted, freed = self.evict()
         purged = self.purge_quarantine()
-        for root, dirs, files in os.walk(self.blobs_dir, topdown=False):
-            if Path(root) != self.blobs_dir and not dirs and not files:
-                try:
-                    os.rmdir(root)
-                except OSError:
-                    pass  # a writer just put a file there
+        maintenance.drop_empty_folders(self.blobs_dir)
         return {**dataclasses.asdict(report), "evicted": evicted, "freed_bytes": freed, "quarantine_purged": purged}
 
     def clear(self, *, include_pinned: bool = False) -> int:
         """Delete every ready entry (pinned ones and their links too with `include_pinned`, which also resets
         the counters). Returns the entries deleted."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(Entry.key, Entry.path, Entry.pinned).where(Entry.state == READY)).all()
-        removed = sum(self._remove(k, p, pinned_ok=include_pinned) for k, p, pinned in rows
-                      if include_pinned or not pinned)
-        self.purge_quarantine()
-        if include_pinned:
-            with self.engine.begin() as conn:
-                conn.execute(delete(Link))
-                conn.execute(update(Counter).values(value=0))
-            shutil.rmtree(self.blobs_dir / blobfmt.QUARANTINE_DIR, ignore_errors=True)
-        return removed
+        return maintenance.clear(self, include_pinned=include_pinned)
