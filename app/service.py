@@ -108,6 +108,7 @@ class _AskJob:
     temperature: float
     t_start: float  # when ask_stream was called
     context: list[dict] = field(default_factory=list)  # retrieval mode: the context as rendered, for follow-ups
+    boundaries: list[int] = field(default_factory=list)  # prefix lengths worth a cache entry of their own
     t_submit: float = 0.0  # when the job was handed to the worker (the wait for it is not the ask's latency)
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -212,9 +213,10 @@ class ChatService:
         return self._namespace
 
     def warm_up(self) -> None:
-        """Load the model, open the store and the corpus now (the server does this before it listens)."""
+        """Load the model and the embedder, open the store and the corpus now (the server does this before it
+        listens, so the first question does not pay for it)."""
         self.namespace()
-        _ = self.corpus
+        self.corpus.embedder.embed(["warm up"])
 
     # ----- collections -----------------------------------------------------------------------------------------
     def collection_names(self) -> list[str]:
@@ -409,12 +411,17 @@ class ChatService:
             prompt_ids = tokenizer.encode_chat(fitted.messages)
         if info is None:
             info = self._sessions.create(collection)
+        # Where the system message (instructions + context) ends: the store keeps a tail there, so the next
+        # question on the same context reuses all of it, not only its full pages.
+        head = tokenizer.encode(tokenizer.apply_chat_template(fitted.messages[:1], add_generation_prompt=False),
+                                add_special_tokens=False)
+        boundaries = [len(head)] if prompt_ids[:len(head)] == head else []
         sources = [dict(u.source(), ref=number) for number, u in enumerate(fitted.units, start=1)
                    if u.sort_key in hits]
         job = _AskJob(
             session_id=info.id, question=question, mode="pinned" if pinned else "retrieval", prompt_ids=prompt_ids,
             sources=sources, left_out=fitted.left_out, max_new_tokens=max_new, temperature=temperature,
-            t_start=t_start, context=[] if pinned else [u.to_dict() for u in fitted.units],
+            t_start=t_start, context=[] if pinned else [u.to_dict() for u in fitted.units], boundaries=boundaries,
         )
         yield AskEvent("start", info.id, sources=job.sources, left_out=job.left_out)
         job.t_submit = time.perf_counter()
@@ -512,7 +519,7 @@ class ChatService:
         owner = _pin_owner(job.session_id)
         store.unpin(owner)
         store.pin(store.prefix_keys(namespace, seen), owner)
-        store.save(namespace, seen, cache)
+        store.save(namespace, seen, cache, boundaries=[b for b in job.boundaries if b < len(seen)])
         if not finish:
             log.info("ask in session %s cancelled after %d tokens", job.session_id, len(answer_ids))
             return

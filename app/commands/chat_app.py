@@ -74,6 +74,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.demo:
             service.ensure_demo_collection(DEMO_COLLECTION, args.demo, progress=_progress_printer())
+        service.warm_up()
         demo = ui.build_app(service)
         print(f"tpa-rag: serving on http://{args.host}:{args.port} (Ctrl+C stops)", file=sys.stderr)
         ui.launch(demo, service, host=args.host, port=args.port, auth=auth, block=True)

@@ -105,5 +105,5 @@ def run_flow(url: str, screenshot: Path, *, upload: list[Path] | None = None, co
 
 
 if __name__ == "__main__":
-    flow = run_flow(sys.argv[1], Path(sys.argv[2]))
+    flow = run_flow(sys.argv[1], Path(sys.argv[2]), timeout_ms=600_000)  # a real model on a CPU takes its time
     print(flow)
