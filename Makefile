@@ -21,9 +21,13 @@ $(STAMP): pyproject.toml
 system-deps:
 	@bash .ci/system-deps.sh
 
+# First run: fetch the default model and index this project's README, docs and source as the demo collection
+# `tpa-rag` (later runs find both and start at once). Then serve on http://127.0.0.1:7860.
+DEMO_PATHS := README.md docs app tpa_core kernels retrieval
+
 run: setup
 	$(BIN)/tpa-rag models fetch
-	$(BIN)/tpa-rag serve
+	$(BIN)/tpa-rag serve --demo $(DEMO_PATHS)
 
 test: setup system-deps
 	$(BIN)/python -m pytest -q
