@@ -47,6 +47,7 @@ def test_round_trip_is_exact(store, ns, tiny_model):
     assert store.restore(ns, ids, full, limit=700) == 700 and _exports_equal(cache, full, 700)
     part = tiny_model.new_cache()
     assert store.restore(ns, ids, part, limit=300) == 300 and _exports_equal(cache, part, 300)
+    assert store.restore(ns, prompt(3, 400), part) == 0 and part.length(0) == 0  # a miss leaves it empty
 
 
 def test_restore_into_a_batch_row(store, ns, tiny_model, tiny_config):

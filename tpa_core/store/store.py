@@ -235,13 +235,14 @@ class FactorStore:
         """Load the longest cached prefix of `token_ids` into sequence `seq` of `cache` at position 0.
 
         Returns the number of tokens restored, P: the cache then holds tokens [0, P) and the caller prefills
-        `token_ids[P:]`. At most `limit` tokens are restored (default `len(token_ids) - 1`: the last token is
+        `token_ids[P:]` (whatever the sequence held before is dropped, even when nothing is found). At most `limit` tokens are restored (default `len(token_ids) - 1`: the last token is
         always left to prefill, since its logits are needed). Every page is verified before it is imported;
         a bad page is quarantined (warning) and the restore stops before it - a miss, recomputed by the caller.
         """
         ids = _ids(token_ids)
         limit = len(ids) - 1 if limit is None else min(limit, len(ids))
         layout = self._layout(namespace)  # also rejects an unknown namespace
+        cache.truncate(seq, 0)
         if limit <= 0:
             return 0
         chain = self.lookup(namespace, ids, limit=limit, extras=extras)
