@@ -88,8 +88,9 @@ def build_app(service: ChatService) -> gr.Blocks:
         import pandas as pd
 
         rows = service.ttft_history(session_id) if session_id else []
-        frame = pd.DataFrame(rows, columns=["turn", "ttft_ms", "reused_tokens"])
-        return frame.astype({"turn": "int64", "ttft_ms": "float64", "reused_tokens": "int64"})  # numeric axes
+        frame = pd.DataFrame([(turn, ms / 1000, reused) for turn, ms, reused in rows],
+                             columns=["turn", "ttft_s", "reused_tokens"])
+        return frame.astype({"turn": "int64", "ttft_s": "float64", "reused_tokens": "int64"})  # numeric axes
 
     def cache_text() -> str:
         return ui_render.cache_markdown(service.cache_stats())
@@ -141,9 +142,9 @@ def build_app(service: ChatService) -> gr.Blocks:
             with gr.Column(scale=1, min_width=260):
                 gr.Markdown("### Cache")
                 cache_stats = gr.Markdown(cache_text(), elem_id="cache-stats")
-                ttft_plot = gr.LinePlot(ttft_frame(""), x="turn", y="ttft_ms", title="Time to first token per turn",
-                                        x_title="turn", y_title="ms", y_lim=[0, None],
-                                        tooltip=["turn", "ttft_ms", "reused_tokens"], height=220,
+                ttft_plot = gr.LinePlot(ttft_frame(""), x="turn", y="ttft_s", title="Time to first token per turn",
+                                        x_title="turn", y_title="seconds", y_lim=[0, None],
+                                        tooltip=["turn", "ttft_s", "reused_tokens"], height=220,
                                         elem_id="ttft-plot")
                 clear_cache = gr.Button("Clear cache", size="sm", variant="stop", elem_id="clear-cache")
                 with gr.Accordion("Settings", open=False):
