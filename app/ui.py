@@ -326,14 +326,14 @@ def build_app(service: ChatService) -> gr.Blocks:
                 else:
                     answer += event.text
                     yield {"answer": answer, "session_id": event.session_id,
-                           "sources": [ui_render_public(s) for s in event.sources], "metrics": None,
+                           "sources": [public_source(s) for s in event.sources], "metrics": None,
                            "left_out": list(event.left_out)}
 
         gr.api(ask, api_name="ask", concurrency_id=MODEL_QUEUE, concurrency_limit=1)
     return demo
 
 
-def ui_render_public(source: dict) -> dict:
+def public_source(source: dict) -> dict:
     """A source as the JSON contract has it: path, line range and score (the text stays in the UI)."""
     return {key: source.get(key) for key in ("path", "start_line", "end_line", "score")}
 
