@@ -1,0 +1,55 @@
+"""Two app replicas on one PostgreSQL database and one data folder: a session started on one is resumed on the
+other, whose follow-up reuses the cache pages the first one wrote (the README's scale-out setup)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.postgres
+
+QUESTION = "How does the cache store key its entries?"
+
+
+@pytest.fixture(scope="module")
+def postgres_server():
+    """The store tests' throwaway PostgreSQL server (tests/store/conftest.py), or a skip saying why."""
+    import subprocess
+
+    spec = importlib.util.spec_from_file_location(
+        "store_test_fixtures", Path(__file__).resolve().parents[1] / "store" / "conftest.py")
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)
+    try:
+        server = fixtures.PostgresServer()
+    except (RuntimeError, OSError, KeyError, LookupError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"PostgreSQL app tests skipped: no server could be started ({exc})")
+    yield server
+    server.stop()
+
+
+def test_replicas_share_sessions_collections_and_cache(postgres_server, data_dir, corpus_dir, tiny_model):
+    from app.service import ChatService
+    from app.settings import Settings
+    from tiny import HashingEmbedder
+
+    settings = Settings(data_dir=data_dir, database_url=postgres_server.create_database(), top_k=3,
+                        max_new_tokens=12)
+    first = ChatService(settings, model=tiny_model, embedder=HashingEmbedder())
+    second = ChatService(settings, model=tiny_model, embedder=HashingEmbedder())
+    try:
+        first.ingest_paths("docs", [str(corpus_dir)])
+        asked = first.ask(QUESTION, "docs")
+        assert second.collection_names() == ["docs"]
+        info, turns = second.session(asked.session_id)
+        assert info.collection == "docs" and [t.answer for t in turns] == [asked.answer]
+        follow = second.ask("And what is the namespace?", "docs", asked.session_id)
+        assert follow.metrics["reused_tokens"] >= 256  # pages written by the other replica
+        assert [t.question for t in first.session(asked.session_id)[1]] == [QUESTION, "And what is the namespace?"]
+        second.delete_session(asked.session_id)
+        assert first.sessions() == []
+    finally:
+        first.close()
+        second.close()
