@@ -27,7 +27,8 @@ from app.context import ContextUnit, canonical, fit_prompt
 from app.database import make_engine
 from app.errors import AppError
 from app.sessions import SessionInfo, SessionStore, Turn
-from app.tokens import encode_conversation
+from app.tokens import REPEATS, encode_conversation, repeating
+from app.worker import ModelWorker, WorkerClosedError
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -37,10 +38,6 @@ log = logging.getLogger(__name__)
 MAX_QUESTION_CHARS = 8_000
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024**2
 MAX_TOP_K = 50
-# Generation stops when the answer ends with the same block of ids REPEATS times (8..200 ids per block).
-REPEATS = 3
-MIN_REPEAT_PERIOD = 8
-MAX_REPEAT_PERIOD = 200
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what)
 
 
@@ -140,8 +137,7 @@ class ChatService:
         self._namespace: str | None = None
         self._cache: Any = None  # the live FactorCache, owned by the worker thread
         self._open_lock = threading.Lock()
-        self._jobs: queue.Queue = queue.Queue()
-        self._worker: threading.Thread | None = None
+        self._worker = ModelWorker()
         self._closed = False
 
     # ----- lazily opened parts ---------------------------------------------------------------------------------
@@ -425,7 +421,10 @@ class ChatService:
         )
         yield AskEvent("start", info.id, sources=job.sources, left_out=job.left_out)
         job.t_submit = time.perf_counter()
-        self._submit(job)
+        try:
+            self._worker.submit(self._ask_job(job))
+        except WorkerClosedError:
+            raise AppError("the service is closed") from None
         finished = False
         try:
             while True:
@@ -442,35 +441,14 @@ class ChatService:
                 job.cancelled.set()  # the consumer went away: stop generating, keep the cache pages
 
     # ----- the model worker -----------------------------------------------------------------------------------------
-    def _submit(self, job: Any) -> None:
-        if self._closed:
-            raise AppError("the service is closed")
-        with self._open_lock:
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._work, name="tpa-rag-model-worker", daemon=True)
-                self._worker.start()
-        self._jobs.put(job)
-
     def _run_on_worker(self, fn: Callable[[], Any]) -> Any:
-        box: queue.Queue = queue.Queue()
-        self._submit((fn, box))
-        ok, value = box.get()
-        if not ok:
-            raise value
-        return value
+        try:
+            return self._worker.call(fn)
+        except WorkerClosedError:
+            raise AppError("the service is closed") from None
 
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            if isinstance(job, tuple):
-                fn, box = job
-                try:
-                    box.put((True, fn()))
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    box.put((False, exc))
-                continue
+    def _ask_job(self, job: _AskJob) -> Callable[[], None]:
+        def run() -> None:
             try:
                 self._run_ask(job)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer of the stream
@@ -479,6 +457,8 @@ class ChatService:
                 job.events.put(exc)
             finally:
                 job.events.put(_DONE)
+
+        return run
 
     def _run_ask(self, job: _AskJob) -> None:
         """Restore -> prefill the rest -> stream -> save pages, pin, persist the turn. Runs on the worker."""
@@ -597,23 +577,8 @@ class ChatService:
         if self._closed:
             return
         self._closed = True
-        if self._worker is not None and self._worker.is_alive():
-            self._jobs.put(None)
-            self._worker.join(timeout=60)
+        self._worker.close()
         self._engine.dispose()
-
-
-def repeating(ids: Sequence[int], min_period: int = MIN_REPEAT_PERIOD, max_period: int = MAX_REPEAT_PERIOD) -> int:
-    """The period p when the last REPEATS * p ids are one block of p ids repeated (a small model stuck in a
-    loop, as greedy decoding of a 135M model often is), else 0. Blocks shorter than `min_period` ids (a word
-    or two said twice) never count."""
-    n = len(ids)
-    for p in range(min_period, min(max_period, n // REPEATS) + 1):
-        if ids[-1] != ids[-1 - p]:
-            continue
-        if all(ids[n - p:] == ids[n - (k + 1) * p:n - k * p] for k in range(1, REPEATS)):
-            return p
-    return 0
 
 
 def _follow_up_context(earlier: list[ContextUnit], retrieved: list[ContextUnit]) -> list[ContextUnit]:

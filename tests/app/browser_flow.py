@@ -97,6 +97,8 @@ def run_flow(url: str, screenshot: Path, *, upload: list[Path] | None = None, co
                 if close.is_visible():
                     close.click()
             screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.evaluate("""() => document.querySelectorAll('#chat *').forEach(el => {
+                if (el.scrollHeight > el.clientHeight + 4) el.scrollTop = el.scrollHeight; })""")
             page.wait_for_timeout(500)
             page.screenshot(path=str(screenshot), full_page=True)
         finally:

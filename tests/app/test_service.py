@@ -232,7 +232,7 @@ def test_follow_up_keeps_the_earlier_context_in_place(make_service, corpus_dir):
 
 
 def test_repetition_detector():
-    from app.service import repeating
+    from app.tokens import repeating
 
     block = list(range(100, 112))
     assert repeating([1, 2, 3] + block * 3) == 12
