@@ -143,7 +143,7 @@ class TPAAttention(FusedParams):
         B, N, _ = x.shape
         H, D = self.n_heads, self.head_dim
         y = F.linear(x, self.w_in, self.b_in)  # [B, N, sum of parts]
-        parts = dict(zip(self.part_names, y.split(self.part_sizes, dim=-1)))
+        parts = dict(zip(self.part_names, y.split(self.part_sizes, dim=-1)))  # [B, N, rows of each part]
         out: dict[str, Tensor] = {}
         if self.form == "contextual":
             out["aq"] = parts["aq"].view(B, N, H, self.q_rank)  # [B, N, H, R_Q]

@@ -93,12 +93,15 @@ class FactorCache:
 
     @torch.inference_mode()
     def reserve(self, total: int) -> None:
-        """Make room for `total` tokens per sequence, doubling the capacity (contents preserved)."""
+        """Make room for `total` tokens per sequence, doubling the capacity (contents preserved, capped at the
+        model's context window unless `total` itself is larger)."""
         if total <= self.capacity:
             return
         new_cap = self.capacity
         while new_cap < total:
             new_cap *= 2
+        # no slack past the context window: the model never runs beyond it
+        new_cap = max(total, min(new_cap, self.config.max_position_embeddings))
         keep = max(self._lens)
         for name, old in self.storage.items():
             new = torch.empty((old.shape[0], old.shape[1], new_cap, *old.shape[3:]), dtype=old.dtype,

@@ -82,6 +82,8 @@ def test_growth_preserves_contents(helpers, form):
         for key, value in cache.export(b, 0, cache.length(b)).items():
             assert torch.equal(value, snapshot[b][key]), key
     assert cache.lengths.tolist() == [3, 4]
+    cache.reserve(cache.config.max_position_embeddings - 5)
+    assert cache.capacity == cache.config.max_position_embeddings  # doubling stops at the context window
 
 
 def test_truncate_and_errors(helpers):
