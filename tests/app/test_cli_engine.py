@@ -109,7 +109,7 @@ def _cli(*argv: str, stdin: str = "") -> subprocess.CompletedProcess:
 
 
 def test_chat_reads_turns_from_a_pipe(data, tiny_gguf):
-    done = _cli("--data-dir", str(data), "--model", str(tiny_gguf), "chat", "--max-new-tokens", "6",
+    done = _cli("--data-dir", str(data), "--model", str(tiny_gguf), "chat", "--max-new-tokens", "6", "--threads", "1",
                 stdin="hello\n\nthe wall\n/reset\nagain\n/exit\nnot read\n")
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.splitlines()) >= 3  # one reply per turn (a reply may hold newlines)
