@@ -8,6 +8,8 @@ torch thread count:
 - decode: greedy `generate` of 64 new tokens after that prompt (EOS disabled so every run decodes all 64);
   tokens/s = 63 / (time(64 tokens) - time(first token)): transformers as time(generate 64) - time(generate 1).
 - load: the second load of the default model from the model cache (in this process, and in a fresh one).
+- weights-only ceiling: tokens/s of one GEMV per weight matrix (float32, and bfloat16/float16 copies): what a
+  decode step cannot beat, since it streams every weight once.
 
 Medians of --repeats runs per figure. llama.cpp is reported only where installed (llama-cli / llama-bench on PATH
 or the llama_cpp package).
@@ -129,6 +131,27 @@ def bench_hf(gguf: Path, ids: list[int], new_tokens: int, repeats: int) -> dict:
     return {"prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": (new_tokens - 1) / max(full - first, 1e-9)}
 
 
+def weight_floor(loaded, repeats: int) -> dict:
+    """Decode ceiling set by the weights alone: tokens/s of one GEMV per weight matrix of the model (what every
+    decode step must stream from memory), in float32 as loaded, and with float16 / bfloat16 copies."""
+    mats = [p.detach() for p in loaded.model.parameters() if p.dim() == 2]  # embedding doubles as the tied head
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ws = [w.to(dtype) for w in mats]
+        xs = {w.shape[1]: torch.randn(1, w.shape[1]).to(dtype) for w in ws}
+
+        def one_pass() -> float:
+            start = time.perf_counter()
+            for w in ws:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
+            return time.perf_counter() - start
+
+        one_pass()
+        out[str(dtype).replace("torch.", "")] = 1.0 / median_of(repeats, one_pass)
+        del ws
+    return {"weights_only_decode_tok_s": out}
+
+
 def load_times(models_dir: Path, name: str) -> dict:
     from tpa_core.loading import load_model
 
@@ -170,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         ours = bench_ours(loaded, ids, args.new_tokens, args.repeats)
-        row = {"threads": threads, "ours": ours}
+        row = {"threads": threads, "ours": ours, **weight_floor(loaded, args.repeats)}
         if not args.skip_hf:
             hf = bench_hf(gguf, ids, args.new_tokens, args.repeats)
             row["transformers"] = hf
@@ -186,13 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows, "llama.cpp": llama_cpp_status(), **load_times(args.models_dir, args.model),
     }
     print(json.dumps(report, indent=1))
-    print(f"\n| threads | ours prefill tok/s | HF prefill tok/s | ratio | ours decode tok/s | HF decode tok/s | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| threads | ours prefill tok/s | HF prefill tok/s | ratio | ours decode tok/s | HF decode tok/s | ratio "
+          "| weights-only ceiling f32 / bf16 / f16 tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         hf = row.get("transformers", {})
         print(f"| {row['threads']} | {row['ours']['prefill_tok_s']:.0f} | {hf.get('prefill_tok_s', float('nan')):.0f} "
               f"| {row.get('prefill_ratio', float('nan')):.2f}x | {row['ours']['decode_tok_s']:.1f} "
-              f"| {hf.get('decode_tok_s', float('nan')):.1f} | {row.get('decode_ratio', float('nan')):.2f}x |")
+              f"| {hf.get('decode_tok_s', float('nan')):.1f} | {row.get('decode_ratio', float('nan')):.2f}x "
+              f"| {' / '.join(f'{v:.1f}' for v in row['weights_only_decode_tok_s'].values())} |")
     return 0
 
 
