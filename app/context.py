@@ -108,11 +108,12 @@ def canonical(units: Sequence[ContextUnit]) -> list[ContextUnit]:
 
 
 def render_context(units: Sequence[ContextUnit]) -> str:
-    """The numbered context block, in the order given (numbers follow it)."""
-    parts = []
-    for number, unit in enumerate(units, start=1):
-        parts.append(f"[{number}] {unit.label()}\n{unit.text.rstrip()}\n")
-    return "\n".join(parts)
+    """The numbered context block, in the order given (numbers follow it).
+
+    Each unit ends with one newline and the next starts with "[": byte-level BPE never merges across that
+    boundary, so the tokens of a context are a prefix of the tokens of the same context with units appended
+    (a blank line between units would become one "\n\n" token once something follows it)."""
+    return "".join(f"[{number}] {unit.label()}\n{unit.text.rstrip()}\n" for number, unit in enumerate(units, 1))
 
 
 def build_messages(

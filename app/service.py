@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.context import ContextUnit, canonical, fit_prompt
+from app.context import ContextUnit, canonical, fit_prompt, render_context
 from app.database import make_engine
 from app.errors import AppError
 from app.sessions import SessionInfo, SessionStore, Turn
@@ -407,11 +407,7 @@ class ChatService:
             prompt_ids = tokenizer.encode_chat(fitted.messages)
         if info is None:
             info = self._sessions.create(collection)
-        # Where the system message (instructions + context) ends: the store keeps a tail there, so the next
-        # question on the same context reuses all of it, not only its full pages.
-        head = tokenizer.encode(tokenizer.apply_chat_template(fitted.messages[:1], add_generation_prompt=False),
-                                add_special_tokens=False)
-        boundaries = [len(head)] if prompt_ids[:len(head)] == head else []
+        boundaries = _context_end(tokenizer, fitted.messages, fitted.units, prompt_ids)
         sources = [dict(u.source(), ref=number) for number, u in enumerate(fitted.units, start=1)
                    if u.sort_key in hits]
         job = _AskJob(
@@ -579,6 +575,23 @@ class ChatService:
         self._closed = True
         self._worker.close()
         self._engine.dispose()
+
+
+def _context_end(tokenizer: Any, messages: list[dict[str, str]], units: Sequence[ContextUnit],
+                 prompt_ids: list[int]) -> list[int]:
+    """[the number of prompt tokens up to the end of the context], or [] where that is not a token boundary.
+
+    The store keeps a tail entry there, so the next question on the same context (a new session) and a follow-up
+    that appends chunks to it reuse all of it, not only its full 256-token pages."""
+    if not units:
+        return []
+    full = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    block = render_context(units)
+    at = full.find(block)
+    if at < 0:
+        return []
+    head = tokenizer.encode(full[:at + len(block)], add_special_tokens=False)
+    return [len(head)] if prompt_ids[:len(head)] == head else []
 
 
 def _follow_up_context(earlier: list[ContextUnit], retrieved: list[ContextUnit]) -> list[ContextUnit]:
