@@ -68,8 +68,9 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cache: FactorCache, layer: int, step: StepInfo) -> Tensor:
         """x `[B, N, d]` -> `[B, N, d]`."""
-        x = x + self.attn(self.attn_norm(x), cache, layer, step)
-        return x + self.mlp(self.mlp_norm(x))
+        # .forward directly: nn.Module.__call__ costs a few microseconds, ~150 calls per decoded token
+        x = x + self.attn.forward(self.attn_norm.forward(x), cache, layer, step)
+        return x + self.mlp.forward(self.mlp_norm.forward(x))
 
 
 class TPAModel(nn.Module):
@@ -145,7 +146,7 @@ class TPAModel(nn.Module):
                         rope=self.rope.tables(positions, self.dtype), backend=self.attention_backend)
         x = self.embed(tokens)  # [B, N, d]
         for i, block in enumerate(self.layers):
-            x = block(x, cache, i, step)
+            x = block.forward(x, cache, i, step)
         cache.advance(N, rows)
         if last_only:
             x = x[:, -1:]  # [B, 1, d]
