@@ -32,6 +32,14 @@ ROPE_SCALING_KEYS: dict[str, tuple[str, ...]] = {
 # Scalings that need the pre-training context length; it defaults to max_position_embeddings (as in transformers).
 ROPE_SCALING_WITH_ORIGINAL = ("dynamic", "llama3", "yarn")
 HF_ARCHITECTURES = ("llama", "qwen2", "mistral")
+# The paper's T6 sizes (tpa-reference.md): name -> (layers, d_model, heads, heads of the KV-only variant);
+# all with head_dim 64, q_rank 6, rank 2 and a 1024-token context.
+T6_PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "t6-124m": (12, 768, 34, 22),
+    "t6-353m": (24, 1024, 47, 29),
+    "t6-773m": (36, 1280, 61, 37),
+    "t6-1.5b": (48, 1600, 78, 47),
+}
 
 
 @dataclass
@@ -258,6 +266,17 @@ class TPAConfig:
             rope_tables_bf16=True, max_position_embeddings=int(t6.get("block_size", 1024)), tie_embeddings=True,
             bos_token_id=None, eos_token_ids=(50256,), arch="t6",
         )
+
+
+    @classmethod
+    def t6_preset(cls, name: str, kv_only: bool = False) -> TPAConfig:
+        """One of the paper's T6 configurations (`T6_PRESETS`), contextual or KV-only."""
+        if name not in T6_PRESETS:
+            raise TPAError(f"unknown T6 preset {name!r}; known: {', '.join(T6_PRESETS)}")
+        layers, d, heads, kv_heads = T6_PRESETS[name]
+        return cls.from_t6_config(dict(vocab_size=50304, n_layer=layers, n_head=kv_heads if kv_only else heads,
+                                       head_dim=64, n_embd=d, rank=2, q_rank=6, block_size=1024),
+                                  kv_only=kv_only)
 
 
 def _normalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:

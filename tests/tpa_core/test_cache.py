@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tpa_core.cache import FactorCache, nbytes_per_token
-from tpa_core.config import TPAConfig
+from tpa_core.config import T6_PRESETS, TPAConfig
 from tpa_core.errors import TPAError
 
 
@@ -120,6 +120,12 @@ def test_bytes_per_token_match_the_paper():
                                        q_rank=6, block_size=1024))
     assert nbytes_per_token(t6, torch.bfloat16) == 784 * 12
     assert FactorCache(t6, capacity=1, dtype=torch.bfloat16).nbytes_per_token() == 784 * 12
+    for name, per_layer in zip(T6_PRESETS, (784, 888, 1000, 1136)):  # the paper's table
+        preset = TPAConfig.t6_preset(name)
+        assert nbytes_per_token(preset, torch.bfloat16) == per_layer * preset.n_layers, name
+        assert TPAConfig.t6_preset(name, kv_only=True).form == "kv_only"
+    with pytest.raises(TPAError, match="unknown T6 preset"):
+        TPAConfig.t6_preset("t6-7b")
     gqa = TPAConfig(vocab_size=10, d_model=64, n_layers=1, n_heads=8, head_dim=64, k_rank=2, v_rank=2,
                     mlp_hidden=8, contextual_kv=False)
     assert nbytes_per_token(gqa, torch.bfloat16) == 2 * 2 * 64 * 2 == gqa.cache_bytes_per_token(2)
