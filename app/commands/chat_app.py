@@ -100,6 +100,7 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     question = " ".join(args.question)
     service = _service(settings)
     try:
+        service.warm_up()  # the model and the embedder load before the clock of the answer starts
         options = service.options(top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature,
                                   documents=tuple(args.document) if args.document else None)
