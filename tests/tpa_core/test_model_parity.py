@@ -118,11 +118,11 @@ def test_factor_forms_match_the_paper_oracle(helpers, form):
     assert (got.double() - want).abs().max().item() <= helpers.TOL["float32_vs_float64"]
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 7, 64])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_chunked_prefill_equals_one_shot(helpers, form, chunk):
     config = helpers.tiny_config(form)
     model = helpers.random_model(config)
-    tokens = torch.randint(0, config.vocab_size, (29,))
+    tokens = torch.randint(0, config.vocab_size, (29,))  # 29 = 4 * 7 + 1: a 1-token last chunk
     one, chunked = model.new_cache(capacity=4), model.new_cache(capacity=4)
     a = prefill(model, one, tokens, chunk_size=64)
     b = prefill(model, chunked, tokens, chunk_size=chunk)
