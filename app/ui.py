@@ -309,10 +309,13 @@ def build_app(service: ChatService) -> gr.Blocks:
 
         model.input(on_model, [model], [cache_stats], concurrency_id=MODEL_QUEUE, api_visibility="private")
 
-        def on_load() -> tuple:
-            return cache_text(), gr.update(choices=service.collection_names())
+        def on_load(coll: str | None) -> tuple:  # what other tabs, the CLI or other replicas changed meanwhile
+            names = service.collection_names()
+            coll = coll if coll in names else (names[0] if names else None)
+            return (cache_text(), gr.update(choices=names, value=coll),
+                    gr.update(choices=session_choices(coll), value=None))
 
-        demo.load(_guard(on_load), None, [cache_stats, collection], api_visibility="private")
+        demo.load(_guard(on_load), [collection], [cache_stats, collection, session_list], api_visibility="private")
 
         # ---- the named API endpoint (same object as `tpa-rag ask --json`) ---------------------------------
         @_guard

@@ -31,6 +31,15 @@ def toasts(page) -> list[str]:
     return [t.strip() for t in page.locator("[data-testid='toast-body']").all_inner_texts()]
 
 
+def wait_for_toast(page, text: str, timeout_ms: int) -> str:
+    """Wait until a notification containing `text` shows (they fade after a while: read them when they come)."""
+    selector = "[data-testid='toast-body']"
+    page.wait_for_function(
+        f"[...document.querySelectorAll({selector!r})].some(t => t.innerText.includes({text!r}))",
+        timeout=timeout_ms)
+    return next(t for t in toasts(page) if text in t)
+
+
 def wait_for_answers(page, n: int, timeout_ms: int) -> None:
     page.wait_for_function(f"document.querySelectorAll('#chat .tpa-metrics').length >= {n}", timeout=timeout_ms)
 
@@ -58,9 +67,7 @@ def run_flow(url: str, screenshot: Path, *, upload: list[Path] | None = None, co
             page.wait_for_selector("#question textarea", timeout=timeout_ms)
             if oversized:  # refused by the upload itself, with the size limit in the message
                 page.set_input_files("#upload input[type=file]", [str(oversized)])
-                page.wait_for_function(
-                    "[...document.querySelectorAll(\"[data-testid='toast-body']\")]"
-                    ".some(t => t.innerText.includes('exceed the maximum allowed size'))", timeout=timeout_ms)
+                result.toasts.append(wait_for_toast(page, "exceed the maximum allowed size", timeout_ms))
             if upload:
                 page.fill("#new-collection textarea", collection)
                 files = [str(f) for f in upload] + ([str(bad_upload)] if bad_upload else [])
@@ -70,11 +77,11 @@ def run_flow(url: str, screenshot: Path, *, upload: list[Path] | None = None, co
                     timeout=timeout_ms)
                 page.click("#ingest")
                 page.wait_for_selector("#ingest-summary :text('indexed')", timeout=timeout_ms)
+                if bad_upload:
+                    result.toasts.append(wait_for_toast(page, bad_upload.name, timeout_ms))
                 # The question box is empty: asking must be refused with a message, the chat left as it was.
                 page.click("#ask")
-                page.wait_for_function(
-                    "[...document.querySelectorAll(\"[data-testid='toast-body']\")]"
-                    ".some(t => t.innerText.includes('the question is empty'))", timeout=timeout_ms)
+                result.toasts.append(wait_for_toast(page, "the question is empty", timeout_ms))
             else:
                 page.wait_for_function("document.querySelector('#collection input').value.length > 0",
                                        timeout=timeout_ms)
@@ -92,7 +99,6 @@ def run_flow(url: str, screenshot: Path, *, upload: list[Path] | None = None, co
                 if m:
                     result.metrics.append((int(m[1].replace(",", "")), int(m[2].replace(",", ""))))
             result.answers = page.locator("#chat .message-row.bot-row, #chat [data-testid='bot']").all_inner_texts()
-            result.toasts = toasts(page)
             for close in page.locator("[data-testid='toast-close']").all():
                 if close.is_visible():
                     close.click()
