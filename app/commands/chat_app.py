@@ -72,7 +72,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         raise AppError(f"--port must be 1..65535, got {args.port}")
     service = _service(settings)
     try:
-        if args.demo:
+        if args.demo and DEMO_COLLECTION not in service.collection_names():
+            print(f"tpa-rag: first run: indexing {' '.join(args.demo)} as the collection {DEMO_COLLECTION!r} "
+                  f"(a few minutes on a small CPU)", file=sys.stderr)
             service.ensure_demo_collection(DEMO_COLLECTION, args.demo, progress=_progress_printer())
         service.warm_up()
         demo = ui.build_app(service)
