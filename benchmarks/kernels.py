@@ -85,17 +85,29 @@ class Runner:
         del graph
         return statistics.median(times)
 
-    def copy_bandwidth(self) -> float:
-        """Device-to-device copy bandwidth, bytes read + written per second (2 GiB buffers)."""
+    def copy_bandwidth(self) -> dict[str, float]:
+        """Device-to-device bandwidth (bytes read + written per second) of three ways to copy 4 GiB buffers."""
         if not self.cuda:
-            return float("nan")
-        n = (2 << 30) // 2
+            return {"max": float("nan")}
+        n = (4 << 30) // 2
         src = torch.empty(n, dtype=torch.bfloat16, device=self.device).normal_()
         dst = torch.empty_like(src)
-        us = self.time_calls([lambda: dst.copy_(src)])
+        moved = 2 * n * 2
+        res = {"copy_": moved / (self.time_calls([lambda: dst.copy_(src)]) * 1e-6),
+               "mul_out": moved / (self.time_calls([lambda: torch.mul(src, 1.0, out=dst)]) * 1e-6)}
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(10):
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e-3)
+        res["copy_events"] = moved / statistics.median(times)
+        res["max"] = max(res.values())
         del src, dst
         torch.cuda.empty_cache()
-        return 2 * n * 2 / (us * 1e-6)
+        return res
 
     def n_sets(self, set_bytes: int) -> int:
         return max(1, min(16, math.ceil(L2_BYTES / max(set_bytes, 1)))) if self.cuda else 1
@@ -302,24 +314,32 @@ def section_prefill(run: Runner, Ns: list[int], rows: list[dict]) -> None:
 
 def sweep(run: Runner, rows: list[dict]) -> None:
     """Launch-parameter sweep for the defaults (no correctness check: the same kernels are checked above)."""
-    dec_cfgs = [dict(block_t=bt, num_warps=w, num_stages=s) for bt in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
-    shapes = [("paper", 1, 1 << 19, 32, 64, 16, 1, 1, "contextual"), ("paper", 16, 1 << 18, 32, 64, 16, 1, 1, "contextual"),
-              ("t6", 1, 1 << 18, 78, 64, 6, 2, 2, "contextual"), ("smol", 1, 1 << 16, 9, 64, 0, 3, 3, "fixed"),
+    base = [dict(block_t=bt, num_warps=w, num_stages=st) for bt in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+    shapes = [("paper", 1, 1 << 19, 32, 64, 16, 1, 1, "contextual"),
+              ("paper", 16, 1 << 18, 32, 64, 16, 1, 1, "contextual"),
+              ("t6", 1, 1 << 18, 78, 64, 6, 2, 2, "contextual"), ("t6", 16, 1 << 16, 34, 64, 6, 2, 2, "contextual"),
+              ("smol", 1, 1 << 16, 9, 64, 0, 3, 3, "fixed"), ("llama", 16, 1 << 14, 32, 128, 0, 8, 8, "fixed"),
               ("llama", 4, 1 << 16, 32, 128, 0, 8, 8, "fixed")]
     for name, B, M, H, D, R_Q, R_K, R_V, form in shapes:
         res = []
-        for cfg in dec_cfgs:
-            for min_chunk in ((256, 512, 1024) if B == 1 else (256,)):
-                try:
-                    us, _ = time_ours(run, lambda: tpa_inputs(run, B, 1, M, H, D, R_Q, R_K, R_V, form), 1 << 30,
-                                      check=False, min_chunk=min_chunk, **cfg)
-                except Exception as exc:  # a config that does not compile (registers, shared memory)
-                    print(f"sweep {name} {cfg} failed: {type(exc).__name__}", flush=True)
-                    continue
-                res.append((us, dict(cfg, min_chunk=min_chunk)))
+        cfgs = [dict(c) for c in base] + [dict(waves=w) for w in (2, 8, 16)]
+        if form == "contextual":
+            cfgs += [dict(prefetch=False), dict(prefetch=False, waves=8)]
+        for cfg in cfgs:
+            try:
+                us, _ = time_ours(run, lambda: tpa_inputs(run, B, 1, M, H, D, R_Q, R_K, R_V, form), 1 << 30,
+                                  check=False, **cfg)
+            except Exception as exc:  # a config that does not compile (registers, shared memory)
+                print(f"sweep {name} {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
+            res.append((us, cfg))
+        default_us, _ = time_ours(run, lambda: tpa_inputs(run, B, 1, M, H, D, R_Q, R_K, R_V, form), 1 << 30,
+                                  check=False)
         res.sort(key=lambda x: x[0])
-        rows.append({"section": "sweep", "shape": name, "B": B, "M": M, "best": [(u, c) for u, c in res[:5]]})
-        print(f"sweep decode {name} B={B} M={M}: " + "; ".join(f"{u:.1f}us {c}" for u, c in res[:5]), flush=True)
+        rows.append({"section": "sweep", "shape": name, "B": B, "M": M, "default_us": default_us,
+                     "best": [(u, c) for u, c in res[:6]]})
+        print(f"sweep decode {name} B={B} M={M}: default {default_us:.1f}us; best " +
+              "; ".join(f"{u:.1f}us {c}" for u, c in res[:6]), flush=True)
     pre_cfgs = [dict(block_n=bn, block_t=bt, num_warps=w, num_stages=s) for bn, bt, w, s in
                 [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
                  (128, 64, 8, 4), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 4)]]
@@ -395,9 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
             "triton": triton.__version__,
             "gpu": torch.cuda.get_device_name() if run.cuda else "cpu", "command": " ".join(sys.argv)}
-    bw = run.copy_bandwidth() if run.cuda else 1e11
+    bws = run.copy_bandwidth() if run.cuda else {"max": 1e11}
+    bw = bws["max"]
     meta["copy_bw_tbs"] = bw / 1e12
-    print(f"{meta['gpu']} torch {meta['torch']} triton {meta['triton']} copy bw {bw / 1e12:.2f} TB/s", flush=True)
+    meta["copy_bw_all_tbs"] = {k: v / 1e12 for k, v in bws.items()}
+    print(f"{meta['gpu']} torch {meta['torch']} triton {meta['triton']} copy bw (TB/s) "
+          + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in bws.items()), flush=True)
     rows: list[dict] = []
     sections = set(args.sections.split(","))
     if args.smoke:

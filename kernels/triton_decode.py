@@ -29,7 +29,67 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _decode_split_kernel(
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _slice_bounds(LENS, b, pid_s, T_cap, num_splits, min_chunk, BLOCK_T: tl.constexpr):
+    """[start, end) of slice pid_s of sequence b, from the runtime length; n_used slices are in use."""
+    seq_len = tl.minimum(tl.load(LENS + b).to(tl.int32), T_cap)
+    # Slices in use for this length: at least min_chunk tokens each; the grid's surplus programs do nothing.
+    n_used = tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, min_chunk)), 1)
+    chunk = tl.cdiv(tl.cdiv(seq_len, n_used), BLOCK_T) * BLOCK_T
+    start = pid_s * chunk
+    end = tl.minimum(start + chunk, seq_len)
+    return start, end, n_used
+
+
+@triton.jit
+def _store_partial(PART_O, PART_LSE, acc, m_i, l_i, b, head, h_mask, pid_s, n_used, offs_d,
+                   stride_pob, stride_poh, stride_pos, stride_plb, stride_plh):
+    """The slice's normalised output [H_PAD, D] and log2-sum-exp (-inf for an empty slice), float32."""
+    if pid_s < n_used:
+        safe_l = tl.where(l_i > 0.0, l_i, 1.0)
+        o = acc / safe_l[:, None]
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(safe_l), float("-inf"))
+        tl.store(PART_O + b * stride_pob + head[:, None] * stride_poh + pid_s * stride_pos + offs_d[None, :], o,
+                 mask=h_mask[:, None])
+        tl.store(PART_LSE + b * stride_plb + head * stride_plh + pid_s, lse, mask=h_mask)
+
+
+@triton.jit
+def _load_head_factor(A, base, offs_h, offs_t, h_mask, t_mask, stride_at, stride_ah,
+                      R: tl.constexpr, R_PAD: tl.constexpr):
+    """Head factors of a block, all ranks at once: [H_PAD, BLOCK_T] for R = 1, else [H_PAD, BLOCK_T, R_PAD]."""
+    t_off = offs_t.to(tl.int64) * stride_at
+    if R == 1:
+        tile = tl.load(A + base + t_off[None, :] + offs_h[:, None] * stride_ah,
+                       mask=h_mask[:, None] & t_mask[None, :], other=0.0)
+    else:
+        offs_r = tl.arange(0, R_PAD)
+        tile = tl.load(A + base + t_off[None, :, None] + offs_h[:, None, None] * stride_ah + offs_r[None, None, :],
+                       mask=h_mask[:, None, None] & t_mask[None, :, None] & (offs_r < R)[None, None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _rank(tile, r: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr):
+    """Rank r of a `_load_head_factor` tile as float32 [H_PAD, BLOCK_T] (the rank dim is within a thread)."""
+    if R == 1:
+        out = tile.to(tl.float32)
+    else:
+        offs_r = tl.arange(0, R_PAD)
+        out = tl.sum(tl.where((offs_r == r)[None, None, :], tile.to(tl.float32), 0.0), 2)
+    return out
+
+
+@triton.jit
+def _decode_factor_kernel(
     Q, AQ, BQ, AK, BK, AV, BV, LENS, PART_O, PART_LSE,
     stride_qb, stride_qh,
     stride_aqb, stride_aqh, stride_bqb, stride_bqr,
@@ -39,72 +99,72 @@ def _decode_split_kernel(
     stride_bvb, stride_bvt, stride_bvr,
     stride_pob, stride_poh, stride_pos,
     stride_plb, stride_plh,
-    T_cap, heads_per_prog, n_groups, num_splits, min_chunk, qk_scale,
-    R_Q: tl.constexpr, RQ_PAD: tl.constexpr, R_K: tl.constexpr, R_V: tl.constexpr,
+    T_cap, H, num_splits, min_chunk, qk_scale,
+    R_Q: tl.constexpr, RQ_PAD: tl.constexpr, R_K: tl.constexpr, RK_PAD: tl.constexpr,
+    R_V: tl.constexpr, RV_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, H_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    Q_FACTORS: tl.constexpr, FIXED: tl.constexpr, IEEE: tl.constexpr,
+    Q_FACTORS: tl.constexpr, PREFETCH: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_bg = tl.program_id(0)  # sequence * n_groups + group (n_groups = 1 for contextual K/V)
-    pid_s = tl.program_id(1)   # slice of the sequence
-    b = pid_bg // n_groups
-    g = pid_bg % n_groups
-    seq_len = tl.minimum(tl.load(LENS + b).to(tl.int32), T_cap)
-    # Slices in use for this length: at least min_chunk tokens each; the grid's surplus programs do nothing.
-    n_used = tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, min_chunk)), 1)
-    chunk = tl.cdiv(tl.cdiv(seq_len, n_used), BLOCK_T) * BLOCK_T
-    start = pid_s * chunk
-    end = tl.minimum(start + chunk, seq_len)
+    """Contextual K/V: one program = one slice of one sequence, all H heads (each cache byte read once)."""
+    b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    start, end, n_used = _slice_bounds(LENS, b, pid_s, T_cap, num_splits, min_chunk, BLOCK_T)
+    b64 = b.to(tl.int64)
 
     offs_h = tl.arange(0, H_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_t0 = tl.arange(0, BLOCK_T)
-    h_mask = offs_h < heads_per_prog
-    head = g * heads_per_prog + offs_h  # global head index of each query row
+    h_mask = offs_h < H
 
-    # ---- the query rows [H_PAD, D], in float32 then the cache dtype for tl.dot
+    # ---- the query rows [H_PAD, D]: q, or aq . bq / R_Q with the rank dim padded to 16 for tl.dot
     if Q_FACTORS:
         offs_r = tl.arange(0, RQ_PAD)
-        aq = tl.load(AQ + b * stride_aqb + head[:, None] * stride_aqh + offs_r[None, :],
+        aq = tl.load(AQ + b64 * stride_aqb + offs_h[:, None] * stride_aqh + offs_r[None, :],
                      mask=h_mask[:, None] & (offs_r[None, :] < R_Q), other=0.0)  # [H_PAD, RQ_PAD]
-        bq = tl.load(BQ + b * stride_bqb + offs_r[:, None] * stride_bqr + offs_d[None, :],
+        bq = tl.load(BQ + b64 * stride_bqb + offs_r[:, None] * stride_bqr + offs_d[None, :],
                      mask=offs_r[:, None] < R_Q, other=0.0)  # [RQ_PAD, D]
-        if IEEE:
-            q = tl.dot(aq.to(tl.float32), bq.to(tl.float32), input_precision="ieee")
-        else:
-            q = tl.dot(aq.to(tl.float32), bq.to(tl.float32))
-        q = q * (1.0 / R_Q)
+        q = _dot(aq.to(tl.float32), bq.to(tl.float32), IEEE) * (1.0 / R_Q)
     else:
-        q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+        q = tl.load(Q + b64 * stride_qb + offs_h[:, None] * stride_qh + offs_d[None, :],
                     mask=h_mask[:, None], other=0.0).to(tl.float32)  # [H_PAD, D]
     q = q.to(BK.dtype.element_ty)
 
     m_i = tl.full([H_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([H_PAD], dtype=tl.float32)
     acc = tl.zeros([H_PAD, HEAD_DIM], dtype=tl.float32)
+    ak_base = b64 * stride_akb
+    av_base = b64 * stride_avb
+    # Triton software-pipelines the bk/bv loads (they feed tl.dot through shared memory) but not the head
+    # factors, which are used element-wise: with PREFETCH the next block's ak/av are loaded one iteration ahead.
+    offs_first = start + offs_t0
+    ak_next = _load_head_factor(AK, ak_base, offs_h, offs_first, h_mask, offs_first < end, stride_akt, stride_akh,
+                                R_K, RK_PAD)
+    av_next = _load_head_factor(AV, av_base, offs_h, offs_first, h_mask, offs_first < end, stride_avt, stride_avh,
+                                R_V, RV_PAD)
 
     for t0 in range(start, end, BLOCK_T):
         offs_t = t0 + offs_t0
         t_mask = offs_t < end
-        # ---- logits [H_PAD, BLOCK_T] = sum_r (q . bk_r) * ak_r
-        if FIXED:
-            bk = tl.load(BK + b * stride_bkb + offs_t[:, None] * stride_bkt + g * stride_bkr + offs_d[None, :],
-                         mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-            if IEEE:
-                logits = tl.dot(q, tl.trans(bk), input_precision="ieee")
-            else:
-                logits = tl.dot(q, tl.trans(bk))
+        t_off = offs_t.to(tl.int64)
+        if PREFETCH:
+            ak_cur = ak_next
+            av_cur = av_next
+            offs_n = offs_t + BLOCK_T
+            ak_next = _load_head_factor(AK, ak_base, offs_h, offs_n, h_mask, offs_n < end, stride_akt, stride_akh,
+                                        R_K, RK_PAD)
+            av_next = _load_head_factor(AV, av_base, offs_h, offs_n, h_mask, offs_n < end, stride_avt, stride_avh,
+                                        R_V, RV_PAD)
         else:
-            logits = tl.zeros([H_PAD, BLOCK_T], dtype=tl.float32)
-            for r in tl.static_range(R_K):
-                bk = tl.load(BK + b * stride_bkb + offs_t[:, None] * stride_bkt + r * stride_bkr + offs_d[None, :],
-                             mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-                ak = tl.load(AK + b * stride_akb + offs_t[None, :] * stride_akt + offs_h[:, None] * stride_akh + r,
-                             mask=h_mask[:, None] & t_mask[None, :], other=0.0)  # [H_PAD, BLOCK_T]
-                if IEEE:
-                    s = tl.dot(q, tl.trans(bk), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(bk))
-                logits += s * ak.to(tl.float32)
+            ak_cur = _load_head_factor(AK, ak_base, offs_h, offs_t, h_mask, t_mask, stride_akt, stride_akh,
+                                       R_K, RK_PAD)
+            av_cur = _load_head_factor(AV, av_base, offs_h, offs_t, h_mask, t_mask, stride_avt, stride_avh,
+                                       R_V, RV_PAD)
+        # ---- logits [H_PAD, BLOCK_T] = sum_r (q . bk_r) * ak_r
+        logits = tl.zeros([H_PAD, BLOCK_T], dtype=tl.float32)
+        for r in tl.static_range(R_K):
+            bk = tl.load(BK + b64 * stride_bkb + t_off[:, None] * stride_bkt + r * stride_bkr + offs_d[None, :],
+                         mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
+            logits += _dot(q, tl.trans(bk), IEEE) * _rank(ak_cur, r, R_K, RK_PAD)
         logits = tl.where(t_mask[None, :], logits * qk_scale, float("-inf"))
         # ---- online softmax (base 2), one running max / sum per head
         m_new = tl.maximum(m_i, tl.max(logits, 1))
@@ -113,34 +173,64 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         # ---- values: acc += sum_r (p * av_r) . bv_r
-        if FIXED:
-            bv = tl.load(BV + b * stride_bvb + offs_t[:, None] * stride_bvt + g * stride_bvr + offs_d[None, :],
+        for r in tl.static_range(R_V):
+            bv = tl.load(BV + b64 * stride_bvb + t_off[:, None] * stride_bvt + r * stride_bvr + offs_d[None, :],
                          mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-            if IEEE:
-                acc += tl.dot(p.to(bv.dtype), bv, input_precision="ieee")
-            else:
-                acc += tl.dot(p.to(bv.dtype), bv)
-        else:
-            for r in tl.static_range(R_V):
-                bv = tl.load(BV + b * stride_bvb + offs_t[:, None] * stride_bvt + r * stride_bvr + offs_d[None, :],
-                             mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-                av = tl.load(AV + b * stride_avb + offs_t[None, :] * stride_avt + offs_h[:, None] * stride_avh + r,
-                             mask=h_mask[:, None] & t_mask[None, :], other=0.0)  # [H_PAD, BLOCK_T]
-                w = (p * av.to(tl.float32)).to(bv.dtype)
-                if IEEE:
-                    acc += tl.dot(w, bv, input_precision="ieee")
-                else:
-                    acc += tl.dot(w, bv)
+            acc += _dot((p * _rank(av_cur, r, R_V, RV_PAD)).to(bv.dtype), bv, IEEE)
         m_i = m_new
 
-    # ---- the slice's partial: normalised output and log2-sum-exp (-inf for an empty slice)
-    if pid_s < n_used:
-        safe_l = tl.where(l_i > 0.0, l_i, 1.0)
-        o = acc / safe_l[:, None]
-        lse = tl.where(l_i > 0.0, m_i + tl.log2(safe_l), float("-inf"))
-        tl.store(PART_O + b * stride_pob + head[:, None] * stride_poh + pid_s * stride_pos + offs_d[None, :], o,
-                 mask=h_mask[:, None])
-        tl.store(PART_LSE + b * stride_plb + head * stride_plh + pid_s, lse, mask=h_mask)
+    _store_partial(PART_O, PART_LSE, acc, m_i, l_i, b64, offs_h, h_mask, pid_s, n_used, offs_d,
+                   stride_pob, stride_poh, stride_pos, stride_plb, stride_plh)
+
+
+@triton.jit
+def _decode_gqa_kernel(
+    Q, BK, BV, LENS, PART_O, PART_LSE,
+    stride_qb, stride_qh,
+    stride_bkb, stride_bkt, stride_bkr,
+    stride_bvb, stride_bvt, stride_bvr,
+    stride_pob, stride_poh, stride_pos,
+    stride_plb, stride_plh,
+    T_cap, heads_per_group, n_groups, num_splits, min_chunk, qk_scale,
+    HEAD_DIM: tl.constexpr, H_PAD: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Fixed head factors (GQA): one program = one slice of one (sequence, group); the group's heads are rows."""
+    pid_bg = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bg // n_groups
+    g = pid_bg % n_groups
+    start, end, n_used = _slice_bounds(LENS, b, pid_s, T_cap, num_splits, min_chunk, BLOCK_T)
+    b64 = b.to(tl.int64)
+
+    offs_h = tl.arange(0, H_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_t0 = tl.arange(0, BLOCK_T)
+    h_mask = offs_h < heads_per_group
+    head = g * heads_per_group + offs_h
+    q = tl.load(Q + b64 * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None], other=0.0).to(BK.dtype.element_ty)  # [H_PAD, D]
+
+    m_i = tl.full([H_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([H_PAD], dtype=tl.float32)
+    acc = tl.zeros([H_PAD, HEAD_DIM], dtype=tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        offs_t = t0 + offs_t0
+        t_mask = offs_t < end
+        t_off = offs_t.to(tl.int64)
+        bk = tl.load(BK + b64 * stride_bkb + t_off[:, None] * stride_bkt + g * stride_bkr + offs_d[None, :],
+                     mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
+        logits = tl.where(t_mask[None, :], _dot(q, tl.trans(bk), IEEE) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(logits - m_new[:, None])  # [H_PAD, BLOCK_T]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        bv = tl.load(BV + b64 * stride_bvb + t_off[:, None] * stride_bvt + g * stride_bvr + offs_d[None, :],
+                     mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
+        acc = acc * alpha[:, None] + _dot(p.to(bv.dtype), bv, IEEE)
+        m_i = m_new
+
+    _store_partial(PART_O, PART_LSE, acc, m_i, l_i, b64, head, h_mask, pid_s, n_used, offs_d,
+                   stride_pob, stride_poh, stride_pos, stride_plb, stride_plh)
 
 
 @triton.jit
@@ -186,10 +276,15 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def default_num_splits(device: torch.device, programs_per_split: int, T_cap: int, min_chunk: int) -> int:
-    """Slices in the grid: enough programs for ~2 waves on the GPU, never more than the capacity can fill."""
-    waves = 2 * (_sm_count(device.index or 0) if device.type == "cuda" else 4)
-    return max(1, min(triton.cdiv(waves, programs_per_split), triton.cdiv(T_cap, min_chunk), 1024))
+def default_num_splits(device: torch.device, programs_per_split: int, T_cap: int, min_chunk: int,
+                       waves: int = 4) -> int:
+    """Slices in the grid: `waves` programs per SM (latency hiding), never more than the capacity can fill.
+
+    Depends on the capacity, not the length, so a decode loop keeps one grid (and one CUDA graph) until the
+    cache doubles; each sequence then uses only the slices its runtime length fills.
+    """
+    programs = waves * (_sm_count(device.index or 0) if device.type == "cuda" else 2)
+    return max(1, min(triton.cdiv(programs, programs_per_split), triton.cdiv(T_cap, min_chunk), 1024))
 
 
 def decode_attention(
@@ -204,10 +299,12 @@ def decode_attention(
     kv_lens: Tensor,
     scale: float,
     num_splits: int | None = None,
+    waves: int = 4,
     min_chunk: int = 256,
     block_t: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    prefetch: bool = True,
 ) -> Tensor:
     """FlashTPA decode launcher (inputs already validated by `kernels.triton_attention`).
 
@@ -216,7 +313,8 @@ def decode_attention(
         ak, av: [B, T_cap, H, R_K], [B, T_cap, H, R_V], or both None (fixed head factors, G = R_K groups).
         bk, bv: [B, T_cap, R_K, D], [B, T_cap, R_V, D] cache views, last dim contiguous.
         kv_lens: [B] int32 valid tokens per sequence (read on the device; no host synchronisation).
-        num_splits, min_chunk, block_t, num_warps, num_stages: tuning knobs; the defaults suit an H200.
+        num_splits, waves, min_chunk, block_t, num_warps, num_stages, prefetch: launch parameters; the
+            defaults were chosen by the sweep in benchmarks/kernels.py on an H200.
 
     Returns:
         [B, 1, H, D] in the dtype of bk.
@@ -225,7 +323,6 @@ def decode_attention(
     R_V = bv.shape[2]
     fixed = ak is None
     H = q.shape[2] if q is not None else aq.shape[2]
-    R_Q = 0 if q is None and aq is None else (aq.shape[3] if aq is not None else 0)
     n_groups = R_K if fixed else 1
     heads_per_prog = H // n_groups
     h_pad = max(16, _next_pow2(heads_per_prog))
@@ -236,47 +333,53 @@ def decode_attention(
     if num_stages is None:
         num_stages = 3
     if num_splits is None:
-        num_splits = default_num_splits(bk.device, B * n_groups, T_cap, min_chunk)
+        num_splits = default_num_splits(bk.device, B * n_groups, T_cap, min_chunk, waves)
     dev = bk.device
     part_o = torch.empty(B, H, num_splits, D, device=dev, dtype=torch.float32)  # [B, H, S, D]
     part_lse = torch.empty(B, H, num_splits, device=dev, dtype=torch.float32)  # [B, H, S]
     out = torch.empty(B, 1, H, D, device=dev, dtype=bk.dtype)
-    dummy = bk  # unused pointer arguments (the constexpr flags keep them unread)
-    q_t = q if q is not None else dummy
-    aq_t = aq if aq is not None else dummy
-    bq_t = bq if bq is not None else dummy
-    ak_t = ak if ak is not None else dummy
-    av_t = av if av is not None else dummy
     ieee = bk.dtype == torch.float32
-    qk_scale = scale * LOG2E / (1 if fixed else R_K)
-    _decode_split_kernel[(B * n_groups, num_splits)](
-        q_t, aq_t, bq_t, ak_t, bk, av_t, bv, kv_lens, part_o, part_lse,
-        q.stride(0) if q is not None else 0, q.stride(2) if q is not None else 0,
-        aq.stride(0) if aq is not None else 0, aq.stride(2) if aq is not None else 0,
-        bq.stride(0) if bq is not None else 0, bq.stride(2) if bq is not None else 0,
-        ak.stride(0) if ak is not None else 0, ak.stride(1) if ak is not None else 0,
-        ak.stride(2) if ak is not None else 0,
-        bk.stride(0), bk.stride(1), bk.stride(2),
-        av.stride(0) if av is not None else 0, av.stride(1) if av is not None else 0,
-        av.stride(2) if av is not None else 0,
-        bv.stride(0), bv.stride(1), bv.stride(2),
-        part_o.stride(0), part_o.stride(1), part_o.stride(2),
-        part_lse.stride(0), part_lse.stride(1),
-        T_cap, heads_per_prog, n_groups, num_splits, min_chunk, qk_scale,
-        R_Q=max(R_Q, 1), RQ_PAD=max(16, _next_pow2(max(R_Q, 1))), R_K=R_K, R_V=R_V,
-        HEAD_DIM=D, H_PAD=h_pad, BLOCK_T=block_t,
-        Q_FACTORS=q is None, FIXED=fixed, IEEE=ieee,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    s_pad = max(16, _next_pow2(num_splits))
+    grid = (B * n_groups, num_splits)
+    if fixed:
+        _decode_gqa_kernel[grid](
+            q, bk, bv, kv_lens, part_o, part_lse,
+            q.stride(0), q.stride(2),
+            bk.stride(0), bk.stride(1), bk.stride(2),
+            bv.stride(0), bv.stride(1), bv.stride(2),
+            part_o.stride(0), part_o.stride(1), part_o.stride(2),
+            part_lse.stride(0), part_lse.stride(1),
+            T_cap, heads_per_prog, n_groups, num_splits, min_chunk, scale * LOG2E,
+            HEAD_DIM=D, H_PAD=h_pad, BLOCK_T=block_t, IEEE=ieee,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    else:
+        R_Q = aq.shape[3] if aq is not None else 1
+        dummy = bk  # the unused query pointers (Q_FACTORS keeps them unread)
+        _decode_factor_kernel[grid](
+            q if q is not None else dummy, aq if aq is not None else dummy, bq if bq is not None else dummy,
+            ak, bk, av, bv, kv_lens, part_o, part_lse,
+            q.stride(0) if q is not None else 0, q.stride(2) if q is not None else 0,
+            aq.stride(0) if aq is not None else 0, aq.stride(2) if aq is not None else 0,
+            bq.stride(0) if bq is not None else 0, bq.stride(2) if bq is not None else 0,
+            ak.stride(0), ak.stride(1), ak.stride(2),
+            bk.stride(0), bk.stride(1), bk.stride(2),
+            av.stride(0), av.stride(1), av.stride(2),
+            bv.stride(0), bv.stride(1), bv.stride(2),
+            part_o.stride(0), part_o.stride(1), part_o.stride(2),
+            part_lse.stride(0), part_lse.stride(1),
+            T_cap, H, num_splits, min_chunk, scale * LOG2E / R_K,
+            R_Q=R_Q, RQ_PAD=max(16, _next_pow2(R_Q)), R_K=R_K, RK_PAD=_next_pow2(R_K),
+            R_V=R_V, RV_PAD=_next_pow2(R_V), HEAD_DIM=D, H_PAD=h_pad, BLOCK_T=block_t,
+            Q_FACTORS=q is None, PREFETCH=prefetch, IEEE=ieee,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     _decode_merge_kernel[(B, H)](
         part_o, part_lse, kv_lens, out,
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(2),
         T_cap, num_splits, min_chunk, 1.0 if fixed else 1.0 / R_V,
-        HEAD_DIM=D, S_PAD=s_pad, BLOCK_S=16,
+        HEAD_DIM=D, S_PAD=max(16, _next_pow2(num_splits)), BLOCK_S=16,
         num_warps=1 if D <= 64 else 2,
     )
     return out
-

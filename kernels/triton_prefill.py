@@ -25,8 +25,10 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
 
 
 @triton.jit
@@ -42,17 +44,18 @@ def _attend_block(
     """One BLOCK_T block of keys for a [BLOCK_N, D] query tile of head h: update (acc, m_i, l_i)."""
     offs_t = t0 + offs_t0
     t_mask = offs_t < seq_len
+    t_off = offs_t.to(tl.int64)  # a long cache's T offset times its stride passes 2^31
     # ---- scores [BLOCK_N, BLOCK_T]
     if FIXED:
-        bk = tl.load(BK + b * stride_bkb + offs_t[:, None] * stride_bkt + g * stride_bkr + offs_d[None, :],
+        bk = tl.load(BK + b * stride_bkb + t_off[:, None] * stride_bkt + g * stride_bkr + offs_d[None, :],
                      mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
         s = _dot(q, tl.trans(bk), IEEE)
     else:
         s = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
         for r in tl.static_range(R_K):
-            bk = tl.load(BK + b * stride_bkb + offs_t[:, None] * stride_bkt + r * stride_bkr + offs_d[None, :],
+            bk = tl.load(BK + b * stride_bkb + t_off[:, None] * stride_bkt + r * stride_bkr + offs_d[None, :],
                          mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-            ak = tl.load(AK + b * stride_akb + offs_t * stride_akt + h * stride_akh + r, mask=t_mask, other=0.0)
+            ak = tl.load(AK + b * stride_akb + t_off * stride_akt + h * stride_akh + r, mask=t_mask, other=0.0)
             s += _dot(q, tl.trans(bk), IEEE) * ak.to(tl.float32)[None, :]
     s = s * qk_scale
     if MASKED:
@@ -68,14 +71,14 @@ def _attend_block(
     acc = acc * alpha[:, None]
     # ---- values: acc += sum_r (p * av_r) . bv_r
     if FIXED:
-        bv = tl.load(BV + b * stride_bvb + offs_t[:, None] * stride_bvt + g * stride_bvr + offs_d[None, :],
+        bv = tl.load(BV + b * stride_bvb + t_off[:, None] * stride_bvt + g * stride_bvr + offs_d[None, :],
                      mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
         acc += _dot(p.to(bv.dtype), bv, IEEE)
     else:
         for r in tl.static_range(R_V):
-            bv = tl.load(BV + b * stride_bvb + offs_t[:, None] * stride_bvt + r * stride_bvr + offs_d[None, :],
+            bv = tl.load(BV + b * stride_bvb + t_off[:, None] * stride_bvt + r * stride_bvr + offs_d[None, :],
                          mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-            av = tl.load(AV + b * stride_avb + offs_t * stride_avt + h * stride_avh + r, mask=t_mask, other=0.0)
+            av = tl.load(AV + b * stride_avb + t_off * stride_avt + h * stride_avh + r, mask=t_mask, other=0.0)
             acc += _dot((p * av.to(tl.float32)[None, :]).to(bv.dtype), bv, IEEE)
     return acc, m_new, l_i
 
@@ -97,7 +100,7 @@ def _prefill_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # batch offsets of a large cache pass 2^31
     h = pid_bh % H
     g = h // heads_per_group
     seq_len = tl.minimum(tl.load(LENS + b).to(tl.int32), T_cap)

@@ -25,6 +25,7 @@ DECODE_CASES = [
     ("contextual", 1, 12, 16, 60, [53], (3, 3, 1), torch.float32, {"block_t": 16, "min_chunk": 16}),
     ("contextual", 2, 3, 16, 64, [5, 1], (2, 2, 2), torch.float32, {"block_t": 32, "min_chunk": 2}),
     ("contextual", 1, 6, 16, 97, [97], (6, 2, 2), torch.float32, {"block_t": 16, "min_chunk": 4, "num_splits": 7}),
+    ("contextual", 2, 5, 16, 70, [70, 33], (4, 3, 2), torch.float32, {"block_t": 16, "min_chunk": 8, "prefetch": False}),
     ("contextual", 2, 10, 16, 50, [50, 29], (6, 2, 3), torch.float16, {"block_t": 16, "min_chunk": 8}),
     ("kv_only", 2, 9, 16, 40, [37, 1], (0, 2, 3), torch.float32, {"block_t": 16, "min_chunk": 8}),
     ("kv_only", 1, 3, 16, 29, [29], (0, 6, 6), torch.float32, {"block_t": 16, "min_chunk": 5}),
