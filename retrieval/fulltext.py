@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 FTS_TABLE = "retrieval_chunks_fts"
 MAX_TERMS = 32
+MIN_TERMS = 2
+COMMON_FRACTION = 0.1
 STOP_WORDS = frozenset("""a an and are as at be but by can do does did for from has have how i if in into is it its
 me my of on or so such that the their then there these this to was we what when where which who why will with
 you your""".split())
@@ -66,12 +68,29 @@ def query_terms(query: str) -> list[str]:
     return terms[:MAX_TERMS]
 
 
+def _selective_terms(conn: Connection, terms: list[str]) -> list[str]:
+    """Drop terms found in more than COMMON_FRACTION of all chunks, keeping at least MIN_TERMS of the rarest.
+
+    BM25 gives such terms almost no weight (idf ~ log(1/f)), but every chunk they match must be scored: on 100k
+    chunks one common word costs tens of milliseconds. Counting a term's matches is cheap by comparison.
+    """
+    if len(terms) <= MIN_TERMS:
+        return terms
+    total = conn.execute(text("SELECT count(*) FROM retrieval_chunks")).scalar() or 0
+    counts = {t: conn.execute(text(f"SELECT count(*) FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH :m"),
+                              {"m": f'"{t}"'}).scalar() or 0 for t in terms}
+    by_rarity = sorted(terms, key=lambda t: counts[t])
+    kept = {t for t in by_rarity[:MIN_TERMS]} | {t for t in terms if counts[t] <= COMMON_FRACTION * total}
+    return [t for t in terms if t in kept and counts[t] > 0] or by_rarity[:MIN_TERMS]
+
+
 def search(conn: Connection, collection_id: int, query: str, limit: int) -> list[int]:
     """Chunk ids of one collection ranked by keyword relevance to `query`, best first."""
     terms = query_terms(query)
     if not terms:
         return []
     if conn.dialect.name == "sqlite":
+        terms = _selective_terms(conn, terms)
         match = " OR ".join(f'"{t}"' for t in terms)
         rows = conn.execute(text(
             f"SELECT c.id FROM {FTS_TABLE} f JOIN retrieval_chunks c ON c.id = f.rowid "

@@ -12,11 +12,13 @@ tombstones), then `faiss.serialize_index` bytes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import struct
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,8 @@ class IndexFileError(Exception):
 class IndexParams:
     """When to switch to HNSW and how to build and search it."""
 
-    hnsw_threshold: int = 50_000  # live vectors above which the exact index becomes HNSW
+    # Exact search over 100k x 384 takes ~15 ms on one core (benchmarks/RESULTS.md): exact up to 200k.
+    hnsw_threshold: int = 200_000  # live vectors above which the exact index becomes HNSW
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int = 96
@@ -47,6 +50,25 @@ def _faiss():
     import faiss
 
     return faiss
+
+
+SMALL_BATCH = 16  # queries below which a search runs on one OpenMP thread
+
+
+@contextlib.contextmanager
+def _one_thread_for(n_queries: int) -> Iterator[None]:
+    """FAISS parallelizes a search over its queries; for one or a few queries the OpenMP team only adds
+    overhead, and on a busy machine spinning threads make it several times slower (benchmarks/RESULTS.md)."""
+    if n_queries >= SMALL_BATCH:
+        yield
+        return
+    faiss = _faiss()
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 class VectorIndex:
@@ -121,7 +143,8 @@ class VectorIndex:
         if k <= 0:
             return np.empty((len(queries), 0), dtype=np.float32), np.empty((len(queries), 0), dtype=np.int64)
         if self.kind == "flat":
-            scores, ids = self._index.search(queries, k)
+            with _one_thread_for(len(queries)):
+                scores, ids = self._index.search(queries, k)
             return scores, ids
         faiss = _faiss()
         params = faiss.SearchParametersHNSW()
@@ -130,7 +153,8 @@ class VectorIndex:
             batch = faiss.IDSelectorBatch(np.fromiter(self._deleted, dtype=np.int64, count=len(self._deleted)))
             selector = faiss.IDSelectorNot(batch)
             params.sel = selector  # `batch` and `selector` must outlive the search
-        scores, ids = self._index.search(queries, k, params=params)
+        with _one_thread_for(len(queries)):
+            scores, ids = self._index.search(queries, k, params=params)
         return scores, ids
 
     # -- updates -------------------------------------------------------------------------------------------------
