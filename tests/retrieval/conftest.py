@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
 
-from retrieval.embeddings import SentenceTransformerEmbedder
+sys.path.insert(0, str(Path(__file__).parent))
 
-
-class CountingEmbedder:
-    """The real embedder, counting calls and texts (and optionally renamed, to test a model mismatch)."""
-
-    def __init__(self, inner: SentenceTransformerEmbedder, name: str | None = None) -> None:
-        self.inner = inner
-        self.name = name or inner.name
-        self.calls = 0
-        self.texts: list[str] = []
-
-    @property
-    def dim(self) -> int:
-        return self.inner.dim
-
-    def embed(self, texts: Sequence[str], progress=None) -> np.ndarray:  # noqa: ANN001
-        self.calls += 1
-        self.texts.extend(texts)
-        return self.inner.embed(texts, progress=progress)
-
-    def reset(self) -> None:
-        self.calls = 0
-        self.texts = []
+from retrieval.embeddings import SentenceTransformerEmbedder  # noqa: E402
+from retrieval_helpers import CountingEmbedder  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from retrieval.errors import (EmbeddingModelMismatchError, InvalidCollectionName
                               SourceNotFoundError, UnknownCollectionError, UnknownDocumentError)
 from retrieval.index import VectorIndex
 
-from conftest import CountingEmbedder
+from retrieval_helpers import CountingEmbedder
 
 COLORS = '''"""Colour conversions."""
 
