@@ -114,13 +114,13 @@ def build_app(service: ChatService) -> gr.Blocks:
                                             placeholder="/path/to/repository", elem_id="local-path")
                     ingest_button = gr.Button("Ingest", variant="primary", elem_id="ingest")
                 ingest_summary = gr.Markdown(elem_id="ingest-summary")
-                delete_collection = gr.Button("Delete collection", variant="stop", size="sm")
+                delete_collection = gr.Button("Delete collection", variant="stop", size="sm", elem_id="delete-collection")
                 gr.Markdown("### Sessions")
                 session_list = gr.Dropdown(session_choices(collections[0] if collections else None), value=None,
                                            label="Resume a session", elem_id="sessions")
                 with gr.Row():
                     new_session = gr.Button("New", size="sm", elem_id="new-session")
-                    delete_session = gr.Button("Delete", size="sm", variant="stop")
+                    delete_session = gr.Button("Delete", size="sm", variant="stop", elem_id="delete-session")
                 rename_box = gr.Textbox(label="Rename this session", placeholder="new name", elem_id="rename")
 
             # ---- middle: the chat ----------------------------------------------------------------------------
