@@ -26,6 +26,26 @@ from tpa_core.config import TPAConfig
 from tpa_core.rope import RopeTables, apply_rope
 
 
+# Rows (tokens) from which a float32 CPU projection runs through oneDNN instead of F.linear (MKL sgemm). Measured
+# on the 2-core AMD EPYC dev machine, 1 thread, CPU time: [500 x 576] @ [576 x 3072] 17.1 ms (F.linear) vs 8.4 ms
+# (oneDNN, weight converted per call); 16 rows already gain a little; one row (decode, a GEMV) is faster in MKL.
+ONEDNN_MIN_ROWS = 16
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)`: x `[..., d]`, weight `[F, d]` -> `[..., F]`; prefill-sized float32 CPU inputs
+    go through oneDNN, whose GEMM is about twice as fast as MKL's sgemm on AMD CPUs (plain layout, no weight copy
+    kept)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (rows >= ONEDNN_MIN_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
+            and torch.backends.mkldnn.is_available()):
+        x2 = x.reshape(rows, x.shape[-1]).contiguous()  # [M, d]
+        out = torch.ops.aten.mkldnn_linear(x2.to_mkldnn(), weight.to_mkldnn(),
+                                           None if bias is None else bias.to_mkldnn())
+        return out.to_dense().view(*x.shape[:-1], weight.shape[0])  # [M, F] -> [..., F]
+    return F.linear(x, weight, bias)
+
+
 @dataclass
 class StepInfo:
     """What every layer needs to know about one forward call, built once per call.
@@ -142,7 +162,7 @@ class TPAAttention(FusedParams):
         """The new tokens' factors, RoPE applied: name -> [B, N, H, R_Q] / [B, N, R, D] / [B, N, H, D] (q)."""
         B, N, _ = x.shape
         H, D = self.n_heads, self.head_dim
-        y = F.linear(x, self.w_in, self.b_in)  # [B, N, sum of parts]
+        y = linear(x, self.w_in, self.b_in)  # [B, N, sum of parts]
         parts = dict(zip(self.part_names, y.split(self.part_sizes, dim=-1)))  # [B, N, rows of each part]
         out: dict[str, Tensor] = {}
         if self.form == "contextual":
@@ -168,4 +188,4 @@ class TPAAttention(FusedParams):
             ak=buf.get("ak"), bk=buf["bk"], av=buf.get("av"), bv=buf["bv"],
             kv_lens=step.kv_lens, backend=step.backend,
         )  # [B, N, H, D]
-        return F.linear(out.reshape(B, N, self.n_heads * self.head_dim), self.w_o)  # [B, N, H*D] -> [B, N, d]
+        return linear(out.reshape(B, N, self.n_heads * self.head_dim), self.w_o)  # [B, N, H*D] -> [B, N, d]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tpa_core.attention import FusedParams, StepInfo, TPAAttention
+from tpa_core.attention import FusedParams, StepInfo, TPAAttention, linear
 from tpa_core.cache import FactorCache
 from tpa_core.config import TPAConfig
 from tpa_core.errors import TPAError
@@ -50,8 +50,8 @@ class SwiGLU(FusedParams):
 
     def forward(self, x: Tensor) -> Tensor:
         """x `[B, N, d]` -> `[B, N, d]`."""
-        gate, up = F.linear(x, self.w_gate_up).split(self.hidden, dim=-1)  # 2 x [B, N, F]
-        return F.linear(F.silu(gate) * up, self.w_down)
+        gate, up = linear(x, self.w_gate_up).split(self.hidden, dim=-1)  # 2 x [B, N, F]
+        return linear(F.silu(gate) * up, self.w_down)
 
 
 class Block(nn.Module):
@@ -152,7 +152,7 @@ class TPAModel(nn.Module):
             x = x[:, -1:]  # [B, 1, d]
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight).float()  # [B, N or 1, V]
+        return linear(x, weight).float()  # [B, N or 1, V]
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
