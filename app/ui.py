@@ -114,7 +114,8 @@ def build_app(service: ChatService) -> gr.Blocks:
                                             placeholder="/path/to/repository", elem_id="local-path")
                     ingest_button = gr.Button("Ingest", variant="primary", elem_id="ingest")
                 ingest_summary = gr.Markdown(elem_id="ingest-summary")
-                delete_collection = gr.Button("Delete collection", variant="stop", size="sm", elem_id="delete-collection")
+                delete_collection = gr.Button("Delete collection", variant="stop", size="sm",
+                                              elem_id="delete-collection")
                 gr.Markdown("### Sessions")
                 session_list = gr.Dropdown(session_choices(collections[0] if collections else None), value=None,
                                            label="Resume a session", elem_id="sessions")
