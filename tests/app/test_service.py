@@ -257,3 +257,30 @@ def test_a_new_question_on_the_same_context_reuses_all_of_it(service):
         [{"role": "system", "content": "x"}], add_generation_prompt=False), add_special_tokens=False))
     assert other.metrics["reused_tokens"] % 256 != 0  # a tail (the context's end) was reused, not pages only
     assert other.metrics["reused_tokens"] > system_end
+
+
+def test_local_path_ingest_and_collection_delete(service, corpus_dir, tmp_path):
+    summary = service.ingest("local", local_path=str(corpus_dir))
+    assert sorted(d["path"] for d in summary["documents"]) == ["corpus/cache.md", "corpus/model.py",
+                                                               "corpus/notes.txt"]
+    with pytest.raises(RetrievalError, match="no such file or folder"):
+        service.ingest("local", local_path=str(tmp_path / "missing"))
+    (tmp_path / "up.md").write_text("# Up\nuploaded text\n")
+    service.ingest("local", uploads=[str(tmp_path / "up.md")])
+    asked = service.ask(QUESTION, "local")
+    service.delete_collection("local")
+    assert "local" not in service.collection_names()
+    assert not (service.settings.uploads_dir / "local").exists()
+    with pytest.raises(UnknownSessionError):
+        service.session(asked.session_id)
+    assert service.collection_names() == ["docs"]
+
+
+def test_switching_to_an_unknown_model_keeps_the_current_one(service):
+    from tpa_core.errors import TPAError
+
+    before = service.model_name
+    with pytest.raises((TPAError, AppError)):
+        service.switch_model("no-such-model-anywhere")
+    assert service.model_name == before
+    assert service.ask(QUESTION, "docs").answer is not None
