@@ -171,7 +171,8 @@ def build_app(service: ChatService) -> gr.Blocks:
             )
             start = next(events)  # validation, retrieval and overflow errors surface here, before the chat changes
             if start.left_out:
-                gr.Warning("Left out to fit the model's window: " + "; ".join(start.left_out), duration=12)
+                gr.Warning("Left out to fit the model's window: " + ui_render.left_out_text(start.left_out),
+                           duration=12)
             history = list(chat or [])
             answer = ""
             live = history + ui_render.turn_messages(text, answer, [], None)[:2]

@@ -25,11 +25,17 @@ def metrics_line(metrics: dict) -> str:
     )
 
 
+def left_out_text(items: Sequence[str], limit: int = 8) -> str:
+    """What was left out to fit the window, the first `limit` items named and the rest counted."""
+    shown = "; ".join(items[:limit])
+    return shown + (f"; and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def answer_markdown(answer: str, metrics: dict | None = None, left_out: Sequence[str] = ()) -> str:
     """The assistant message: the answer, then (once done) what was left out and the metrics line."""
     parts = [answer if answer.strip() else "…"]
     if left_out:
-        parts.append("*Left out to fit the model's window: " + "; ".join(html.escape(x) for x in left_out) + "*")
+        parts.append("*Left out to fit the model's window: " + html.escape(left_out_text(left_out)) + "*")
     if metrics:
         parts.append(f'<span class="{METRICS_CLASS}">{html.escape(metrics_line(metrics))}</span>')
     return "\n\n".join(parts)
