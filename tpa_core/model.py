@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tpa_core.attention import FusedParams, StepInfo, TPAAttention, linear
+from tpa_core.attention import ONEDNN_MIN_ROWS, FusedParams, StepInfo, TPAAttention, linear
 from tpa_core.cache import FactorCache
 from tpa_core.config import TPAConfig
 from tpa_core.errors import TPAError
@@ -89,6 +89,8 @@ class TPAModel(nn.Module):
                                                                device=device, dtype=dtype)
         self.rope = Rope(c)
         self.attention_backend = "auto"  # "auto" | "torch" | "triton", passed to kernels.dispatch
+        self._head_t: Tensor | None = None  # see _head_transposed
+        self._head_t_key: tuple | None = None
 
     @property
     def device(self) -> torch.device:
@@ -152,7 +154,21 @@ class TPAModel(nn.Module):
             x = x[:, -1:]  # [B, 1, d]
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        if x.device.type == "cpu" and x.dtype == torch.float32 and B * x.shape[1] < ONEDNN_MIN_ROWS:
+            return torch.matmul(x, self._head_transposed(weight))  # [B, n, d] @ [d, V] -> [B, n, V]
         return linear(x, weight).float()  # [B, N or 1, V]
+
+    def _head_transposed(self, weight: Tensor) -> Tensor:
+        """The LM head as a contiguous `[d, V]` copy, rebuilt whenever the weight changes.
+
+        A decode step's largest read: with the vocabulary as the contiguous dim, MKL's GEMV streams it about 1.8x
+        faster on this CPU (6.9 -> 3.8 ms for SmolLM2's 49152 x 576 head). Costs one more copy of the head.
+        """
+        key = (weight.data_ptr(), weight._version, weight.dtype)
+        if self._head_t_key != key:
+            self._head_t = weight.detach().t().contiguous()  # [V, d] -> [d, V]
+            self._head_t_key = key
+        return self._head_t
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -233,3 +233,18 @@ def test_config_dict_round_trip_and_t6_config(helpers, form):
     assert TPAConfig.from_t6_config(dict(t6, n_embd=1024), kv_only=True).mlp_hidden == 2730
     with pytest.raises(TPAError, match="using_groupnorm"):
         TPAConfig.from_t6_config(dict(t6, using_groupnorm=True))
+
+
+def test_transposed_head_follows_weight_updates(helpers):
+    """The decode path's [d, V] copy of the LM head is rebuilt when the weights change (load, in-place edit)."""
+    config = helpers.tiny_config("fixed")
+    model = helpers.random_model(config)
+    tokens = torch.randint(0, config.vocab_size, (1, 5))
+    first = model(tokens, last_only=True)
+    other = helpers.random_model(config, seed=9)
+    model.load_state_dict(other.state_dict())
+    assert torch.equal(model(tokens, last_only=True), other(tokens, last_only=True))
+    assert not torch.allclose(first, other(tokens, last_only=True))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    assert (model(tokens, last_only=True) - 2 * other(tokens, last_only=True)).abs().max() <= 1e-4
