@@ -14,6 +14,7 @@ weight; `state_dict()` and `load_state_dict()` still speak the per-factor names 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -25,11 +26,13 @@ from tpa_core.cache import FactorCache
 from tpa_core.config import TPAConfig
 from tpa_core.rope import RopeTables, apply_rope
 
+logger = logging.getLogger(__name__)
 
 # Rows (tokens) from which a float32 CPU projection runs through oneDNN instead of F.linear (MKL sgemm). Measured
 # on the 2-core AMD EPYC dev machine, 1 thread, CPU time: [500 x 576] @ [576 x 3072] 17.1 ms (F.linear) vs 8.4 ms
 # (oneDNN, weight converted per call); 16 rows already gain a little; one row (decode, a GEMV) is faster in MKL.
 ONEDNN_MIN_ROWS = 16
+_onednn = {"usable": None}  # None = not tried yet; False after a build without a working oneDNN linear
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -38,11 +41,18 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     kept)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (rows >= ONEDNN_MIN_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
-            and torch.backends.mkldnn.is_available()):
-        x2 = x.reshape(rows, x.shape[-1]).contiguous()  # [M, d]
-        out = torch.ops.aten.mkldnn_linear(x2.to_mkldnn(), weight.to_mkldnn(),
-                                           None if bias is None else bias.to_mkldnn())
-        return out.to_dense().view(*x.shape[:-1], weight.shape[0])  # [M, F] -> [..., F]
+            and _onednn["usable"] is not False):
+        try:
+            x2 = x.reshape(rows, x.shape[-1]).contiguous()  # [M, d]
+            out = torch.ops.aten.mkldnn_linear(x2.to_mkldnn(), weight.to_mkldnn(),
+                                               None if bias is None else bias.to_mkldnn())
+            _onednn["usable"] = True
+            return out.to_dense().view(*x.shape[:-1], weight.shape[0])  # [M, F] -> [..., F]
+        except (RuntimeError, NotImplementedError) as exc:
+            if _onednn["usable"]:
+                raise
+            logger.info("oneDNN linear unavailable (%s); using F.linear", exc)
+            _onednn["usable"] = False
     return F.linear(x, weight, bias)
 
 

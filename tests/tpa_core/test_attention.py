@@ -152,3 +152,17 @@ def test_bad_configs_name_the_field(helpers):
         helpers.tiny_config("contextual", qkv_bias=True)
     with pytest.raises(TPAError, match="k_rank"):
         helpers.tiny_config("fixed", k_rank=4, v_rank=4)  # 4 does not divide 6 heads
+
+
+@pytest.mark.parametrize("rows", [1, 15, 16, 97])
+def test_linear_matches_f_linear(rows):
+    """The oneDNN route for many rows computes what F.linear computes (float32 rounding apart)."""
+    from tpa_core.attention import linear
+
+    torch.manual_seed(rows)
+    x, w, b = torch.randn(1, rows, 48), torch.randn(80, 48), torch.randn(80)
+    with torch.inference_mode():
+        for bias in (None, b):
+            got, want = linear(x, w, bias), torch.nn.functional.linear(x, w, bias)
+            assert got.shape == (1, rows, 80)
+            assert (got - want).abs().max().item() <= 1e-4
