@@ -81,20 +81,25 @@ def _compiled_variants(kernel) -> int:
     return sum(len(entry[0]) for entry in caches.values())
 
 
-def test_1000_consecutive_lengths_compile_a_few_variants() -> None:
+@pytest.mark.parametrize("form", ["contextual", "fixed"])
+def test_1000_consecutive_lengths_compile_a_few_variants(form: str) -> None:
+    from kernels import triton_decode
     from kernels.dispatch import attention
-    from kernels.triton_decode import _decode_merge_kernel, _decode_split_kernel
 
+    kernels = [triton_decode._decode_factor_kernel if form == "contextual" else triton_decode._decode_gqa_kernel,
+               triton_decode._decode_merge_kernel]
     T_cap = 4096
-    args = _args("contextual", 1, 1, 34, 64, T_cap, [T_cap], (6, 2, 2))
+    ranks = (6, 2, 2) if form == "contextual" else (0, 3, 3)
+    args = _args(form, 1, 1, 34 if form == "contextual" else 9, 64, T_cap, [T_cap], ranks)
     args["kv_lens"] = torch.ones(1, dtype=torch.int32, device="cuda")
     attention(**args)
-    before = _compiled_variants(_decode_split_kernel) + _compiled_variants(_decode_merge_kernel)
+    before = sum(_compiled_variants(k) for k in kernels)
+    assert before >= 2, "the kernel cache count does not see the compiled kernels"
     for length in range(1, 1001):
         args["kv_lens"].fill_(length)
         attention(**args)
     torch.cuda.synchronize()
-    after = _compiled_variants(_decode_split_kernel) + _compiled_variants(_decode_merge_kernel)
+    after = sum(_compiled_variants(k) for k in kernels)
     assert after - before <= 2, f"{after - before} new compilations over 1,000 lengths"
 
 
