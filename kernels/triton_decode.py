@@ -1,7 +1,8 @@
 """FlashTPA decode in Triton: one new token per sequence, the cache split across programs (flash-decoding).
 
-Stages: `_decode_split_kernel` walks one slice of one sequence's cache and writes a float32 partial output with
-its log2-sum-exp; `_decode_merge_kernel` combines the slices, shifting by the MAXIMUM log-sum-exp so that no
+Stages: a split kernel (`_decode_factor_kernel` for contextual / KV-only K/V, `_decode_gqa_kernel` for fixed head
+factors) walks one slice of one sequence's cache and writes a float32 partial output with its log2-sum-exp;
+`_decode_merge_kernel` combines the slices, shifting by the MAXIMUM log-sum-exp so that no
 slice overflows (the official kernel shifts by the minimum and returns NaN once slices differ by ~88).
 
 Why it is shaped this way (../shared/design/tpa-reference.md, performance.md):
@@ -10,10 +11,13 @@ Why it is shaped this way (../shared/design/tpa-reference.md, performance.md):
   slices in the grid follows the buffer capacity; the slices a sequence actually uses follow its runtime length.
 - Contextual K/V: one program holds all H heads, so every cache byte (ak, bk, av, bv of a token) is read once;
   the ranks R_K, R_V are unrolled and each rank is one tl.dot of [H, D] x [D, T_blk]. The query is rebuilt from
-  aq, bq in the program with the rank dim padded to 16 for tl.dot (any R_Q works, R_Q = 6 included).
+  aq, bq in the program with the rank dim padded to 16 for tl.dot (any R_Q works, R_Q = 6 included). The head
+  factors are used element-wise, so Triton does not software-pipeline them as it does bk/bv; they are loaded
+  one block ahead instead (all ranks in one [H, T_blk, R] tile).
 - Fixed head factors (GQA): one program per (sequence, group), the group's heads stacked as query rows (padded
   to 16 for tl.dot), reading the ordinary [B, T, G, D] cache.
-- Every tensor is addressed by its strides (last dim contiguous): the FactorCache views are read in place.
+- Every tensor is addressed by its strides (last dim contiguous): the FactorCache views are read in place;
+  batch and token offsets are 64-bit (a 16 x 2^18-token GQA cache passes 2^31 elements).
 """
 
 from __future__ import annotations
