@@ -117,10 +117,6 @@ class Runner:
             torch.cuda.empty_cache()
 
 
-def _tensor_bytes(d: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in d.values() if isinstance(t, torch.Tensor))
-
-
 def tpa_inputs(run: Runner, B: int, N: int, M: int, H: int, D: int, R_Q: int, R_K: int, R_V: int,
                form: str) -> dict:
     """One set of attention arguments, every cache full (kv_lens = M)."""
