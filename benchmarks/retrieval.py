@@ -263,13 +263,15 @@ def main() -> None:
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(),
                      "python": platform.python_version(), "torch": torch.__version__, "faiss": faiss.__version__,
                      "torch_threads": torch.get_num_threads(), "stdlib": str(args.stdlib),
-                     "command": "python " + " ".join(sys.argv)}
+                     "command": "python " + " ".join(sys.argv),
+                     "load_average_start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="tpa-retrieval-bench-") as tmp:
         work = Path(tmp)
         if args.quality or both:
             results["quality"] = quality(args.stdlib, embedder, work)
         if args.latency or both:
             results["latency"] = latency(args.chunks, embedder, work)
+    results["load_average_end"] = os.getloadavg()  # the CPU is shared: other work slows the model most
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
