@@ -122,12 +122,14 @@ class Corpus:
 
     # -- ingestion -----------------------------------------------------------------------------------------------
 
-    def ingest(self, collection: str, paths: Sequence[str | Path], progress: ProgressCallback | None = None
-               ) -> IngestReport:
+    def ingest(self, collection: str, paths: Sequence[str | Path] | str | Path,
+               progress: ProgressCallback | None = None) -> IngestReport:
         """Ingest files, folders, .zip archives or git repositories into a collection (created if needed).
 
         A path that does not exist stops the request before anything is done (SourceNotFoundError)."""
         check_collection_name(collection)
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
         if not paths:
             raise SourceNotFoundError("(no path given)")
         for path in paths:

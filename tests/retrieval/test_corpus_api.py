@@ -190,6 +190,7 @@ def test_request_errors(corpus, embedder, project):
         corpus.search("c", "question", k=0)
     with pytest.raises(UnknownDocumentError):
         corpus.document_texts("c", ["proj/nope.md"])
+    assert [d.path for d in corpus.ingest("c", str(project / "bread.md")).documents] == ["bread.md"]  # one path
 
 
 def test_documents_and_texts(corpus, project):
