@@ -54,8 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
-    settings = Settings.from_env(data_dir=args.data_dir, model=args.model, device=args.device, verbose=args.verbose)
     try:
+        settings = Settings.from_env(data_dir=args.data_dir, model=args.model, device=args.device, verbose=args.verbose)
         return int(args.handler(args, settings) or 0)
     except user_error_types() as exc:
         print(f"tpa-rag: error: {exc}", file=sys.stderr)

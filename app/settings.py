@@ -19,6 +19,19 @@ def _default_data_dir() -> Path:
     return Path(user_data_dir("tpa-rag", appauthor=False))
 
 
+def _number(env, name: str, kind: type, default):
+    """A numeric environment variable; a malformed value is a user error that names the variable."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        from app.errors import AppError
+
+        raise AppError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the app, the CLI and the services are configured with."""
@@ -74,7 +87,11 @@ class Settings:
             "model": env.get("TPA_RAG_MODEL", DEFAULT_MODEL),
             "device": env.get("TPA_RAG_DEVICE", "auto"),
             "attention_backend": env.get("TPA_RAG_ATTENTION_BACKEND", "auto"),
-            "cache_budget_bytes": int(env.get("TPA_RAG_CACHE_BUDGET_BYTES", DEFAULT_CACHE_BUDGET_BYTES)),
+            "cache_budget_bytes": _number(env, "TPA_RAG_CACHE_BUDGET_BYTES", int, DEFAULT_CACHE_BUDGET_BYTES),
+            "embedding_model": env.get("TPA_RAG_EMBEDDING_MODEL", ""),
+            "top_k": _number(env, "TPA_RAG_TOP_K", int, cls.top_k),
+            "max_new_tokens": _number(env, "TPA_RAG_MAX_NEW_TOKENS", int, cls.max_new_tokens),
+            "temperature": _number(env, "TPA_RAG_TEMPERATURE", float, cls.temperature),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["data_dir"] is None:

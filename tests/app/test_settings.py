@@ -1,0 +1,29 @@
+"""Settings: environment variables, overrides, and a clear error for a malformed value."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.cli import main
+from app.errors import AppError
+from app.settings import Settings
+
+
+def test_environment_and_overrides(tmp_path):
+    env = {"TPA_RAG_HOME": str(tmp_path), "TPA_RAG_TOP_K": "9", "TPA_RAG_TEMPERATURE": "0.25", "TPA_RAG_MODEL": "m"}
+    settings = Settings.from_env(env, model="override")
+    assert (settings.top_k, settings.temperature, settings.model) == (9, 0.25, "override")
+    assert settings.data_dir == tmp_path.resolve()
+    assert settings.db_url == f"sqlite:///{tmp_path.resolve() / 'tpa_rag.sqlite'}"
+
+
+def test_malformed_number_names_the_variable(tmp_path):
+    with pytest.raises(AppError, match="TPA_RAG_MAX_NEW_TOKENS"):
+        Settings.from_env({"TPA_RAG_HOME": str(tmp_path), "TPA_RAG_MAX_NEW_TOKENS": "lots"})
+
+
+def test_cli_reports_a_malformed_setting_without_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TPA_RAG_TOP_K", "many")
+    assert main(["--data-dir", str(tmp_path), "models", "list"]) == 2
+    err = capsys.readouterr().err
+    assert "TPA_RAG_TOP_K" in err and "Traceback" not in err
