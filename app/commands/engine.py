@@ -1,8 +1,8 @@
 """Engine commands: `tpa-rag generate`, `tpa-rag chat`, `tpa-rag models fetch|list`.
 
     tpa-rag generate [--raw] [--json] [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K]
-                     [--seed S] [--system TEXT] [--threads N] PROMPT     (PROMPT "-" or absent: read stdin)
-    tpa-rag chat [--max-new-tokens N] [--temperature T] ... [--system TEXT] [--threads N]
+                     [--seed S] [--system TEXT] [--dtype D] [--threads N] PROMPT     (PROMPT "-" or absent: read stdin)
+    tpa-rag chat [--max-new-tokens N] [--temperature T] ... [--system TEXT] [--dtype D] [--threads N]
     tpa-rag models fetch [NAME]
     tpa-rag models list [--json]
 
@@ -56,6 +56,9 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, metavar="K", help="top-k sampling (0 = off)")
     parser.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
     parser.add_argument("--system", default=None, metavar="TEXT", help="a system message for the chat template")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="weight/activation dtype (default: float32 on the CPU, bfloat16 on CUDA); float16 "
+                             "decodes about 2x faster on an AVX-512 CPU but is not bit-identical to float32")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for torch (default: torch's choice; decoding is memory-bound, and on a "
                              "busy 2-core machine 1 thread is several times faster than 2)")
@@ -75,19 +78,18 @@ def _generation_config(args: argparse.Namespace, settings: Settings):
         top_p=args.top_p, top_k=args.top_k, seed=args.seed)
 
 
-def _load(settings: Settings, threads: int | None = None):
+def _load(settings: Settings, args: argparse.Namespace):
+    import torch
+
+    from app.errors import AppError
     from tpa_core.loading import load_model
 
-    if threads is not None:
-        import torch
-
-        from app.errors import AppError
-
-        if threads < 1:
-            raise AppError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
-
-    return load_model(settings.model, settings.models_dir, device=settings.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise AppError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return load_model(settings.model, settings.models_dir, device=settings.device, dtype=dtype)
 
 
 def _messages(system: str | None, turns: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -103,7 +105,7 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     if not prompt.strip():
         raise AppError("the prompt is empty")
     config = _generation_config(args, settings)
-    loaded = _load(settings, args.threads)
+    loaded = _load(settings, args)
     tokenizer = loaded.tokenizer
     if args.raw:
         prompt_ids = tokenizer.encode(prompt)
@@ -139,7 +141,7 @@ def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
     from tpa_core.generate import generate
 
     config = _generation_config(args, settings)
-    loaded = _load(settings, args.threads)
+    loaded = _load(settings, args)
     tokenizer, model = loaded.tokenizer, loaded.model
     if tokenizer.chat_template is None:
         raise TPAError(f"{loaded.name} has no chat template; use `tpa-rag generate --raw`")

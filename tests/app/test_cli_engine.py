@@ -57,7 +57,7 @@ def test_generate_streams_text_and_seeded_sampling_repeats(capsys, data, tiny_gg
     code, second, _ = run(capsys, *argv)
     assert code == 0 and first == second and first.endswith("\n")
     code, greedy, _ = run(capsys, "--data-dir", str(data), "--model", str(tiny_gguf), "generate", "--json",
-                          "--max-new-tokens", "12", "hello there")
+                          "--max-new-tokens", "12", "--dtype", "bfloat16", "hello there")
     assert code == 0 and json.loads(greedy)["prompt_tokens"] > 12  # the chat template wrapped the prompt
 
 
