@@ -67,8 +67,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def _first_difference(a, b, n: int) -> int | None:
+    ea, eb = a.export(0, 0, n), b.export(0, 0, n)
+    bad = [int(torch.nonzero((ea[k] != eb[k]).reshape(n, -1).any(1))[0]) for k in ea if not torch.equal(ea[k], eb[k])]
+    return min(bad) if bad else None
+
+
 def _writer_forever(db_url: str, blobs_dir: Path, iteration: int, budget: int, model, report_fd: int) -> None:
     """The body of a forked writer: save prompt after prompt until killed."""
+    torch.set_num_threads(1)  # as the parent (see `one_thread`), set again after fork
     store = open_store(db_url, blobs_dir, budget)
     ns = namespace(store)
     for j in range(10**6):
@@ -136,8 +143,11 @@ def test_sigkill_at_random_moments_never_leaves_a_bad_entry(db_url, blobs_dir, t
             if (iteration, j) not in reference:
                 reference[(iteration, j)] = prefill_paged(tiny_model, ids)[0]
             cache = tiny_model.new_cache()
+            chain = [(r.kind, r.start, r.n_tokens) for r in store.lookup(ns, ids, limit=len(ids) - 1)]
             reused = store.restore(ns, ids, cache)
-            assert factor_digest(cache, reused) == factor_digest(reference[(iteration, j)], reused)
+            assert factor_digest(cache, reused) == factor_digest(reference[(iteration, j)], reused), (
+                f"prompt {(iteration, j)} of {len(ids)} tokens: restored {reused} from {chain}; first wrong "
+                f"token {_first_difference(cache, reference[(iteration, j)], reused)}")
         iteration += 1
     stats = store.stats()
     print(f"SIGKILL test: {iteration} kills, {started_total} prompts started, {stats.pages_written} pages "
@@ -147,6 +157,7 @@ def test_sigkill_at_random_moments_never_leaves_a_bad_entry(db_url, blobs_dir, t
 
 
 def _save_all(db_url: str, blobs_dir: Path, model, go_fd: int, report_fd: int) -> None:
+    torch.set_num_threads(1)  # as the parent (see `one_thread`), set again after fork
     store = open_store(db_url, blobs_dir)
     ns = namespace(store)
     os.read(go_fd, 1)  # start together
