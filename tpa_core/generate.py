@@ -126,9 +126,15 @@ def prefill(model: TPAModel, cache: FactorCache, token_ids: Sequence[int] | Tens
     if total > window:
         raise TPAError(f"the prompt needs {total} tokens but the model's context window is {window} tokens")
     cache.reserve(total)
+    # Chunks end at absolute positions (multiples of chunk_size from the sequence start), so a prompt prefilled
+    # after a restored prefix is cut where a fresh prefill of the whole prompt is cut past that prefix.
+    done = cache.length(seq)
+    bounds = [*range((done // chunk_size + 1) * chunk_size, total, chunk_size), total]
     logits = None
-    for start in range(0, n, chunk_size):
-        logits = _forward_last(model, cache, ids[:, start:start + chunk_size], seq)
+    start = 0
+    for end in bounds:
+        logits = _forward_last(model, cache, ids[:, start:end - done], seq)
+        start = end - done
     return logits
 
 

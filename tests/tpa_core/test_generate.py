@@ -213,3 +213,29 @@ def test_user_errors(helpers):
                 dict(top_p=1.5), dict(prefill_chunk_size=0)):
         with pytest.raises(TPAError, match=next(iter(bad))):
             GenerationConfig(**bad)
+
+
+def test_prefill_cuts_chunks_at_absolute_positions(helpers, monkeypatch):
+    """After a restored prefix, chunks end where a fresh prefill of the whole prompt ends them."""
+    import tpa_core.generate as generate_module
+
+    model = _model(helpers)
+    cuts: list[tuple[int, int]] = []
+    real_forward_last = generate_module._forward_last
+
+    def recording_forward_last(model_, cache, ids, seq):
+        start = cache.length(seq)
+        cuts.append((start, start + ids.shape[1]))
+        return real_forward_last(model_, cache, ids, seq)
+
+    monkeypatch.setattr(generate_module, "_forward_last", recording_forward_last)
+    prompt = list(range(1, 24))
+    fresh = model.new_cache()
+    prefill(model, fresh, prompt, chunk_size=8)
+    assert cuts == [(0, 8), (8, 16), (16, 23)]
+    cuts.clear()
+    resumed = model.new_cache()
+    resumed.import_(fresh.export(0, 0, 11), seq=0, at=0)
+    prefill(model, resumed, prompt[11:], chunk_size=8)
+    assert cuts == [(11, 16), (16, 23)]
+    assert torch.equal(resumed.export(0, 16, 23)["layers.0.bk"], fresh.export(0, 16, 23)["layers.0.bk"])
