@@ -149,12 +149,14 @@ def rel_err_vs_reference(run: Runner, args: dict, out: torch.Tensor) -> float | 
 
 
 def time_ours(run: Runner, make: Callable[[], dict], set_bytes: int, check: bool = True,
-              **knobs) -> tuple[float, float | None]:
+              launcher: Callable | None = None, **knobs) -> tuple[float, float | None]:
     sets = [make() for _ in range(run.n_sets(set_bytes))]
-    if knobs:  # tuning: call the launcher directly with explicit launch parameters
+    if knobs or launcher is not None:  # tuning: call a launcher directly with explicit launch parameters
         first = sets[0]
         N = (first["q"] if first["q"] is not None else first["aq"]).shape[1]
-        if N == 1:
+        if launcher is not None:
+            pass
+        elif N == 1:
             from kernels.triton_decode import decode_attention as launcher
         else:
             from kernels.triton_prefill import prefill_attention as launcher
@@ -354,6 +356,47 @@ def sweep(run: Runner, rows: list[dict]) -> None:
         print(f"sweep prefill {form} 8192: " + "; ".join(f"{u:.1f}us {c}" for u, c in res[:5]), flush=True)
 
 
+# Contextual-decode launch variants: (label, knobs). "default" = the launcher's own defaults.
+PAPER_VARIANTS = [("default", {}), ("waves=4", dict(waves=4)), ("block_t=64", dict(block_t=64)),
+                  ("stages=2", dict(num_stages=2)), ("head_tile=16", dict(head_tile=16))]
+T6_VARIANTS = [("default", {}), ("head_tile=all", dict(head_tile=128)),
+               ("head_tile=16,block_t=64", dict(head_tile=16, block_t=64)),
+               ("head_tile=32,block_t=32", dict(head_tile=32, block_t=32)),
+               ("head_tile=32,block_t=64", dict(head_tile=32, block_t=64)),
+               ("head_tile=all,3d,waves=4", dict(head_tile=128, rank_2d=False, waves=4))]
+
+
+def decode_variants(run: Runner, bw: float, rows: list[dict], baseline: Callable | None = None) -> None:
+    """Time the contextual decode launch variants on the paper and T6 shapes, each checked against float64
+    where it fits; `baseline` (another launcher with its own defaults, e.g. an earlier version) is timed too."""
+    shapes = [("paper", 1, 1 << 19, 32, 16, 1, 1), ("paper", 4, 1 << 16, 32, 16, 1, 1),
+              ("paper", 16, 1 << 16, 32, 16, 1, 1),
+              ("paper", 16, 1 << 18, 32, 16, 1, 1),
+              ("t6", 1, 1 << 18, 34, 6, 2, 2), ("t6", 1, 1 << 18, 78, 6, 2, 2), ("t6", 16, 1 << 16, 34, 6, 2, 2),
+              ("t6", 16, 1 << 16, 78, 6, 2, 2), ("t6", 4, 1 << 16, 61, 6, 2, 2)]
+    for name, B, M, H, R_Q, R_K, R_V in shapes:
+        tok = (R_K + R_V) * (H + 64) * 2
+        floor = B * M * tok / bw * 1e6
+        variants = list(PAPER_VARIANTS if name == "paper" else T6_VARIANTS)
+        if baseline is not None:
+            variants.insert(0, ("baseline", {"launcher": baseline}))
+        res = []
+        for label, knobs in variants:
+            check = B * M <= (1 << 18)
+            try:
+                us, err = time_ours(run, lambda: tpa_inputs(run, B, 1, M, H, 64, R_Q, R_K, R_V, "contextual"),
+                                    B * M * tok, check=check, **knobs)
+            except Exception as exc:  # a variant that does not compile (registers, shared memory)
+                print(f"variant {name} {label} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
+            res.append({"label": label, "us": us, "pct_floor": 100 * floor / us, "rel_err": err})
+        rows.append({"section": "variants", "shape": name, "H": H, "B": B, "M": M, "floor_us": floor,
+                     "results": res})
+        print(f"variants {name} H={H} B={B} M=2^{int(math.log2(M))} floor {floor:.1f}us: " +
+              "; ".join(f"{r['label']} {r['us']:.1f} ({r['pct_floor']:.0f}%, err {fmt(r['rel_err'], '.1e')})"
+                        for r in res), flush=True)
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     out = [f"GPU {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, copy bandwidth "
            f"{meta['copy_bw_tbs']:.2f} TB/s, {meta['date']}", ""]
@@ -384,6 +427,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
                        f"{r['ours_us']:.1f} | {r['sdpa_us']:.1f} ({r['sdpa_backend']}) | {r['ratio']:.2f} | "
                        f"{r['pct_floor']:.0f}% | {fmt(r['rel_err'], '.1e')} |")
         out.append("")
+    var = [r for r in rows if r["section"] == "variants"]
+    if var:
+        out += ["| shape | H | B | M | floor us | variant | us | % floor | rel err |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in var:
+            for v in r["results"]:
+                out.append(f"| {r['shape']} | {r['H']} | {r['B']} | 2^{int(math.log2(r['M']))} | {r['floor_us']:.1f} | "
+                           f"{v['label']} | {v['us']:.1f} | {v['pct_floor']:.0f}% | {fmt(v['rel_err'], '.1e')} |")
+        out.append("")
     pre = [r for r in rows if r["section"] == "prefill"]
     if pre:
         out += ["| N | M | SDPA causal us | TPA (16,1,1) us | ratio | rel err | MHA-as-TPA us | ratio | rel err |",
@@ -401,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("."), help="folder for kernels_bench.{json,md}")
     p.add_argument("--sections", default="paper,t6,fixed,prefill")
     p.add_argument("--sweep", action="store_true", help="also sweep launch parameters (tuning the defaults)")
+    p.add_argument("--variants", action="store_true", help="also time the contextual decode launch variants")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on any device (plumbing check)")
     p.add_argument("--reps", type=int, default=20)
     args = p.parse_args(argv)
@@ -432,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         section_fixed(run, bw, Ms if args.smoke else [1 << 12, 1 << 14, 1 << 16, 1 << 18], Bs, rows)
     if "prefill" in sections:
         section_prefill(run, Ns, rows)
+    if args.variants and run.cuda:
+        decode_variants(run, bw, rows)
     if args.sweep and run.cuda:
         sweep(run, rows)
     meta["seconds"] = time.time() - t0

@@ -71,7 +71,7 @@ def _store_partial(PART_O, PART_LSE, acc, m_i, l_i, b, head, h_mask, pid_s, n_us
 @triton.jit
 def _load_head_factor(A, base, offs_h, offs_t, h_mask, t_mask, stride_at, stride_ah,
                       R: tl.constexpr, R_PAD: tl.constexpr):
-    """Head factors of a block, all ranks at once: [H_PAD, BLOCK_T] for R = 1, else [H_PAD, BLOCK_T, R_PAD]."""
+    """Head factors of a block, all ranks at once: [HEAD_TILE, BLOCK_T] for R = 1, else [HEAD_TILE, BLOCK_T, R_PAD]."""
     t_off = offs_t.to(tl.int64) * stride_at
     if R == 1:
         tile = tl.load(A + base + t_off[None, :] + offs_h[:, None] * stride_ah,
@@ -85,13 +85,78 @@ def _load_head_factor(A, base, offs_h, offs_t, h_mask, t_mask, stride_at, stride
 
 @triton.jit
 def _rank(tile, r: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr):
-    """Rank r of a `_load_head_factor` tile as float32 [H_PAD, BLOCK_T] (the rank dim is within a thread)."""
+    """Rank r of a `_load_head_factor` tile as float32 [HEAD_TILE, BLOCK_T] (the rank dim is within a thread)."""
     if R == 1:
         out = tile.to(tl.float32)
     else:
         offs_r = tl.arange(0, R_PAD)
         out = tl.sum(tl.where((offs_r == r)[None, None, :], tile.to(tl.float32), 0.0), 2)
     return out
+
+
+@triton.jit
+def _head_factor_rank(A, tile, base, offs_h, offs_t, h_mask, t_mask, stride_at, stride_ah, r: tl.constexpr,
+                      R: tl.constexpr, R_PAD: tl.constexpr, FROM_TILE: tl.constexpr, MASKED: tl.constexpr):
+    """Rank r of a block's head factors, float32 [HEAD_TILE, BLOCK_T]: taken from `tile` (all ranks, loaded
+    earlier) or loaded here as a 2-D tile of its own (a strided load per rank, no rank reduction in registers)."""
+    if FROM_TILE:
+        out = _rank(tile, r, R, R_PAD)
+    else:
+        ptrs = A + base + offs_t.to(tl.int64)[None, :] * stride_at + offs_h[:, None] * stride_ah + r
+        if MASKED:
+            out = tl.load(ptrs, mask=h_mask[:, None] & t_mask[None, :], other=0.0).to(tl.float32)
+        else:
+            out = tl.load(ptrs, mask=h_mask[:, None], other=0.0).to(tl.float32)
+    return out
+
+
+@triton.jit
+def _factor_block(
+    q, qk_scale, acc, m_i, l_i, ak_tile, av_tile, AK, AV, BK, BV, ak_base, av_base, bk_base, bv_base,
+    offs_h, h_mask, offs_t, t_mask, offs_d,
+    stride_akt, stride_akh, stride_bkt, stride_bkr, stride_avt, stride_avh, stride_bvt, stride_bvr,
+    R_K: tl.constexpr, RK_PAD: tl.constexpr, R_V: tl.constexpr, RV_PAD: tl.constexpr,
+    HEAD_TILE: tl.constexpr, BLOCK_T: tl.constexpr, FROM_TILE: tl.constexpr, MASKED: tl.constexpr,
+    SCALED_Q: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One block of BLOCK_T tokens for the HEAD_TILE heads: online-softmax update of (acc, m_i, l_i).
+
+    With SCALED_Q, q [HEAD_TILE, D] already carries qk_scale = scale * log2(e) / R_K, else the logits are
+    scaled here; MASKED = False for blocks wholly inside the slice (no token masks on the loads or the logits).
+    """
+    t_off = offs_t.to(tl.int64)
+    # ---- logits [HEAD_TILE, BLOCK_T] = sum_r (q . bk_r) * ak_r
+    logits = tl.zeros([HEAD_TILE, BLOCK_T], dtype=tl.float32)
+    for r in tl.static_range(R_K):
+        bk_ptrs = BK + bk_base + t_off[:, None] * stride_bkt + r * stride_bkr + offs_d[None, :]
+        if MASKED:
+            bk = tl.load(bk_ptrs, mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
+        else:
+            bk = tl.load(bk_ptrs)  # [BLOCK_T, D]
+        a_r = _head_factor_rank(AK, ak_tile, ak_base, offs_h, offs_t, h_mask, t_mask, stride_akt, stride_akh, r,
+                                R_K, RK_PAD, FROM_TILE, MASKED)
+        logits += _dot(q, tl.trans(bk), IEEE) * a_r
+    if not SCALED_Q:
+        logits = logits * qk_scale
+    if MASKED:
+        logits = tl.where(t_mask[None, :], logits, float("-inf"))
+    # ---- online softmax (base 2), one running max / sum per head
+    m_new = tl.maximum(m_i, tl.max(logits, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(logits - m_new[:, None])  # [HEAD_TILE, BLOCK_T]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    # ---- values: acc += sum_r (p * av_r) . bv_r
+    for r in tl.static_range(R_V):
+        bv_ptrs = BV + bv_base + t_off[:, None] * stride_bvt + r * stride_bvr + offs_d[None, :]
+        if MASKED:
+            bv = tl.load(bv_ptrs, mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
+        else:
+            bv = tl.load(bv_ptrs)  # [BLOCK_T, D]
+        a_r = _head_factor_rank(AV, av_tile, av_base, offs_h, offs_t, h_mask, t_mask, stride_avt, stride_avh, r,
+                                R_V, RV_PAD, FROM_TILE, MASKED)
+        acc += _dot((p * a_r).to(bv.dtype), bv, IEEE)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -108,51 +173,61 @@ def _decode_factor_kernel(
     T_cap, H, num_splits, min_chunk, qk_scale,
     R_Q: tl.constexpr, RQ_PAD: tl.constexpr, R_K: tl.constexpr, RK_PAD: tl.constexpr,
     R_V: tl.constexpr, RV_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, H_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    Q_FACTORS: tl.constexpr, PREFETCH: tl.constexpr, IEEE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_TILE: tl.constexpr, BLOCK_T: tl.constexpr,
+    Q_FACTORS: tl.constexpr, HF_MODE: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Contextual K/V: one program = one slice of one sequence, all H heads (each cache byte read once)."""
-    b = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    """Contextual K/V: one program = one slice of one sequence for HEAD_TILE heads.
+
+    With HEAD_TILE >= H every cache byte is read once; smaller head tiles re-read bk/bv once per tile (the
+    programs of one slice are adjacent in the grid, so the re-reads mostly hit L2) and pad fewer heads.
+    HF_MODE: 0 = head factors loaded per rank as 2-D tiles in the block, 1 = all ranks prefetched one block
+    ahead, 2 = all ranks loaded in the block.
+    """
+    pid_h = tl.program_id(0)
+    b = tl.program_id(1)
+    pid_s = tl.program_id(2)
     start, end, n_used = _slice_bounds(LENS, b, pid_s, T_cap, num_splits, min_chunk, BLOCK_T)
     b64 = b.to(tl.int64)
 
-    offs_h = tl.arange(0, H_PAD)
+    offs_h = pid_h * HEAD_TILE + tl.arange(0, HEAD_TILE)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_t0 = tl.arange(0, BLOCK_T)
     h_mask = offs_h < H
 
-    # ---- the query rows [H_PAD, D]: q, or aq . bq / R_Q with the rank dim padded to 16 for tl.dot
+    # ---- the query rows [HEAD_TILE, D]: q, or aq . bq / R_Q with the rank dim padded to 16 for tl.dot; the
+    # latter is rounded from float32 anyway, so it takes the logit scale (and log2 e, 1/R_K) once, here; a full
+    # query stays as given (rounding q * scale again costs accuracy) and its logits are scaled per block
     if Q_FACTORS:
         offs_r = tl.arange(0, RQ_PAD)
         aq = tl.load(AQ + b64 * stride_aqb + offs_h[:, None] * stride_aqh + offs_r[None, :],
-                     mask=h_mask[:, None] & (offs_r[None, :] < R_Q), other=0.0)  # [H_PAD, RQ_PAD]
+                     mask=h_mask[:, None] & (offs_r[None, :] < R_Q), other=0.0)  # [HEAD_TILE, RQ_PAD]
         bq = tl.load(BQ + b64 * stride_bqb + offs_r[:, None] * stride_bqr + offs_d[None, :],
                      mask=offs_r[:, None] < R_Q, other=0.0)  # [RQ_PAD, D]
-        q = _dot(aq.to(tl.float32), bq.to(tl.float32), IEEE) * (1.0 / R_Q)
+        q = _dot(aq.to(tl.float32), bq.to(tl.float32), IEEE) * (qk_scale / R_Q)
     else:
         q = tl.load(Q + b64 * stride_qb + offs_h[:, None] * stride_qh + offs_d[None, :],
-                    mask=h_mask[:, None], other=0.0).to(tl.float32)  # [H_PAD, D]
+                    mask=h_mask[:, None], other=0.0)  # [HEAD_TILE, D]
     q = q.to(BK.dtype.element_ty)
 
-    m_i = tl.full([H_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([H_PAD], dtype=tl.float32)
-    acc = tl.zeros([H_PAD, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([HEAD_TILE], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([HEAD_TILE], dtype=tl.float32)
+    acc = tl.zeros([HEAD_TILE, HEAD_DIM], dtype=tl.float32)
     ak_base = b64 * stride_akb
     av_base = b64 * stride_avb
+    bk_base = b64 * stride_bkb
+    bv_base = b64 * stride_bvb
+    # Blocks wholly inside [start, end) run without token masks; only the slice's last block can be partial.
+    full_end = start + (tl.maximum(end - start, 0) // BLOCK_T) * BLOCK_T
     # Triton software-pipelines the bk/bv loads (they feed tl.dot through shared memory) but not the head
-    # factors, which are used element-wise: with PREFETCH the next block's ak/av are loaded one iteration ahead.
+    # factors, which are used element-wise: HF_MODE 1 loads the next block's ak/av one iteration ahead.
     offs_first = start + offs_t0
     ak_next = _load_head_factor(AK, ak_base, offs_h, offs_first, h_mask, offs_first < end, stride_akt, stride_akh,
                                 R_K, RK_PAD)
     av_next = _load_head_factor(AV, av_base, offs_h, offs_first, h_mask, offs_first < end, stride_avt, stride_avh,
                                 R_V, RV_PAD)
-
-    for t0 in range(start, end, BLOCK_T):
+    for t0 in range(start, full_end, BLOCK_T):
         offs_t = t0 + offs_t0
-        t_mask = offs_t < end
-        t_off = offs_t.to(tl.int64)
-        if PREFETCH:
+        if HF_MODE == 1:
             ak_cur = ak_next
             av_cur = av_next
             offs_n = offs_t + BLOCK_T
@@ -160,30 +235,32 @@ def _decode_factor_kernel(
                                         R_K, RK_PAD)
             av_next = _load_head_factor(AV, av_base, offs_h, offs_n, h_mask, offs_n < end, stride_avt, stride_avh,
                                         R_V, RV_PAD)
-        else:
-            ak_cur = _load_head_factor(AK, ak_base, offs_h, offs_t, h_mask, t_mask, stride_akt, stride_akh,
+        elif HF_MODE == 2:
+            ak_cur = _load_head_factor(AK, ak_base, offs_h, offs_t, h_mask, offs_t < end, stride_akt, stride_akh,
                                        R_K, RK_PAD)
-            av_cur = _load_head_factor(AV, av_base, offs_h, offs_t, h_mask, t_mask, stride_avt, stride_avh,
+            av_cur = _load_head_factor(AV, av_base, offs_h, offs_t, h_mask, offs_t < end, stride_avt, stride_avh,
                                        R_V, RV_PAD)
-        # ---- logits [H_PAD, BLOCK_T] = sum_r (q . bk_r) * ak_r
-        logits = tl.zeros([H_PAD, BLOCK_T], dtype=tl.float32)
-        for r in tl.static_range(R_K):
-            bk = tl.load(BK + b64 * stride_bkb + t_off[:, None] * stride_bkt + r * stride_bkr + offs_d[None, :],
-                         mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-            logits += _dot(q, tl.trans(bk), IEEE) * _rank(ak_cur, r, R_K, RK_PAD)
-        logits = tl.where(t_mask[None, :], logits * qk_scale, float("-inf"))
-        # ---- online softmax (base 2), one running max / sum per head
-        m_new = tl.maximum(m_i, tl.max(logits, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(logits - m_new[:, None])  # [H_PAD, BLOCK_T]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        # ---- values: acc += sum_r (p * av_r) . bv_r
-        for r in tl.static_range(R_V):
-            bv = tl.load(BV + b64 * stride_bvb + t_off[:, None] * stride_bvt + r * stride_bvr + offs_d[None, :],
-                         mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-            acc += _dot((p * _rank(av_cur, r, R_V, RV_PAD)).to(bv.dtype), bv, IEEE)
-        m_i = m_new
+        else:
+            ak_cur = ak_next
+            av_cur = av_next
+        acc, m_i, l_i = _factor_block(
+            q, qk_scale, acc, m_i, l_i, ak_cur, av_cur, AK, AV, BK, BV, ak_base, av_base, bk_base, bv_base,
+            offs_h, h_mask, offs_t, offs_t < end, offs_d,
+            stride_akt, stride_akh, stride_bkt, stride_bkr, stride_avt, stride_avh, stride_bvt, stride_bvr,
+            R_K, RK_PAD, R_V, RV_PAD, HEAD_TILE, BLOCK_T, HF_MODE != 0, False, Q_FACTORS, IEEE)
+    if full_end < end:  # the partial last block, masked (head factors: the prefetched tile is already masked)
+        offs_t = full_end + offs_t0
+        t_mask = offs_t < end
+        if HF_MODE == 2:
+            ak_next = _load_head_factor(AK, ak_base, offs_h, offs_t, h_mask, t_mask, stride_akt, stride_akh,
+                                        R_K, RK_PAD)
+            av_next = _load_head_factor(AV, av_base, offs_h, offs_t, h_mask, t_mask, stride_avt, stride_avh,
+                                        R_V, RV_PAD)
+        acc, m_i, l_i = _factor_block(
+            q, qk_scale, acc, m_i, l_i, ak_next, av_next, AK, AV, BK, BV, ak_base, av_base, bk_base, bv_base,
+            offs_h, h_mask, offs_t, t_mask, offs_d,
+            stride_akt, stride_akh, stride_bkt, stride_bkr, stride_avt, stride_avh, stride_bvt, stride_bvr,
+            R_K, RK_PAD, R_V, RV_PAD, HEAD_TILE, BLOCK_T, HF_MODE != 0, True, Q_FACTORS, IEEE)
 
     _store_partial(PART_O, PART_LSE, acc, m_i, l_i, b64, offs_h, h_mask, pid_s, n_used, offs_d,
                    stride_pob, stride_poh, stride_pos, stride_plb, stride_plh)
@@ -273,20 +350,35 @@ def _decode_merge_kernel(
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
 
 
+# Launch defaults for the contextual kernel (set from the H200 sweep, benchmarks/RESULTS.md).
+_DEFAULT_WAVES = 2  # one round of programs at the kernel's 2 programs per SM (register-bound)
+_DEFAULT_WAVES_GQA = 4
+_DEFAULT_RANK_2D = True
+
+
+def _default_head_tile(H: int, rank_one: bool) -> int:
+    """Heads per program: all of them (bk/bv read once) up to 64; above, tiles of 32 (H = 78 padded to 96
+    instead of 128, and no 8-warp programs; bk/bv re-read per tile, mostly from L2)."""
+    return H if rank_one or H <= 64 else 32
+
+
 @functools.lru_cache(maxsize=8)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def default_num_splits(device: torch.device, programs_per_split: int, T_cap: int, min_chunk: int,
-                       waves: int = 4) -> int:
+                       waves: int = 4, round_down: bool = False) -> int:
     """Slices in the grid: `waves` programs per SM (latency hiding), never more than the capacity can fill.
 
-    Depends on the capacity, not the length, so a decode loop keeps one grid (and one CUDA graph) until the
-    cache doubles; each sequence then uses only the slices its runtime length fills.
+    Depends on the capacity and the batch, not the length, so a decode loop keeps one grid (and one CUDA graph)
+    until the cache doubles; each sequence then uses only the slices its runtime length fills. `round_down`
+    keeps the grid within `waves` programs per SM (rounding up can start a nearly empty extra round of
+    programs, each as long as the others: 1.4x slower at B = 16 on the H200).
     """
     programs = waves * (_sm_count(device.index or 0) if device.type == "cuda" else 2)
-    return max(1, min(triton.cdiv(programs, programs_per_split), triton.cdiv(T_cap, min_chunk), 1024))
+    per_seq = programs // programs_per_split if round_down else triton.cdiv(programs, programs_per_split)
+    return max(1, min(per_seq, triton.cdiv(T_cap, min_chunk), 1024))
 
 
 def decode_attention(
@@ -301,12 +393,14 @@ def decode_attention(
     kv_lens: Tensor,
     scale: float,
     num_splits: int | None = None,
-    waves: int = 4,
+    waves: int | None = None,
     min_chunk: int = 256,
     block_t: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
     prefetch: bool | None = None,
+    head_tile: int | None = None,
+    rank_2d: bool | None = None,
 ) -> Tensor:
     """FlashTPA decode launcher (inputs already validated by `kernels.triton_attention`).
 
@@ -317,6 +411,9 @@ def decode_attention(
         kv_lens: [B] int32 valid tokens per sequence (read on the device; no host synchronisation).
         num_splits, waves, min_chunk, block_t, num_warps, num_stages, prefetch: launch parameters; the
             defaults were chosen by the sweep in benchmarks/kernels.py on an H200.
+        head_tile: heads per program for contextual / KV-only K/V (a power of two >= 16; default all heads).
+        rank_2d: load each rank of the head factors as a 2-D tile of its own inside the block (contextual /
+            KV-only, ranks > 1), instead of one [heads, tokens, ranks] tile split in registers.
 
     Returns:
         [B, 1, H, D] in the dtype of bk.
@@ -325,46 +422,67 @@ def decode_attention(
     R_V = bv.shape[2]
     fixed = ak is None
     H = q.shape[2] if q is not None else aq.shape[2]
-    n_groups = R_K if fixed else 1
-    heads_per_prog = H // n_groups
-    h_pad = max(16, _next_pow2(heads_per_prog))
-    # Defaults from the H200 sweep (benchmarks/RESULTS.md): rank-1 factors stream best in 128-token blocks;
-    # higher ranks hold [H, T_blk, R] head-factor tiles in registers, so they take 32-token blocks (4x faster
-    # than 64 at H=34, B=16); GQA with D=128 likes 32-token blocks, D=64 64-token blocks.
     rank_one = not fixed and R_K == 1 and R_V == 1
+    if fixed:
+        n_groups = R_K
+        h_pad = max(16, _next_pow2(H // n_groups))
+        n_head_tiles = 1
+    else:
+        n_groups = 1
+        if head_tile is None:
+            head_tile = _default_head_tile(H, rank_one)
+        h_pad = min(max(16, _next_pow2(head_tile)), max(16, _next_pow2(H)))
+        n_head_tiles = triton.cdiv(H, h_pad)
+    # Defaults from the H200 sweeps (benchmarks/RESULTS.md): rank-1 factors stream best in 128-token blocks;
+    # higher ranks hold head-factor tiles in registers: 32-token blocks at 64 heads a program, 64 at <= 32;
+    # GQA with D=128 likes 32-token blocks, D=64 64-token blocks.
     if block_t is None:
-        block_t = 128 if rank_one else (32 if not fixed or D >= 128 else 64)
+        if rank_one:
+            block_t = 128
+        elif fixed:
+            block_t = 32 if D >= 128 else 64
+        else:
+            block_t = 64 if h_pad <= 32 else 32
     if num_warps is None:
         num_warps = 8 if h_pad >= 128 else 4
     if num_stages is None:
         num_stages = 3
     block_t = fit_block_t(block_t, 2 if fixed else R_K + R_V, D, bk.element_size(), num_stages)
     if prefetch is None:
-        prefetch = h_pad <= 64  # at H_PAD = 128 the prefetched tiles cost more registers than they save (H=78)
+        prefetch = h_pad <= 64  # at 128 heads a program the prefetched tiles cost more registers than they save
+    if rank_2d is None:
+        rank_2d = _DEFAULT_RANK_2D
+    if prefetch and (rank_one or not rank_2d):
+        hf_mode = 1
+    else:
+        hf_mode = 0 if rank_2d else 2
     if num_splits is None:
-        num_splits = default_num_splits(bk.device, B * n_groups, T_cap, min_chunk, waves)
+        if waves is None:
+            waves = _DEFAULT_WAVES_GQA if fixed else _DEFAULT_WAVES
+        num_splits = default_num_splits(bk.device, B * n_groups * n_head_tiles, T_cap, min_chunk, waves,
+                                        round_down=not fixed)
     dev = bk.device
     part_o = torch.empty(B, H, num_splits, D, device=dev, dtype=torch.float32)  # [B, H, S, D]
     part_lse = torch.empty(B, H, num_splits, device=dev, dtype=torch.float32)  # [B, H, S]
     out = torch.empty(B, 1, H, D, device=dev, dtype=bk.dtype)
     ieee = bk.dtype == torch.float32
-    grid = (B * n_groups, num_splits)
     if fixed:
-        _decode_gqa_kernel[grid](
+        _decode_gqa_kernel[(B * n_groups, num_splits)](
             q, bk, bv, kv_lens, part_o, part_lse,
             q.stride(0), q.stride(2),
             bk.stride(0), bk.stride(1), bk.stride(2),
             bv.stride(0), bv.stride(1), bv.stride(2),
             part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_lse.stride(0), part_lse.stride(1),
-            T_cap, heads_per_prog, n_groups, num_splits, min_chunk, scale * LOG2E,
+            T_cap, H // n_groups, n_groups, num_splits, min_chunk, scale * LOG2E,
             HEAD_DIM=D, H_PAD=h_pad, BLOCK_T=block_t, IEEE=ieee,
             num_warps=num_warps, num_stages=num_stages,
         )
     else:
         R_Q = aq.shape[3] if aq is not None else 1
         dummy = bk  # the unused query pointers (Q_FACTORS keeps them unread)
-        _decode_factor_kernel[grid](
+        # Head tiles vary fastest in the grid, so the programs re-reading one slice's bk/bv run together (L2).
+        _decode_factor_kernel[(n_head_tiles, B, num_splits)](
             q if q is not None else dummy, aq if aq is not None else dummy, bq if bq is not None else dummy,
             ak, bk, av, bv, kv_lens, part_o, part_lse,
             q.stride(0) if q is not None else 0, q.stride(2) if q is not None else 0,
@@ -378,8 +496,8 @@ def decode_attention(
             part_lse.stride(0), part_lse.stride(1),
             T_cap, H, num_splits, min_chunk, scale * LOG2E / R_K,
             R_Q=R_Q, RQ_PAD=max(16, _next_pow2(R_Q)), R_K=R_K, RK_PAD=_next_pow2(R_K),
-            R_V=R_V, RV_PAD=_next_pow2(R_V), HEAD_DIM=D, H_PAD=h_pad, BLOCK_T=block_t,
-            Q_FACTORS=q is None, PREFETCH=prefetch, IEEE=ieee,
+            R_V=R_V, RV_PAD=_next_pow2(R_V), HEAD_DIM=D, HEAD_TILE=h_pad, BLOCK_T=block_t,
+            Q_FACTORS=q is None, HF_MODE=hf_mode, IEEE=ieee,
             num_warps=num_warps, num_stages=num_stages,
         )
     _decode_merge_kernel[(B, H)](

@@ -33,6 +33,16 @@ DECODE_CASES = [
     ("fixed", 1, 8, 32, 23, [23], (0, 8, 8), torch.float32, {"block_t": 16, "min_chunk": 3}),
     ("fixed", 2, 6, 16, 40, [16, 33], (0, 1, 1), torch.float32, {"block_t": 16, "min_chunk": 16}),
     ("fixed", 2, 9, 16, 40, [40, 13], (0, 3, 3), torch.float16, {"block_t": 16, "min_chunk": 8}),
+    # head tiles (several programs per slice, the last one partial), per-rank 2-D head-factor loads
+    ("contextual", 2, 34, 16, 40, [40, 23], (6, 2, 2), torch.float32,
+     {"block_t": 16, "min_chunk": 8, "head_tile": 16, "rank_2d": True}),
+    ("contextual", 1, 20, 16, 48, [48], (16, 1, 1), torch.float32,
+     {"block_t": 16, "min_chunk": 16, "head_tile": 16, "prefetch": False}),
+    ("contextual", 2, 17, 16, 37, [37, 9], (3, 3, 2), torch.float16,
+     {"block_t": 16, "min_chunk": 4, "head_tile": 16, "rank_2d": False, "prefetch": True}),
+    ("kv_only", 2, 33, 16, 50, [50, 16], (0, 3, 2), torch.float32,
+     {"block_t": 16, "min_chunk": 16, "head_tile": 32, "rank_2d": True, "prefetch": True}),
+    ("contextual", 1, 5, 16, 64, [64], (6, 2, 2), torch.float32, {"block_t": 16, "min_chunk": 16, "rank_2d": True}),
 ]
 
 # form, B, N, H, D, T_cap, kv_lens, (R_Q, R_K, R_V), dtype, knobs

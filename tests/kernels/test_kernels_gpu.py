@@ -45,6 +45,32 @@ def test_bf16_against_float64(case) -> None:
     assert rel_err(out, oracle_attention(**args)) <= TOLERANCES[torch.bfloat16]
 
 
+# Contextual-decode launch variants (head tiles, per-rank 2-D or 3-D head-factor loads, prefetch, waves):
+# form, B, H, T_cap, kv_lens, (R_Q, R_K, R_V), knobs
+VARIANT_CASES = [
+    ("contextual", 2, 78, 20000, [20000, 4097], (6, 2, 2), dict(head_tile=16, rank_2d=True, block_t=64)),
+    ("contextual", 1, 34, 30000, [29999], (6, 2, 2), dict(head_tile=32, rank_2d=True, block_t=32)),
+    ("contextual", 2, 47, 9000, [9000, 130], (6, 2, 2), dict(head_tile=64, rank_2d=False, prefetch=True)),
+    ("contextual", 1, 61, 9000, [8191], (6, 2, 2), dict(head_tile=128, rank_2d=False, prefetch=False)),
+    ("contextual", 2, 32, 40000, [40000, 33333], (16, 1, 1), dict(head_tile=16, waves=4)),
+    ("contextual", 1, 32, 40000, [32769], (16, 1, 1), dict(waves=1, block_t=64, num_stages=4)),
+    ("kv_only", 2, 61, 5000, [5000, 4999], (0, 2, 2), dict(head_tile=16, block_t=128)),
+]
+
+
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=lambda c: f"{c[0]}-B{c[1]}H{c[2]}-" +
+                         ",".join(f"{k}={v}" for k, v in c[6].items()))
+def test_decode_variants_bf16_against_float64(case) -> None:
+    from kernels.triton_decode import decode_attention
+
+    form, B, H, T_cap, lens, ranks, knobs = case
+    args = _args(form, B, 1, H, 64, T_cap, lens, ranks)
+    out = decode_attention(**args, scale=64 ** -0.5, **knobs)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    assert rel_err(out, oracle_attention(**args)) <= TOLERANCES[torch.bfloat16]
+
+
 @pytest.mark.parametrize("form", ["contextual", "fixed"])
 def test_float32_matches_torch_backend(form: str) -> None:
     from kernels.dispatch import attention
