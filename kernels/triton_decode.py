@@ -9,11 +9,17 @@ Why it is shaped this way (../shared/design/tpa-reference.md, performance.md):
 - Sequence lengths are read from `kv_lens` inside the kernels: nothing about a length is a constexpr or a
   launch-shape input, so a decode loop never recompiles and a CUDA graph replays across steps. The number of
   slices in the grid follows the buffer capacity; the slices a sequence actually uses follow its runtime length.
-- Contextual K/V: one program holds all H heads, so every cache byte (ak, bk, av, bv of a token) is read once;
-  the ranks R_K, R_V are unrolled and each rank is one tl.dot of [H, D] x [D, T_blk]. The query is rebuilt from
-  aq, bq in the program with the rank dim padded to 16 for tl.dot (any R_Q works, R_Q = 6 included). The head
-  factors are used element-wise, so Triton does not software-pipeline them as it does bk/bv; they are loaded
-  one block ahead instead (all ranks in one [H, T_blk, R] tile).
+- Contextual K/V: one program holds a tile of heads (all H up to 64, else tiles of 32, so H = 78 pads to 96,
+  not 128); with one tile every cache byte (ak, bk, av, bv of a token) is read once, with several the tiles of
+  a slice are adjacent in the grid and re-read bk/bv mostly from L2. The ranks R_K, R_V are unrolled and each
+  rank is one tl.dot of [heads, D] x [D, T_blk]. The query is rebuilt from aq, bq in the program with the rank
+  dim padded to 16 for tl.dot (any R_Q works, R_Q = 6 included) and takes the logit scale once. Head factors
+  are used element-wise, so Triton does not software-pipeline them as it does bk/bv: rank-1 factors are
+  prefetched one block ahead; higher ranks are loaded per rank as 2-D tiles (one [heads, T_blk, R] tile split
+  in registers spilled at T6 ranks: 512 B of stack in an sm_90 build). Blocks wholly inside a slice run
+  without token masks.
+- Grid: about two programs per SM (the rank-1 kernel takes ~226 registers a thread, so two fit), rounded down
+  so that no nearly empty extra round of programs starts.
 - Fixed head factors (GQA): one program per (sequence, group), the group's heads stacked as query rows (padded
   to 16 for tl.dot), reading the ordinary [B, T, G, D] cache.
 - Every tensor is addressed by its strides (last dim contiguous): the FactorCache views are read in place;
