@@ -3,31 +3,11 @@ other, whose follow-up reuses the cache pages the first one wrote (the README's 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 pytestmark = pytest.mark.postgres
 
 QUESTION = "How does the cache store key its entries?"
-
-
-@pytest.fixture(scope="module")
-def postgres_server():
-    """The store tests' throwaway PostgreSQL server (tests/store/conftest.py), or a skip saying why."""
-    import subprocess
-
-    spec = importlib.util.spec_from_file_location(
-        "store_test_fixtures", Path(__file__).resolve().parents[1] / "store" / "conftest.py")
-    fixtures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fixtures)
-    try:
-        server = fixtures.PostgresServer()
-    except (RuntimeError, OSError, KeyError, LookupError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"PostgreSQL app tests skipped: no server could be started ({exc})")
-    yield server
-    server.stop()
 
 
 def test_replicas_share_sessions_collections_and_cache(postgres_server, data_dir, corpus_dir, tiny_model):

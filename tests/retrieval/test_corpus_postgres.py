@@ -1,38 +1,19 @@
 """The corpus on PostgreSQL: tables, incremental ingestion, keyword search (tsvector) in hybrid mode, deletion.
 
-The server is the store tests' throwaway cluster (tests/store/conftest.py), loaded from its file rather than
-copied; without a server the test is skipped with the reason.
+The server is the suite's throwaway cluster (`postgres_server` in tests/conftest.py); without a server the test
+is skipped with the reason.
 """
 
 from __future__ import annotations
-
-import importlib.util
-import subprocess
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.postgres
 
 
-def _postgres_server_class():
-    path = Path(__file__).resolve().parents[1] / "store" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_store_conftest_for_retrieval", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.PostgresServer
-
-
-@pytest.fixture(scope="module")
-def pg_url():
-    try:
-        server = _postgres_server_class()()
-    except (RuntimeError, OSError, KeyError, LookupError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"no PostgreSQL server could be started ({exc})")
-    try:
-        yield server.create_database()
-    finally:
-        server.stop()
+@pytest.fixture
+def pg_url(postgres_server) -> str:
+    return postgres_server.create_database()
 
 
 def test_corpus_on_postgres(pg_url, embedder, tmp_path):
