@@ -12,8 +12,9 @@ torch thread count:
   copies): the cost of streaming every weight once per decode step with plain F.linear - a reference for how
   memory-bound decoding is, not a hard ceiling (a better GEMV layout beats it).
 
-Medians of --repeats runs per figure. Our engine is also measured in --extra-dtypes (default float16: about
-twice the decode speed on an AVX-512 CPU, not bit-identical to float32), against transformers in float32. llama.cpp is reported only where installed (llama-cli / llama-bench on PATH
+Medians of --repeats runs per figure. Our engine is also measured in --extra-dtypes (default float16,q4; float16:
+about twice the decode speed on an AVX-512 CPU, not bit-identical to float32; q4: float32 prefill, decode on the
+GGUF's Q4_1 matrices packed for torch's int4 kernels, `tpa_core.quant`), against transformers in float32. llama.cpp is reported only where installed (llama-cli / llama-bench on PATH
 or the llama_cpp package).
 
     .venv/bin/python benchmarks/cpu_generate.py [--threads 1,2] [--repeats 3] [--prompt-tokens 500]
@@ -77,6 +78,15 @@ class _NoEOS:
         return self.tokenizer.decode(ids)
 
 
+def _without_tokens(value):
+    """The report without the generated token lists (long, and only compared inside the run)."""
+    if isinstance(value, dict):
+        return {k: _without_tokens(v) for k, v in value.items() if k != "greedy_tokens"}
+    if isinstance(value, list):
+        return [_without_tokens(v) for v in value]
+    return value
+
+
 def median_of(repeats: int, fn) -> float:
     return statistics.median(fn() for _ in range(repeats))
 
@@ -92,16 +102,19 @@ def bench_ours(loaded, ids: list[int], new_tokens: int, repeats: int) -> dict:
         prefill(model, cache, ids)
         return time.perf_counter() - start
 
+    tokens: list[int] = []
+
     def one_decode() -> float:
         config = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0)
         events = list(generate(model, _NoEOS(loaded.tokenizer), ids, config))
         assert sum(len(e.token_ids) for e in events) == new_tokens and len(ids) + new_tokens <= window
+        tokens[:] = [t for e in events for t in e.token_ids]
         return events[-1].metrics.decode_tokens_per_s
 
     one_prefill()  # warm-up
     prefill_s = median_of(repeats, one_prefill)
     decode_tps = median_of(repeats, one_decode)
-    return {"prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": decode_tps}
+    return {"prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": decode_tps, "greedy_tokens": tokens}
 
 
 def bench_hf(gguf: Path, ids: list[int], new_tokens: int, repeats: int) -> dict:
@@ -183,15 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts to measure")
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--extra-dtypes", default="float16",
-                        help="comma-separated dtypes to measure our engine in besides float32 ('' for none)")
+    parser.add_argument("--extra-dtypes", default="float16,q4",
+                        help="comma-separated dtypes (or q4) to measure our engine in besides float32 ('' for none)")
     args = parser.parse_args(argv)
 
     from tpa_core import registry
     from tpa_core.loading import load_model
 
     loaded = load_model(args.model, args.models_dir, device="cpu")
-    extra = {name: load_model(args.model, args.models_dir, device="cpu", dtype=getattr(torch, name))
+    extra = {name: load_model(args.model, args.models_dir, device="cpu",
+                              **({"weights": "q4"} if name == "q4" else {"dtype": getattr(torch, name)}))
              for name in args.extra_dtypes.split(",") if name}
     gguf = registry.download_path(args.model, args.models_dir)
     ids = prompt_ids(loaded.tokenizer, args.prompt_tokens)
@@ -202,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         row = {"threads": threads, "ours": ours, **weight_floor(loaded, args.repeats)}
         for name, other in extra.items():
             row[f"ours_{name}"] = bench_ours(other, ids, args.new_tokens, args.repeats)
+            # how far the greedy tokens agree with the float32 engine's (the new tokens, from the first)
+            same = [a == b for a, b in zip(ours["greedy_tokens"], row[f"ours_{name}"]["greedy_tokens"])]
+            row[f"ours_{name}"]["tokens_equal_to_float32"] = same.index(False) if False in same else len(same)
         if not args.skip_hf:
             hf = bench_hf(gguf, ids, args.new_tokens, args.repeats)
             row["transformers"] = hf
@@ -218,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "prompt_tokens": len(ids), "new_tokens": args.new_tokens, "repeats": args.repeats,
         "rows": rows, "llama.cpp": llama_cpp_status(), **load_times(args.models_dir, args.model),
     }
-    print(json.dumps(report, indent=1))
+    print(json.dumps(_without_tokens(report), indent=1))
     print("\n| threads | ours prefill tok/s | HF prefill tok/s | ratio | ours decode tok/s | HF decode tok/s | ratio "
           "| weights-only GEMV f32 / bf16 / f16 tok/s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -231,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in extra:
             print(f"|   ours in {name}: prefill {row[f'ours_{name}']['prefill_tok_s']:.0f} tok/s, decode "
                   f"{row[f'ours_{name}']['decode_tok_s']:.1f} tok/s "
-                  f"({row.get(f'decode_ratio_{name}', float('nan')):.2f}x transformers float32 decode) |")
+                  f"({row.get(f'decode_ratio_{name}', float('nan')):.2f}x transformers float32 decode; first "
+                  f"{row[f'ours_{name}']['tokens_equal_to_float32']} greedy tokens equal to float32's) |")
     return 0
 
 

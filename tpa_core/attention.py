@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from kernels.dispatch import attention
 from tpa_core.cache import FactorCache
 from tpa_core.config import TPAConfig
+from tpa_core.quant import PACKED_MAX_ROWS, Q4Weight
 from tpa_core.rope import RopeTables, apply_rope
 
 logger = logging.getLogger(__name__)
@@ -35,11 +36,14 @@ ONEDNN_MIN_ROWS = 16
 _onednn = {"usable": None}  # None = not tried yet; False after a build without a working oneDNN linear
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Q4Weight | None = None) -> Tensor:
     """`F.linear(x, weight, bias)`: x `[..., d]`, weight `[F, d]` -> `[..., F]`; prefill-sized float32 CPU inputs
     go through oneDNN, whose GEMM is about twice as fast as MKL's sgemm on AMD CPUs (plain layout, no weight copy
-    kept)."""
+    kept). `packed`: a `tpa_core.quant.Q4Weight` copy of `weight`, used for single-row inputs (decode)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if packed is not None and rows <= PACKED_MAX_ROWS:
+        out = packed(x)  # [..., F]
+        return out if bias is None else out + bias
     if (rows >= ONEDNN_MIN_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
             and _onednn["usable"] is not False):
         try:
@@ -157,6 +161,7 @@ class TPAAttention(FusedParams):
         self.b_in = nn.Parameter(torch.zeros(total, **factory)) if biased else None
         self.w_o = nn.Parameter(torch.empty(c.d_model, H * D, **factory))  # [d, H*D]
         self.fused = {"w_in": [(f"w_{name}", rows) for name, rows in parts]}
+        self.packed: dict[str, Q4Weight] = {}  # 4-bit decode copies of w_in / w_o (tpa_core.quant.attach_q4)
         if biased:
             self.fused["b_in"] = [(f"b_{name}" if name in biased else None, rows) for name, rows in parts]
         self.reset_parameters()
@@ -172,7 +177,7 @@ class TPAAttention(FusedParams):
         """The new tokens' factors, RoPE applied: name -> [B, N, H, R_Q] / [B, N, R, D] / [B, N, H, D] (q)."""
         B, N, _ = x.shape
         H, D = self.n_heads, self.head_dim
-        y = linear(x, self.w_in, self.b_in)  # [B, N, sum of parts]
+        y = linear(x, self.w_in, self.b_in, self.packed.get("w_in"))  # [B, N, sum of parts]
         parts = dict(zip(self.part_names, y.split(self.part_sizes, dim=-1)))  # [B, N, rows of each part]
         out: dict[str, Tensor] = {}
         if self.form == "contextual":
@@ -198,4 +203,5 @@ class TPAAttention(FusedParams):
             ak=buf.get("ak"), bk=buf["bk"], av=buf.get("av"), bv=buf["bv"],
             kv_lens=step.kv_lens, backend=step.backend,
         )  # [B, N, H, D]
-        return linear(out.reshape(B, N, self.n_heads * self.head_dim), self.w_o)  # [B, N, H*D] -> [B, N, d]
+        out = out.reshape(B, N, self.n_heads * self.head_dim)  # [B, N, H, D] -> [B, N, H*D]
+        return linear(out, self.w_o, packed=self.packed.get("w_o"))  # [B, N, d]

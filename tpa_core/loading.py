@@ -45,6 +45,7 @@ CACHE_FORMAT = "tpa-rag-model/2"  # the layout of a cache folder
 FINGERPRINT_VERSION = "tpa-rag-fingerprint/1"  # what the fingerprint hashes (changing it re-keys every store)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+WEIGHT_MODES = ("float32", "q4")
 T6_KEYS = ("n_layer", "n_head", "n_embd", "rank")
 # Files of a source folder whose size/mtime identify a version of it.
 _SOURCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -66,6 +67,7 @@ class LoadedModel:
     name: str
     source: Path
     cache_dir: Path
+    weights: str = "float32"  # "q4" when decode runs packed Q4_1 matrices (load_model's weights=)
 
     @property
     def device(self) -> torch.device:
@@ -90,19 +92,38 @@ class Source:
 
 
 def load_model(name_or_path: str | Path, models_dir: str | Path, device: str = "auto",
-               dtype: torch.dtype | None = None, *, fetch: bool = True, require_tokenizer: bool = True
-               ) -> LoadedModel:
+               dtype: torch.dtype | None = None, *, fetch: bool = True, require_tokenizer: bool = True,
+               weights: str = "float32") -> LoadedModel:
     """Load a model by known name (fetched on first use when `fetch`) or local path, through the model cache.
 
     device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". dtype: None = float32 on the CPU,
     bfloat16 on CUDA. A T6 checkpoint folder without a tokenizer.json loads only with `require_tokenizer=False`
-    (token ids in, token ids out).
+    (token ids in, token ids out). weights: "float32" (as converted), or "q4": on the CPU in float32, decode steps
+    also run the GGUF's Q4_1 matrices through torch's int4 kernels (`tpa_core.quant`; faster, not bit-identical;
+    matrices of other types, and non-GGUF sources, stay float32).
     """
+    if weights not in WEIGHT_MODES:
+        raise TPAError(f"unknown weights mode {weights!r}: use {' or '.join(WEIGHT_MODES)}")
     models_dir = Path(models_dir).expanduser()
     target_device = resolve_device(device)
     source = resolve_source(name_or_path, models_dir, fetch=fetch)
     if dtype is None:
         dtype = torch.bfloat16 if target_device.type == "cuda" else torch.float32
+    if weights == "q4" and (target_device.type != "cpu" or dtype != torch.float32):
+        raise TPAError(f"4-bit weights (q4) run on the CPU in float32 only, not {dtype} on {target_device}")
+    loaded = _load_converted(source, models_dir, target_device, dtype, require_tokenizer)
+    if weights == "q4":
+        from tpa_core.quant import attach_q4
+
+        if source.kind == "gguf" and attach_q4(loaded.model, source.path):
+            loaded.weights = "q4"
+        else:
+            logger.warning("%s holds no Q4_1 matrices: running in float32", source.path)
+    return loaded
+
+
+def _load_converted(source: Source, models_dir: Path, target_device: torch.device, dtype: torch.dtype,
+                    require_tokenizer: bool) -> LoadedModel:
     cache_dir = cached_dir_for(source, models_dir)
     if cache_dir is None:
         cache_dir = convert_to_cache(source, models_dir)

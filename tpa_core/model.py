@@ -18,6 +18,7 @@ from tpa_core.attention import ONEDNN_MIN_ROWS, FusedParams, StepInfo, TPAAttent
 from tpa_core.cache import FactorCache
 from tpa_core.config import TPAConfig
 from tpa_core.errors import TPAError
+from tpa_core.quant import PACKED_MAX_ROWS, Q4Weight
 from tpa_core.rope import Rope
 
 
@@ -45,13 +46,14 @@ class SwiGLU(FusedParams):
         self.w_gate_up = nn.Parameter(torch.empty(2 * hidden, d_model, device=device, dtype=dtype))  # [2F, d]
         self.w_down = nn.Parameter(torch.empty(d_model, hidden, device=device, dtype=dtype))  # [d, F]
         self.fused = {"w_gate_up": [("w_gate", hidden), ("w_up", hidden)]}
+        self.packed: dict[str, Q4Weight] = {}  # 4-bit decode copies (tpa_core.quant.attach_q4)
         nn.init.normal_(self.w_gate_up, std=0.02)
         nn.init.normal_(self.w_down, std=0.02)
 
     def forward(self, x: Tensor) -> Tensor:
         """x `[B, N, d]` -> `[B, N, d]`."""
-        gate, up = linear(x, self.w_gate_up).split(self.hidden, dim=-1)  # 2 x [B, N, F]
-        return linear(F.silu(gate) * up, self.w_down)
+        gate, up = linear(x, self.w_gate_up, packed=self.packed.get("w_gate_up")).split(self.hidden, dim=-1)
+        return linear(F.silu(gate) * up, self.w_down, packed=self.packed.get("w_down"))  # gate, up: [B, N, F]
 
 
 class Block(nn.Module):
@@ -91,6 +93,7 @@ class TPAModel(nn.Module):
         self.attention_backend = "auto"  # "auto" | "torch" | "triton", passed to kernels.dispatch
         self._head_t: Tensor | None = None  # see _head_transposed
         self._head_t_key: tuple | None = None
+        self.packed_head: Q4Weight | None = None  # 4-bit decode copy of the LM head (tpa_core.quant.attach_q4)
 
     @property
     def device(self) -> torch.device:
@@ -153,6 +156,8 @@ class TPAModel(nn.Module):
         if last_only:
             x = x[:, -1:]  # [B, 1, d]
         x = self.norm(x)
+        if self.packed_head is not None and B * x.shape[1] <= PACKED_MAX_ROWS:
+            return self.packed_head(x).float()  # [B, 1, V]
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         if x.device.type == "cpu" and x.dtype == torch.float32 and B * x.shape[1] < ONEDNN_MIN_ROWS:
             return torch.matmul(x, self._head_transposed(weight))  # [B, n, d] @ [d, V] -> [B, n, V]

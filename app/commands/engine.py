@@ -56,9 +56,11 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, metavar="K", help="top-k sampling (0 = off)")
     parser.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
     parser.add_argument("--system", default=None, metavar="TEXT", help="a system message for the chat template")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "q4"), default=None,
                         help="weight/activation dtype (default: float32 on the CPU, bfloat16 on CUDA); float16 "
-                             "decodes about 2x faster on an AVX-512 CPU but is not bit-identical to float32")
+                             "decodes about 2x faster on an AVX-512 CPU but is not bit-identical to float32; q4 "
+                             "(CPU, Q4_1 GGUF models): float32 prefill, decode on the file's 4-bit weights "
+                             "through torch's int4 kernels, faster still, not bit-identical either")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for torch (default: torch's choice; decoding is memory-bound, and on a "
                              "busy 2-core machine 1 thread is several times faster than 2)")
@@ -88,6 +90,8 @@ def _load(settings: Settings, args: argparse.Namespace):
         if args.threads < 1:
             raise AppError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.dtype == "q4":
+        return load_model(settings.model, settings.models_dir, device=settings.device, weights="q4")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return load_model(settings.model, settings.models_dir, device=settings.device, dtype=dtype)
 

@@ -1,0 +1,168 @@
+"""Weight-only 4-bit decoding from a GGUF's Q4_1 blocks, through torch's CPU int4 kernels.
+
+A Q4_1 block holds 32 weights of one row as `w = d * q + m`: codes q in 0..15, d and m float16. torch's CPU int4
+GEMM (`aten._weight_int4pack_mm_for_cpu`, torch 2.13) computes with `w = (q - 8) * scale + zero` per group of
+`GROUP_SIZE` consecutive input features, so a Q4_1 block is one group with
+
+    scale = d,    zero = m + 8 d.
+
+The codes are packed unchanged (`aten._convert_weight_to_int4pack_for_cpu`, `[N, K]` int32 -> `[N, K/2]` uint8).
+What the kernel cannot hold exactly: measured on torch 2.13 (AVX-512 CPU), only its bfloat16 form is fast (one
+decode GEMV of SmolLM2's `[3072, 576]` gate/up weight: 48 us in bfloat16 against 2.5 ms with float32 inputs and
+95 us for a float32 F.linear), and that form takes bfloat16 activations, bfloat16 scales and zeros, and returns
+bfloat16. So the codes are exact, while d (11 significant bits) and m + 8 d are rounded to bfloat16 (8 bits):
+a weight moves by at most 2^-9 of |scale| * 8 + |zero|, a small fraction of one quantization step. Logits differ
+from the float32 path accordingly: this is an opt-in decode mode, like float16.
+
+`attach_q4(model, gguf_path)` packs every Q4_1 projection of a loaded `TPAModel` (after checking that the GGUF's
+Q4_1 blocks reproduce the model's float32 weights bit for bit) and hangs the packed copies next to the float32
+parameters. `tpa_core.attention.linear` uses a packed copy for single-row inputs (decode of one sequence) only;
+prefill keeps the float32 weights (oneDNN's GEMM is fast there, and prefilled factors stay those of float32).
+Tensors of other GGML types (F32, Q8_0, ...) stay float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tpa_core.errors import TPAError
+
+logger = logging.getLogger(__name__)
+
+GROUP_SIZE = 32  # a Q4_1 block = one quantization group of the int4 kernel
+Q4_1_BLOCK_BYTES = 20  # float16 d, float16 m, 16 bytes of 4-bit codes
+ROW_MULTIPLE = 16  # the packing op's demand on N (output features)
+PACKED_MAX_ROWS = 1  # inputs of more rows (prefill) run on the float32 weights
+KERNEL_DTYPE = torch.bfloat16  # the int4 kernel's fast form (see the module docstring)
+
+
+class Q4Weight:
+    """A `[N, K]` weight as packed 4-bit codes plus per-group scale and zero, run by torch's CPU int4 GEMM.
+
+    packed: `[N, K/2]` uint8 (the kernel's layout); scales_zeros: `[K/G, N, 2]` bfloat16 (scale, zero) with
+    `w[n, k] = (q[n, k] - 8) * scale[k // G, n] + zero[k // G, n]`. A plain object, not an nn.Module, so it stays
+    out of the model's state dict (whose names docs/interfaces.md fixes).
+    """
+
+    def __init__(self, packed: Tensor, scales_zeros: Tensor, out_features: int, in_features: int) -> None:
+        self.packed, self.scales_zeros = packed, scales_zeros
+        self.out_features, self.in_features = out_features, in_features
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x `[..., K]` -> `[..., N]` in x's dtype."""
+        x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # [M, K]
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP_SIZE, self.scales_zeros)  # [M, N]
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)  # [..., N]
+
+    def dequantize(self) -> Tensor:
+        """The weight the kernel multiplies by, `[N, K]` float32 (rounded to bfloat16 by the kernel's output)."""
+        eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE)  # [K, K]
+        w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP_SIZE, self.scales_zeros)  # [K, N]
+        return w_t.t().float()  # [N, K]
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + \
+            self.scales_zeros.numel() * self.scales_zeros.element_size()
+
+
+def split_q4_1(raw: np.ndarray, rows: int, cols: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A GGUF Q4_1 tensor's bytes -> (codes `[rows, cols]` uint8 in 0..15, d `[rows, cols/32]` float32,
+    m `[rows, cols/32]` float32), so that `d * codes + m` (per block) is the GGUF's dequantized tensor."""
+    if cols % GROUP_SIZE:
+        raise TPAError(f"a Q4_1 row of {cols} values is not a whole number of {GROUP_SIZE}-value blocks")
+    n_blocks = cols // GROUP_SIZE
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, n_blocks, Q4_1_BLOCK_BYTES)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [rows, n_blocks]
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)  # [rows, n_blocks]
+    qs = blocks[..., 4:]  # [rows, n_blocks, 16]: byte j holds code j (low nibble) and code j + 16 (high)
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # [rows, n_blocks, 32]
+    return (torch.from_numpy(codes.reshape(rows, cols)), torch.from_numpy(d), torch.from_numpy(m))
+
+
+def dequantize_q4_1(codes: Tensor, d: Tensor, m: Tensor) -> Tensor:
+    """codes `[N, K]`, d/m `[N, K/32]` -> `[N, K]` float32, with gguf's arithmetic (`d * q + m` in float32)."""
+    N, K = codes.shape
+    w = d[:, :, None] * codes.view(N, K // GROUP_SIZE, GROUP_SIZE).float() + m[:, :, None]  # [N, K/G, G]
+    return w.reshape(N, K)
+
+
+def pack_q4(codes: Tensor, d: Tensor, m: Tensor) -> Q4Weight:
+    """Pack Q4_1 codes `[N, K]` (0..15) with their block d, m `[N, K/32]` for the int4 kernel (see module doc)."""
+    N, K = codes.shape
+    if K % GROUP_SIZE or N % ROW_MULTIPLE or d.shape != (N, K // GROUP_SIZE) or m.shape != d.shape:
+        raise TPAError(f"cannot pack codes {tuple(codes.shape)} with scales {tuple(d.shape)}, {tuple(m.shape)}: "
+                       f"the int4 kernel needs rows in multiples of {ROW_MULTIPLE}, columns of {GROUP_SIZE}")
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)  # [N, K/2]
+    zero = m + 8 * d  # (q - 8) d + (m + 8 d) = d q + m
+    scales_zeros = torch.stack([d.t(), zero.t()], dim=-1).to(KERNEL_DTYPE).contiguous()  # [K/G, N, 2]
+    return Q4Weight(packed, scales_zeros, N, K)
+
+
+def attach_q4(model, gguf_path: str | Path) -> int:
+    """Pack the Q4_1 projections of `model` (a float32 CPU TPAModel loaded from `gguf_path`) for decoding.
+
+    Each fused projection (attention `w_in` = q|k|v rows, MLP `w_gate_up` = gate|up rows) is packed only when all
+    its parts are Q4_1; `w_o`, `w_down` and an untied LM head likewise (a tied head is the token embedding: packed
+    when `token_embd` is Q4_1). Matrices whose row count is not a multiple of 16 stay float32. Before packing, `d * q + m` must equal the model's float32 weight bit for bit
+    (TPAError otherwise: the model does not hold this file's weights). Returns the number of packed matrices.
+    """
+    from tpa_core.gguf import PERMUTED_ARCHITECTURES, GGUFFile, unpermute_rows
+
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        raise TPAError(f"4-bit weights run on the CPU in float32 (torch's CPU int4 kernels); this model is "
+                       f"{model.dtype} on {model.device}")
+    gguf = GGUFFile(gguf_path)
+    permuted = gguf.architecture in PERMUTED_ARCHITECTURES
+    cfg = model.config
+
+    def blocks(name: str, heads: int | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
+        if name not in gguf.tensor_names or gguf.tensor_type(name) != "Q4_1":
+            return None
+        info = gguf._get(name)
+        cols, rows = (int(n) for n in info.shape)  # GGUF dims are innermost first
+        parts = split_q4_1(info.data, rows, cols)
+        if permuted and heads is not None:  # the rows of attn_q / attn_k, as tpa_core.gguf un-permutes them
+            parts = tuple(unpermute_rows(t, heads) for t in parts)
+        return parts
+
+    def pack(names: list[tuple[str, int | None]], weight: Tensor, label: str) -> Q4Weight | None:
+        got = [blocks(name, heads) for name, heads in names]
+        if any(g is None for g in got) or weight.shape[0] % ROW_MULTIPLE:
+            return None
+        codes, d, m = (torch.cat([g[i] for g in got], dim=0) for i in range(3))  # rows of the fused parts
+        if codes.shape != weight.shape or not torch.equal(dequantize_q4_1(codes, d, m), weight.detach()):
+            raise TPAError(f"{gguf_path}: the Q4_1 blocks of {label} do not reproduce the model's float32 weight; "
+                           f"the model was not converted from this file")
+        return pack_q4(codes, d, m)
+
+    count = 0
+    for i, block in enumerate(model.layers):
+        attn, mlp, p = block.attn, block.mlp, f"blk.{i}."
+        if attn.form == "fixed":  # GGUF models always are; biases stay float32 and are added after
+            found = {
+                "w_in": pack([(p + "attn_q.weight", cfg.n_heads), (p + "attn_k.weight", cfg.k_rank),
+                              (p + "attn_v.weight", None)], attn.w_in, f"layer {i} attention q|k|v"),
+                "w_o": pack([(p + "attn_output.weight", None)], attn.w_o, f"layer {i} attn_output"),
+            }
+            attn.packed.update({k: v for k, v in found.items() if v is not None})
+            count += sum(v is not None for v in found.values())
+        found = {
+            "w_gate_up": pack([(p + "ffn_gate.weight", None), (p + "ffn_up.weight", None)], mlp.w_gate_up,
+                              f"layer {i} ffn_gate|ffn_up"),
+            "w_down": pack([(p + "ffn_down.weight", None)], mlp.w_down, f"layer {i} ffn_down"),
+        }
+        mlp.packed.update({k: v for k, v in found.items() if v is not None})
+        count += sum(v is not None for v in found.values())
+    head_name = "token_embd.weight" if model.lm_head is None else "output.weight"
+    head = model.embed.weight if model.lm_head is None else model.lm_head.weight
+    model.packed_head = pack([(head_name, None)], head, head_name)
+    count += model.packed_head is not None
+    logger.info("packed %d Q4_1 matrices of %s for 4-bit decoding (LM head: %s)", count, gguf_path,
+                "packed" if model.packed_head is not None else f"float32, {gguf.tensor_type(head_name)} in the file")
+    return count
