@@ -14,11 +14,15 @@ bfloat16. So the codes are exact, while d (11 significant bits) and m + 8 d are 
 a weight moves by at most 2^-9 of |scale| * 8 + |zero|, a small fraction of one quantization step. Logits differ
 from the float32 path accordingly: this is an opt-in decode mode, like float16.
 
-`attach_q4(model, gguf_path)` packs every Q4_1 projection of a loaded `TPAModel` (after checking that the GGUF's
-Q4_1 blocks reproduce the model's float32 weights bit for bit) and hangs the packed copies next to the float32
-parameters. `tpa_core.attention.linear` uses a packed copy for single-row inputs (decode of one sequence) only;
-prefill keeps the float32 weights (oneDNN's GEMM is fast there, and prefilled factors stay those of float32).
-Tensors of other GGML types (F32, Q8_0, ...) stay float32.
+A Q8_0 matrix (`w = d * q`, q int8; SmolLM2's token embedding, which is also its tied LM head, the largest read
+of a decode step) is held exactly in codes too, as two 4-bit halves (`Q8Weight`), with the same bfloat16 rounding
+of d.
+
+`attach_q4(model, gguf_path)` packs every Q4_1 projection of a loaded `TPAModel` and a Q4_1/Q8_0 LM head (after
+checking that the GGUF's blocks reproduce the model's float32 weights bit for bit) and hangs the packed copies
+next to the float32 parameters. `tpa_core.attention.linear` uses a packed copy for single-row inputs (decode of
+one sequence) only; prefill keeps the float32 weights (oneDNN's GEMM is fast there, and prefilled factors stay
+those of float32). Tensors of other GGML types (F32, Q5_K, ...) stay float32.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 GROUP_SIZE = 32  # a Q4_1 block = one quantization group of the int4 kernel
 Q4_1_BLOCK_BYTES = 20  # float16 d, float16 m, 16 bytes of 4-bit codes
+Q8_0_BLOCK_BYTES = 34  # float16 d, 32 int8 codes
 ROW_MULTIPLE = 16  # the packing op's demand on N (output features)
 PACKED_MAX_ROWS = 1  # inputs of more rows (prefill) run on the float32 weights
 KERNEL_DTYPE = torch.bfloat16  # the int4 kernel's fast form (see the module docstring)
@@ -69,6 +74,59 @@ class Q4Weight:
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + \
             self.scales_zeros.numel() * self.scales_zeros.element_size()
+
+
+class Q8Weight:
+    """A Q8_0 weight `[N, K]` (`w = d * q`, q int8) as two 4-bit halves run in one int4 GEMM of `2N` rows.
+
+    q = 16 hi + lo with hi in -8..7 and lo in 0..15, so `d q = (hi + 8 - 8) (16 d) + (lo - 8) d + 8 d`: the high
+    half has scale 16 d and zero 0, the low half scale d and zero 8 d. Both are exact in the codes; d is rounded
+    to bfloat16 as for Q4_1 (and 16 bf16(d), 8 bf16(d) are exact), so the kernel multiplies by `bf16(d) * q`.
+    """
+
+    def __init__(self, halves: Q4Weight) -> None:
+        self.halves = halves  # rows [0, N): high halves, rows [N, 2N): low halves
+        self.out_features, self.in_features = halves.out_features // 2, halves.in_features
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x `[..., K]` -> `[..., N]` in x's dtype."""
+        y = self.halves(x)  # [..., 2N]
+        return y[..., :self.out_features] + y[..., self.out_features:]  # [..., N]
+
+    def dequantize(self) -> Tensor:
+        """`[N, K]` float32: the sum of the two halves' kernel weights."""
+        w = self.halves.dequantize()  # [2N, K]
+        return w[:self.out_features] + w[self.out_features:]
+
+    @property
+    def nbytes(self) -> int:
+        return self.halves.nbytes
+
+
+def split_q8_0(raw: np.ndarray, rows: int, cols: int) -> tuple[Tensor, Tensor]:
+    """A GGUF Q8_0 tensor's bytes -> (codes `[rows, cols]` int8, d `[rows, cols/32]` float32)."""
+    if cols % GROUP_SIZE:
+        raise TPAError(f"a Q8_0 row of {cols} values is not a whole number of {GROUP_SIZE}-value blocks")
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // GROUP_SIZE, Q8_0_BLOCK_BYTES)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [rows, n_blocks]
+    codes = blocks[..., 2:].copy().view(np.int8)  # [rows, n_blocks, 32]
+    return torch.from_numpy(codes.reshape(rows, cols)), torch.from_numpy(d)
+
+
+def dequantize_q8_0(codes: Tensor, d: Tensor) -> Tensor:
+    """codes `[N, K]` int8, d `[N, K/32]` -> `[N, K]` float32, with gguf's arithmetic (`q * d` in float32)."""
+    N, K = codes.shape
+    w = codes.view(N, K // GROUP_SIZE, GROUP_SIZE).float() * d[:, :, None]  # [N, K/G, G]
+    return w.reshape(N, K)
+
+
+def pack_q8_0(codes: Tensor, d: Tensor) -> Q8Weight:
+    """Pack Q8_0 codes `[N, K]` (int8) with their block scales d `[N, K/32]` as two 4-bit halves (Q8Weight)."""
+    q = codes.to(torch.int32)
+    hi, lo = q >> 4, q & 15  # floor division: q = 16 hi + lo, hi in -8..7, lo in 0..15
+    halves = pack_q4(torch.cat([hi + 8, lo]).to(torch.uint8), torch.cat([16 * d, d]),
+                     torch.cat([-128 * d, torch.zeros_like(d)]))  # zeros m + 8 d: 0 (high), 8 d (low)
+    return Q8Weight(halves)
 
 
 def split_q4_1(raw: np.ndarray, rows: int, cols: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -161,7 +219,16 @@ def attach_q4(model, gguf_path: str | Path) -> int:
         count += sum(v is not None for v in found.values())
     head_name = "token_embd.weight" if model.lm_head is None else "output.weight"
     head = model.embed.weight if model.lm_head is None else model.lm_head.weight
-    model.packed_head = pack([(head_name, None)], head, head_name)
+    if head_name in gguf.tensor_names and gguf.tensor_type(head_name) == "Q8_0" and \
+            head.shape[0] % ROW_MULTIPLE == 0:
+        info = gguf._get(head_name)
+        codes, d = split_q8_0(info.data, head.shape[0], head.shape[1])
+        if not torch.equal(dequantize_q8_0(codes, d), head.detach()):
+            raise TPAError(f"{gguf_path}: the Q8_0 blocks of {head_name} do not reproduce the model's float32 "
+                           f"weight; the model was not converted from this file")
+        model.packed_head = pack_q8_0(codes, d)
+    else:
+        model.packed_head = pack([(head_name, None)], head, head_name)
     count += model.packed_head is not None
     logger.info("packed %d Q4_1 matrices of %s for 4-bit decoding (LM head: %s)", count, gguf_path,
                 "packed" if model.packed_head is not None else f"float32, {gguf.tensor_type(head_name)} in the file")

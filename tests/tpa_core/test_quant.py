@@ -23,7 +23,8 @@ from tpa_core import registry
 from tpa_core.errors import TPAError
 from tpa_core.generate import GenerationConfig, generate, prefill
 from tpa_core.loading import load_model
-from tpa_core.quant import GROUP_SIZE, attach_q4, dequantize_q4_1, pack_q4, split_q4_1
+from tpa_core.quant import (GROUP_SIZE, attach_q4, dequantize_q4_1, dequantize_q8_0, pack_q4, pack_q8_0,
+                            split_q4_1, split_q8_0)
 
 gguf = pytest.importorskip("gguf")
 
@@ -66,6 +67,28 @@ def test_packing_error_is_the_bfloat16_rounding_of_scale_and_zero():
     bound = bound.repeat_interleave(GROUP_SIZE, dim=1) + w_kernel.abs() * 2.0 ** -8 + 1e-12  # [N, K]
     assert ((w_kernel - w).abs() <= bound).all()
     assert not torch.equal(w_kernel, w)  # float16 scales do not all fit bfloat16: the error is real
+
+
+def test_q8_0_split_and_two_half_packing():
+    """Q8_0 (the default model's token embedding = tied LM head): the split is exact; the two 4-bit halves give
+    d * q bit for bit when d fits bfloat16, and within the bfloat16 rounding of d and of each half's output else."""
+    rows, cols = 32, 96
+    array = np.random.default_rng(2).standard_normal((rows, cols)).astype(np.float32)
+    raw = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+    codes, d = split_q8_0(raw, rows, cols)
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0).reshape(rows, cols)
+    w = dequantize_q8_0(codes, d)
+    assert torch.equal(w, torch.from_numpy(np.ascontiguousarray(expected)))
+    exact_d = 2.0 ** -torch.randint(3, 9, d.shape, generator=torch.Generator().manual_seed(0)).float()
+    assert torch.equal(pack_q8_0(codes, exact_d).dequantize(), dequantize_q8_0(codes, exact_d))
+    w_kernel = pack_q8_0(codes, d).dequantize()
+    q = codes.float()
+    bound = (d - d.bfloat16().float()).abs().repeat_interleave(GROUP_SIZE, dim=1) * q.abs()  # [N, K]
+    bound += (w.abs() + 32 * d.repeat_interleave(GROUP_SIZE, dim=1)) * 2.0 ** -8  # both halves' output rounding
+    assert ((w_kernel - w).abs() <= bound).all()
+    x = torch.randn(3, cols)
+    assert torch.allclose(pack_q8_0(codes, exact_d)(x), x @ dequantize_q8_0(codes, exact_d).t(), rtol=2e-2,
+                          atol=2e-2 * float((x @ w.t()).abs().max()))
 
 
 def test_pack_rejects_what_the_kernel_cannot_hold():
@@ -142,7 +165,7 @@ def test_default_model_greedy_tokens_agree_with_float32():
     try:
         base = load_model(registry.DEFAULT_MODEL, models, device="cpu")
         q4 = load_model(registry.DEFAULT_MODEL, models, device="cpu", weights="q4")
-        assert q4.weights == "q4" and q4.model.packed_head is None  # token_embd is Q8_0: the head stays float32
+        assert q4.weights == "q4" and q4.model.packed_head is not None  # token_embd is Q8_0
         prompts = [base.tokenizer.encode(p) for p in RAW_PROMPTS]
         prompts += [base.tokenizer.encode_chat(c) for c in CONVERSATIONS]
         config = GenerationConfig(max_new_tokens=24, temperature=0.0)
