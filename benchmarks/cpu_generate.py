@@ -14,8 +14,9 @@ torch thread count:
 
 Medians of --repeats runs per figure. Our engine is also measured in --extra-dtypes (default float16,q4; float16:
 about twice the decode speed on an AVX-512 CPU, not bit-identical to float32; q4: float32 prefill, decode on the
-GGUF's Q4_1 matrices packed for torch's int4 kernels, `tpa_core.quant`), against transformers in float32. llama.cpp is reported only where installed (llama-cli / llama-bench on PATH
-or the llama_cpp package).
+GGUF's Q4_1 matrices packed for torch's int4 kernels, `tpa_core.quant`), against transformers in float32; each
+also reports how many of its greedy tokens equal the float32 engine's. llama.cpp is reported only where
+installed (llama-cli / llama-bench on PATH or the llama_cpp package).
 
     .venv/bin/python benchmarks/cpu_generate.py [--threads 1,2] [--repeats 3] [--prompt-tokens 500]
 """

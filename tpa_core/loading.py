@@ -113,9 +113,9 @@ def load_model(name_or_path: str | Path, models_dir: str | Path, device: str = "
         raise TPAError(f"4-bit weights (q4) run on the CPU in float32 only, not {dtype} on {target_device}")
     loaded = _load_converted(source, models_dir, target_device, dtype, require_tokenizer)
     if weights == "q4":
-        from tpa_core.quant import attach_q4
+        from tpa_core.quant import attach_q4_cached
 
-        if source.kind == "gguf" and attach_q4(loaded.model, source.path):
+        if source.kind == "gguf" and attach_q4_cached(loaded.model, source.path, loaded.cache_dir):
             loaded.weights = "q4"
         else:
             logger.warning("%s holds no Q4_1 matrices: running in float32", source.path)

@@ -42,6 +42,8 @@ GROUP_SIZE = 32  # a Q4_1 block = one quantization group of the int4 kernel
 Q4_1_BLOCK_BYTES = 20  # float16 d, float16 m, 16 bytes of 4-bit codes
 Q8_0_BLOCK_BYTES = 34  # float16 d, 32 int8 codes
 ROW_MULTIPLE = 16  # the packing op's demand on N (output features)
+PACKED_FILE = "q4.safetensors"  # the packed copies, kept in the model's cache folder
+PACKED_FORMAT = "tpa-rag-q4/1"
 PACKED_MAX_ROWS = 1  # inputs of more rows (prefill) run on the float32 weights
 KERNEL_DTYPE = torch.bfloat16  # the int4 kernel's fast form (see the module docstring)
 
@@ -166,9 +168,10 @@ def attach_q4(model, gguf_path: str | Path) -> int:
     """Pack the Q4_1 projections of `model` (a float32 CPU TPAModel loaded from `gguf_path`) for decoding.
 
     Each fused projection (attention `w_in` = q|k|v rows, MLP `w_gate_up` = gate|up rows) is packed only when all
-    its parts are Q4_1; `w_o`, `w_down` and an untied LM head likewise (a tied head is the token embedding: packed
-    when `token_embd` is Q4_1). Matrices whose row count is not a multiple of 16 stay float32. Before packing, `d * q + m` must equal the model's float32 weight bit for bit
-    (TPAError otherwise: the model does not hold this file's weights). Returns the number of packed matrices.
+    its parts are Q4_1; `w_o` and `w_down` likewise; the LM head (`output`, or `token_embd` when tied) when it is
+    Q4_1 or Q8_0. Matrices whose row count is not a multiple of 16 stay float32. Before packing, the blocks must
+    reproduce the model's float32 weight bit for bit (TPAError otherwise: the model does not hold this file's
+    weights). Returns the number of packed matrices.
     """
     from tpa_core.gguf import PERMUTED_ARCHITECTURES, GGUFFile, unpermute_rows
 
@@ -230,6 +233,87 @@ def attach_q4(model, gguf_path: str | Path) -> int:
     else:
         model.packed_head = pack([(head_name, None)], head, head_name)
     count += model.packed_head is not None
-    logger.info("packed %d Q4_1 matrices of %s for 4-bit decoding (LM head: %s)", count, gguf_path,
-                "packed" if model.packed_head is not None else f"float32, {gguf.tensor_type(head_name)} in the file")
+    logger.info("packed %d matrices of %s for 4-bit decoding (LM head %s)", count, gguf_path,
+                "packed" if model.packed_head is not None else "left in float32")
+    return count
+
+
+# ----- keeping the packed copies in the model cache ---------------------------------------------------------
+def packed_state(model) -> dict[str, Tensor]:
+    """The packed copies of `model` as flat tensors: `layers.{i}.{attn|mlp}.{w_*}.{packed|scales_zeros}` and
+    `packed_head.{q4|q8}.{packed|scales_zeros}`."""
+    out: dict[str, Tensor] = {}
+    for i, block in enumerate(model.layers):
+        for owner, module in (("attn", block.attn), ("mlp", block.mlp)):
+            for key, weight in module.packed.items():
+                out[f"layers.{i}.{owner}.{key}.packed"] = weight.packed
+                out[f"layers.{i}.{owner}.{key}.scales_zeros"] = weight.scales_zeros
+    head = model.packed_head
+    if head is not None:
+        kind, weight = ("q8", head.halves) if isinstance(head, Q8Weight) else ("q4", head)
+        out[f"packed_head.{kind}.packed"] = weight.packed
+        out[f"packed_head.{kind}.scales_zeros"] = weight.scales_zeros
+    return out
+
+
+def assign_packed_state(model, tensors: dict[str, Tensor]) -> int:
+    """Hang the packed copies of `packed_state` back onto `model`; ValueError if they do not fit its weights."""
+    def weight(prefix: str, rows: int, cols: int) -> Q4Weight:
+        packed, scales_zeros = tensors[prefix + ".packed"], tensors[prefix + ".scales_zeros"]
+        if (tuple(packed.shape) != (rows, cols // 2) or packed.dtype != torch.uint8
+                or tuple(scales_zeros.shape) != (cols // GROUP_SIZE, rows, 2) or scales_zeros.dtype != KERNEL_DTYPE):
+            raise ValueError(f"{prefix} has shapes {tuple(packed.shape)}, {tuple(scales_zeros.shape)}; "
+                             f"the model's weight is [{rows}, {cols}]")
+        return Q4Weight(packed, scales_zeros, rows, cols)
+
+    count = 0
+    for name in tensors:
+        parts = name.split(".")
+        if name.startswith("layers.") and parts[-1] == "packed" and len(parts) == 5:
+            block = model.layers[int(parts[1])]
+            module = block.attn if parts[2] == "attn" else block.mlp
+            rows, cols = getattr(module, parts[3]).shape
+            module.packed[parts[3]] = weight(name.rpartition(".")[0], rows, cols)
+            count += 1
+    head = model.embed.weight if model.lm_head is None else model.lm_head.weight
+    V, d = head.shape
+    if "packed_head.q8.packed" in tensors:
+        model.packed_head = Q8Weight(weight("packed_head.q8", 2 * V, d))
+    elif "packed_head.q4.packed" in tensors:
+        model.packed_head = weight("packed_head.q4", V, d)
+    return count + (model.packed_head is not None)
+
+
+def attach_q4_cached(model, gguf_path: str | Path, cache_dir: str | Path) -> int:
+    """`attach_q4`, keeping the packed copies in `cache_dir/q4.safetensors` (memory-mapped on later loads; packing
+    re-runs when the file is missing, damaged, or was written by another torch version: the packed layout is
+    torch's own). Returns the number of packed matrices."""
+    import os
+    import tempfile
+
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = Path(cache_dir) / PACKED_FILE
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+            if meta.get("format") == PACKED_FORMAT and meta.get("torch") == torch.__version__:
+                return assign_packed_state(model, load_file(str(path), device="cpu"))
+        except (SafetensorError, OSError, ValueError, KeyError, IndexError) as exc:
+            logger.warning("packed 4-bit weights %s are damaged (%s); packing again", path, exc)
+        for module in [b.attn for b in model.layers] + [b.mlp for b in model.layers]:
+            module.packed.clear()
+        model.packed_head = None
+    count = attach_q4(model, gguf_path)
+    if count:
+        handle, tmp = tempfile.mkstemp(prefix=".q4-", suffix=".safetensors", dir=path.parent)
+        os.close(handle)
+        try:
+            save_file(packed_state(model), tmp, metadata={"format": PACKED_FORMAT, "torch": torch.__version__})
+            os.replace(tmp, path)
+        except OSError as exc:  # a read-only cache still runs, it just packs again next time
+            logger.warning("could not keep the packed 4-bit weights in %s (%s)", path, exc)
+            Path(tmp).unlink(missing_ok=True)
     return count

@@ -129,6 +129,36 @@ def test_tiny_model_decodes_with_packed_weights(tiny_q4):
     assert not torch.equal(logits[0], logits[1])  # the decode step did run the packed weights
 
 
+def test_packed_copies_are_kept_in_the_model_cache(tiny_q4, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from tpa_core import quant
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, arch="qwen2", qtype="Q4_1", seed=5)
+    first = load_model(path, tmp_path / "models", device="cpu", weights="q4")
+    stored = first.cache_dir / quant.PACKED_FILE
+    assert stored.is_file()
+    calls = []
+    real_attach = quant.attach_q4
+    monkeypatch.setattr(quant, "attach_q4", lambda *a: calls.append(a) or real_attach(*a))
+    again = load_model(path, tmp_path / "models", device="cpu", weights="q4")
+    assert calls == [] and again.weights == "q4"  # from the file, no packing
+    for a, b in zip(first.model.layers, again.model.layers):
+        for key in ("w_in", "w_o"):
+            assert torch.equal(a.attn.packed[key].packed, b.attn.packed[key].packed)
+            assert torch.equal(a.attn.packed[key].scales_zeros, b.attn.packed[key].scales_zeros)
+        assert set(b.mlp.packed) == {"w_gate_up", "w_down"}
+    # A file that does not fit the model (here: one matrix with the wrong shape) is packed again.
+    state = quant.packed_state(first.model)
+    state["layers.0.attn.w_o.packed"] = state["layers.0.attn.w_o.packed"][:16].clone()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(stored),
+              metadata={"format": quant.PACKED_FORMAT, "torch": torch.__version__})
+    third = load_model(path, tmp_path / "models", device="cpu", weights="q4")
+    assert len(calls) == 1 and third.weights == "q4"
+    assert torch.equal(third.model.layers[0].attn.packed["w_o"].packed, first.model.layers[0].attn.packed["w_o"].packed)
+
+
 def test_q4_refuses_what_it_cannot_run(tiny_q4, tmp_path):
     path, models = tiny_q4
     with pytest.raises(TPAError, match="weights mode"):
