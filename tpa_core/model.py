@@ -156,7 +156,7 @@ class TPAModel(nn.Module):
         if last_only:
             x = x[:, -1:]  # [B, 1, d]
         x = self.norm(x)
-        if self.packed_head is not None and B * x.shape[1] <= PACKED_MAX_ROWS:
+        if self.packed_head is not None and B * N <= PACKED_MAX_ROWS:  # decode; a prefill's logits stay float32
             return self.packed_head(x).float()  # [B, 1, V]
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         if x.device.type == "cpu" and x.dtype == torch.float32 and B * x.shape[1] < ONEDNN_MIN_ROWS:

@@ -198,6 +198,9 @@ def test_default_model_greedy_tokens_agree_with_float32():
         assert q4.weights == "q4" and q4.model.packed_head is not None  # token_embd is Q8_0
         prompts = [base.tokenizer.encode(p) for p in RAW_PROMPTS]
         prompts += [base.tokenizer.encode_chat(c) for c in CONVERSATIONS]
+        # A prefill runs the float32 weights, the LM head included: the first token's logits are float32's.
+        logits = [prefill(m.model, m.model.new_cache(capacity=64), prompts[0]) for m in (base, q4)]
+        assert torch.equal(logits[0], logits[1])
         config = GenerationConfig(max_new_tokens=24, temperature=0.0)
         for ids in prompts:
             tokens = [[t for e in generate(m.model, m.tokenizer, ids, config) for t in e.token_ids]
