@@ -50,28 +50,32 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _slice_bounds(LENS, b, pid_s, T_cap, num_splits, min_chunk, BLOCK_T: tl.constexpr):
-    """[start, end) of slice pid_s of sequence b, from the runtime length; n_used slices are in use."""
+def _slice_bounds(LENS, b, pid_s, T_cap, num_splits, min_chunk, ALIGN: tl.constexpr):
+    """[start, end) of slice pid_s of sequence b, from the runtime length (empty for a slice it does not use).
+
+    Slices start at multiples of ALIGN tokens: whole blocks for the factor kernel (16-token slices measured 25%
+    slower at T6 shapes on the H200, 21:50 UTC run), 16 for the GQA kernel.
+    """
     seq_len = tl.minimum(tl.load(LENS + b).to(tl.int32), T_cap)
     # Slices in use for this length: at least min_chunk tokens each; the grid's surplus programs do nothing.
     n_used = tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, min_chunk)), 1)
-    chunk = tl.cdiv(tl.cdiv(seq_len, n_used), BLOCK_T) * BLOCK_T
+    chunk = tl.cdiv(tl.cdiv(seq_len, n_used), ALIGN) * ALIGN
     start = pid_s * chunk
-    end = tl.minimum(start + chunk, seq_len)
-    return start, end, n_used
+    end = tl.minimum(start + chunk, seq_len)  # <= start for a slice past the length: no blocks
+    return start, end
 
 
 @triton.jit
-def _store_partial(PART_O, PART_LSE, acc, m_i, l_i, b, head, h_mask, pid_s, n_used, offs_d,
+def _store_partial(PART_O, PART_LSE, acc, m_i, l_i, b, head, h_mask, pid_s, offs_d,
                    stride_pob, stride_poh, stride_pos, stride_plb, stride_plh):
-    """The slice's normalised output [H_PAD, D] and log2-sum-exp (-inf for an empty slice), float32."""
-    if pid_s < n_used:
-        safe_l = tl.where(l_i > 0.0, l_i, 1.0)
-        o = acc / safe_l[:, None]
-        lse = tl.where(l_i > 0.0, m_i + tl.log2(safe_l), float("-inf"))
-        tl.store(PART_O + b * stride_pob + head[:, None] * stride_poh + pid_s * stride_pos + offs_d[None, :], o,
-                 mask=h_mask[:, None])
-        tl.store(PART_LSE + b * stride_plb + head * stride_plh + pid_s, lse, mask=h_mask)
+    """The slice's normalised output [H_PAD, D] and log2-sum-exp, float32; an empty slice (past the length, or
+    a grid slot the length does not use) writes output 0 and -inf, so the merge never reads the length."""
+    safe_l = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / safe_l[:, None]
+    lse = tl.where(l_i > 0.0, m_i + tl.log2(safe_l), float("-inf"))
+    tl.store(PART_O + b * stride_pob + head[:, None] * stride_poh + pid_s * stride_pos + offs_d[None, :], o,
+             mask=h_mask[:, None])
+    tl.store(PART_LSE + b * stride_plb + head * stride_plh + pid_s, lse, mask=h_mask)
 
 
 @triton.jit
@@ -192,8 +196,8 @@ def _decode_factor_kernel(
     pid_h = tl.program_id(0)
     b = tl.program_id(1)
     pid_s = tl.program_id(2)
-    start, end, n_used = _slice_bounds(LENS, b, pid_s, T_cap, num_splits, min_chunk, BLOCK_T)
     b64 = b.to(tl.int64)
+    start, end = _slice_bounds(LENS, b, pid_s, T_cap, num_splits, min_chunk, BLOCK_T)
 
     offs_h = pid_h * HEAD_TILE + tl.arange(0, HEAD_TILE)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -268,7 +272,7 @@ def _decode_factor_kernel(
             stride_akt, stride_akh, stride_bkt, stride_bkr, stride_avt, stride_avh, stride_bvt, stride_bvr,
             R_K, RK_PAD, R_V, RV_PAD, HEAD_TILE, BLOCK_T, HF_MODE != 0, True, Q_FACTORS, IEEE)
 
-    _store_partial(PART_O, PART_LSE, acc, m_i, l_i, b64, offs_h, h_mask, pid_s, n_used, offs_d,
+    _store_partial(PART_O, PART_LSE, acc, m_i, l_i, b64, offs_h, h_mask, pid_s, offs_d,
                    stride_pob, stride_poh, stride_pos, stride_plb, stride_plh)
 
 
@@ -288,8 +292,8 @@ def _decode_gqa_kernel(
     pid_s = tl.program_id(1)
     b = pid_bg // n_groups
     g = pid_bg % n_groups
-    start, end, n_used = _slice_bounds(LENS, b, pid_s, T_cap, num_splits, min_chunk, BLOCK_T)
     b64 = b.to(tl.int64)
+    start, end = _slice_bounds(LENS, b, pid_s, T_cap, num_splits, min_chunk, 16)
 
     offs_h = tl.arange(0, H_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -318,47 +322,50 @@ def _decode_gqa_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(bv.dtype), bv, IEEE)
         m_i = m_new
 
-    _store_partial(PART_O, PART_LSE, acc, m_i, l_i, b64, head, h_mask, pid_s, n_used, offs_d,
+    _store_partial(PART_O, PART_LSE, acc, m_i, l_i, b64, head, h_mask, pid_s, offs_d,
                    stride_pob, stride_poh, stride_pos, stride_plb, stride_plh)
 
 
 @triton.jit
 def _decode_merge_kernel(
-    PART_O, PART_LSE, LENS, OUT,
+    PART_O, PART_LSE, OUT,
     stride_pob, stride_poh, stride_pos,
     stride_plb, stride_plh,
     stride_ob, stride_oh,
-    T_cap, num_splits, min_chunk, out_scale,
-    HEAD_DIM: tl.constexpr, S_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+    num_splits, out_scale,
+    S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """One program = BLOCK_D output columns of one (sequence, head): every slice's partial in one load.
+
+    Every slice of the grid wrote a partial (an unused one: output 0, log-sum-exp -inf), so nothing here waits
+    on the length: the log-sum-exps and outputs are two independent loads, one memory round trip. The weights
+    are shifted by the MAXIMUM: each is <= 1, the largest exactly 1, so nothing under- or overflows.
+    """
     b = tl.program_id(0)
     h = tl.program_id(1)
-    seq_len = tl.minimum(tl.load(LENS + b).to(tl.int32), T_cap)
-    n_used = tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, min_chunk)), 1)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_s = tl.arange(0, S_PAD)
-    lse = tl.load(PART_LSE + b * stride_plb + h * stride_plh + offs_s, mask=offs_s < n_used, other=float("-inf"))
-    # Shift by the maximum: every weight is <= 1, the largest is exactly 1, so the sum never under- or overflows.
+    s_mask = offs_s < num_splits
+    lse = tl.load(PART_LSE + b * stride_plb + h * stride_plh + offs_s, mask=s_mask, other=float("-inf"))
+    o = tl.load(PART_O + b * stride_pob + h * stride_poh + offs_s[:, None] * stride_pos + offs_d[None, :],
+                mask=s_mask[:, None], other=0.0)  # [S_PAD, BLOCK_D]
     m = tl.max(lse, 0)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_sb = tl.arange(0, BLOCK_S)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    den = tl.zeros([BLOCK_S], dtype=tl.float32)
-    for s0 in range(0, n_used, BLOCK_S):
-        s_idx = s0 + offs_sb
-        s_mask = s_idx < n_used
-        lse_blk = tl.load(PART_LSE + b * stride_plb + h * stride_plh + s_idx, mask=s_mask, other=float("-inf"))
-        w = tl.where(s_mask, tl.exp2(lse_blk - m), 0.0)  # [BLOCK_S]
-        o = tl.load(PART_O + b * stride_pob + h * stride_poh + s_idx[:, None] * stride_pos + offs_d[None, :],
-                    mask=s_mask[:, None], other=0.0)  # [BLOCK_S, D]
-        acc += tl.sum(o * w[:, None], 0)
-        den += w
-    out = acc * (out_scale / tl.sum(den, 0))
+    m = tl.where(m == float("-inf"), 0.0, m)  # an empty sequence: every weight 0, output 0
+    w = tl.exp2(lse - m)  # [S_PAD], 0 for unused slices
+    den = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) * (out_scale / tl.where(den > 0.0, den, 1.0))
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
+
+
+def merge_tile(num_splits: int, head_dim: int) -> tuple[int, int]:
+    """(S_PAD, BLOCK_D) of the merge: all slices in one tile of at most 4,096 float32 (32 registers a thread)."""
+    s_pad = max(16, _next_pow2(num_splits))
+    return s_pad, max(1, min(head_dim, 4096 // s_pad))
 
 
 # Launch defaults for the contextual kernel (set from the H200 sweep, benchmarks/RESULTS.md).
 _DEFAULT_WAVES = 2  # one round of programs at the kernel's 2 programs per SM (register-bound)
-_DEFAULT_WAVES_GQA = 4
+_DEFAULT_WAVES_GQA = 2  # GQA programs are small: 2 per SM beat 4 at the Llama-3-8B shape (21:40 UTC run)
 _DEFAULT_RANK_2D = True
 
 
@@ -400,7 +407,7 @@ def decode_attention(
     scale: float,
     num_splits: int | None = None,
     waves: int | None = None,
-    min_chunk: int = 256,
+    min_chunk: int = 64,
     block_t: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -506,13 +513,14 @@ def decode_attention(
             Q_FACTORS=q is None, HF_MODE=hf_mode, IEEE=ieee,
             num_warps=num_warps, num_stages=num_stages,
         )
-    _decode_merge_kernel[(B, H)](
-        part_o, part_lse, kv_lens, out,
+    s_pad, block_d = merge_tile(num_splits, D)
+    _decode_merge_kernel[(B, H, D // block_d)](
+        part_o, part_lse, out,
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(2),
-        T_cap, num_splits, min_chunk, 1.0 if fixed else 1.0 / R_V,
-        HEAD_DIM=D, S_PAD=max(16, _next_pow2(num_splits)), BLOCK_S=64,
+        num_splits, 1.0 if fixed else 1.0 / R_V,
+        S_PAD=s_pad, BLOCK_D=block_d,
         num_warps=4,
     )
     return out
