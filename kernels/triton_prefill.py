@@ -34,16 +34,42 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _head_factors(A, base, offs_t, t_mask, stride_at, R: tl.constexpr, R_PAD: tl.constexpr):
+    """One head's factors for a block of tokens, float32: [BLOCK_T] for R = 1, else [BLOCK_T, R_PAD]."""
+    t_off = offs_t.to(tl.int64) * stride_at  # a long cache's T offset times its stride passes 2^31
+    if R == 1:
+        tile = tl.load(A + base + t_off, mask=t_mask, other=0.0).to(tl.float32)
+    else:
+        offs_r = tl.arange(0, R_PAD)
+        tile = tl.load(A + base + t_off[:, None] + offs_r[None, :], mask=t_mask[:, None] & (offs_r < R)[None, :],
+                       other=0.0).to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _rank(tile, r: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr):
+    """Rank r of a `_head_factors` tile: [BLOCK_T] float32."""
+    if R == 1:
+        out = tile
+    else:
+        out = tl.sum(tl.where((tl.arange(0, R_PAD) == r)[None, :], tile, 0.0), 1)
+    return out
+
+
+@triton.jit
 def _attend_block(
-    q, acc, m_i, l_i, t0, pos, seq_len,
-    AK, BK, AV, BV, b, h, g, offs_t0, offs_d,
-    stride_akb, stride_akt, stride_akh, stride_bkb, stride_bkt, stride_bkr,
-    stride_avb, stride_avt, stride_avh, stride_bvb, stride_bvt, stride_bvr,
+    q, acc, m_i, l_i, t0, pos, seq_len, ak, av,
+    BK, BV, b, g, offs_t0, offs_d,
+    stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
     qk_scale,
-    R_K: tl.constexpr, R_V: tl.constexpr, FIXED: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+    R_K: tl.constexpr, RK_PAD: tl.constexpr, R_V: tl.constexpr, RV_PAD: tl.constexpr,
+    FIXED: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """One BLOCK_T block of keys for a [BLOCK_N, D] query tile of head h: update (acc, m_i, l_i)."""
+    """One BLOCK_T block of keys for a [BLOCK_N, D] query tile of one head: update (acc, m_i, l_i).
+
+    ak, av: the block's head factors of this head (`_head_factors`, loaded by the caller, a block ahead).
+    """
     offs_t = t0 + offs_t0
     t_mask = offs_t < seq_len
     t_off = offs_t.to(tl.int64)  # a long cache's T offset times its stride passes 2^31
@@ -51,15 +77,17 @@ def _attend_block(
     if FIXED:
         bk = tl.load(BK + b * stride_bkb + t_off[:, None] * stride_bkt + g * stride_bkr + offs_d[None, :],
                      mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-        s = _dot(q, tl.trans(bk), IEEE)
+        s = _dot(q, tl.trans(bk), IEEE) * qk_scale
     else:
-        s = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+        # the logit scale rides on the [BLOCK_T] head factors: one multiply per score element, as for MHA
         for r in tl.static_range(R_K):
             bk = tl.load(BK + b * stride_bkb + t_off[:, None] * stride_bkt + r * stride_bkr + offs_d[None, :],
                          mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-            ak = tl.load(AK + b * stride_akb + t_off * stride_akt + h * stride_akh + r, mask=t_mask, other=0.0)
-            s += _dot(q, tl.trans(bk), IEEE) * ak.to(tl.float32)[None, :]
-    s = s * qk_scale
+            term = _dot(q, tl.trans(bk), IEEE) * (_rank(ak, r, R_K, RK_PAD) * qk_scale)[None, :]
+            if r == 0:
+                s = term
+            else:
+                s += term
     if MASKED:
         allowed = (offs_t[None, :] <= pos[:, None]) & t_mask[None, :]
         s = tl.where(allowed, s, float("-inf"))
@@ -80,9 +108,23 @@ def _attend_block(
         for r in tl.static_range(R_V):
             bv = tl.load(BV + b * stride_bvb + t_off[:, None] * stride_bvt + r * stride_bvr + offs_d[None, :],
                          mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-            av = tl.load(AV + b * stride_avb + t_off * stride_avt + h * stride_avh + r, mask=t_mask, other=0.0)
-            acc += _dot((p * av.to(tl.float32)[None, :]).to(bv.dtype), bv, IEEE)
+            acc += _dot((p * _rank(av, r, R_V, RV_PAD)[None, :]).to(bv.dtype), bv, IEEE)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _block_head_factors(AK, AV, ak_base, av_base, t0, seq_len, offs_t0, stride_akt, stride_avt,
+                        R_K: tl.constexpr, RK_PAD: tl.constexpr, R_V: tl.constexpr, RV_PAD: tl.constexpr,
+                        FIXED: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(ak, av) of the block at t0 (zeros, never read, for fixed head factors)."""
+    offs_t = t0 + offs_t0
+    if FIXED:
+        ak = tl.zeros([BLOCK_T], dtype=tl.float32)
+        av = tl.zeros([BLOCK_T], dtype=tl.float32)
+    else:
+        ak = _head_factors(AK, ak_base, offs_t, offs_t < seq_len, stride_akt, R_K, RK_PAD)
+        av = _head_factors(AV, av_base, offs_t, offs_t < seq_len, stride_avt, R_V, RV_PAD)
+    return ak, av
 
 
 @triton.jit
@@ -96,9 +138,9 @@ def _prefill_kernel(
     stride_bvb, stride_bvt, stride_bvr,
     stride_ob, stride_on, stride_oh,
     N, H, heads_per_group, T_cap, qk_scale, out_scale,
-    R_Q: tl.constexpr, R_K: tl.constexpr, R_V: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-    Q_FACTORS: tl.constexpr, FIXED: tl.constexpr, IEEE: tl.constexpr,
+    R_Q: tl.constexpr, R_K: tl.constexpr, RK_PAD: tl.constexpr, R_V: tl.constexpr, RV_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    Q_FACTORS: tl.constexpr, FIXED: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -132,18 +174,38 @@ def _prefill_kernel(
     first_pos = seq_len - N + pid_n * BLOCK_N  # the tile's smallest position
     full_end = tl.maximum(first_pos + 1, 0) // BLOCK_T * BLOCK_T  # blocks below this are visible to every row
     hi = tl.minimum(first_pos + BLOCK_N, seq_len)  # one past the tile's largest readable position
+    # Head factors are used element-wise, so Triton's pipeliner (which stages loads feeding tl.dot) leaves them
+    # alone: with PREFETCH the next block's ak/av are loaded one iteration ahead, their latency hidden.
+    ak_base = b * stride_akb + h * stride_akh
+    av_base = b * stride_avb + h * stride_avh
+    ak_next, av_next = _block_head_factors(AK, AV, ak_base, av_base, 0, seq_len, offs_t0, stride_akt, stride_avt,
+                                           R_K, RK_PAD, R_V, RV_PAD, FIXED, BLOCK_T)
+    # Two loops, not one with a branch: Triton software-pipelines the bk/bv loads of a loop body without
+    # control flow. Blocks below full_end are visible to every row of the tile (no mask), the rest are diagonal.
     for t0 in range(0, full_end, BLOCK_T):
+        if PREFETCH:
+            ak, av = ak_next, av_next
+            ak_next, av_next = _block_head_factors(AK, AV, ak_base, av_base, t0 + BLOCK_T, seq_len, offs_t0,
+                                                   stride_akt, stride_avt, R_K, RK_PAD, R_V, RV_PAD, FIXED, BLOCK_T)
+        else:
+            ak, av = _block_head_factors(AK, AV, ak_base, av_base, t0, seq_len, offs_t0, stride_akt, stride_avt,
+                                         R_K, RK_PAD, R_V, RV_PAD, FIXED, BLOCK_T)
         acc, m_i, l_i = _attend_block(
-            q, acc, m_i, l_i, t0, pos, seq_len, AK, BK, AV, BV, b, h, g, offs_t0, offs_d,
-            stride_akb, stride_akt, stride_akh, stride_bkb, stride_bkt, stride_bkr,
-            stride_avb, stride_avt, stride_avh, stride_bvb, stride_bvt, stride_bvr,
-            qk_scale, R_K, R_V, FIXED, False, IEEE, BLOCK_N, BLOCK_T)
+            q, acc, m_i, l_i, t0, pos, seq_len, ak, av, BK, BV, b, g, offs_t0, offs_d,
+            stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
+            qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, False, IEEE, BLOCK_N, BLOCK_T)
     for t0 in range(full_end, hi, BLOCK_T):
+        if PREFETCH:
+            ak, av = ak_next, av_next
+            ak_next, av_next = _block_head_factors(AK, AV, ak_base, av_base, t0 + BLOCK_T, seq_len, offs_t0,
+                                                   stride_akt, stride_avt, R_K, RK_PAD, R_V, RV_PAD, FIXED, BLOCK_T)
+        else:
+            ak, av = _block_head_factors(AK, AV, ak_base, av_base, t0, seq_len, offs_t0, stride_akt, stride_avt,
+                                         R_K, RK_PAD, R_V, RV_PAD, FIXED, BLOCK_T)
         acc, m_i, l_i = _attend_block(
-            q, acc, m_i, l_i, t0, pos, seq_len, AK, BK, AV, BV, b, h, g, offs_t0, offs_d,
-            stride_akb, stride_akt, stride_akh, stride_bkb, stride_bkt, stride_bkr,
-            stride_avb, stride_avt, stride_avh, stride_bvb, stride_bvt, stride_bvr,
-            qk_scale, R_K, R_V, FIXED, True, IEEE, BLOCK_N, BLOCK_T)
+            q, acc, m_i, l_i, t0, pos, seq_len, ak, av, BK, BV, b, g, offs_t0, offs_d,
+            stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
+            qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, True, IEEE, BLOCK_N, BLOCK_T)
 
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc * (out_scale / safe_l)[:, None]
@@ -166,6 +228,7 @@ def prefill_attention(
     block_t: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    prefetch: bool = True,
 ) -> Tensor:
     """FlashTPA prefill/extend launcher (inputs already validated by `kernels.triton_attention`).
 
@@ -175,6 +238,7 @@ def prefill_attention(
         bk, bv: [B, T_cap, R_K, D], [B, T_cap, R_V, D] cache views, last dim contiguous.
         kv_lens: [B] int32 valid tokens per sequence, the N new ones included (read on the device).
         block_n, block_t, num_warps, num_stages: tuning knobs; the defaults suit an H200.
+        prefetch: load the contextual head factors one key block ahead (hides their latency).
 
     Returns:
         [B, N, H, D] in the dtype of bk.
@@ -187,13 +251,14 @@ def prefill_attention(
         R_Q = 1
     else:
         N, H, R_Q = aq.shape[1], aq.shape[2], aq.shape[3]
-    # Defaults from the H200 sweep at N = M = 8192 (benchmarks/RESULTS.md): the element-wise head factors of the
-    # contextual form make smaller query tiles with longer key blocks and 2 stages the fastest; fixed head
-    # factors (plain MHA/GQA) take the FlashAttention-like 128 x 64 tiles with 8 warps and 3 stages.
+    # Defaults from the H200 sweeps (benchmarks/RESULTS.md): the element-wise head factors of the contextual
+    # form make smaller query tiles with longer key blocks the fastest (64 x 128, 4 warps, 3 stages: 1.8-3.7%
+    # ahead of 2 stages at N = 2,048-8,192); fixed head factors (plain MHA/GQA) take the FlashAttention-like
+    # 128 x 64 tiles with 8 warps and 3 stages.
     if fixed:
         cfg = (128, 64, 8, 3)
     else:
-        cfg = (64, 128, 4, 2)
+        cfg = (64, 128, 4, 3)
     block_n = min(cfg[0], max(16, _next_pow2(N))) if block_n is None else block_n
     block_t = cfg[1] if block_t is None else block_t
     num_warps = cfg[2] if num_warps is None else num_warps
@@ -219,8 +284,8 @@ def prefill_attention(
         bv.stride(0), bv.stride(1), bv.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         N, H, H // R_K if fixed else H, T_cap, qk_scale, 1.0 if fixed else 1.0 / R_V,
-        R_Q=R_Q, R_K=R_K, R_V=R_V, HEAD_DIM=D, BLOCK_N=block_n, BLOCK_T=block_t,
-        Q_FACTORS=q is None, FIXED=fixed, IEEE=ieee,
+        R_Q=R_Q, R_K=R_K, RK_PAD=_next_pow2(R_K), R_V=R_V, RV_PAD=_next_pow2(R_V), HEAD_DIM=D,
+        BLOCK_N=block_n, BLOCK_T=block_t, Q_FACTORS=q is None, FIXED=fixed, IEEE=ieee, PREFETCH=prefetch,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
