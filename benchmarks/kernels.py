@@ -356,45 +356,148 @@ def sweep(run: Runner, rows: list[dict]) -> None:
         print(f"sweep prefill {form} 8192: " + "; ".join(f"{u:.1f}us {c}" for u, c in res[:5]), flush=True)
 
 
-# Contextual-decode launch variants: (label, knobs). "default" = the launcher's own defaults.
-PAPER_VARIANTS = [("default", {}), ("waves=4", dict(waves=4)), ("block_t=64", dict(block_t=64)),
-                  ("stages=2", dict(num_stages=2)), ("head_tile=16", dict(head_tile=16))]
-T6_VARIANTS = [("default", {}), ("head_tile=all", dict(head_tile=128)),
-               ("head_tile=16,block_t=64", dict(head_tile=16, block_t=64)),
-               ("head_tile=32,block_t=32", dict(head_tile=32, block_t=32)),
-               ("head_tile=32,block_t=64", dict(head_tile=32, block_t=64)),
-               ("head_tile=all,3d,waves=4", dict(head_tile=128, rank_2d=False, waves=4))]
+# Decode launch variants: (label, knobs). "default" = the launcher's own defaults.
+PAPER_VARIANTS = [("default", {}), ("min_chunk=256", dict(min_chunk=256)), ("waves=1", dict(waves=1)),
+                  ("block_t=64", dict(block_t=64)), ("stages=4", dict(num_stages=4))]
+T6_VARIANTS = [("default", {}), ("min_chunk=256", dict(min_chunk=256)), ("min_chunk=32", dict(min_chunk=32)),
+               ("head_tile=all", dict(head_tile=128)), ("head_tile=32,block_t=64", dict(head_tile=32, block_t=64))]
+GQA_VARIANTS = [("default", {}), ("waves=4", dict(waves=4)), ("waves=1", dict(waves=1)),
+                ("min_chunk=256", dict(min_chunk=256))] + [
+    (f"block_t={bt},stages={st},warps={w}", dict(block_t=bt, num_stages=st, num_warps=w))
+    for bt, st, w in ((64, 2, 4), (128, 2, 8), (16, 4, 4))]
+PREFILL_VARIANTS = [("default", {}), ("prefetch=off", dict(prefetch=False)), ("stages=2", dict(num_stages=2))] + [
+    (f"{bn}x{bt},w{w},s{st}", dict(block_n=bn, block_t=bt, num_warps=w, num_stages=st))
+    for bn, bt, w, st in ((128, 64, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (64, 256, 8, 2))]
+
+# (section, name, B, N, M, H, D, (R_Q, R_K, R_V), form, variants)
+VARIANT_SHAPES = [
+    ("decode", "paper", 1, 1, 1 << 16, 32, 64, (16, 1, 1), "contextual", PAPER_VARIANTS),
+    ("decode", "paper", 1, 1, 1 << 19, 32, 64, (16, 1, 1), "contextual", PAPER_VARIANTS),
+    ("decode", "paper", 4, 1, 1 << 16, 32, 64, (16, 1, 1), "contextual", PAPER_VARIANTS),
+    ("decode", "paper", 16, 1, 1 << 16, 32, 64, (16, 1, 1), "contextual", PAPER_VARIANTS),
+    ("decode", "t6", 1, 1, 1 << 14, 34, 64, (6, 2, 2), "contextual", T6_VARIANTS),
+    ("decode", "t6", 1, 1, 1 << 18, 78, 64, (6, 2, 2), "contextual", T6_VARIANTS),
+    ("decode", "t6", 16, 1, 1 << 16, 34, 64, (6, 2, 2), "contextual", T6_VARIANTS),
+    ("decode", "llama3-8b", 16, 1, 1 << 12, 32, 128, (0, 8, 8), "fixed", GQA_VARIANTS),
+    ("decode", "llama3-8b", 16, 1, 1 << 14, 32, 128, (0, 8, 8), "fixed", GQA_VARIANTS),
+    ("decode", "llama3-8b", 4, 1, 1 << 16, 32, 128, (0, 8, 8), "fixed", GQA_VARIANTS),
+    ("decode", "smollm2-135m", 1, 1, 1 << 16, 9, 64, (0, 3, 3), "fixed", GQA_VARIANTS),
+    ("decode", "smollm2-135m", 16, 1, 1 << 14, 9, 64, (0, 3, 3), "fixed", GQA_VARIANTS),
+    ("prefill", "paper", 1, 8192, 8192, 32, 64, (16, 1, 1), "contextual", PREFILL_VARIANTS),
+    ("prefill", "paper", 1, 2048, 2048, 32, 64, (16, 1, 1), "contextual", PREFILL_VARIANTS),
+    ("prefill", "paper", 1, 4096, 8192, 32, 64, (16, 1, 1), "contextual", PREFILL_VARIANTS),
+]
 
 
-def decode_variants(run: Runner, bw: float, rows: list[dict], baseline: Callable | None = None) -> None:
-    """Time the contextual decode launch variants on the paper and T6 shapes, each checked against float64
-    where it fits; `baseline` (another launcher with its own defaults, e.g. an earlier version) is timed too."""
-    shapes = [("paper", 1, 1 << 19, 32, 16, 1, 1), ("paper", 4, 1 << 16, 32, 16, 1, 1),
-              ("paper", 16, 1 << 16, 32, 16, 1, 1),
-              ("paper", 16, 1 << 18, 32, 16, 1, 1),
-              ("t6", 1, 1 << 18, 34, 6, 2, 2), ("t6", 1, 1 << 18, 78, 6, 2, 2), ("t6", 16, 1 << 16, 34, 6, 2, 2),
-              ("t6", 16, 1 << 16, 78, 6, 2, 2), ("t6", 4, 1 << 16, 61, 6, 2, 2)]
-    for name, B, M, H, R_Q, R_K, R_V in shapes:
-        tok = (R_K + R_V) * (H + 64) * 2
-        floor = B * M * tok / bw * 1e6
-        variants = list(PAPER_VARIANTS if name == "paper" else T6_VARIANTS)
-        if baseline is not None:
-            variants.insert(0, ("baseline", {"launcher": baseline}))
+def launch_variants(run: Runner, bw: float, rows: list[dict], only: str = "") -> None:
+    """Time each shape's launch variants (same run, same inputs), each checked against float64 where it fits.
+
+    `only`: comma-separated shape names or forms to keep (e.g. "paper,fixed"); empty = all.
+    """
+    keep = set(filter(None, only.split(",")))
+    for section, name, B, N, M, H, D, ranks, form, variants in VARIANT_SHAPES:
+        if keep and not keep & {name, form, section}:
+            continue
+        R_Q, R_K, R_V = ranks
+        tok = (R_K + R_V) * (H + D) * 2 if form != "fixed" else 2 * R_K * D * 2
+        floor = B * M * tok / bw * 1e6 if section == "decode" else None
         res = []
         for label, knobs in variants:
-            check = B * M <= (1 << 18)
+            check = B * M <= (1 << 18) and section == "decode" or (section == "prefill" and M <= 4096)
             try:
-                us, err = time_ours(run, lambda: tpa_inputs(run, B, 1, M, H, 64, R_Q, R_K, R_V, "contextual"),
-                                    B * M * tok, check=check, **knobs)
+                us, err = time_ours(run, lambda: tpa_inputs(run, B, N, M, H, D, R_Q, R_K, R_V, form),
+                                    B * M * tok, check=check, launcher=_launcher(section), **knobs)
             except Exception as exc:  # a variant that does not compile (registers, shared memory)
-                print(f"variant {name} {label} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                print(f"variant {section} {name} {label} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                 continue
-            res.append({"label": label, "us": us, "pct_floor": 100 * floor / us, "rel_err": err})
-        rows.append({"section": "variants", "shape": name, "H": H, "B": B, "M": M, "floor_us": floor,
-                     "results": res})
-        print(f"variants {name} H={H} B={B} M=2^{int(math.log2(M))} floor {floor:.1f}us: " +
-              "; ".join(f"{r['label']} {r['us']:.1f} ({r['pct_floor']:.0f}%, err {fmt(r['rel_err'], '.1e')})"
+            res.append({"label": label, "us": us, "pct_floor": 100 * floor / us if floor else None, "rel_err": err})
+        rows.append({"section": "variants", "kind": section, "shape": name, "H": H, "B": B, "N": N, "M": M,
+                     "floor_us": floor, "results": res})
+        print(f"variants {section} {name} H={H} B={B} N={N} M=2^{int(math.log2(M))} floor {fmt(floor)}us: " +
+              "; ".join(f"{r['label']} {r['us']:.1f} ({fmt(r['pct_floor'], '.0f')}%, err {fmt(r['rel_err'], '.1e')})"
                         for r in res), flush=True)
+
+
+def _launcher(section: str) -> Callable:
+    if section == "decode":
+        from kernels.triton_decode import decode_attention
+
+        return decode_attention
+    from kernels.triton_prefill import prefill_attention
+
+    return prefill_attention
+
+
+# The official kernel at these shapes (H, B, M, R_Q): the paper shape where tpa-reference.md has anchor timings
+# (a check that this harness reproduces them), then T6 shapes.
+OFFICIAL_SHAPES = [(32, B, M, 16) for B, M in OFFICIAL_ANCHORS] + [
+    (H, B, M, 6) for H in (34, 78) for B in (1, 16) for M in (1 << 14, 1 << 16, 1 << 18)] + [
+    (47, 4, 1 << 16, 6), (61, 4, 1 << 16, 6)]
+
+
+def load_official(folder: Path):
+    """The official split-M decode (tensorgi/TPA decode/flashtpa_decode_triton_multi_kvrank.py), from a folder
+    the user provides: its code is not part of this repository."""
+    import importlib.util
+
+    path = folder / "flashtpa_decode_triton_multi_kvrank.py"
+    spec = importlib.util.spec_from_file_location("official_flashtpa_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def official_call(mod, s: dict, R_Q: int, pad_to: int) -> Callable[[], torch.Tensor]:
+    """The official wrapper on our inputs: its bk/bv layout is [B, M, D, R] (ours [B, T, R, D]: a transposed view;
+    the wrapper permutes and copies every factor on each call either way). R_Q below 16 does not compile in its
+    kernel (tl.dot needs 16), so the query factors are zero-padded to `pad_to` ranks beforehand (not timed)."""
+    aq, bq = s["aq"], s["bq"]
+    if pad_to > R_Q:
+        aq = torch.cat([aq, aq.new_zeros(*aq.shape[:-1], pad_to - R_Q)], -1)
+        bq = torch.cat([bq, bq.new_zeros(bq.shape[0], bq.shape[1], pad_to - R_Q, bq.shape[3])], 2)
+    return lambda: mod.tpa_decode_parallel_bn_triton(aq, s["ak"], s["av"], bq, s["bk"].transpose(2, 3),
+                                                     s["bv"].transpose(2, 3), scale_q=1.0 / R_Q)
+
+
+def section_official(run: Runner, bw: float, folder: Path, rows: list[dict]) -> None:
+    """Ours and the official kernel on the same inputs, same run: time (CUDA graph) and error vs float64."""
+    mod = load_official(folder)
+    D = 64
+    unpadded_tried = False
+    for H, B, M, R_Q in OFFICIAL_SHAPES:
+        R_K = R_V = 1 if R_Q == 16 else 2
+        tok = (R_K + R_V) * (H + D) * 2
+        floor = B * M * tok / bw * 1e6
+        r = {"section": "official", "H": H, "B": B, "M": M, "ranks": (R_Q, R_K, R_V), "floor_us": floor,
+             "anchor_us": OFFICIAL_ANCHORS.get((B, M)) if H == 32 else None}
+        r["ours_us"], r["ours_err"] = time_ours(
+            run, lambda: tpa_inputs(run, B, 1, M, H, D, R_Q, R_K, R_V, "contextual"), B * M * tok)
+        sets = [tpa_inputs(run, B, 1, M, H, D, R_Q, R_K, R_V, "contextual") for _ in range(run.n_sets(B * M * tok))]
+        if R_Q < 16 and not unpadded_tried:
+            unpadded_tried = True
+            try:
+                official_call(mod, sets[0], R_Q, R_Q)()
+                note = "ran"
+            except Exception as exc:  # defect 3 of tpa-reference.md: tl.dot needs K, N >= 16
+                note = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+            rows.append({"section": "official_unpadded", "H": H, "B": B, "M": M, "R_Q": R_Q, "result": note})
+            print(f"official kernel with R_Q = {R_Q} unpadded: {note}", flush=True)
+        calls = [official_call(mod, st, R_Q, 16) for st in sets]
+        try:
+            out = calls[0]()  # autotunes on first call (outside the graph)
+            r["official_err"] = rel_err_vs_reference(run, sets[0], out) if torch.isfinite(out).all() else float("nan")
+            r["official_us"] = run.time_calls(calls)
+        except Exception as exc:
+            r["official_us"], r["official_err"] = None, None
+            r["official_failure"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        del sets, calls
+        run.free()
+        r["speedup"] = r["official_us"] / r["ours_us"] if r["official_us"] else None
+        rows.append(r)
+        print(f"official H={H} B={B:2d} M=2^{int(math.log2(M))} ranks {r['ranks']}: ours {r['ours_us']:8.1f} us "
+              f"(err {fmt(r['ours_err'], '.1e')})  official {fmt(r['official_us'])} us (err "
+              f"{fmt(r['official_err'], '.1e')})  x{fmt(r['speedup'], '.2f')}  anchor {fmt(r['anchor_us'])}  "
+              f"floor {floor:.1f}", flush=True)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -429,11 +532,22 @@ def markdown(rows: list[dict], meta: dict) -> str:
         out.append("")
     var = [r for r in rows if r["section"] == "variants"]
     if var:
-        out += ["| shape | H | B | M | floor us | variant | us | % floor | rel err |", "|---|---|---|---|---|---|---|---|---|"]
+        out += ["| kind | shape | H | B | N | M | floor us | variant | us | % floor | rel err |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in var:
             for v in r["results"]:
-                out.append(f"| {r['shape']} | {r['H']} | {r['B']} | 2^{int(math.log2(r['M']))} | {r['floor_us']:.1f} | "
-                           f"{v['label']} | {v['us']:.1f} | {v['pct_floor']:.0f}% | {fmt(v['rel_err'], '.1e')} |")
+                out.append(f"| {r['kind']} | {r['shape']} | {r['H']} | {r['B']} | {r['N']} | "
+                           f"2^{int(math.log2(r['M']))} | {fmt(r['floor_us'])} | {v['label']} | {v['us']:.1f} | "
+                           f"{fmt(v['pct_floor'], '.0f')} | {fmt(v['rel_err'], '.1e')} |")
+        out.append("")
+    off = [r for r in rows if r["section"] == "official"]
+    if off:
+        out += ["| H | B | M | ranks | ours us | ours err | official us | official err | official/ours | anchor us | floor us |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in off:
+            out.append(f"| {r['H']} | {r['B']} | 2^{int(math.log2(r['M']))} | {r['ranks']} | {r['ours_us']:.1f} | "
+                       f"{fmt(r['ours_err'], '.1e')} | {fmt(r['official_us'])} | {fmt(r['official_err'], '.1e')} | "
+                       f"{fmt(r['speedup'], '.2f')} | {fmt(r['anchor_us'])} | {r['floor_us']:.1f} |")
         out.append("")
     pre = [r for r in rows if r["section"] == "prefill"]
     if pre:
@@ -452,7 +566,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("."), help="folder for kernels_bench.{json,md}")
     p.add_argument("--sections", default="paper,t6,fixed,prefill")
     p.add_argument("--sweep", action="store_true", help="also sweep launch parameters (tuning the defaults)")
-    p.add_argument("--variants", action="store_true", help="also time the contextual decode launch variants")
+    p.add_argument("--variants", nargs="?", const="all", default="",
+                   help="also time launch variants (optionally only shapes/forms named, comma-separated)")
+    p.add_argument("--official", type=Path, default=None,
+                   help="folder holding tensorgi/TPA's decode/flashtpa_decode_triton_multi_kvrank.py: time it "
+                        "beside ours on the same inputs (its code is not part of this repository)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on any device (plumbing check)")
     p.add_argument("--reps", type=int, default=20)
     args = p.parse_args(argv)
@@ -485,7 +603,9 @@ def main(argv: list[str] | None = None) -> int:
     if "prefill" in sections:
         section_prefill(run, Ns, rows)
     if args.variants and run.cuda:
-        decode_variants(run, bw, rows)
+        launch_variants(run, bw, rows, "" if args.variants == "all" else args.variants)
+    if args.official is not None and run.cuda:
+        section_official(run, bw, args.official, rows)
     if args.sweep and run.cuda:
         sweep(run, rows)
     meta["seconds"] = time.time() - t0
