@@ -43,6 +43,9 @@ DECODE_CASES = [
     ("kv_only", 2, 33, 16, 50, [50, 16], (0, 3, 2), torch.float32,
      {"block_t": 16, "min_chunk": 16, "head_tile": 32, "rank_2d": True, "prefetch": True}),
     ("contextual", 1, 5, 16, 64, [64], (6, 2, 2), torch.float32, {"block_t": 16, "min_chunk": 16, "rank_2d": True}),
+    # more slices than the merge tiles in one go (S_PAD 512 / 1024: the merge splits D), most of them empty
+    ("contextual", 1, 3, 16, 700, [700], (2, 2, 2), torch.float32, {"block_t": 16, "min_chunk": 2, "num_splits": 300}),
+    ("fixed", 2, 4, 16, 600, [600, 3], (0, 2, 2), torch.float32, {"block_t": 16, "min_chunk": 1, "num_splits": 600}),
 ]
 
 # form, B, N, H, D, T_cap, kv_lens, (R_Q, R_K, R_V), dtype, knobs
@@ -56,6 +59,9 @@ PREFILL_CASES = [
     ("fixed", 2, 33, 9, 16, 40, [33, 40], (0, 3, 3), torch.float32, {"block_n": 32, "block_t": 16}),
     ("fixed", 2, 2, 4, 16, 19, [2, 19], (0, 2, 2), torch.float32, {"block_n": 16, "block_t": 16}),
     ("fixed", 1, 31, 6, 16, 31, [31], (0, 6, 6), torch.float16, {"block_n": 16, "block_t": 16}),
+    # head factors loaded inside the block instead of one block ahead
+    ("contextual", 2, 21, 3, 16, 50, [50, 21], (6, 2, 2), torch.float32, {"block_n": 16, "block_t": 16, "prefetch": False}),
+    ("kv_only", 1, 40, 2, 16, 40, [40], (0, 3, 1), torch.float16, {"block_n": 16, "block_t": 16, "prefetch": False}),
 ]
 
 

@@ -85,23 +85,44 @@ def test_float32_triton_reproduces_torch_greedy_tokens(gguf_path: Path, tmp_path
     assert got == want
 
 
-def test_bfloat16_triton_agrees_on_top1(gguf_path: Path, tmp_path_factory) -> None:
-    """bf16 top-1 tokens (teacher-forced on the float32 greedy continuation) against the float32 engine.
+# More text for the bf16 comparison: one prompt gives ~230 positions, where a single near-tie moves the figure by
+# 0.4 points; three prompts of different kinds (prose, code, a list) give ~800.
+BF16_PROMPTS = [
+    PROMPT,
+    "def merge_partials(outputs, lses):\n"
+    "    # Each slice of the sequence produced a normalised output and its log-sum-exp.\n"
+    "    top = max(lses)\n"
+    "    weights = [math.exp(x - top) for x in lses]\n"
+    "    total = sum(weights)\n"
+    "    return [sum(w * o[i] for w, o in zip(weights, outputs)) / total for i in range(len(outputs[0]))]\n\n"
+    "Explain what this function computes, why it subtracts the maximum first, and what goes wrong if it "
+    "subtracted the minimum instead when two slices differ by a large margin.",
+    "Here is a packing list for a week of hiking in the mountains: boots, two pairs of wool socks, a rain jacket, "
+    "a warm hat, a map of the valley, a compass, water bottles, a small stove, oats, rice, dried fruit, a first "
+    "aid kit and a headlamp. Which three items matter most if the weather turns, and why?",
+]
+BF16_NEW_TOKENS = 96
 
-    Two bf16 engines differ from each other at near-ties, so the Triton kernels are held to >= 99% agreement
-    with the float32 engine, or to at least the agreement of the engine's own bf16 torch attention.
+
+def test_bfloat16_triton_agrees_on_top1(gguf_path: Path, tmp_path_factory) -> None:
+    """bf16 top-1 tokens, teacher-forced on the float32 engine's greedy continuation, over three prompts.
+
+    Reported: agreement with the bf16 engine on the torch backend (same weights and dtype, only the attention
+    differs) and with the float32 engine. Held to: the Triton kernels agree with the float32 engine at least
+    as well as torch's own bf16 attention does (the issue's 99% is not reached by either bf16 engine: 98.65%
+    between them, 98.36% / 97.91% against float32 over 669 positions, H200, 2026-11-28 21:58 UTC).
     """
     models = tmp_path_factory.mktemp("models")
     f32 = _load(gguf_path, models, torch.float32)
-    prompt_ids = f32.tokenizer.encode(PROMPT)
-    continuation = _greedy(f32.model, prompt_ids, "torch", NEW_TOKENS)
-    ref = _teacher_forced_top1(f32.model, prompt_ids, continuation, "torch")
+    prompts = [f32.tokenizer.encode(text) for text in BF16_PROMPTS]
+    continuations = [_greedy(f32.model, ids, "torch", BF16_NEW_TOKENS) for ids in prompts]
+    ref = torch.cat([_teacher_forced_top1(f32.model, ids, cont, "torch") for ids, cont in zip(prompts, continuations)])
     del f32
     bf16 = _load(gguf_path, models, torch.bfloat16)
-    tri = _teacher_forced_top1(bf16.model, prompt_ids, continuation, "triton")
-    tor = _teacher_forced_top1(bf16.model, prompt_ids, continuation, "torch")
-    ours, torchs = float((tri == ref).float().mean()), float((tor == ref).float().mean())
+    tri = torch.cat([_teacher_forced_top1(bf16.model, ids, cont, "triton") for ids, cont in zip(prompts, continuations)])
+    tor = torch.cat([_teacher_forced_top1(bf16.model, ids, cont, "torch") for ids, cont in zip(prompts, continuations)])
     between = float((tri == tor).float().mean())
-    print(f"top-1 agreement with the float32 engine over {ref.numel()} positions: triton bf16 {ours:.4f}, "
-          f"torch bf16 {torchs:.4f}; triton bf16 vs torch bf16 {between:.4f}")
-    assert ours >= 0.99 or ours >= torchs, f"triton bf16 {ours:.4f} < torch bf16 {torchs:.4f} and < 0.99"
+    ours, torchs = float((tri == ref).float().mean()), float((tor == ref).float().mean())
+    print(f"top-1 agreement over {ref.numel()} positions: triton bf16 vs torch bf16 {between:.4f}; with the float32 "
+          f"engine: triton bf16 {ours:.4f}, torch bf16 {torchs:.4f}")
+    assert ours >= torchs, f"triton bf16 {ours:.4f} agrees less with float32 than torch bf16 {torchs:.4f}"

@@ -55,6 +55,9 @@ VARIANT_CASES = [
     ("contextual", 2, 32, 40000, [40000, 33333], (16, 1, 1), dict(head_tile=16, waves=4)),
     ("contextual", 1, 32, 40000, [32769], (16, 1, 1), dict(waves=1, block_t=64, num_stages=4)),
     ("kv_only", 2, 61, 5000, [5000, 4999], (0, 2, 2), dict(head_tile=16, block_t=128)),
+    # slices of whole 256-token multiples; many slices (the merge splits D)
+    ("contextual", 2, 32, 60000, [60000, 4000], (16, 1, 1), dict(min_chunk=256)),
+    ("contextual", 1, 34, 60000, [59999], (6, 2, 2), dict(num_splits=700, min_chunk=64)),
 ]
 
 
