@@ -1,6 +1,7 @@
 """FlashTPA kernels vs PyTorch SDPA on one GPU: checks every variant, times it, prints and saves a table.
 
-    PYTHONPATH=. python benchmarks/kernels.py --out DIR [--sections paper,t6,fixed,prefill] [--sweep] [--smoke]
+    PYTHONPATH=. python benchmarks/kernels.py --out DIR [--sections paper,t6,fixed,prefill] [--variants [NAMES]]
+        [--official DIR] [--sweep] [--smoke]
 
 Timing: the call(s) captured in a CUDA graph, median over replays (events), after warm-up; inputs are fresh
 random bf16 tensors, several sets rotated inside one graph when one set would sit in the 60 MB L2. Every timed
@@ -8,8 +9,11 @@ variant of ours is checked against the float64 torch reference (where it fits in
 the factor bytes read / the device-to-device copy bandwidth measured in the same run.
 Baselines: SDPA decode with the grouped heads stacked as query rows (MHA: 1 row per head; GQA-4: 4 KV heads,
 8 rows each; MQA: 1 KV head, 32 rows), best of the flash / memory-efficient / cuDNN backends; SDPA causal prefill.
-The official TPA kernels are not available here (no network; their code may not be copied), so the paper-shape
-rows quote the anchor timings of ../shared/design/tpa-reference.md, measured on an H200 elsewhere.
+The official TPA decode kernel is not part of this repository: --official points at a folder holding a copy of
+tensorgi/TPA's decode/flashtpa_decode_triton_multi_kvrank.py, and its split decode is then timed on the same
+inputs in the same run (Triton 3.9 refuses that file at import because its reduce kernel's autotune key names
+"D", not an argument of that kernel: the copy used for RESULTS.md drops that key, nothing else); the paper-shape
+table also quotes the anchor timings of ../shared/design/tpa-reference.md.
 --smoke runs tiny sizes on any device (torch backend on the CPU) to check this script's plumbing.
 """
 
