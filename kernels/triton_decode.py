@@ -35,18 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels._jit_common import LOG2E, dot as _dot
 from kernels._launch import fit_block_t, next_pow2 as _next_pow2
-
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        out = tl.dot(a, b, input_precision="ieee")
-    else:
-        out = tl.dot(a, b)
-    return out
 
 
 @triton.jit

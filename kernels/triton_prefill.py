@@ -19,18 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels._jit_common import LOG2E, dot as _dot
 from kernels._launch import fit_block_t, next_pow2 as _next_pow2
-
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        out = tl.dot(a, b, input_precision="ieee")
-    else:
-        out = tl.dot(a, b)
-    return out
 
 
 @triton.jit
@@ -128,6 +118,31 @@ def _block_head_factors(AK, AV, ak_base, av_base, t0, seq_len, offs_t0, stride_a
 
 
 @triton.jit
+def _key_block(
+    q, acc, m_i, l_i, ak_next, av_next, t0, pos, seq_len, AK, AV, BK, BV, ak_base, av_base, b, g, offs_t0, offs_d,
+    stride_akt, stride_avt, stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
+    qk_scale,
+    R_K: tl.constexpr, RK_PAD: tl.constexpr, R_V: tl.constexpr, RV_PAD: tl.constexpr,
+    FIXED: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One loop step: the block at t0 with its head factors (prefetched: ak_next / av_next, whose successors are
+    loaded here; else loaded now). Returns the updated (acc, m_i, l_i, ak_next, av_next)."""
+    if PREFETCH:
+        ak, av = ak_next, av_next
+        ak_next, av_next = _block_head_factors(AK, AV, ak_base, av_base, t0 + BLOCK_T, seq_len, offs_t0,
+                                               stride_akt, stride_avt, R_K, RK_PAD, R_V, RV_PAD, FIXED, BLOCK_T)
+    else:
+        ak, av = _block_head_factors(AK, AV, ak_base, av_base, t0, seq_len, offs_t0, stride_akt, stride_avt,
+                                     R_K, RK_PAD, R_V, RV_PAD, FIXED, BLOCK_T)
+    acc, m_i, l_i = _attend_block(
+        q, acc, m_i, l_i, t0, pos, seq_len, ak, av, BK, BV, b, g, offs_t0, offs_d,
+        stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
+        qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, MASKED, IEEE, BLOCK_N, BLOCK_T)
+    return acc, m_i, l_i, ak_next, av_next
+
+
+@triton.jit
 def _prefill_kernel(
     Q, AQ, BQ, AK, BK, AV, BV, LENS, OUT,
     stride_qb, stride_qn, stride_qh,
@@ -183,29 +198,15 @@ def _prefill_kernel(
     # Two loops, not one with a branch: Triton software-pipelines the bk/bv loads of a loop body without
     # control flow. Blocks below full_end are visible to every row of the tile (no mask), the rest are diagonal.
     for t0 in range(0, full_end, BLOCK_T):
-        if PREFETCH:
-            ak, av = ak_next, av_next
-            ak_next, av_next = _block_head_factors(AK, AV, ak_base, av_base, t0 + BLOCK_T, seq_len, offs_t0,
-                                                   stride_akt, stride_avt, R_K, RK_PAD, R_V, RV_PAD, FIXED, BLOCK_T)
-        else:
-            ak, av = _block_head_factors(AK, AV, ak_base, av_base, t0, seq_len, offs_t0, stride_akt, stride_avt,
-                                         R_K, RK_PAD, R_V, RV_PAD, FIXED, BLOCK_T)
-        acc, m_i, l_i = _attend_block(
-            q, acc, m_i, l_i, t0, pos, seq_len, ak, av, BK, BV, b, g, offs_t0, offs_d,
-            stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
-            qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, False, IEEE, BLOCK_N, BLOCK_T)
+        acc, m_i, l_i, ak_next, av_next = _key_block(
+            q, acc, m_i, l_i, ak_next, av_next, t0, pos, seq_len, AK, AV, BK, BV, ak_base, av_base, b, g, offs_t0,
+            offs_d, stride_akt, stride_avt, stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
+            qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, False, IEEE, PREFETCH, BLOCK_N, BLOCK_T)
     for t0 in range(full_end, hi, BLOCK_T):
-        if PREFETCH:
-            ak, av = ak_next, av_next
-            ak_next, av_next = _block_head_factors(AK, AV, ak_base, av_base, t0 + BLOCK_T, seq_len, offs_t0,
-                                                   stride_akt, stride_avt, R_K, RK_PAD, R_V, RV_PAD, FIXED, BLOCK_T)
-        else:
-            ak, av = _block_head_factors(AK, AV, ak_base, av_base, t0, seq_len, offs_t0, stride_akt, stride_avt,
-                                         R_K, RK_PAD, R_V, RV_PAD, FIXED, BLOCK_T)
-        acc, m_i, l_i = _attend_block(
-            q, acc, m_i, l_i, t0, pos, seq_len, ak, av, BK, BV, b, g, offs_t0, offs_d,
-            stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
-            qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, True, IEEE, BLOCK_N, BLOCK_T)
+        acc, m_i, l_i, ak_next, av_next = _key_block(
+            q, acc, m_i, l_i, ak_next, av_next, t0, pos, seq_len, AK, AV, BK, BV, ak_base, av_base, b, g, offs_t0,
+            offs_d, stride_akt, stride_avt, stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
+            qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, True, IEEE, PREFETCH, BLOCK_N, BLOCK_T)
 
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc * (out_scale / safe_l)[:, None]
