@@ -504,63 +504,51 @@ def section_official(run: Runner, bw: float, folder: Path, rows: list[dict]) -> 
               f"floor {floor:.1f}", flush=True)
 
 
+def _pow2(m: int) -> str:
+    return f"2^{int(math.log2(m))}"
+
+
+# section -> (column headers, one row's cells); `variants` rows expand to one line per variant.
+TABLES: dict[str, tuple[list[str], Callable[[dict], list[str]]]] = {
+    "paper": (["B", "M", "ours us", "floor us", "% floor", "rel err", "SDPA MHA", "SDPA GQA-4", "SDPA MQA",
+               "official (anchor)"],
+              lambda r: [r["B"], _pow2(r["M"]), f"{r['ours_us']:.1f}", f"{r['floor_us']:.1f}", f"{r['pct_floor']:.0f}%",
+                         fmt(r["rel_err"], ".1e"), fmt(r["sdpa_mha_us"]), fmt(r["sdpa_gqa4_us"]), fmt(r["sdpa_mqa_us"]),
+                         fmt(r["official_us"])]),
+    "t6": (["H", "B", "M", "TPA (6,2,2) us", "floor us", "% floor", "rel err", "KV-only us", "KV-only err"],
+           lambda r: [r["H"], r["B"], _pow2(r["M"]), f"{r['ours_us']:.1f}", f"{r['floor_us']:.1f}",
+                      f"{r['pct_floor']:.0f}%", fmt(r["rel_err"], ".1e"), f"{r['kv_only_us']:.1f}",
+                      fmt(r["kv_only_err"], ".1e")]),
+    "fixed": (["shape (H/G/D)", "B", "M", "ours us", "SDPA GQA us", "ours/SDPA", "% floor", "rel err"],
+              lambda r: [f"{r['shape']} ({r['H']}/{r['G']}/{r['D']})", r["B"], _pow2(r["M"]), f"{r['ours_us']:.1f}",
+                         f"{r['sdpa_us']:.1f} ({r['sdpa_backend']})", f"{r['ratio']:.2f}", f"{r['pct_floor']:.0f}%",
+                         fmt(r["rel_err"], ".1e")]),
+    "variants": (["kind", "shape", "H", "B", "N", "M", "floor us", "variant", "us", "% floor", "rel err"],
+                 lambda r: [r["kind"], r["shape"], r["H"], r["B"], r["N"], _pow2(r["M"]), fmt(r["floor_us"]),
+                            r["label"], f"{r['us']:.1f}", fmt(r["pct_floor"], ".0f"), fmt(r["rel_err"], ".1e")]),
+    "official": (["H", "B", "M", "ranks", "ours us", "ours err", "official us", "official err", "official/ours",
+                  "anchor us", "floor us"],
+                 lambda r: [r["H"], r["B"], _pow2(r["M"]), r["ranks"], f"{r['ours_us']:.1f}", fmt(r["ours_err"], ".1e"),
+                            fmt(r["official_us"]), fmt(r["official_err"], ".1e"), fmt(r["speedup"], ".2f"),
+                            fmt(r["anchor_us"]), f"{r['floor_us']:.1f}"]),
+    "prefill": (["N", "M", "SDPA causal us", "TPA (16,1,1) us", "ratio", "rel err", "MHA-as-TPA us", "ratio", "rel err"],
+                lambda r: [r["N"], r["M"], f"{r['sdpa_us']:.1f} ({r['sdpa_backend']})", f"{r['contextual_us']:.1f}",
+                           f"{r['contextual_ratio']:.2f}", fmt(r["contextual_err"], ".1e"), f"{r['fixed_us']:.1f}",
+                           f"{r['fixed_ratio']:.2f}", fmt(r["fixed_err"], ".1e")]),
+}
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     out = [f"GPU {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, copy bandwidth "
            f"{meta['copy_bw_tbs']:.2f} TB/s, {meta['date']}", ""]
-    paper = [r for r in rows if r["section"] == "paper"]
-    if paper:
-        out += ["| B | M | ours us | floor us | % floor | rel err | SDPA MHA | SDPA GQA-4 | SDPA MQA | official (anchor) |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in paper:
-            out.append(f"| {r['B']} | 2^{int(math.log2(r['M']))} | {r['ours_us']:.1f} | {r['floor_us']:.1f} | "
-                       f"{r['pct_floor']:.0f}% | {fmt(r['rel_err'], '.1e')} | {fmt(r['sdpa_mha_us'])} | "
-                       f"{fmt(r['sdpa_gqa4_us'])} | {fmt(r['sdpa_mqa_us'])} | {fmt(r['official_us'])} |")
-        out.append("")
-    t6 = [r for r in rows if r["section"] == "t6"]
-    if t6:
-        out += ["| H | B | M | TPA (6,2,2) us | floor us | % floor | rel err | KV-only us | KV-only err |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for r in t6:
-            out.append(f"| {r['H']} | {r['B']} | 2^{int(math.log2(r['M']))} | {r['ours_us']:.1f} | {r['floor_us']:.1f} | "
-                       f"{r['pct_floor']:.0f}% | {fmt(r['rel_err'], '.1e')} | {r['kv_only_us']:.1f} | "
-                       f"{fmt(r['kv_only_err'], '.1e')} |")
-        out.append("")
-    fixed = [r for r in rows if r["section"] == "fixed"]
-    if fixed:
-        out += ["| shape (H/G/D) | B | M | ours us | SDPA GQA us | ours/SDPA | % floor | rel err |",
-                "|---|---|---|---|---|---|---|---|"]
-        for r in fixed:
-            out.append(f"| {r['shape']} ({r['H']}/{r['G']}/{r['D']}) | {r['B']} | 2^{int(math.log2(r['M']))} | "
-                       f"{r['ours_us']:.1f} | {r['sdpa_us']:.1f} ({r['sdpa_backend']}) | {r['ratio']:.2f} | "
-                       f"{r['pct_floor']:.0f}% | {fmt(r['rel_err'], '.1e')} |")
-        out.append("")
-    var = [r for r in rows if r["section"] == "variants"]
-    if var:
-        out += ["| kind | shape | H | B | N | M | floor us | variant | us | % floor | rel err |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in var:
-            for v in r["results"]:
-                out.append(f"| {r['kind']} | {r['shape']} | {r['H']} | {r['B']} | {r['N']} | "
-                           f"2^{int(math.log2(r['M']))} | {fmt(r['floor_us'])} | {v['label']} | {v['us']:.1f} | "
-                           f"{fmt(v['pct_floor'], '.0f')} | {fmt(v['rel_err'], '.1e')} |")
-        out.append("")
-    off = [r for r in rows if r["section"] == "official"]
-    if off:
-        out += ["| H | B | M | ranks | ours us | ours err | official us | official err | official/ours | anchor us | floor us |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in off:
-            out.append(f"| {r['H']} | {r['B']} | 2^{int(math.log2(r['M']))} | {r['ranks']} | {r['ours_us']:.1f} | "
-                       f"{fmt(r['ours_err'], '.1e')} | {fmt(r['official_us'])} | {fmt(r['official_err'], '.1e')} | "
-                       f"{fmt(r['speedup'], '.2f')} | {fmt(r['anchor_us'])} | {r['floor_us']:.1f} |")
-        out.append("")
-    pre = [r for r in rows if r["section"] == "prefill"]
-    if pre:
-        out += ["| N | M | SDPA causal us | TPA (16,1,1) us | ratio | rel err | MHA-as-TPA us | ratio | rel err |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for r in pre:
-            out.append(f"| {r['N']} | {r['M']} | {r['sdpa_us']:.1f} ({r['sdpa_backend']}) | {r['contextual_us']:.1f} | "
-                       f"{r['contextual_ratio']:.2f} | {fmt(r['contextual_err'], '.1e')} | {r['fixed_us']:.1f} | "
-                       f"{r['fixed_ratio']:.2f} | {fmt(r['fixed_err'], '.1e')} |")
+    for section, (header, cells) in TABLES.items():
+        picked = [r for r in rows if r["section"] == section]
+        if section == "variants":  # one line per variant of each shape
+            picked = [{**r, **v} for r in picked for v in r["results"]]
+        if not picked:
+            continue
+        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(str(c) for c in cells(r)) + " |" for r in picked]
         out.append("")
     return "\n".join(out)
 
