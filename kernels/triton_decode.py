@@ -1,9 +1,10 @@
 """FlashTPA decode in Triton: one new token per sequence, the cache split across programs (flash-decoding).
 
 Stages: a split kernel (`_decode_factor_kernel` for contextual / KV-only K/V, `_decode_gqa_kernel` for fixed head
-factors) walks one slice of one sequence's cache and writes a float32 partial output with its log2-sum-exp;
-`_decode_merge_kernel` combines the slices, shifting by the MAXIMUM log-sum-exp so that no
-slice overflows (the official kernel shifts by the minimum and returns NaN once slices differ by ~88).
+factors) walks one slice of one sequence's cache and writes a float32 partial output with its log2-sum-exp
+(every slice of the grid writes one, an empty slice 0 and -inf); `_decode_merge_kernel` combines them in one
+load per (sequence, head, column tile), shifting by the MAXIMUM log-sum-exp so that no slice overflows (the
+official kernel shifts by the minimum and returns NaN once slices differ by ~88).
 
 Why it is shaped this way (../shared/design/tpa-reference.md, performance.md):
 - Sequence lengths are read from `kv_lens` inside the kernels: nothing about a length is a constexpr or a
@@ -18,8 +19,10 @@ Why it is shaped this way (../shared/design/tpa-reference.md, performance.md):
   prefetched one block ahead; higher ranks are loaded per rank as 2-D tiles (one [heads, T_blk, R] tile split
   in registers spilled at T6 ranks: 512 B of stack in an sm_90 build). Blocks wholly inside a slice run
   without token masks.
-- Grid: about two programs per SM (the rank-1 kernel takes ~226 registers a thread, so two fit), rounded down
-  so that no nearly empty extra round of programs starts.
+- Grid: about two programs per SM (the rank-1 kernel takes ~234 registers a thread, so two fit), rounded down
+  so that no nearly empty extra round of programs starts; slices of at least 64 tokens, so that short caches
+  still spread over many programs. The factor kernel's slices are whole blocks (16-token slices were 20-30%
+  slower at T6 shapes on the H200); the GQA kernel's are 16-token multiples.
 - Fixed head factors (GQA): one program per (sequence, group), the group's heads stacked as query rows (padded
   to 16 for tl.dot), reading the ordinary [B, T, G, D] cache.
 - Every tensor is addressed by its strides (last dim contiguous): the FactorCache views are read in place;
