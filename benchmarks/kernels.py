@@ -374,7 +374,10 @@ GQA_VARIANTS = [("default", {}), ("waves=4", dict(waves=4)), ("waves=1", dict(wa
     for bt, st, w in ((64, 2, 4), (128, 2, 8), (16, 4, 4))]
 PREFILL_VARIANTS = [("default", {}), ("prefetch=off", dict(prefetch=False)), ("stages=2", dict(num_stages=2))] + [
     (f"{bn}x{bt},w{w},s{st}", dict(block_n=bn, block_t=bt, num_warps=w, num_stages=st))
-    for bn, bt, w, st in ((128, 64, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (64, 256, 8, 2))]
+    for bn, bt, w, st in ((128, 64, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (64, 256, 8, 2))] + [
+    # K / V tiles built from the head factors (no spills at 128 x 64 in an sm_90 build): not yet timed
+    ("scaled_tiles", dict(scaled_tiles=True)),
+    ("scaled_tiles,128x64,w8,s3", dict(scaled_tiles=True, block_n=128, block_t=64, num_warps=8, num_stages=3))]
 
 # (section, name, B, N, M, H, D, (R_Q, R_K, R_V), form, variants)
 VARIANT_SHAPES = [

@@ -74,6 +74,29 @@ def test_decode_variants_bf16_against_float64(case) -> None:
     assert rel_err(out, oracle_attention(**args)) <= TOLERANCES[torch.bfloat16]
 
 
+# Prefill launch variants: form, B, N, H, T_cap, kv_lens, (R_Q, R_K, R_V), knobs
+PREFILL_VARIANT_CASES = [
+    ("contextual", 2, 300, 32, 1000, [1000, 300], (16, 1, 1), dict(scaled_tiles=True)),
+    ("contextual", 1, 257, 34, 700, [650], (6, 2, 2),
+     dict(scaled_tiles=True, block_n=128, block_t=64, num_warps=8, num_stages=3)),
+    ("kv_only", 1, 200, 29, 600, [600], (0, 2, 2), dict(scaled_tiles=True)),
+    ("contextual", 1, 200, 32, 500, [500], (16, 1, 1), dict(prefetch=False)),
+]
+
+
+@pytest.mark.parametrize("case", PREFILL_VARIANT_CASES, ids=lambda c: f"{c[0]}-N{c[2]}H{c[3]}-" +
+                         ",".join(f"{k}={v}" for k, v in c[7].items()))
+def test_prefill_variants_bf16_against_float64(case) -> None:
+    from kernels.triton_prefill import prefill_attention
+
+    form, B, N, H, T_cap, lens, ranks, knobs = case
+    args = _args(form, B, N, H, 64, T_cap, lens, ranks)
+    out = prefill_attention(**args, scale=64 ** -0.5, **knobs)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    assert rel_err(out, oracle_attention(**args)) <= TOLERANCES[torch.bfloat16]
+
+
 @pytest.mark.parametrize("form", ["contextual", "fixed"])
 def test_float32_matches_torch_backend(form: str) -> None:
     from kernels.dispatch import attention
