@@ -51,20 +51,16 @@ def captured_launch(module, kernel_name: str, sms: int) -> Iterator[dict]:
 
     for name in saved:
         setattr(module, name, Recorder(name == kernel_name))
-    split_default = getattr(module, "default_num_splits", None)
-    if split_default is not None:
-        def num_splits(device, programs_per_split, T_cap, min_chunk, waves=4, round_down=False):
-            programs = waves * sms
-            per_seq = programs // programs_per_split if round_down else -(-programs // programs_per_split)
-            return max(1, min(per_seq, -(-T_cap // min_chunk), 1024))
-        module.default_num_splits = num_splits
+    sm_source = getattr(module, "multiprocessors", None)
+    if sm_source is not None:
+        module.multiprocessors = lambda device: sms
     try:
         yield box
     finally:
         for name, kernel in saved.items():
             setattr(module, name, kernel)
-        if split_default is not None:
-            module.default_num_splits = split_default
+        if sm_source is not None:
+            module.multiprocessors = sm_source
 
 
 def build(box: dict, arch: int):
@@ -114,55 +110,47 @@ def resources(compiled, options: dict, dump: Path | None, label: str) -> str:
             f"stack {stack:3d} B  programs/SM by registers {per_sm}  shared {compiled.metadata.shared} B  {ops}")
 
 
-def decode_case(B: int, M: int, H: int, D: int, ranks: tuple[int, int, int], form: str) -> dict:
-    R_Q, R_K, R_V = ranks
-    r = lambda *s: torch.randn(*s, dtype=torch.bfloat16)  # noqa: E731
-    a = {"q": None, "aq": None, "bq": None, "ak": None, "av": None, "bk": r(B, M, R_K, D), "bv": r(B, M, R_V, D),
-         "kv_lens": torch.full((B,), M, dtype=torch.int32)}
-    if form == "contextual":
-        a["aq"], a["bq"] = r(B, 1, H, R_Q), r(B, 1, R_Q, D)
-    else:
-        a["q"] = r(B, 1, H, D)
-    if form != "fixed":
-        a["ak"], a["av"] = r(B, M, H, R_K), r(B, M, H, R_V)
-    return a
+def bench_module():
+    """benchmarks/kernels.py, loaded by path (its name would shadow the kernels package as a plain import)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kernel_bench", Path(__file__).with_name("kernels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def prefill_case(N: int, H: int, D: int, ranks: tuple[int, int, int], form: str) -> dict:
-    a = decode_case(1, N, H, D, ranks, form)
-    r = lambda *s: torch.randn(*s, dtype=torch.bfloat16)  # noqa: E731
-    if form == "contextual":
-        a["aq"], a["bq"] = r(1, N, H, ranks[0]), r(1, N, ranks[0], D)
-    else:
-        a["q"] = r(1, N, H, D)
-    return a
+def inputs(B: int, N: int, M: int, H: int, D: int, ranks: tuple[int, int, int], form: str) -> dict:
+    """The benchmark's attention arguments (`tpa_inputs`), as bf16 CPU tensors."""
+    bench = bench_module()
+    return bench.tpa_inputs(bench.Runner(torch.device("cpu"), "torch", 1), B, N, M, H, D, *ranks, form)
 
 
 # (label, "decode" | "prefill", inputs, launch knobs)
 CASES = [
-    ("decode paper B=1 M=2^19", "decode", lambda: decode_case(1, 1 << 19, 32, 64, (16, 1, 1), "contextual"), {}),
-    ("decode paper B=1 M=2^19 block_t=64", "decode", lambda: decode_case(1, 1 << 19, 32, 64, (16, 1, 1), "contextual"),
+    ("decode paper B=1 M=2^19", "decode", lambda: inputs(1, 1, 1 << 19, 32, 64, (16, 1, 1), "contextual"), {}),
+    ("decode paper B=1 M=2^19 block_t=64", "decode", lambda: inputs(1, 1, 1 << 19, 32, 64, (16, 1, 1), "contextual"),
      {"block_t": 64}),
-    ("decode paper B=1 M=2^19 block_t=32", "decode", lambda: decode_case(1, 1 << 19, 32, 64, (16, 1, 1), "contextual"),
+    ("decode paper B=1 M=2^19 block_t=32", "decode", lambda: inputs(1, 1, 1 << 19, 32, 64, (16, 1, 1), "contextual"),
      {"block_t": 32}),
-    ("decode t6 H=34 B=16 M=2^16", "decode", lambda: decode_case(16, 1 << 16, 34, 64, (6, 2, 2), "contextual"), {}),
-    ("decode t6 H=78 B=1 M=2^18", "decode", lambda: decode_case(1, 1 << 18, 78, 64, (6, 2, 2), "contextual"), {}),
-    ("decode gqa llama3-8b B=16 M=2^14", "decode", lambda: decode_case(16, 1 << 14, 32, 128, (0, 8, 8), "fixed"), {}),
-    ("prefill contextual (16,1,1) N=8192", "prefill", lambda: prefill_case(8192, 32, 64, (16, 1, 1), "contextual"), {}),
+    ("decode t6 H=34 B=16 M=2^16", "decode", lambda: inputs(16, 1, 1 << 16, 34, 64, (6, 2, 2), "contextual"), {}),
+    ("decode t6 H=78 B=1 M=2^18", "decode", lambda: inputs(1, 1, 1 << 18, 78, 64, (6, 2, 2), "contextual"), {}),
+    ("decode gqa llama3-8b B=16 M=2^14", "decode", lambda: inputs(16, 1, 1 << 14, 32, 128, (0, 8, 8), "fixed"), {}),
+    ("prefill contextual (16,1,1) N=8192", "prefill", lambda: inputs(1, 8192, 8192, 32, 64, (16, 1, 1), "contextual"), {}),
     ("prefill contextual (16,1,1) N=8192 128x64", "prefill",
-     lambda: prefill_case(8192, 32, 64, (16, 1, 1), "contextual"),
+     lambda: inputs(1, 8192, 8192, 32, 64, (16, 1, 1), "contextual"),
      {"block_n": 128, "block_t": 64, "num_warps": 8, "num_stages": 3}),
-    ("prefill kv_only (1,1) N=8192 128x64", "prefill", lambda: prefill_case(8192, 32, 64, (0, 1, 1), "kv_only"),
+    ("prefill kv_only (1,1) N=8192 128x64", "prefill", lambda: inputs(1, 8192, 8192, 32, 64, (0, 1, 1), "kv_only"),
      {"block_n": 128, "block_t": 64, "num_warps": 8, "num_stages": 3}),
     ("prefill contextual (16,1,1) N=8192 scaled tiles", "prefill",
-     lambda: prefill_case(8192, 32, 64, (16, 1, 1), "contextual"), {"scaled_tiles": True}),
+     lambda: inputs(1, 8192, 8192, 32, 64, (16, 1, 1), "contextual"), {"scaled_tiles": True}),
     ("prefill contextual (16,1,1) N=8192 128x64 scaled tiles", "prefill",
-     lambda: prefill_case(8192, 32, 64, (16, 1, 1), "contextual"),
+     lambda: inputs(1, 8192, 8192, 32, 64, (16, 1, 1), "contextual"),
      {"block_n": 128, "block_t": 64, "num_warps": 8, "num_stages": 3, "scaled_tiles": True}),
     ("prefill t6 (6,2,2) N=8192 128x64 scaled tiles", "prefill",
-     lambda: prefill_case(8192, 34, 64, (6, 2, 2), "contextual"),
+     lambda: inputs(1, 8192, 8192, 34, 64, (6, 2, 2), "contextual"),
      {"block_n": 128, "block_t": 64, "num_warps": 8, "num_stages": 3, "scaled_tiles": True}),
-    ("prefill MHA-as-TPA N=8192", "prefill", lambda: prefill_case(8192, 32, 64, (0, 32, 32), "fixed"), {}),
+    ("prefill MHA-as-TPA N=8192", "prefill", lambda: inputs(1, 8192, 8192, 32, 64, (0, 32, 32), "fixed"), {}),
 ]
 
 

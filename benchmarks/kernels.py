@@ -10,8 +10,8 @@ the factor bytes read / the device-to-device copy bandwidth measured in the same
 Baselines: SDPA decode with the grouped heads stacked as query rows (MHA: 1 row per head; GQA-4: 4 KV heads,
 8 rows each; MQA: 1 KV head, 32 rows), best of the flash / memory-efficient / cuDNN backends; SDPA causal prefill.
 The official TPA decode kernel is not part of this repository: --official points at a folder holding a copy of
-tensorgi/TPA's decode/flashtpa_decode_triton_multi_kvrank.py, and its split decode is then timed on the same
-inputs in the same run (Triton 3.9 refuses that file at import because its reduce kernel's autotune key names
+tensorgi/TPA's decode/flashtpa_decode_triton_multi_kvrank.py, and its split decode is then timed at the same
+shapes in the same run (Triton 3.9 refuses that file at import because its reduce kernel's autotune key names
 "D", not an argument of that kernel: the copy used for RESULTS.md drops that key, nothing else); the paper-shape
 table also quotes the anchor timings of ../shared/design/tpa-reference.md.
 --smoke runs tiny sizes on any device (torch backend on the CPU) to check this script's plumbing.
@@ -157,13 +157,9 @@ def time_ours(run: Runner, make: Callable[[], dict], set_bytes: int, check: bool
     sets = [make() for _ in range(run.n_sets(set_bytes))]
     if knobs or launcher is not None:  # tuning: call a launcher directly with explicit launch parameters
         first = sets[0]
-        N = (first["q"] if first["q"] is not None else first["aq"]).shape[1]
-        if launcher is not None:
-            pass
-        elif N == 1:
-            from kernels.triton_decode import decode_attention as launcher
-        else:
-            from kernels.triton_prefill import prefill_attention as launcher
+        if launcher is None:
+            N = (first["q"] if first["q"] is not None else first["aq"]).shape[1]
+            launcher = _launcher("decode" if N == 1 else "prefill")
         scale = first["bk"].shape[-1] ** -0.5
         calls = [lambda s=s: launcher(**s, scale=scale, **knobs) for s in sets]
     else:
@@ -182,53 +178,50 @@ def time_ours(run: Runner, make: Callable[[], dict], set_bytes: int, check: bool
     return us, err
 
 
-def sdpa_decode(run: Runner, B: int, M: int, H: int, G: int, D: int) -> tuple[float, str]:
-    """Best SDPA backend for decode with G KV heads, the H/G heads of a group as query rows."""
+def best_sdpa(run: Runner, calls: list[Callable[[], object]]) -> tuple[float, str]:
+    """Time the SDPA calls under each backend that accepts them (flash, memory-efficient, cuDNN; math on the
+    CPU): the fastest time and its backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    set_bytes = 2 * B * G * M * D * 2
-    sets = [(run.rand(B, G, H // G, D), run.rand(B, G, M, D), run.rand(B, G, M, D))
-            for _ in range(run.n_sets(set_bytes))]
-    best, label = float("inf"), "none"
     backends = [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
                 ("cudnn", SDPBackend.CUDNN_ATTENTION)] if run.cuda else [("math", SDPBackend.MATH)]
-    for name, be in backends:
+    best, label = float("inf"), "none"
+    for name, backend in backends:
         try:
-            with sdpa_kernel([be]):
-                us = run.time_calls([lambda s=s: F.scaled_dot_product_attention(*s) for s in sets])
-        except RuntimeError:
+            with sdpa_kernel([backend]):
+                us = run.time_calls(calls)
+        except RuntimeError:  # this backend does not take these inputs
             continue
         if us < best:
             best, label = us, name
+    return best, label
+
+
+def sdpa_decode(run: Runner, B: int, M: int, H: int, G: int, D: int) -> tuple[float, str]:
+    """Best SDPA backend for decode with G KV heads, the H/G heads of a group as query rows."""
+    set_bytes = 2 * B * G * M * D * 2
+    sets = [(run.rand(B, G, H // G, D), run.rand(B, G, M, D), run.rand(B, G, M, D))
+            for _ in range(run.n_sets(set_bytes))]
+    result = best_sdpa(run, [lambda s=s: F.scaled_dot_product_attention(*s) for s in sets])
     del sets
     run.free()
-    return best, label
+    return result
 
 
 def sdpa_prefill(run: Runner, B: int, N: int, M: int, H: int, D: int) -> tuple[float, str]:
     """SDPA causal prefill (N = M: is_causal; N < M: lower-right causal bias), best backend."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
     q, k, v = run.rand(B, H, N, D), run.rand(B, H, M, D), run.rand(B, H, M, D)
-    best, label = float("inf"), "none"
-    backends = [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                ("cudnn", SDPBackend.CUDNN_ATTENTION)] if run.cuda else [("math", SDPBackend.MATH)]
-    for name, be in backends:
-        try:
-            with sdpa_kernel([be]):
-                if N == M:
-                    us = run.time_calls([lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)])
-                else:
-                    bias = causal_lower_right(N, M)
-                    us = run.time_calls([lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)])
-        except RuntimeError:
-            continue
-        if us < best:
-            best, label = us, name
+    if N == M:
+        call = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    else:
+        bias = causal_lower_right(N, M)
+        call = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # noqa: E731
+    result = best_sdpa(run, [call])
     del q, k, v
     run.free()
-    return best, label
+    return result
 
 
 def fmt(x: float | None, spec: str = ".1f") -> str:
@@ -400,7 +393,8 @@ VARIANT_SHAPES = [
 
 
 def launch_variants(run: Runner, bw: float, rows: list[dict], only: str = "") -> None:
-    """Time each shape's launch variants (same run, same inputs), each checked against float64 where it fits.
+    """Time each shape's launch variants in one run (each on its own fresh random inputs of that shape), each
+    checked against float64 where it fits.
 
     `only`: comma-separated shape names or forms to keep (e.g. "paper,fixed"); empty = all.
     """
@@ -470,7 +464,8 @@ def official_call(mod, s: dict, R_Q: int, pad_to: int) -> Callable[[], torch.Ten
 
 
 def section_official(run: Runner, bw: float, folder: Path, rows: list[dict]) -> None:
-    """Ours and the official kernel on the same inputs, same run: time (CUDA graph) and error vs float64."""
+    """Ours and the official kernel at the same shapes in the same run, each on its own fresh random inputs of the
+    same distribution: time (CUDA graph) and error vs float64."""
     mod = load_official(folder)
     D = 64
     unpadded_tried = False
@@ -568,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time launch variants (optionally only shapes/forms named, comma-separated)")
     p.add_argument("--official", type=Path, default=None,
                    help="folder holding tensorgi/TPA's decode/flashtpa_decode_triton_multi_kvrank.py: time it "
-                        "beside ours on the same inputs (its code is not part of this repository)")
+                        "beside ours at the same shapes (its code is not part of this repository)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on any device (plumbing check)")
     p.add_argument("--reps", type=int, default=20)
     args = p.parse_args(argv)

@@ -373,6 +373,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def multiprocessors(device: torch.device) -> int:
+    """SMs the split grids are sized for (2 off CUDA: the interpreter runs programs one by one anyway)."""
+    return _sm_count(device.index or 0) if device.type == "cuda" else 2
+
+
 def default_num_splits(device: torch.device, programs_per_split: int, T_cap: int, min_chunk: int,
                        waves: int = 4, round_down: bool = False) -> int:
     """Slices in the grid: `waves` programs per SM (latency hiding), never more than the capacity can fill.
@@ -382,7 +387,7 @@ def default_num_splits(device: torch.device, programs_per_split: int, T_cap: int
     keeps the grid within `waves` programs per SM (rounding up can start a nearly empty extra round of
     programs, each as long as the others: 1.4x slower at B = 16 on the H200).
     """
-    programs = waves * (_sm_count(device.index or 0) if device.type == "cuda" else 2)
+    programs = waves * multiprocessors(device)
     per_seq = programs // programs_per_split if round_down else triton.cdiv(programs, programs_per_split)
     return max(1, min(per_seq, triton.cdiv(T_cap, min_chunk), 1024))
 

@@ -216,8 +216,9 @@ def _prefill_kernel(
     # alone: with PREFETCH the next block's ak/av are loaded one iteration ahead, their latency hidden.
     ak_base = b * stride_akb + h * stride_akh
     av_base = b * stride_avb + h * stride_avh
+    # the first block's factors (without PREFETCH each step loads its own: placeholders, nothing loaded here)
     ak_next, av_next = _block_head_factors(AK, AV, ak_base, av_base, 0, seq_len, offs_t0, stride_akt, stride_avt,
-                                           R_K, RK_PAD, R_V, RV_PAD, FIXED, BLOCK_T)
+                                           R_K, RK_PAD, R_V, RV_PAD, FIXED or not PREFETCH, BLOCK_T)
     # Two loops, not one with a branch: Triton software-pipelines the bk/bv loads of a loop body without
     # control flow. Blocks below full_end are visible to every row of the tile (no mask), the rest are diagonal.
     for t0 in range(0, full_end, BLOCK_T):
