@@ -426,10 +426,11 @@ def assign_parameters(config: TPAConfig, params: dict[str, torch.Tensor], device
     found = {name: tuple(t.shape) for name, t in params.items()}
     if expected != found:
         raise _DamagedCache(f"parameter layout differs from the model's ({sorted(set(expected) ^ set(found))[:3]})")
+    declared = {name: p.dtype for name, p in model.named_parameters()}  # norms: float32 in a 16-bit model
     for name, tensor in params.items():
         owner, _, attr = name.rpartition(".")
         module = model.get_submodule(owner)
-        setattr(module, attr, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+        setattr(module, attr, torch.nn.Parameter(tensor.to(device=device, dtype=declared[name]), requires_grad=False))
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         raise _DamagedCache("some model tensors were not in the file")
     return model.eval()

@@ -60,6 +60,17 @@ def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
     assert second.tokenizer.fingerprint_text() == first.tokenizer.fingerprint_text()
 
 
+def test_sixteen_bit_load_holds_norm_weights_in_float32(tmp_path):
+    """A bf16 load (converted, then from the cache): matrices bf16, norm weights float32 (tpa_core.model)."""
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, qtype="Q8_0")
+    for _ in range(2):
+        loaded = load_model(path, tmp_path / "models", device="cpu", dtype=torch.bfloat16)
+        for name, p in loaded.model.named_parameters():
+            assert p.dtype == (torch.float32 if "norm" in name else torch.bfloat16), name
+        assert loaded.dtype == torch.bfloat16 and _our_logits(loaded).dtype == torch.float32
+
+
 def test_fingerprint_covers_weights_and_chat_template(tmp_path):
     models = tmp_path / "models"
     write_tiny_gguf(tmp_path / "a.gguf", seed=0)

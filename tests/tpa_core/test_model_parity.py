@@ -248,3 +248,38 @@ def test_transposed_head_follows_weight_updates(helpers):
     with torch.no_grad():
         model.lm_head.weight.mul_(2.0)
     assert (model(tokens, last_only=True) - 2 * other(tokens, last_only=True)).abs().max() <= 1e-4
+
+
+def test_sixteen_bit_model_keeps_residual_norms_and_logits_in_float32(helpers, form, monkeypatch):
+    """bf16 weights and cache; the residual stream, the norms and the logits in float32 (tpa_core.model)."""
+    from tpa_core import model as model_module
+
+    config = helpers.tiny_config(form)
+    f32 = helpers.random_model(config)
+    bf16 = TPAModel(config, dtype=torch.bfloat16)
+    bf16.load_state_dict(f32.state_dict())
+    for name, p in bf16.named_parameters():
+        assert p.dtype == (torch.float32 if "norm" in name else torch.bfloat16), name
+    residual = []
+    block_forward = model_module.Block.forward
+
+    def recording_forward(self, x, *args):
+        out = block_forward(self, x, *args)
+        residual.append((x.dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(model_module.Block, "forward", recording_forward)
+    tokens = torch.randint(0, config.vocab_size, (2, 23))
+    with torch.inference_mode():
+        cache = bf16.new_cache(batch_size=2, capacity=24)
+        logits = bf16(tokens, cache)  # [2, 23, V]
+        step = bf16(tokens[:, :1], cache, last_only=True)  # decode
+        want = f32(torch.cat([tokens, tokens[:, :1]], 1))
+    assert cache.dtype == torch.bfloat16
+    assert residual and set(residual) == {(torch.float32, torch.float32)}
+    assert logits.dtype == step.dtype == torch.float32
+    assert not torch.equal(logits, logits.bfloat16().float())  # not rounded to 16 bits on the way
+    got = torch.cat([logits, step], 1)
+    err = float((got - want).norm() / want.norm())
+    print(f"bf16 vs float32 logits: relative error {err:.4f}")
+    assert err < 0.03  # bf16 matrices: 1.3-1.5% for the three forms (2026-11-28)
