@@ -33,6 +33,14 @@ def residual_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
+def numerics_tag(dtype: torch.dtype) -> str:
+    """How a model of `dtype` computes its factors beyond that dtype, for the store's namespace ("" when the
+    residual stream is the model dtype): 16-bit factors computed over a float32 residual differ from those of
+    builds before 2026-11-28 (a 16-bit residual), so their pages never share a namespace."""
+    residual = residual_dtype(dtype)
+    return "" if residual == dtype else f"residual={str(residual).removeprefix('torch.')}"
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim, with a learnable weight or none (T6); eps None = float32's epsilon for 16-bit
     and float32 models (F.rms_norm's default on the float32 residual), float64's for float64.

@@ -56,12 +56,18 @@ def test_token_bytes_are_little_endian_uint32():
     {"rope": {**ROPE, "rope_style": "t6"}},
     {"format_version": 2},
     {"config": {"d_model": 64}},
+    {"numerics": "residual=float32"},
 ])
 def test_namespace_changes_with_every_input(change):
     args = {"fingerprint": "fp", "factor_dtype": "float32", "rope": ROPE, "format_version": 1,
             "config": {"d_model": 32}}
     base = namespace_key(**args)
     assert namespace_key(**{**args, **change}) != base
+
+
+def test_empty_numerics_keeps_the_earlier_key():
+    args = {"fingerprint": "fp", "factor_dtype": "float32", "rope": ROPE, "config": {"d_model": 32}}
+    assert namespace_key(**args, numerics="") == namespace_key(**args)
 
 
 def test_page_keys_are_chained_and_typed():

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from store_workload import PAGE, make_config, namespace, prefill_paged, prompt
 
 from tpa_core.store import FactorStore, StoreError
+from tpa_core.store.keys import namespace_key
 from tpa_core.store.tables import Entry, Quarantined
 
 
@@ -149,6 +150,14 @@ def test_namespace_for_a_loaded_model_and_bad_calls(store, tiny_config, tiny_mod
     loaded = LoadedModel(model=tiny_model, tokenizer=None, config=tiny_config, fingerprint="f" * 64,
                          chat_template=None, name="tiny", source=tmp_path, cache_dir=tmp_path)
     assert store.namespace_for(loaded) == store.namespace_for("f" * 64, tiny_config, torch.float32)
+    # 16-bit factors computed over a float32 residual (tpa_core.model) never meet an earlier build's pages;
+    # float32 namespaces keep their earlier keys
+    cfg = tiny_config.to_dict()
+    rope = {k: v for k, v in sorted(cfg.items())
+            if k.startswith("rope") or k in ("head_dim", "max_position_embeddings")}
+    for dtype, same_as_before in ((torch.float32, True), (torch.bfloat16, False), (torch.float16, False)):
+        earlier = namespace_key("f" * 64, str(dtype).removeprefix("torch."), rope, config=cfg)
+        assert (store.namespace_for("f" * 64, tiny_config, dtype) == earlier) == same_as_before, dtype
     with pytest.raises(StoreError, match="fingerprint"):
         store.namespace_for(object(), tiny_config, torch.float32)
     with pytest.raises(StoreError, match="dtype"):

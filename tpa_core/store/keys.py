@@ -4,7 +4,7 @@ Every key is a sha256 over *typed, length-prefixed* fields, so that two differen
 same bytes (no `"ab" + "c" == "a" + "bc"` collisions), and nothing depends on the process, the machine's byte
 order or Python's per-process string hash seed. The same inputs give the same key on every machine.
 
-- namespace = H("tpa-rag/namespace", fingerprint, factor dtype, RoPE settings, format version, config)
+- namespace = H("tpa-rag/namespace", fingerprint, factor dtype, RoPE settings, format version, config[, numerics])
 - page key  = H("tpa-rag/page", namespace, parent key, kind, token ids as little-endian uint32, extras)
 
 `kind` is "page" (a full page of PAGE_TOKENS tokens) or "tail" (the partial last page of a prefix); it is part
@@ -87,12 +87,15 @@ def namespace_key(
     *,
     format_version: int = FORMAT_VERSION,
     config: Mapping[str, Any] | None = None,
+    numerics: str = "",
 ) -> str:
     """The namespace of a (model, factor dtype, RoPE settings, blob format) combination, as 64 hex digits.
 
     `fingerprint` identifies weights, tokenizer and chat template (tpa_core.loading computes it); `config` is the
-    model config as a plain mapping (everything in it separates namespaces too). A change in any of them is a
-    different namespace, so a page written for one model or RoPE setting is never read for another.
+    model config as a plain mapping (everything in it separates namespaces too); `numerics` says how the factors
+    were computed beyond their dtype (`tpa_core.model.numerics_tag`; "" adds nothing, so such keys are those of
+    earlier builds). A change in any of them is a different namespace, so a page written for one model or RoPE
+    setting is never read for another.
     """
     if not fingerprint:
         raise StoreError("a namespace needs a non-empty model fingerprint")
@@ -103,6 +106,8 @@ def namespace_key(
     h.update(_str(canonical_json(dict(rope))))
     h.update(_int(format_version))
     h.update(_str(canonical_json(dict(config or {}))))
+    if numerics:
+        h.update(_str(numerics))
     return h.hexdigest()
 
 

@@ -48,6 +48,16 @@ log = logging.getLogger(__name__)
 _ROPE_FIELDS = ("head_dim", "max_position_embeddings")
 
 
+def _numerics(dtype_name: str) -> str:
+    """`tpa_core.model.numerics_tag` of a factor dtype named like "bfloat16" ("" for a name torch does not know)."""
+    import torch
+
+    from tpa_core.model import numerics_tag
+
+    dtype = getattr(torch, dtype_name, None)
+    return numerics_tag(dtype) if isinstance(dtype, torch.dtype) else ""
+
+
 @dataclass
 class SessionCounters:
     """What this process did (the persistent counters add up all processes)."""
@@ -142,7 +152,8 @@ class FactorStore:
         cfg = _config_dict(config)
         rope = {k: v for k, v in sorted(cfg.items()) if k.startswith("rope") or k in _ROPE_FIELDS}
         dtype_name = str(dtype).removeprefix("torch.")
-        key = namespace_key(fingerprint, dtype_name, rope, format_version=FORMAT_VERSION, config=cfg)
+        key = namespace_key(fingerprint, dtype_name, rope, format_version=FORMAT_VERSION, config=cfg,
+                            numerics=_numerics(dtype_name))
         with self.engine.begin() as conn:
             insert_ignore(conn, Namespace, {
                 "key": key, "fingerprint": fingerprint[:256], "dtype": dtype_name, "rope": canonical_json(rope),
