@@ -142,14 +142,6 @@ CASES = [
      {"block_n": 128, "block_t": 64, "num_warps": 8, "num_stages": 3}),
     ("prefill kv_only (1,1) N=8192 128x64", "prefill", lambda: inputs(1, 8192, 8192, 32, 64, (0, 1, 1), "kv_only"),
      {"block_n": 128, "block_t": 64, "num_warps": 8, "num_stages": 3}),
-    ("prefill contextual (16,1,1) N=8192 scaled tiles", "prefill",
-     lambda: inputs(1, 8192, 8192, 32, 64, (16, 1, 1), "contextual"), {"scaled_tiles": True}),
-    ("prefill contextual (16,1,1) N=8192 128x64 scaled tiles", "prefill",
-     lambda: inputs(1, 8192, 8192, 32, 64, (16, 1, 1), "contextual"),
-     {"block_n": 128, "block_t": 64, "num_warps": 8, "num_stages": 3, "scaled_tiles": True}),
-    ("prefill t6 (6,2,2) N=8192 128x64 scaled tiles", "prefill",
-     lambda: inputs(1, 8192, 8192, 34, 64, (6, 2, 2), "contextual"),
-     {"block_n": 128, "block_t": 64, "num_warps": 8, "num_stages": 3, "scaled_tiles": True}),
     ("prefill MHA-as-TPA N=8192", "prefill", lambda: inputs(1, 8192, 8192, 32, 64, (0, 32, 32), "fixed"), {}),
 ]
 

@@ -122,8 +122,9 @@ class Runner:
 
 
 def tpa_inputs(run: Runner, B: int, N: int, M: int, H: int, D: int, R_Q: int, R_K: int, R_V: int,
-               form: str) -> dict:
-    """One set of attention arguments, every cache full (kv_lens = M)."""
+               form: str, group_major: bool = False) -> dict:
+    """One set of attention arguments, every cache full (kv_lens = M). `group_major`: bk / bv as [B, M, R, D]
+    views of [B, R, M, D] storage (each group's tokens contiguous, SDPA's layout) instead of the cache's."""
     a: dict = {"q": None, "aq": None, "bq": None, "ak": None, "av": None}
     if form == "contextual":
         a["aq"], a["bq"] = run.rand(B, N, H, R_Q), run.rand(B, N, R_Q, D)
@@ -131,7 +132,10 @@ def tpa_inputs(run: Runner, B: int, N: int, M: int, H: int, D: int, R_Q: int, R_
         a["q"] = run.rand(B, N, H, D)
     if form != "fixed":
         a["ak"], a["av"] = run.rand(B, M, H, R_K), run.rand(B, M, H, R_V)
-    a["bk"], a["bv"] = run.rand(B, M, R_K, D), run.rand(B, M, R_V, D)
+    if group_major:
+        a["bk"], a["bv"] = run.rand(B, R_K, M, D).transpose(1, 2), run.rand(B, R_V, M, D).transpose(1, 2)
+    else:
+        a["bk"], a["bv"] = run.rand(B, M, R_K, D), run.rand(B, M, R_V, D)
     a["kv_lens"] = torch.full((B,), M, dtype=torch.int32, device=run.device)
     return a
 
@@ -353,24 +357,22 @@ def sweep(run: Runner, rows: list[dict]) -> None:
         print(f"sweep prefill {form} 8192: " + "; ".join(f"{u:.1f}us {c}" for u, c in res[:5]), flush=True)
 
 
-# Decode launch variants: (label, knobs). "default" = the launcher's own defaults.
-# block_t=32 takes 130 registers a thread (an sm_90 build by Triton 3.9) instead of 240, so 3-4 programs fit on
-# an SM: untimed candidates for B = 1, M = 2^19 (2 programs per SM stream at 72-75% of DRAM peak).
-PAPER_VARIANTS = [("default", {}), ("min_chunk=256", dict(min_chunk=256)), ("waves=1", dict(waves=1)),
-                  ("block_t=64", dict(block_t=64)), ("stages=4", dict(num_stages=4)),
-                  ("block_t=32,waves=3", dict(block_t=32, waves=3)), ("block_t=32,waves=4", dict(block_t=32, waves=4))]
-T6_VARIANTS = [("default", {}), ("min_chunk=256", dict(min_chunk=256)), ("min_chunk=32", dict(min_chunk=32)),
-               ("head_tile=all", dict(head_tile=128)), ("head_tile=32,block_t=64", dict(head_tile=32, block_t=64))]
-GQA_VARIANTS = [("default", {}), ("waves=4", dict(waves=4)), ("waves=1", dict(waves=1)),
-                ("min_chunk=256", dict(min_chunk=256))] + [
-    (f"block_t={bt},stages={st},warps={w}", dict(block_t=bt, num_stages=st, num_warps=w))
-    for bt, st, w in ((64, 2, 4), (128, 2, 8), (16, 4, 4))]
-PREFILL_VARIANTS = [("default", {}), ("prefetch=off", dict(prefetch=False)), ("stages=2", dict(num_stages=2))] + [
-    (f"{bn}x{bt},w{w},s{st}", dict(block_n=bn, block_t=bt, num_warps=w, num_stages=st))
-    for bn, bt, w, st in ((128, 64, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (64, 256, 8, 2))] + [
-    # K / V tiles built from the head factors (no spills at 128 x 64 in an sm_90 build): not yet timed
-    ("scaled_tiles", dict(scaled_tiles=True)),
-    ("scaled_tiles,128x64,w8,s3", dict(scaled_tiles=True, block_n=128, block_t=64, num_warps=8, num_stages=3))]
+# Decode launch variants: (label, knobs). "default" = the launcher's own defaults; "split_p": the probabilities
+# enter the value product as hi + lo terms (kernels._jit_common.dot_probs).
+PAPER_VARIANTS = [("default", {}), ("warps=8", dict(num_warps=8)),
+                  ("block_t=256,warps=8", dict(block_t=256, num_warps=8)), ("split_p", dict(split_p=True))]
+T6_VARIANTS = [("default", {}), ("min_chunk=32", dict(min_chunk=32)), ("head_tile=all", dict(head_tile=128)),
+               ("split_p", dict(split_p=True))]
+# "group-major": the same kernel over SDPA's layout (each KV head's tokens contiguous), not the cache's.
+GQA_VARIANTS = [("default", {}), ("waves=2", dict(waves=2)), ("waves=4", dict(waves=4)),
+                ("group-major", dict(group_major=True)), ("stages=4", dict(num_stages=4)),
+                ("block_t=64,stages=3", dict(block_t=64, num_stages=3)), ("warps=8", dict(num_warps=8)),
+                ("split_p", dict(split_p=True))]
+PREFILL_VARIANTS = [("default", {}), ("prefetch=off", dict(prefetch=False)), ("stages=2", dict(num_stages=2)),
+                    ("128x64,w8,s3", dict(block_n=128, block_t=64, num_warps=8, num_stages=3)),
+                    ("split_p", dict(split_p=True))]
+MHA_PREFILL_VARIANTS = [("default", {}), ("split_p", dict(split_p=True))]
+WAVES_VARIANTS = [("default", {}), ("waves=2", dict(waves=2)), ("waves=4", dict(waves=4))]
 
 # (section, name, B, N, M, H, D, (R_Q, R_K, R_V), form, variants)
 VARIANT_SHAPES = [
@@ -386,9 +388,15 @@ VARIANT_SHAPES = [
     ("decode", "llama3-8b", 4, 1, 1 << 16, 32, 128, (0, 8, 8), "fixed", GQA_VARIANTS),
     ("decode", "smollm2-135m", 1, 1, 1 << 16, 9, 64, (0, 3, 3), "fixed", GQA_VARIANTS),
     ("decode", "smollm2-135m", 16, 1, 1 << 14, 9, 64, (0, 3, 3), "fixed", GQA_VARIANTS),
+    ("decode", "smollm2-waves", 1, 1, 1 << 18, 9, 64, (0, 3, 3), "fixed", WAVES_VARIANTS),
+    ("decode", "smollm2-waves", 4, 1, 1 << 18, 9, 64, (0, 3, 3), "fixed", WAVES_VARIANTS),
+    ("decode", "smollm2-waves", 8, 1, 1 << 16, 9, 64, (0, 3, 3), "fixed", WAVES_VARIANTS),
+    ("decode", "smollm2-waves", 16, 1, 1 << 16, 9, 64, (0, 3, 3), "fixed", WAVES_VARIANTS),
     ("prefill", "paper", 1, 8192, 8192, 32, 64, (16, 1, 1), "contextual", PREFILL_VARIANTS),
     ("prefill", "paper", 1, 2048, 2048, 32, 64, (16, 1, 1), "contextual", PREFILL_VARIANTS),
     ("prefill", "paper", 1, 4096, 8192, 32, 64, (16, 1, 1), "contextual", PREFILL_VARIANTS),
+    ("prefill", "mha", 1, 8192, 8192, 32, 64, (0, 32, 32), "fixed", MHA_PREFILL_VARIANTS),
+    ("prefill", "mha", 1, 2048, 2048, 32, 64, (0, 32, 32), "fixed", MHA_PREFILL_VARIANTS),
 ]
 
 
@@ -408,8 +416,10 @@ def launch_variants(run: Runner, bw: float, rows: list[dict], only: str = "") ->
         res = []
         for label, knobs in variants:
             check = B * M <= (1 << 18) and section == "decode" or (section == "prefill" and M <= 4096)
+            knobs = dict(knobs)
+            group_major = knobs.pop("group_major", False)
             try:
-                us, err = time_ours(run, lambda: tpa_inputs(run, B, N, M, H, D, R_Q, R_K, R_V, form),
+                us, err = time_ours(run, lambda: tpa_inputs(run, B, N, M, H, D, R_Q, R_K, R_V, form, group_major),
                                     B * M * tok, check=check, launcher=_launcher(section), **knobs)
             except Exception as exc:  # a variant that does not compile (registers, shared memory)
                 print(f"variant {section} {name} {label} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)

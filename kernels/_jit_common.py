@@ -16,3 +16,17 @@ def dot(a, b, IEEE: tl.constexpr):
     else:
         out = tl.dot(a, b)
     return out
+
+
+@triton.jit
+def dot_probs(p, v, IEEE: tl.constexpr, SPLIT_P: tl.constexpr):
+    """p [M, T] float32 (softmax weights) times v [T, D] (cache dtype) -> [M, D] float32.
+
+    p is rounded to v's dtype for the tensor cores (8 mantissa bits in bf16); with SPLIT_P the rounding error
+    rides along as a second term, p = hi + lo, both in v's dtype, so ~16 bits of p reach the product.
+    """
+    hi = p.to(v.dtype)
+    out = dot(hi, v, IEEE)
+    if SPLIT_P:
+        out += dot((p - hi.to(tl.float32)).to(v.dtype), v, IEEE)
+    return out

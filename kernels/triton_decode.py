@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._jit_common import LOG2E, dot as _dot
+from kernels._jit_common import LOG2E, dot as _dot, dot_probs
 from kernels._launch import fit_block_t, next_pow2 as _next_pow2
 
 
@@ -120,7 +120,7 @@ def _factor_block(
     stride_akt, stride_akh, stride_bkt, stride_bkr, stride_avt, stride_avh, stride_bvt, stride_bvr,
     R_K: tl.constexpr, RK_PAD: tl.constexpr, R_V: tl.constexpr, RV_PAD: tl.constexpr,
     HEAD_TILE: tl.constexpr, BLOCK_T: tl.constexpr, FROM_TILE: tl.constexpr, MASKED: tl.constexpr,
-    SCALED_Q: tl.constexpr, IEEE: tl.constexpr,
+    SCALED_Q: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
 ):
     """One block of BLOCK_T tokens for the HEAD_TILE heads: online-softmax update of (acc, m_i, l_i).
 
@@ -158,7 +158,7 @@ def _factor_block(
             bv = tl.load(bv_ptrs)  # [BLOCK_T, D]
         a_r = _head_factor_rank(AV, av_tile, av_base, offs_h, offs_t, h_mask, t_mask, stride_avt, stride_avh, r,
                                 R_V, RV_PAD, FROM_TILE, MASKED)
-        acc += _dot((p * a_r).to(bv.dtype), bv, IEEE)
+        acc += dot_probs(p * a_r, bv, IEEE, SPLIT_P)
     return acc, m_new, l_i
 
 
@@ -177,7 +177,7 @@ def _decode_factor_kernel(
     R_Q: tl.constexpr, RQ_PAD: tl.constexpr, R_K: tl.constexpr, RK_PAD: tl.constexpr,
     R_V: tl.constexpr, RV_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_TILE: tl.constexpr, BLOCK_T: tl.constexpr,
-    Q_FACTORS: tl.constexpr, HF_MODE: tl.constexpr, IEEE: tl.constexpr,
+    Q_FACTORS: tl.constexpr, HF_MODE: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
 ):
     """Contextual K/V: one program = one slice of one sequence for HEAD_TILE heads.
 
@@ -250,7 +250,7 @@ def _decode_factor_kernel(
             q, qk_scale, acc, m_i, l_i, ak_cur, av_cur, AK, AV, BK, BV, ak_base, av_base, bk_base, bv_base,
             offs_h, h_mask, offs_t, offs_t < end, offs_d,
             stride_akt, stride_akh, stride_bkt, stride_bkr, stride_avt, stride_avh, stride_bvt, stride_bvr,
-            R_K, RK_PAD, R_V, RV_PAD, HEAD_TILE, BLOCK_T, HF_MODE != 0, False, Q_FACTORS, IEEE)
+            R_K, RK_PAD, R_V, RV_PAD, HEAD_TILE, BLOCK_T, HF_MODE != 0, False, Q_FACTORS, IEEE, SPLIT_P)
     if full_end < end:  # the partial last block, masked (head factors: the prefetched tile is already masked)
         offs_t = full_end + offs_t0
         t_mask = offs_t < end
@@ -263,7 +263,7 @@ def _decode_factor_kernel(
             q, qk_scale, acc, m_i, l_i, ak_next, av_next, AK, AV, BK, BV, ak_base, av_base, bk_base, bv_base,
             offs_h, h_mask, offs_t, t_mask, offs_d,
             stride_akt, stride_akh, stride_bkt, stride_bkr, stride_avt, stride_avh, stride_bvt, stride_bvr,
-            R_K, RK_PAD, R_V, RV_PAD, HEAD_TILE, BLOCK_T, HF_MODE != 0, True, Q_FACTORS, IEEE)
+            R_K, RK_PAD, R_V, RV_PAD, HEAD_TILE, BLOCK_T, HF_MODE != 0, True, Q_FACTORS, IEEE, SPLIT_P)
 
     _store_partial(PART_O, PART_LSE, acc, m_i, l_i, b64, offs_h, h_mask, pid_s, offs_d,
                    stride_pob, stride_poh, stride_pos, stride_plb, stride_plh)
@@ -279,6 +279,7 @@ def _decode_gqa_kernel(
     stride_plb, stride_plh,
     T_cap, heads_per_group, n_groups, num_splits, min_chunk, qk_scale,
     HEAD_DIM: tl.constexpr, H_PAD: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT_P: tl.constexpr,
 ):
     """Fixed head factors (GQA): one program = one slice of one (sequence, group); the group's heads are rows."""
     pid_bg = tl.program_id(0)
@@ -312,7 +313,7 @@ def _decode_gqa_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         bv = tl.load(BV + b64 * stride_bvb + t_off[:, None] * stride_bvt + g * stride_bvr + offs_d[None, :],
                      mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-        acc = acc * alpha[:, None] + _dot(p.to(bv.dtype), bv, IEEE)
+        acc = acc * alpha[:, None] + dot_probs(p, bv, IEEE, SPLIT_P)
         m_i = m_new
 
     _store_partial(PART_O, PART_LSE, acc, m_i, l_i, b64, head, h_mask, pid_s, offs_d,
@@ -358,7 +359,13 @@ def merge_tile(num_splits: int, head_dim: int) -> tuple[int, int]:
 
 # Launch defaults for the contextual kernel (set from the H200 sweep, benchmarks/RESULTS.md).
 _DEFAULT_WAVES = 2  # one round of programs at the kernel's 2 programs per SM (register-bound)
-_DEFAULT_WAVES_GQA = 2  # GQA programs are small: 2 per SM beat 4 at the Llama-3-8B shape (21:40 UTC run)
+
+
+def _default_waves_gqa(head_dim: int, pairs: int) -> int:
+    """GQA programs per SM for `pairs` (sequence, group) pairs: 4 at head dim <= 64 with >= 32 pairs (SmolLM2-135M,
+    B = 16, M = 2^14: 57.6 vs 60.9 us with 2), else 2 (Llama-3-8B, B = 16, M = 2^14: 288.3 vs 295.2 us with 4;
+    SmolLM2-135M, B = 1, M = 2^18: 56.9 us with 2 at 22:05, 60.9 with 4 at 23:04); H200, 2026-11-28 UTC."""
+    return 4 if head_dim <= 64 and pairs >= 32 else 2
 _DEFAULT_RANK_2D = True
 
 
@@ -412,6 +419,7 @@ def decode_attention(
     prefetch: bool | None = None,
     head_tile: int | None = None,
     rank_2d: bool | None = None,
+    split_p: bool = False,
 ) -> Tensor:
     """FlashTPA decode launcher (inputs already validated by `kernels.triton_attention`).
 
@@ -425,6 +433,8 @@ def decode_attention(
         head_tile: heads per program for contextual / KV-only K/V (a power of two >= 16; default all heads).
         rank_2d: load each rank of the head factors as a 2-D tile of its own inside the block (contextual /
             KV-only, ranks > 1), instead of one [heads, tokens, ranks] tile split in registers.
+        split_p: 16-bit inputs: the probabilities enter the value product as two cache-dtype terms (hi + lo),
+            ~16 mantissa bits instead of 8 (`kernels._jit_common.dot_probs`).
 
     Returns:
         [B, 1, H, D] in the dtype of bk.
@@ -469,7 +479,7 @@ def decode_attention(
         hf_mode = 0 if rank_2d else 2
     if num_splits is None:
         if waves is None:
-            waves = _DEFAULT_WAVES_GQA if fixed else _DEFAULT_WAVES
+            waves = _default_waves_gqa(D, B * n_groups) if fixed else _DEFAULT_WAVES
         num_splits = default_num_splits(bk.device, B * n_groups * n_head_tiles, T_cap, min_chunk, waves,
                                         round_down=not fixed)
     dev = bk.device
@@ -486,7 +496,7 @@ def decode_attention(
             part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_lse.stride(0), part_lse.stride(1),
             T_cap, H // n_groups, n_groups, num_splits, min_chunk, scale * LOG2E,
-            HEAD_DIM=D, H_PAD=h_pad, BLOCK_T=block_t, IEEE=ieee,
+            HEAD_DIM=D, H_PAD=h_pad, BLOCK_T=block_t, IEEE=ieee, SPLIT_P=split_p and not ieee,
             num_warps=num_warps, num_stages=num_stages,
         )
     else:
@@ -508,7 +518,7 @@ def decode_attention(
             T_cap, H, num_splits, min_chunk, scale * LOG2E / R_K,
             R_Q=R_Q, RQ_PAD=max(16, _next_pow2(R_Q)), R_K=R_K, RK_PAD=_next_pow2(R_K),
             R_V=R_V, RV_PAD=_next_pow2(R_V), HEAD_DIM=D, HEAD_TILE=h_pad, BLOCK_T=block_t,
-            Q_FACTORS=q is None, HF_MODE=hf_mode, IEEE=ieee,
+            Q_FACTORS=q is None, HF_MODE=hf_mode, IEEE=ieee, SPLIT_P=split_p and not ieee,
             num_warps=num_warps, num_stages=num_stages,
         )
     s_pad, block_d = merge_tile(num_splits, D)

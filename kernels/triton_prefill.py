@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._jit_common import LOG2E, dot as _dot
+from kernels._jit_common import LOG2E, dot as _dot, dot_probs
 from kernels._launch import fit_block_t, next_pow2 as _next_pow2
 
 
@@ -53,7 +53,7 @@ def _attend_block(
     stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
     qk_scale,
     R_K: tl.constexpr, RK_PAD: tl.constexpr, R_V: tl.constexpr, RV_PAD: tl.constexpr,
-    FIXED: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, SCALED_TILES: tl.constexpr,
+    FIXED: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """One BLOCK_T block of keys for a [BLOCK_N, D] query tile of one head: update (acc, m_i, l_i).
@@ -68,18 +68,6 @@ def _attend_block(
         bk = tl.load(BK + b * stride_bkb + t_off[:, None] * stride_bkt + g * stride_bkr + offs_d[None, :],
                      mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
         s = _dot(q, tl.trans(bk), IEEE) * qk_scale
-    elif SCALED_TILES:
-        # this head's K = sum_r ak_r bk_r (with the logit scale), rounded once to the cache dtype: one product,
-        # no per-score head-factor work, the factors held in the bk tile's row layout
-        for r in tl.static_range(R_K):
-            bk = tl.load(BK + b * stride_bkb + t_off[:, None] * stride_bkt + r * stride_bkr + offs_d[None, :],
-                         mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-            k_r = bk.to(tl.float32) * (_rank(ak, r, R_K, RK_PAD) * qk_scale)[:, None]
-            if r == 0:
-                k = k_r
-            else:
-                k += k_r
-        s = _dot(q, tl.trans(k.to(BK.dtype.element_ty)), IEEE)
     else:
         # the logit scale rides on the [BLOCK_T] head factors: one multiply per score element, as for MHA
         for r in tl.static_range(R_K):
@@ -105,22 +93,12 @@ def _attend_block(
     if FIXED:
         bv = tl.load(BV + b * stride_bvb + t_off[:, None] * stride_bvt + g * stride_bvr + offs_d[None, :],
                      mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-        acc += _dot(p.to(bv.dtype), bv, IEEE)
-    elif SCALED_TILES:
-        for r in tl.static_range(R_V):  # this head's V = sum_r av_r bv_r, rounded once
-            bv = tl.load(BV + b * stride_bvb + t_off[:, None] * stride_bvt + r * stride_bvr + offs_d[None, :],
-                         mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-            v_r = bv.to(tl.float32) * _rank(av, r, R_V, RV_PAD)[:, None]
-            if r == 0:
-                v = v_r
-            else:
-                v += v_r
-        acc += _dot(p.to(BV.dtype.element_ty), v.to(BV.dtype.element_ty), IEEE)
+        acc += dot_probs(p, bv, IEEE, SPLIT_P)
     else:
         for r in tl.static_range(R_V):
             bv = tl.load(BV + b * stride_bvb + t_off[:, None] * stride_bvt + r * stride_bvr + offs_d[None, :],
                          mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-            acc += _dot((p * _rank(av, r, R_V, RV_PAD)[None, :]).to(bv.dtype), bv, IEEE)
+            acc += dot_probs(p * _rank(av, r, R_V, RV_PAD)[None, :], bv, IEEE, SPLIT_P)
     return acc, m_new, l_i
 
 
@@ -146,7 +124,7 @@ def _key_block(
     qk_scale,
     R_K: tl.constexpr, RK_PAD: tl.constexpr, R_V: tl.constexpr, RV_PAD: tl.constexpr,
     FIXED: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr,
-    SCALED_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    SPLIT_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """One loop step: the block at t0 with its head factors (prefetched: ak_next / av_next, whose successors are
     loaded here; else loaded now). Returns the updated (acc, m_i, l_i, ak_next, av_next)."""
@@ -160,7 +138,7 @@ def _key_block(
     acc, m_i, l_i = _attend_block(
         q, acc, m_i, l_i, t0, pos, seq_len, ak, av, BK, BV, b, g, offs_t0, offs_d,
         stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
-        qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, MASKED, IEEE, SCALED_TILES, BLOCK_N, BLOCK_T)
+        qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, MASKED, IEEE, SPLIT_P, BLOCK_N, BLOCK_T)
     return acc, m_i, l_i, ak_next, av_next
 
 
@@ -178,7 +156,7 @@ def _prefill_kernel(
     R_Q: tl.constexpr, R_K: tl.constexpr, RK_PAD: tl.constexpr, R_V: tl.constexpr, RV_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     Q_FACTORS: tl.constexpr, FIXED: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr,
-    SCALED_TILES: tl.constexpr,
+    SPLIT_P: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -225,12 +203,12 @@ def _prefill_kernel(
         acc, m_i, l_i, ak_next, av_next = _key_block(
             q, acc, m_i, l_i, ak_next, av_next, t0, pos, seq_len, AK, AV, BK, BV, ak_base, av_base, b, g, offs_t0,
             offs_d, stride_akt, stride_avt, stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
-            qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, False, IEEE, PREFETCH, SCALED_TILES, BLOCK_N, BLOCK_T)
+            qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, False, IEEE, PREFETCH, SPLIT_P, BLOCK_N, BLOCK_T)
     for t0 in range(full_end, hi, BLOCK_T):
         acc, m_i, l_i, ak_next, av_next = _key_block(
             q, acc, m_i, l_i, ak_next, av_next, t0, pos, seq_len, AK, AV, BK, BV, ak_base, av_base, b, g, offs_t0,
             offs_d, stride_akt, stride_avt, stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
-            qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, True, IEEE, PREFETCH, SCALED_TILES, BLOCK_N, BLOCK_T)
+            qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, True, IEEE, PREFETCH, SPLIT_P, BLOCK_N, BLOCK_T)
 
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc * (out_scale / safe_l)[:, None]
@@ -254,7 +232,7 @@ def prefill_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     prefetch: bool = True,
-    scaled_tiles: bool = False,
+    split_p: bool = False,
 ) -> Tensor:
     """FlashTPA prefill/extend launcher (inputs already validated by `kernels.triton_attention`).
 
@@ -265,9 +243,8 @@ def prefill_attention(
         kv_lens: [B] int32 valid tokens per sequence, the N new ones included (read on the device).
         block_n, block_t, num_warps, num_stages: tuning knobs; the defaults suit an H200.
         prefetch: load the contextual head factors one key block ahead (hides their latency).
-        scaled_tiles: contextual / KV-only forms: build this head's K and V tiles (head factors times bk / bv,
-            rounded once to the cache dtype) before the products, instead of scaling every score and probability
-            (fewer registers, one more rounding; not yet timed on a GPU, so off by default).
+        split_p: 16-bit inputs: each probability tile enters the value product as two cache-dtype terms (hi + lo),
+            so it keeps ~16 mantissa bits instead of 8 (one more tensor-core product per block)
 
     Returns:
         [B, N, H, D] in the dtype of bk.
@@ -315,7 +292,7 @@ def prefill_attention(
         N, H, H // R_K if fixed else H, T_cap, qk_scale, 1.0 if fixed else 1.0 / R_V,
         R_Q=R_Q, R_K=R_K, RK_PAD=_next_pow2(R_K), R_V=R_V, RV_PAD=_next_pow2(R_V), HEAD_DIM=D,
         BLOCK_N=block_n, BLOCK_T=block_t, Q_FACTORS=q is None, FIXED=fixed, IEEE=ieee, PREFETCH=prefetch,
-        SCALED_TILES=scaled_tiles,
+        SPLIT_P=split_p and not ieee,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -62,11 +62,11 @@ PREFILL_CASES = [
     # head factors loaded inside the block instead of one block ahead
     ("contextual", 2, 21, 3, 16, 50, [50, 21], (6, 2, 2), torch.float32, {"block_n": 16, "block_t": 16, "prefetch": False}),
     ("kv_only", 1, 40, 2, 16, 40, [40], (0, 3, 1), torch.float16, {"block_n": 16, "block_t": 16, "prefetch": False}),
-    # K and V tiles built from the head factors before the products
-    ("contextual", 2, 23, 3, 16, 60, [60, 23], (16, 1, 1), torch.float32, {"block_n": 16, "block_t": 16, "scaled_tiles": True}),
-    ("contextual", 1, 33, 5, 32, 45, [45], (6, 2, 3), torch.float16, {"block_n": 16, "block_t": 32, "scaled_tiles": True}),
-    ("kv_only", 2, 17, 4, 16, 30, [30, 17], (0, 2, 2), torch.float32,
-     {"block_n": 16, "block_t": 16, "scaled_tiles": True, "prefetch": False}),
+    # probabilities split into hi + lo terms for the value product (float16: the split is live)
+    ("contextual", 2, 23, 3, 16, 60, [60, 23], (16, 1, 1), torch.float16,
+     {"block_n": 16, "block_t": 16, "split_p": True}),
+    ("kv_only", 1, 33, 5, 32, 45, [45], (0, 2, 3), torch.float16, {"block_n": 16, "block_t": 32, "split_p": True}),
+    ("fixed", 2, 17, 4, 16, 30, [30, 17], (0, 2, 2), torch.float16, {"block_n": 16, "block_t": 16, "split_p": True}),
 ]
 
 

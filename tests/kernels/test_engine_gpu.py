@@ -86,7 +86,7 @@ def test_float32_triton_reproduces_torch_greedy_tokens(gguf_path: Path, tmp_path
 
 
 # More text for the bf16 comparison: one prompt gives ~230 positions, where a single near-tie moves the figure by
-# 0.4 points; three prompts of different kinds (prose, code, a list) give ~800.
+# 0.4 points; six prompts of different kinds (prose, code, a list, a how-to, a table, a letter) give ~1,300.
 BF16_PROMPTS = [
     PROMPT,
     "def merge_partials(outputs, lses):\n"
@@ -100,29 +100,46 @@ BF16_PROMPTS = [
     "Here is a packing list for a week of hiking in the mountains: boots, two pairs of wool socks, a rain jacket, "
     "a warm hat, a map of the valley, a compass, water bottles, a small stove, oats, rice, dried fruit, a first "
     "aid kit and a headlamp. Which three items matter most if the weather turns, and why?",
+    "To repot a house plant, water it the day before, choose a pot one size larger with a drainage hole, loosen "
+    "the root ball gently, trim any dark or mushy roots, set the plant at the same depth as before, fill around it "
+    "with fresh soil and water until it drains. What should you do in the first week after repotting?",
+    "| city | population | river |\n|---|---|---|\n| Vienna | 2.0 million | Danube |\n| Prague | 1.3 million | "
+    "Vltava |\n| Budapest | 1.7 million | Danube |\n| Warsaw | 1.8 million | Vistula |\n\nWhich of these cities "
+    "share a river, which is the largest, and how would you add a column for the country?",
+    "Dear neighbours, the water supply to our building will be switched off on Tuesday from nine in the morning "
+    "until about three in the afternoon while the old pipes in the basement are replaced. Please fill a few "
+    "bottles the evening before. Write a short, friendly reply asking whether the laundry room will stay open.",
 ]
 BF16_NEW_TOKENS = 96
 
 
 def test_bfloat16_triton_agrees_on_top1(gguf_path: Path, tmp_path_factory) -> None:
-    """bf16 top-1 tokens, teacher-forced on the float32 engine's greedy continuation, over three prompts.
+    """bf16 top-1 tokens, teacher-forced on the float32 engine's greedy continuation, over six prompts: the
+    Triton and torch backends agree on >= 99% (the issue's bound; the engines differ only in attention).
 
-    Reported: agreement with the bf16 engine on the torch backend (same weights and dtype, only the attention
-    differs) and with the float32 engine. Held to: the Triton kernels agree with the float32 engine at least
-    as well as torch's own bf16 attention does (the issue's 99% is not reached by either bf16 engine: 98.65%
-    between them, 98.36% / 97.91% against float32 over 669 positions, H200, 2026-11-28 21:58 UTC).
+    Also reported: each bf16 engine's agreement with the float32 engine, and the figures over the first three
+    prompts (the earlier test's 669 positions). Before the residual stream and logits of 16-bit models went to
+    float32 (tpa_core.model) the two bf16 engines agreed on 98.65% of those 669 (H200, 2026-11-28 21:58 UTC):
+    16-bit logits tie, and a 16-bit residual turns any rounding difference into flipped near-ties.
     """
     models = tmp_path_factory.mktemp("models")
     f32 = _load(gguf_path, models, torch.float32)
     prompts = [f32.tokenizer.encode(text) for text in BF16_PROMPTS]
     continuations = [_greedy(f32.model, ids, "torch", BF16_NEW_TOKENS) for ids in prompts]
-    ref = torch.cat([_teacher_forced_top1(f32.model, ids, cont, "torch") for ids, cont in zip(prompts, continuations)])
+    ref = [_teacher_forced_top1(f32.model, ids, cont, "torch") for ids, cont in zip(prompts, continuations)]
     del f32
     bf16 = _load(gguf_path, models, torch.bfloat16)
-    tri = torch.cat([_teacher_forced_top1(bf16.model, ids, cont, "triton") for ids, cont in zip(prompts, continuations)])
-    tor = torch.cat([_teacher_forced_top1(bf16.model, ids, cont, "torch") for ids, cont in zip(prompts, continuations)])
-    between = float((tri == tor).float().mean())
-    ours, torchs = float((tri == ref).float().mean()), float((tor == ref).float().mean())
-    print(f"top-1 agreement over {ref.numel()} positions: triton bf16 vs torch bf16 {between:.4f}; with the float32 "
-          f"engine: triton bf16 {ours:.4f}, torch bf16 {torchs:.4f}")
-    assert ours >= torchs, f"triton bf16 {ours:.4f} agrees less with float32 than torch bf16 {torchs:.4f}"
+    tri = [_teacher_forced_top1(bf16.model, ids, cont, "triton") for ids, cont in zip(prompts, continuations)]
+    tor = [_teacher_forced_top1(bf16.model, ids, cont, "torch") for ids, cont in zip(prompts, continuations)]
+    prefill = [torch.arange(len(r), device=r.device) < len(ids) for r, ids in zip(ref, prompts)]  # prompt positions
+
+    def agreement(a: list[torch.Tensor], b: list[torch.Tensor], n: int) -> tuple[float, int, int, int]:
+        same, at_prompt = torch.cat([x == y for x, y in zip(a[:n], b[:n])]), torch.cat(prefill[:n])
+        return float(same.float().mean()), same.numel(), int((~same & at_prompt).sum()), int((~same & ~at_prompt).sum())
+
+    for n in (3, len(prompts)):
+        between, positions, at_prompt, at_decode = agreement(tri, tor, n)
+        print(f"{n} prompts, {positions} positions: triton bf16 vs torch bf16 {between:.4f} ({at_prompt} prompt and "
+              f"{at_decode} decoded positions differ); with the float32 engine: triton bf16 "
+              f"{agreement(tri, ref, n)[0]:.4f}, torch bf16 {agreement(tor, ref, n)[0]:.4f}")
+    assert between >= 0.99, f"triton and torch bf16 engines agree on {between:.4f} of top-1 tokens (< 0.99)"

@@ -76,10 +76,10 @@ def test_decode_variants_bf16_against_float64(case) -> None:
 
 # Prefill launch variants: form, B, N, H, T_cap, kv_lens, (R_Q, R_K, R_V), knobs
 PREFILL_VARIANT_CASES = [
-    ("contextual", 2, 300, 32, 1000, [1000, 300], (16, 1, 1), dict(scaled_tiles=True)),
-    ("contextual", 1, 257, 34, 700, [650], (6, 2, 2),
-     dict(scaled_tiles=True, block_n=128, block_t=64, num_warps=8, num_stages=3)),
-    ("kv_only", 1, 200, 29, 600, [600], (0, 2, 2), dict(scaled_tiles=True)),
+    ("contextual", 2, 300, 32, 1000, [1000, 300], (16, 1, 1), dict(split_p=True)),
+    ("contextual", 1, 257, 34, 700, [650], (6, 2, 2), dict(split_p=True)),
+    ("kv_only", 1, 200, 29, 600, [600], (0, 2, 2), dict(split_p=True)),
+    ("fixed", 2, 300, 32, 1000, [1000, 300], (0, 8, 8), dict(split_p=True)),
     ("contextual", 1, 200, 32, 500, [500], (16, 1, 1), dict(prefetch=False)),
 ]
 
