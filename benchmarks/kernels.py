@@ -168,8 +168,8 @@ def time_ours(run: Runner, make: Callable[[], dict], set_bytes: int, check: bool
         calls = [lambda s=s: launcher(**s, scale=scale, **knobs) for s in sets]
     else:
         calls = [lambda s=s: attention(**s, backend=run.backend) for s in sets]
-    # Timed before the float64 check: a check that ran first (tens of GB of float64 for the largest shapes) left
-    # the kernel timed right after it up to 14% slower on the H200 (2026-11-28 23:10 vs 23:17 UTC).
+    # Timed before the float64 check: a check that ran first (GBs of float64 for the large shapes) left the kernel
+    # timed right after it 14-21% slower on the H200 (2026-11-28, 23:10 vs 23:17 UTC; benchmarks/RESULTS.md).
     us = run.time_calls(calls)
     err = None
     if check:
