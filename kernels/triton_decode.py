@@ -359,14 +359,15 @@ def merge_tile(num_splits: int, head_dim: int) -> tuple[int, int]:
 
 # Launch defaults for the contextual kernel (set from the H200 sweep, benchmarks/RESULTS.md).
 _DEFAULT_WAVES = 2  # one round of programs at the kernel's 2 programs per SM (register-bound)
+_DEFAULT_RANK_2D = True
 
 
 def _default_waves_gqa(head_dim: int, pairs: int) -> int:
     """GQA programs per SM for `pairs` (sequence, group) pairs: 4 at head dim <= 64 with >= 32 pairs (SmolLM2-135M,
-    B = 16, M = 2^14: 57.6 vs 60.9 us with 2), else 2 (Llama-3-8B, B = 16, M = 2^14: 288.3 vs 295.2 us with 4;
-    SmolLM2-135M, B = 1, M = 2^18: 56.9 us with 2 at 22:05, 60.9 with 4 at 23:04); H200, 2026-11-28 UTC."""
+    B = 16, M = 2^14: 57.6 vs 60.9 us with 2; B = 16, M = 2^16: 200.4 vs 219.1), else 2 (Llama-3-8B, B = 16,
+    M = 2^14: 288.3 vs 295.2 us with 4). With few pairs the two tie (SmolLM2-135M, B = 1, M = 2^18: 56.5-56.8 us
+    with 4, 56.7-57.3 with 2 in isolated repeats), so they keep the 2 of earlier builds. H200, 2026-11-28 UTC."""
     return 4 if head_dim <= 64 and pairs >= 32 else 2
-_DEFAULT_RANK_2D = True
 
 
 def _default_head_tile(H: int, rank_one: bool) -> int:
