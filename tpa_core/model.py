@@ -28,9 +28,12 @@ from tpa_core.quant import PACKED_MAX_ROWS, Q4Weight
 from tpa_core.rope import Rope
 
 
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
 def residual_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
     """The residual stream's (and the norms') dtype for a model of `dtype`: float32 for 16-bit models."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    return torch.float32 if dtype in SIXTEEN_BIT else dtype
 
 
 def numerics_tag(dtype: torch.dtype) -> str:
@@ -191,7 +194,7 @@ class TPAModel(nn.Module):
         if self.packed_head is not None and decode:  # a prefill's logits stay float32
             return self.packed_head(x).float()  # [B, 1, V]
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight  # [V, d]
-        sixteen_bit = x.dtype in (torch.bfloat16, torch.float16)
+        sixteen_bit = x.dtype in SIXTEEN_BIT
         if x.device.type == "cpu" and (sixteen_bit or (x.dtype == torch.float32 and B * n < ONEDNN_MIN_ROWS)):
             # against a cached float32 [d, V] copy (the CPU has no 16-bit GEMM with a float32 output)
             return torch.matmul(x.float(), self._head_transposed(weight))  # [B, n, d] @ [d, V] -> [B, n, V]
