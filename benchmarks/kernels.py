@@ -238,16 +238,24 @@ def fmt(x: float | None, spec: str = ".1f") -> str:
     return format(x, spec)
 
 
+def contextual_decode_row(run: Runner, bw: float, section: str, B: int, M: int, H: int, D: int,
+                          ranks: tuple[int, int, int]) -> dict:
+    """Ours on one contextual decode shape: time, error and the memory floor of its factor bytes."""
+    R_Q, R_K, R_V = ranks
+    tok = (R_K + R_V) * (H + D) * 2
+    ours, err = time_ours(run, lambda: tpa_inputs(run, B, 1, M, H, D, R_Q, R_K, R_V, "contextual"), B * M * tok)
+    floor = B * M * tok / bw * 1e6
+    return {"section": section, "H": H, "B": B, "M": M, "ours_us": ours, "floor_us": floor,
+            "pct_floor": 100 * floor / ours, "rel_err": err}
+
+
 def section_paper(run: Runner, bw: float, Ms: list[int], Bs: list[int], rows: list[dict]) -> None:
-    H, D, R_Q, R_K, R_V = 32, 64, 16, 1, 1
+    H, D = 32, 64
     for B in Bs:
         for M in Ms:
-            tok = (R_K + R_V) * (H + D) * 2
-            ours, err = time_ours(run, lambda: tpa_inputs(run, B, 1, M, H, D, R_Q, R_K, R_V, "contextual"),
-                                  B * M * tok)
-            floor = B * M * tok / bw * 1e6
-            r = {"section": "paper", "B": B, "M": M, "ours_us": ours, "floor_us": floor,
-                 "pct_floor": 100 * floor / ours, "rel_err": err, "official_us": OFFICIAL_ANCHORS.get((B, M))}
+            r = contextual_decode_row(run, bw, "paper", B, M, H, D, (16, 1, 1))
+            r["official_us"] = OFFICIAL_ANCHORS.get((B, M))
+            ours, floor, err = r["ours_us"], r["floor_us"], r["rel_err"]
             for name, G in (("mha", 32), ("gqa4", 4), ("mqa", 1)):
                 if 2 * B * G * M * D * 2 > (40 << 30):
                     r[f"sdpa_{name}_us"] = None
@@ -266,11 +274,8 @@ def section_t6(run: Runner, bw: float, Ms: list[int], Bs: list[int], rows: list[
         for B in Bs:
             for M in Ms:
                 tok = (R_K + R_V) * (H + D) * 2
-                ours, err = time_ours(run, lambda: tpa_inputs(run, B, 1, M, H, D, R_Q, R_K, R_V, "contextual"),
-                                      B * M * tok)
-                floor = B * M * tok / bw * 1e6
-                r = {"section": "t6", "H": H, "B": B, "M": M, "ours_us": ours, "floor_us": floor,
-                     "pct_floor": 100 * floor / ours, "rel_err": err}
+                r = contextual_decode_row(run, bw, "t6", B, M, H, D, (R_Q, R_K, R_V))
+                ours, floor, err = r["ours_us"], r["floor_us"], r["rel_err"]
                 # KV-only T6 shape (full query, same cache) for the same sizes
                 r["kv_only_us"], r["kv_only_err"] = time_ours(
                     run, lambda: tpa_inputs(run, B, 1, M, H, D, R_Q, R_K, R_V, "kv_only"), B * M * tok)

@@ -114,6 +114,16 @@ def _head_factor_rank(A, tile, base, offs_h, offs_t, h_mask, t_mask, stride_at, 
 
 
 @triton.jit
+def _token_rows(ptrs, t_mask, MASKED: tl.constexpr):
+    """A block's [BLOCK_T, D] token-factor rows (bk or bv of one rank); MASKED: rows past the slice read 0."""
+    if MASKED:
+        rows = tl.load(ptrs, mask=t_mask[:, None], other=0.0)
+    else:
+        rows = tl.load(ptrs)
+    return rows
+
+
+@triton.jit
 def _factor_block(
     q, qk_scale, acc, m_i, l_i, ak_tile, av_tile, AK, AV, BK, BV, ak_base, av_base, bk_base, bv_base,
     offs_h, h_mask, offs_t, t_mask, offs_d,
@@ -131,11 +141,8 @@ def _factor_block(
     # ---- logits [HEAD_TILE, BLOCK_T] = sum_r (q . bk_r) * ak_r
     logits = tl.zeros([HEAD_TILE, BLOCK_T], dtype=tl.float32)
     for r in tl.static_range(R_K):
-        bk_ptrs = BK + bk_base + t_off[:, None] * stride_bkt + r * stride_bkr + offs_d[None, :]
-        if MASKED:
-            bk = tl.load(bk_ptrs, mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-        else:
-            bk = tl.load(bk_ptrs)  # [BLOCK_T, D]
+        bk = _token_rows(BK + bk_base + t_off[:, None] * stride_bkt + r * stride_bkr + offs_d[None, :], t_mask,
+                         MASKED)  # [BLOCK_T, D]
         a_r = _head_factor_rank(AK, ak_tile, ak_base, offs_h, offs_t, h_mask, t_mask, stride_akt, stride_akh, r,
                                 R_K, RK_PAD, FROM_TILE, MASKED)
         logits += _dot(q, tl.trans(bk), IEEE) * a_r
@@ -151,11 +158,8 @@ def _factor_block(
     acc = acc * alpha[:, None]
     # ---- values: acc += sum_r (p * av_r) . bv_r
     for r in tl.static_range(R_V):
-        bv_ptrs = BV + bv_base + t_off[:, None] * stride_bvt + r * stride_bvr + offs_d[None, :]
-        if MASKED:
-            bv = tl.load(bv_ptrs, mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-        else:
-            bv = tl.load(bv_ptrs)  # [BLOCK_T, D]
+        bv = _token_rows(BV + bv_base + t_off[:, None] * stride_bvt + r * stride_bvr + offs_d[None, :], t_mask,
+                         MASKED)  # [BLOCK_T, D]
         a_r = _head_factor_rank(AV, av_tile, av_base, offs_h, offs_t, h_mask, t_mask, stride_avt, stride_avh, r,
                                 R_V, RV_PAD, FROM_TILE, MASKED)
         acc += dot_probs(p * a_r, bv, IEEE, SPLIT_P)

@@ -15,7 +15,7 @@ from retrieval.errors import (EmbeddingModelMismatchError, InvalidCollectionName
                               SourceNotFoundError, UnknownCollectionError, UnknownDocumentError)
 from retrieval.index import VectorIndex
 
-from retrieval_helpers import CountingEmbedder
+from retrieval_helpers import CountingEmbedder, write
 
 COLORS = '''"""Colour conversions."""
 
@@ -33,15 +33,6 @@ shape the loaf and bake it in a hot oven until the crust is dark brown.
 TRAINS = """Railway timetables list when each train leaves the station and when it arrives.
 Delays are announced on the platform display.
 """
-
-
-def write(path: Path, text: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text)
-    return path
 
 
 @pytest.fixture

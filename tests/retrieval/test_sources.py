@@ -12,15 +12,7 @@ import pytest
 
 from retrieval.errors import SourceNotFoundError
 from retrieval.sources import IngestLimits, SourceReadError, list_source
-
-
-def write(path: Path, text: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text)
-    return path
+from retrieval_helpers import write
 
 
 def reasons(listing) -> dict[str, str]:

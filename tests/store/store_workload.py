@@ -76,17 +76,21 @@ def namespace(store, config=None, fingerprint: str = "tiny-random-1234"):
     return store.namespace_for(fingerprint, config or make_config(), torch.float32)
 
 
-def _restore_main(url: str, blobs: str, seeds: list[int]) -> None:
-    """Restore each seed's prompt in this (new) process; print what was found and the factor digests."""
-    store = open_store(url, blobs)
-    model = make_model()
-    ns = namespace(store)
+def restore_digests(store, ns: str, model, seeds: list[int]) -> list[dict]:
+    """Restore each seed's prompt into a fresh cache: how many tokens were reused and the restored factors' digest."""
     out = []
     for s in seeds:
         ids = prompt(s, 700, shared=300)
         cache = model.new_cache()
         reused = store.restore(ns, ids, cache)
         out.append({"seed": s, "reused": reused, "digest": factor_digest(cache, reused)})
+    return out
+
+
+def _restore_main(url: str, blobs: str, seeds: list[int]) -> None:
+    """Restore each seed's prompt in this (new) process; print what was found and the factor digests."""
+    store = open_store(url, blobs)
+    out = restore_digests(store, namespace(store), make_model(), seeds)
     print(json.dumps({"prompts": out, "hits": store.session.hits, "misses": store.session.misses,
                       "hit_rate": store.session.hit_rate}))
 

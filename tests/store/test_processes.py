@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from sqlalchemy import func, select
-from store_workload import PAGE, factor_digest, namespace, open_store, prefill_paged, prompt
+from store_workload import PAGE, factor_digest, namespace, open_store, prefill_paged, prompt, restore_digests
 
 from tpa_core.store.blobs import TMP_SUFFIX
 from tpa_core.store.tables import PENDING, READY, Entry
@@ -31,12 +31,7 @@ def test_a_new_process_finds_every_page_the_last_one_wrote(db_url, blobs_dir, ti
     for s in seeds[:3]:  # the fourth prompt was never saved: its shared prefix hits, the rest misses
         ids = prompt(s, 700, shared=300)
         store.save(ns, ids, prefill_paged(tiny_model, ids)[0])
-    before = []
-    for s in seeds:
-        ids = prompt(s, 700, shared=300)
-        cache = tiny_model.new_cache()
-        reused = store.restore(ns, ids, cache)
-        before.append({"seed": s, "reused": reused, "digest": factor_digest(cache, reused)})
+    before = restore_digests(store, ns, tiny_model, seeds)
     store.engine.dispose()
 
     out = subprocess.run([sys.executable, str(WORKLOAD), "restore", db_url, str(blobs_dir), *map(str, seeds)],
