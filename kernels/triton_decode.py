@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._jit_common import LOG2E, dot as _dot, dot_probs
+from kernels._jit_common import LOG2E, dot as _dot, dot_probs, pdl_supported, signal_dependents, wait_for_primary
 from kernels._launch import fit_block_t, next_pow2 as _next_pow2
 
 
@@ -182,14 +182,17 @@ def _decode_factor_kernel(
     R_V: tl.constexpr, RV_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_TILE: tl.constexpr, BLOCK_T: tl.constexpr,
     Q_FACTORS: tl.constexpr, HF_MODE: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
+    PDL_SIGNAL: tl.constexpr,
 ):
     """Contextual K/V: one program = one slice of one sequence for HEAD_TILE heads.
 
     With HEAD_TILE >= H every cache byte is read once; smaller head tiles re-read bk/bv once per tile (the
     programs of one slice are adjacent in the grid, so the re-reads mostly hit L2) and pad fewer heads.
     HF_MODE: 0 = head factors loaded per rank as 2-D tiles in the block, 1 = all ranks prefetched one block
-    ahead, 2 = all ranks loaded in the block.
+    ahead, 2 = all ranks loaded in the block. PDL_SIGNAL: when the merge may start launching (0: at the end, as
+    usual; 1: once every program has left its key loop; 2: at once, its programs then wait for this grid).
     """
+    signal_dependents(PDL_SIGNAL == 2)
     pid_h = tl.program_id(0)
     b = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -269,6 +272,7 @@ def _decode_factor_kernel(
             stride_akt, stride_akh, stride_bkt, stride_bkr, stride_avt, stride_avh, stride_bvt, stride_bvr,
             R_K, RK_PAD, R_V, RV_PAD, HEAD_TILE, BLOCK_T, HF_MODE != 0, True, Q_FACTORS, IEEE, SPLIT_P)
 
+    signal_dependents(PDL_SIGNAL == 1)
     _store_partial(PART_O, PART_LSE, acc, m_i, l_i, b64, offs_h, h_mask, pid_s, offs_d,
                    stride_pob, stride_poh, stride_pos, stride_plb, stride_plh)
 
@@ -283,7 +287,7 @@ def _decode_gqa_kernel(
     stride_plb, stride_plh,
     T_cap, heads_per_group, n_groups, num_splits, min_chunk, qk_scale,
     HEAD_DIM: tl.constexpr, H_PAD: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
-    SPLIT_P: tl.constexpr,
+    SPLIT_P: tl.constexpr, PDL: tl.constexpr,
 ):
     """Fixed head factors (GQA): one program = one slice of one (sequence, group); the group's heads are rows."""
     pid_bg = tl.program_id(0)
@@ -320,6 +324,7 @@ def _decode_gqa_kernel(
         acc = acc * alpha[:, None] + dot_probs(p, bv, IEEE, SPLIT_P)
         m_i = m_new
 
+    signal_dependents(PDL)
     _store_partial(PART_O, PART_LSE, acc, m_i, l_i, b64, head, h_mask, pid_s, offs_d,
                    stride_pob, stride_poh, stride_pos, stride_plb, stride_plh)
 
@@ -331,14 +336,16 @@ def _decode_merge_kernel(
     stride_plb, stride_plh,
     stride_ob, stride_oh,
     num_splits, out_scale,
-    S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    S_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program = BLOCK_D output columns of one (sequence, head): every slice's partial in one load.
 
     Every slice of the grid wrote a partial (an unused one: output 0, log-sum-exp -inf), so nothing here waits
     on the length: the log-sum-exps and outputs are two independent loads, one memory round trip. The weights
-    are shifted by the MAXIMUM: each is <= 1, the largest exactly 1, so nothing under- or overflows.
+    are shifted by the MAXIMUM: each is <= 1, the largest exactly 1, so nothing under- or overflows. With PDL
+    the programs launch while the split kernel finishes and wait here for its partials.
     """
+    wait_for_primary(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -364,6 +371,11 @@ def merge_tile(num_splits: int, head_dim: int) -> tuple[int, int]:
 # Launch defaults for the contextual kernel (set from the H200 sweep, benchmarks/RESULTS.md).
 _DEFAULT_WAVES = 2  # one round of programs at the kernel's 2 programs per SM (register-bound)
 _DEFAULT_RANK_2D = True
+# The merge as a programmatic dependent launch (PDL): 0.3-1.0 us less for the contextual kernel (paper shape,
+# B = 1, M = 2^19: 60.6-60.7 vs 61.0-61.2 us; B = 4, M = 2^17: 60.0 vs 60.7-61.1), but 0.7-1.0 us more after the
+# GQA kernel (SmolLM2-135M, B = 1, M = 2^16: 20.3-20.7 vs 19.6-19.7); H200, 2026-11-28 23:57 UTC, 3 alternating reps.
+_DEFAULT_PDL_FACTORS = True
+_DEFAULT_PDL_FIXED = False
 
 
 def _default_waves_gqa(head_dim: int, pairs: int) -> int:
@@ -425,6 +437,8 @@ def decode_attention(
     head_tile: int | None = None,
     rank_2d: bool | None = None,
     split_p: bool = False,
+    pdl: bool | None = None,
+    pdl_early: bool = False,
 ) -> Tensor:
     """FlashTPA decode launcher (inputs already validated by `kernels.triton_attention`).
 
@@ -440,6 +454,10 @@ def decode_attention(
             KV-only, ranks > 1), instead of one [heads, tokens, ranks] tile split in registers.
         split_p: 16-bit inputs: the probabilities enter the value product as two cache-dtype terms (hi + lo),
             ~16 mantissa bits instead of 8 (`kernels._jit_common.dot_probs`).
+        pdl: launch the merge as a programmatic dependent of the split kernel (its launch overlaps the split
+            kernel's tail), where supported (`kernels._jit_common.pdl_supported`); default: contextual / KV-only.
+        pdl_early: with PDL after the contextual / KV-only kernel, let the merge launch as that kernel starts
+            (its programs wait on the device) instead of once every program has left its key loop.
 
     Returns:
         [B, 1, H, D] in the dtype of bk.
@@ -488,6 +506,9 @@ def decode_attention(
         num_splits = default_num_splits(bk.device, B * n_groups * n_head_tiles, T_cap, min_chunk, waves,
                                         round_down=not fixed)
     dev = bk.device
+    if pdl is None:
+        pdl = _DEFAULT_PDL_FIXED if fixed else _DEFAULT_PDL_FACTORS
+    pdl = pdl and pdl_supported(dev)
     part_o = torch.empty(B, H, num_splits, D, device=dev, dtype=torch.float32)  # [B, H, S, D]
     part_lse = torch.empty(B, H, num_splits, device=dev, dtype=torch.float32)  # [B, H, S]
     out = torch.empty(B, 1, H, D, device=dev, dtype=bk.dtype)
@@ -501,7 +522,7 @@ def decode_attention(
             part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_lse.stride(0), part_lse.stride(1),
             T_cap, H // n_groups, n_groups, num_splits, min_chunk, scale * LOG2E,
-            HEAD_DIM=D, H_PAD=h_pad, BLOCK_T=block_t, IEEE=ieee, SPLIT_P=split_p and not ieee,
+            HEAD_DIM=D, H_PAD=h_pad, BLOCK_T=block_t, IEEE=ieee, SPLIT_P=split_p and not ieee, PDL=pdl,
             num_warps=num_warps, num_stages=num_stages,
         )
     else:
@@ -524,6 +545,7 @@ def decode_attention(
             R_Q=R_Q, RQ_PAD=max(16, _next_pow2(R_Q)), R_K=R_K, RK_PAD=_next_pow2(R_K),
             R_V=R_V, RV_PAD=_next_pow2(R_V), HEAD_DIM=D, HEAD_TILE=h_pad, BLOCK_T=block_t,
             Q_FACTORS=q is None, HF_MODE=hf_mode, IEEE=ieee, SPLIT_P=split_p and not ieee,
+            PDL_SIGNAL=(2 if pdl_early else 1) if pdl else 0,
             num_warps=num_warps, num_stages=num_stages,
         )
     s_pad, block_d = merge_tile(num_splits, D)
@@ -533,7 +555,7 @@ def decode_attention(
         part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(2),
         num_splits, 1.0 if fixed else 1.0 / R_V,
-        S_PAD=s_pad, BLOCK_D=block_d,
-        num_warps=4,
+        S_PAD=s_pad, BLOCK_D=block_d, PDL=pdl,
+        num_warps=4, **({"launch_pdl": True} if pdl else {}),  # older Tritons know no launch_pdl option
     )
     return out

@@ -216,6 +216,12 @@ def _prefill_kernel(
              o.to(OUT.dtype.element_ty), mask=n_mask[:, None])
 
 
+# From this many new tokens on, factored queries are built by one batched matmul before the kernel: in the kernel
+# every (query tile, head) program rebuilds its tile from all R_Q ranks, which at R_Q = 16 was ~1,800 of a warp's
+# instructions, 15% of all the contextual prefill executed at N = M = 4,096 (ncu, H200, 2026-11-28 23:58 UTC).
+PREBUILD_QUERIES_MIN_N = 256
+
+
 def prefill_attention(
     *,
     q: Tensor | None,
@@ -233,6 +239,7 @@ def prefill_attention(
     num_stages: int | None = None,
     prefetch: bool = True,
     split_p: bool = False,
+    prebuild_queries: bool | None = None,
 ) -> Tensor:
     """FlashTPA prefill/extend launcher (inputs already validated by `kernels.triton_attention`).
 
@@ -245,6 +252,8 @@ def prefill_attention(
         prefetch: load the contextual head factors one key block ahead (hides their latency).
         split_p: 16-bit inputs: each probability tile enters the value product as two cache-dtype terms (hi + lo),
             so it keeps ~16 mantissa bits instead of 8 (one more tensor-core product per block)
+        prebuild_queries: factored queries: build q = aq . bq with one batched matmul before the kernel instead
+            of in every (query tile, head) program; default: from PREBUILD_QUERIES_MIN_N new tokens on.
 
     Returns:
         [B, N, H, D] in the dtype of bk.
@@ -252,6 +261,10 @@ def prefill_attention(
     B, T_cap, R_K, D = bk.shape
     R_V = bv.shape[2]
     fixed = ak is None
+    q_scale = 1.0  # what the logits owe the query: 1 / R_Q for queries built from factors outside the kernel
+    if q is None and (aq.shape[1] >= PREBUILD_QUERIES_MIN_N if prebuild_queries is None else prebuild_queries):
+        q_scale = 1.0 / aq.shape[3]
+        q, aq, bq = torch.matmul(aq, bq), None, None  # [B, N, H, R_Q] @ [B, N, R_Q, D] -> [B, N, H, D]
     if q is not None:
         N, H = q.shape[1], q.shape[2]
         R_Q = 1
@@ -279,7 +292,7 @@ def prefill_attention(
     ak_str = (ak.stride(0), ak.stride(1), ak.stride(2)) if ak is not None else z3
     av_str = (av.stride(0), av.stride(1), av.stride(2)) if av is not None else z3
     ieee = bk.dtype == torch.float32
-    qk_scale = scale * LOG2E / (1 if fixed else R_K)
+    qk_scale = scale * q_scale * LOG2E / (1 if fixed else R_K)
     grid = (triton.cdiv(N, block_n), B * H)
     _prefill_kernel[grid](
         q if q is not None else dummy, aq if aq is not None else dummy, bq if bq is not None else dummy,
