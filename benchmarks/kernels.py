@@ -369,7 +369,9 @@ def sweep(run: Runner, rows: list[dict]) -> None:
 # "pdl=off" / "pdl_early": the merge launched the usual way / as soon as the split kernel starts.
 PAPER_VARIANTS = [("default", {}), ("pdl=off", dict(pdl=False)), ("pdl_early", dict(pdl_early=True)),
                   ("warps=8", dict(num_warps=8)), ("block_t=256,warps=8", dict(block_t=256, num_warps=8)),
-                  ("split_p", dict(split_p=True))]
+                  ("split_p", dict(split_p=True)),
+                  ("maxnreg=168,waves=3,stages=2", dict(max_registers=168, waves=3, num_stages=2)),
+                  ("maxnreg=168,waves=3,block_t=64", dict(max_registers=168, waves=3, block_t=64))]
 T6_VARIANTS = [("default", {}), ("min_chunk=32", dict(min_chunk=32)), ("head_tile=all", dict(head_tile=128)),
                ("split_p", dict(split_p=True))]
 # "group-major": the same kernel over SDPA's layout (each KV head's tokens contiguous), not the cache's.
@@ -385,7 +387,11 @@ PREFILL_VARIANTS = [("default", {}), ("prebuild=off", dict(prebuild_queries=Fals
                                                        prefetch=False)),
                     ("128x128,w8,s2,prefetch=off", dict(block_n=128, block_t=128, num_warps=8, num_stages=2,
                                                         prefetch=False)),
-                    ("split_p", dict(split_p=True))]
+                    ("split_p", dict(split_p=True)),
+                    ("maxnreg=168,stages=2", dict(max_registers=168, num_stages=2)),
+                    ("maxnreg=128,stages=2", dict(max_registers=128, num_stages=2)),
+                    ("64x64,w4,s3,maxnreg=128", dict(block_n=64, block_t=64, num_warps=4, num_stages=3,
+                                                     max_registers=128))]
 MHA_PREFILL_VARIANTS = [("default", {}), ("split_p", dict(split_p=True))]
 WAVES_VARIANTS = [("default", {}), ("waves=2", dict(waves=2)), ("waves=4", dict(waves=4))]
 

@@ -439,6 +439,7 @@ def decode_attention(
     split_p: bool = False,
     pdl: bool | None = None,
     pdl_early: bool = False,
+    max_registers: int | None = None,
 ) -> Tensor:
     """FlashTPA decode launcher (inputs already validated by `kernels.triton_attention`).
 
@@ -458,6 +459,7 @@ def decode_attention(
             kernel's tail), where supported (`kernels._jit_common.pdl_supported`); default: contextual / KV-only.
         pdl_early: with PDL after the contextual / KV-only kernel, let the merge launch as that kernel starts
             (its programs wait on the device) instead of once every program has left its key loop.
+        max_registers: cap on the split kernel's registers per thread (ptxas spills above it).
 
     Returns:
         [B, 1, H, D] in the dtype of bk.
@@ -547,6 +549,7 @@ def decode_attention(
             Q_FACTORS=q is None, HF_MODE=hf_mode, IEEE=ieee, SPLIT_P=split_p and not ieee,
             PDL_SIGNAL=(2 if pdl_early else 1) if pdl else 0,
             num_warps=num_warps, num_stages=num_stages,
+            **({} if max_registers is None else {"maxnreg": max_registers}),
         )
     s_pad, block_d = merge_tile(num_splits, D)
     _decode_merge_kernel[(B, H, D // block_d)](

@@ -216,10 +216,13 @@ def _prefill_kernel(
              o.to(OUT.dtype.element_ty), mask=n_mask[:, None])
 
 
-# From this many new tokens on, factored queries are built by one batched matmul before the kernel: in the kernel
-# every (query tile, head) program rebuilds its tile from all R_Q ranks, which at R_Q = 16 was ~1,800 of a warp's
-# instructions, 15% of all the contextual prefill executed at N = M = 4,096 (ncu, H200, 2026-11-28 23:58 UTC).
-PREBUILD_QUERIES_MIN_N = 256
+# From this many new tokens on, factored queries are built by one batched matmul before the kernel. In the kernel
+# every (query tile, head) program rebuilds its tile from all R_Q ranks: at R_Q = 16 about 1,800 of the 3,900
+# instructions a warp runs outside the unmasked key loop (ncu, N = M = 4,096, H200, 2026-11-28 23:58 UTC). The
+# matmul costs a launch, so it pays only for long prompts: paper shape, H200, 2026-11-29 00:02 UTC, prebuilt vs
+# in-kernel: N = M = 8,192 1004.5 vs 1039.9 us, N = M = 2,048 99.8 vs 103.6, N = 4,096 after 4,096 cached 747.0
+# vs 763.5; but N = 1,024 after 1,024 69.8 vs 68.7 and N = 256 after 3,840 50.1 vs 47.0.
+PREBUILD_QUERIES_MIN_N = 2048
 
 
 def prefill_attention(
@@ -240,6 +243,7 @@ def prefill_attention(
     prefetch: bool = True,
     split_p: bool = False,
     prebuild_queries: bool | None = None,
+    max_registers: int | None = None,
 ) -> Tensor:
     """FlashTPA prefill/extend launcher (inputs already validated by `kernels.triton_attention`).
 
@@ -254,6 +258,7 @@ def prefill_attention(
             so it keeps ~16 mantissa bits instead of 8 (one more tensor-core product per block)
         prebuild_queries: factored queries: build q = aq . bq with one batched matmul before the kernel instead
             of in every (query tile, head) program; default: from PREBUILD_QUERIES_MIN_N new tokens on.
+        max_registers: cap on registers per thread (ptxas spills above it), to fit more programs per SM.
 
     Returns:
         [B, N, H, D] in the dtype of bk.
@@ -307,5 +312,6 @@ def prefill_attention(
         BLOCK_N=block_n, BLOCK_T=block_t, Q_FACTORS=q is None, FIXED=fixed, IEEE=ieee, PREFETCH=prefetch,
         SPLIT_P=split_p and not ieee,
         num_warps=num_warps, num_stages=num_stages,
+        **({} if max_registers is None else {"maxnreg": max_registers}),
     )
     return out
