@@ -20,6 +20,7 @@ table also quotes the anchor timings of ../shared/design/tpa-reference.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -171,17 +172,18 @@ def time_ours(run: Runner, make: Callable[[], dict], set_bytes: int, check: bool
     # Timed before the float64 check: a check that ran first (GBs of float64 for the large shapes) left the kernel
     # timed right after it 14-21% slower on the H200 (2026-11-28, 23:10 vs 23:17 UTC; benchmarks/RESULTS.md).
     us = run.time_calls(calls)
-    err = None
-    if check:
-        out = calls[0]()
-        if not bool(torch.isfinite(out).all()):
-            err = float("nan")
-        else:
-            err = rel_err_vs_reference(run, sets[0], out)
-        del out
+    err = checked_error(run, sets[0], calls[0]) if check else None
     del sets, calls
     run.free()
     return us, err
+
+
+def checked_error(run: Runner, args: dict, call: Callable[[], torch.Tensor]) -> float | None:
+    """One call's error against float64 (`rel_err_vs_reference`); NaN if the output is not finite."""
+    out = call()
+    err = rel_err_vs_reference(run, args, out) if bool(torch.isfinite(out).all()) else float("nan")
+    del out
+    return err
 
 
 def best_sdpa(run: Runner, calls: list[Callable[[], object]]) -> tuple[float, str]:
@@ -499,44 +501,57 @@ def official_call(mod, s: dict, R_Q: int, pad_to: int) -> Callable[[], torch.Ten
 
 def section_official(run: Runner, bw: float, folder: Path, rows: list[dict]) -> None:
     """Ours and the official kernel at the same shapes in the same run, each on its own fresh random inputs of the
-    same distribution: time (CUDA graph) and error vs float64."""
+    same distribution: time (CUDA graph) and error vs float64. Every shape is timed before any float64 check runs
+    (a large check slowed the kernel timed right after it, benchmarks/RESULTS.md)."""
     mod = load_official(folder)
     D = 64
     unpadded_tried = False
+    shapes = []
     for H, B, M, R_Q in OFFICIAL_SHAPES:
         R_K = R_V = 1 if R_Q == 16 else 2
         tok = (R_K + R_V) * (H + D) * 2
-        floor = B * M * tok / bw * 1e6
-        r = {"section": "official", "H": H, "B": B, "M": M, "ranks": (R_Q, R_K, R_V), "floor_us": floor,
-             "anchor_us": OFFICIAL_ANCHORS.get((B, M)) if H == 32 else None}
-        r["ours_us"], r["ours_err"] = time_ours(
-            run, lambda: tpa_inputs(run, B, 1, M, H, D, R_Q, R_K, R_V, "contextual"), B * M * tok)
-        sets = [tpa_inputs(run, B, 1, M, H, D, R_Q, R_K, R_V, "contextual") for _ in range(run.n_sets(B * M * tok))]
+        r = {"section": "official", "H": H, "B": B, "M": M, "ranks": (R_Q, R_K, R_V),
+             "floor_us": B * M * tok / bw * 1e6, "anchor_us": OFFICIAL_ANCHORS.get((B, M)) if H == 32 else None}
+        make = functools.partial(tpa_inputs, run, B, 1, M, H, D, R_Q, R_K, R_V, "contextual")
+        r["ours_us"], _ = time_ours(run, make, B * M * tok, check=False)
         if R_Q < 16 and not unpadded_tried:
             unpadded_tried = True
-            try:
-                official_call(mod, sets[0], R_Q, R_Q)()
-                note = "ran"
-            except Exception as exc:  # defect 3 of tpa-reference.md: tl.dot needs K, N >= 16
-                note = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
-            rows.append({"section": "official_unpadded", "H": H, "B": B, "M": M, "R_Q": R_Q, "result": note})
-            print(f"official kernel with R_Q = {R_Q} unpadded: {note}", flush=True)
+            rows.append(official_unpadded(mod, make(), H, B, M, R_Q))
+        sets = [make() for _ in range(run.n_sets(B * M * tok))]
         calls = [official_call(mod, st, R_Q, 16) for st in sets]
         try:
-            out = calls[0]()  # autotunes on first call (outside the graph)
-            r["official_us"] = run.time_calls(calls)  # timed before the float64 check, as ours
-            r["official_err"] = rel_err_vs_reference(run, sets[0], out) if torch.isfinite(out).all() else float("nan")
+            calls[0]()  # autotunes on first call (outside the graph)
+            r["official_us"] = run.time_calls(calls)
         except Exception as exc:
-            r["official_us"], r["official_err"] = None, None
+            r["official_us"] = None
             r["official_failure"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         del sets, calls
         run.free()
+        shapes.append((r, make))
+    for r, make in shapes:
+        s = make()
+        r["ours_err"] = checked_error(run, s, lambda: attention(**s, backend=run.backend))
+        R_Q = r["ranks"][0]
+        r["official_err"] = checked_error(run, s, official_call(mod, s, R_Q, 16)) if r["official_us"] else None
+        del s
+        run.free()
         r["speedup"] = r["official_us"] / r["ours_us"] if r["official_us"] else None
         rows.append(r)
-        print(f"official H={H} B={B:2d} M=2^{int(math.log2(M))} ranks {r['ranks']}: ours {r['ours_us']:8.1f} us "
+        print(f"official H={r['H']} B={r['B']:2d} M={_pow2(r['M'])} ranks {r['ranks']}: ours {r['ours_us']:8.1f} us "
               f"(err {fmt(r['ours_err'], '.1e')})  official {fmt(r['official_us'])} us (err "
               f"{fmt(r['official_err'], '.1e')})  x{fmt(r['speedup'], '.2f')}  anchor {fmt(r['anchor_us'])}  "
-              f"floor {floor:.1f}", flush=True)
+              f"floor {r['floor_us']:.1f}", flush=True)
+
+
+def official_unpadded(mod, s: dict, H: int, B: int, M: int, R_Q: int) -> dict:
+    """Whether the official kernel runs with R_Q below 16 as given (defect 3 of tpa-reference.md)."""
+    try:
+        official_call(mod, s, R_Q, R_Q)()
+        note = "ran"
+    except Exception as exc:  # tl.dot needs K, N >= 16
+        note = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+    print(f"official kernel with R_Q = {R_Q} unpadded: {note}", flush=True)
+    return {"section": "official_unpadded", "H": H, "B": B, "M": M, "R_Q": R_Q, "result": note}
 
 
 def _pow2(m: int) -> str:
