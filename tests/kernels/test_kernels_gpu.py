@@ -58,6 +58,10 @@ VARIANT_CASES = [
     # slices of whole 256-token multiples; many slices (the merge splits D)
     ("contextual", 2, 32, 60000, [60000, 4000], (16, 1, 1), dict(min_chunk=256)),
     ("contextual", 1, 34, 60000, [59999], (6, 2, 2), dict(num_splits=700, min_chunk=64)),
+    # the merge launched the usual way, or as a programmatic dependent from the split kernel's start
+    ("contextual", 2, 32, 30000, [30000, 77], (16, 1, 1), dict(pdl=False)),
+    ("contextual", 1, 32, 30000, [29001], (16, 1, 1), dict(pdl_early=True)),
+    ("fixed", 2, 32, 30000, [30000, 5000], (0, 8, 8), dict(pdl=True)),
 ]
 
 
@@ -81,6 +85,9 @@ PREFILL_VARIANT_CASES = [
     ("kv_only", 1, 200, 29, 600, [600], (0, 2, 2), dict(split_p=True)),
     ("fixed", 2, 300, 32, 1000, [1000, 300], (0, 8, 8), dict(split_p=True)),
     ("contextual", 1, 200, 32, 500, [500], (16, 1, 1), dict(prefetch=False)),
+    # factored queries built by one matmul before the kernel (the default from 2,048 new tokens on)
+    ("contextual", 2, 300, 32, 1000, [1000, 300], (16, 1, 1), dict(prebuild_queries=True)),
+    ("contextual", 1, 2500, 34, 2600, [2600], (6, 2, 2), {}),
 ]
 
 
