@@ -367,34 +367,22 @@ def sweep(run: Runner, rows: list[dict]) -> None:
 
 
 # Decode launch variants: (label, knobs). "default" = the launcher's own defaults; "split_p": the probabilities
-# enter the value product as hi + lo terms (kernels._jit_common.dot_probs).
-# "pdl=off" / "pdl_early": the merge launched the usual way / as soon as the split kernel starts.
-PAPER_VARIANTS = [("default", {}), ("pdl=off", dict(pdl=False)), ("pdl_early", dict(pdl_early=True)),
-                  ("warps=8", dict(num_warps=8)), ("block_t=256,warps=8", dict(block_t=256, num_warps=8)),
-                  ("split_p", dict(split_p=True)),
-                  ("maxnreg=168,waves=3,stages=2", dict(max_registers=168, waves=3, num_stages=2)),
-                  ("maxnreg=168,waves=3,block_t=64", dict(max_registers=168, waves=3, block_t=64))]
-T6_VARIANTS = [("default", {}), ("min_chunk=32", dict(min_chunk=32)), ("head_tile=all", dict(head_tile=128)),
-               ("split_p", dict(split_p=True))]
+# enter the value product as hi + lo terms (kernels._jit_common.dot_probs); "tma=off": token factors through
+# per-thread pointer loads instead of TMA descriptors; "pdl=off" / "pdl_early": the merge launched the usual way /
+# as soon as the split kernel starts. Variants measured once and dropped are in benchmarks/RESULTS.md.
+PAPER_VARIANTS = [("default", {}), ("tma=off", dict(tma=False)), ("pdl=off", dict(pdl=False)),
+                  ("split_p", dict(split_p=True))]
+T6_VARIANTS = [("default", {}), ("tma=off", dict(tma=False)), ("min_chunk=32", dict(min_chunk=32)),
+               ("head_tile=all", dict(head_tile=128))]
 # "group-major": the same kernel over SDPA's layout (each KV head's tokens contiguous), not the cache's.
 GQA_VARIANTS = [("default", {}), ("waves=2", dict(waves=2)), ("waves=4", dict(waves=4)),
                 ("group-major", dict(group_major=True)), ("stages=4", dict(num_stages=4)),
                 ("block_t=64,stages=3", dict(block_t=64, num_stages=3)), ("warps=8", dict(num_warps=8)),
                 ("split_p", dict(split_p=True)), ("pdl=on", dict(pdl=True))]
 # "prebuild=off": factored queries rebuilt in every (query tile, head) program instead of one matmul before.
-PREFILL_VARIANTS = [("default", {}), ("prebuild=off", dict(prebuild_queries=False)),
-                    ("prefetch=off", dict(prefetch=False)), ("stages=2", dict(num_stages=2)),
-                    ("128x64,w8,s3", dict(block_n=128, block_t=64, num_warps=8, num_stages=3)),
-                    ("128x64,w8,s3,prefetch=off", dict(block_n=128, block_t=64, num_warps=8, num_stages=3,
-                                                       prefetch=False)),
-                    ("128x128,w8,s2,prefetch=off", dict(block_n=128, block_t=128, num_warps=8, num_stages=2,
-                                                        prefetch=False)),
-                    ("split_p", dict(split_p=True)),
-                    ("maxnreg=168,stages=2", dict(max_registers=168, num_stages=2)),
-                    ("maxnreg=128,stages=2", dict(max_registers=128, num_stages=2)),
-                    ("64x64,w4,s3,maxnreg=128", dict(block_n=64, block_t=64, num_warps=4, num_stages=3,
-                                                     max_registers=128))]
-MHA_PREFILL_VARIANTS = [("default", {}), ("split_p", dict(split_p=True))]
+PREFILL_VARIANTS = [("default", {}), ("tma=off", dict(tma=False)), ("prebuild=off", dict(prebuild_queries=False)),
+                    ("stages=2", dict(num_stages=2)), ("split_p", dict(split_p=True))]
+MHA_PREFILL_VARIANTS = [("default", {}), ("tma=off", dict(tma=False)), ("split_p", dict(split_p=True))]
 WAVES_VARIANTS = [("default", {}), ("waves=2", dict(waves=2)), ("waves=4", dict(waves=4))]
 
 # (section, name, B, N, M, H, D, (R_Q, R_K, R_V), form, variants)

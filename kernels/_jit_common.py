@@ -12,6 +12,10 @@ try:  # grid dependency control (programmatic dependent launch), Hopper and late
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gdc_launch_dependents = gdc_wait = None
+try:  # host-side TMA descriptors; absent from older Tritons
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    TensorDescriptor = None
 
 LOG2E = 1.4426950408889634  # the kernels' softmax runs in base 2: exp(x) = exp2(x * LOG2E)
 
@@ -40,15 +44,77 @@ def dot_probs(p, v, IEEE: tl.constexpr, SPLIT_P: tl.constexpr):
     return out
 
 
+@triton.jit
+def token_rows(X, desc, b, t0, r, offs_t, t_mask, offs_d, stride_b, stride_t, stride_r,
+               TMA: tl.constexpr, MASKED: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rank (or group) r of sequence b's token factors (bk or bv) for the block at t0: [BLOCK_T, D], cache dtype.
+
+    Blocks wholly inside the valid range load unmasked, through the TMA descriptor `desc` with TMA (one bulk copy
+    a block, no per-thread addresses); a block reaching past it (MASKED) loads through pointers, its rows past
+    `t_mask` reading 0 (TMA would read the cache's unwritten rows there, and 0 * NaN poisons the value product).
+    """
+    if TMA and not MASKED:
+        rows = desc.load([b.to(tl.int32), t0, r, 0]).reshape([BLOCK_T, HEAD_DIM])
+    else:
+        ptrs = X + b * stride_b + offs_t.to(tl.int64)[:, None] * stride_t + r * stride_r + offs_d[None, :]
+        if MASKED:
+            rows = tl.load(ptrs, mask=t_mask[:, None], other=0.0)
+        else:
+            rows = tl.load(ptrs)
+    return rows
+
+
 @functools.lru_cache(maxsize=8)
-def _pdl_capable(device_index: int) -> bool:
+def _hopper_or_later(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 def pdl_supported(device: torch.device) -> bool:
     """Whether a dependent kernel may be launched programmatically (PDL) on `device`: CUDA on Hopper or later,
     with a Triton that has grid dependency control. The interpreter and older GPUs launch as usual."""
-    return device.type == "cuda" and gdc_wait is not None and _pdl_capable(device.index or 0)
+    return device.type == "cuda" and gdc_wait is not None and _hopper_or_later(device.index or 0)
+
+
+def tma_supported(device: torch.device) -> bool:
+    """Whether the kernels may load through TMA descriptors on `device`: CUDA on Hopper or later, with a Triton
+    that has host-side descriptors (the interpreter runs them too, when a caller forces them)."""
+    return device.type == "cuda" and TensorDescriptor is not None and _hopper_or_later(device.index or 0)
+
+
+# TMA loads by default only for token-factor rows of at most this many bytes (D = 64 in bf16: one 128-byte
+# swizzle span); wider rows were not measured.
+TMA_MAX_ROW_BYTES = 128
+
+
+def _token_descriptor(x: torch.Tensor, block_t: int):
+    """A TMA descriptor over a [B, T, R, D] cache view, one [1, block_t, 1, D] box a load, or None where TMA cannot
+    address the view (base and every stride but the last 16-byte aligned, last dim contiguous)."""
+    elem = x.element_size()
+    aligned = x.data_ptr() % 16 == 0 and x.stride(-1) == 1 and all(s * elem % 16 == 0 for s in x.stride()[:-1])
+    if TensorDescriptor is None or not aligned:
+        return None
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_t, 1, x.shape[-1]])
+
+
+def token_descriptors(bk: torch.Tensor, bv: torch.Tensor, block_t: int, tma: bool | None) -> tuple:
+    """(use TMA, bk descriptor, bv descriptor) for a launch whose token blocks are `block_t` long.
+
+    tma None: TMA where supported (`tma_supported`) for rows of at most TMA_MAX_ROW_BYTES and views it can address,
+    else pointer loads (descriptors None); True forces it (ValueError for a view it cannot address); False: off.
+    """
+    if tma is None:
+        tma = tma_supported(bk.device) and bk.shape[-1] * bk.element_size() <= TMA_MAX_ROW_BYTES
+        forced = False
+    else:
+        forced = tma
+    if not tma:
+        return False, None, None
+    bk_desc, bv_desc = _token_descriptor(bk, block_t), _token_descriptor(bv, block_t)
+    if bk_desc is None or bv_desc is None:
+        if forced:
+            raise ValueError("tma=True needs bk / bv views with a 16-byte aligned base and strides")
+        return False, None, None
+    return True, bk_desc, bv_desc
 
 
 @triton.jit

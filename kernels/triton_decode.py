@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._jit_common import LOG2E, dot as _dot, dot_probs, pdl_supported, signal_dependents, wait_for_primary
+from kernels._jit_common import (LOG2E, dot as _dot, dot_probs, pdl_supported, signal_dependents, token_descriptors,
+                                 token_rows, wait_for_primary)
 from kernels._launch import fit_block_t, next_pow2 as _next_pow2
 
 
@@ -114,35 +115,25 @@ def _head_factor_rank(A, tile, base, offs_h, offs_t, h_mask, t_mask, stride_at, 
 
 
 @triton.jit
-def _token_rows(ptrs, t_mask, MASKED: tl.constexpr):
-    """A block's [BLOCK_T, D] token-factor rows (bk or bv of one rank); MASKED: rows past the slice read 0."""
-    if MASKED:
-        rows = tl.load(ptrs, mask=t_mask[:, None], other=0.0)
-    else:
-        rows = tl.load(ptrs)
-    return rows
-
-
-@triton.jit
 def _factor_block(
-    q, qk_scale, acc, m_i, l_i, ak_tile, av_tile, AK, AV, BK, BV, ak_base, av_base, bk_base, bv_base,
-    offs_h, h_mask, offs_t, t_mask, offs_d,
-    stride_akt, stride_akh, stride_bkt, stride_bkr, stride_avt, stride_avh, stride_bvt, stride_bvr,
+    q, qk_scale, acc, m_i, l_i, ak_tile, av_tile, AK, AV, BK, BV, bk_desc, bv_desc, ak_base, av_base, b,
+    t0, offs_h, h_mask, offs_t, t_mask, offs_d,
+    stride_akt, stride_akh, stride_bkb, stride_bkt, stride_bkr, stride_avt, stride_avh, stride_bvb, stride_bvt,
+    stride_bvr,
     R_K: tl.constexpr, RK_PAD: tl.constexpr, R_V: tl.constexpr, RV_PAD: tl.constexpr,
-    HEAD_TILE: tl.constexpr, BLOCK_T: tl.constexpr, FROM_TILE: tl.constexpr, MASKED: tl.constexpr,
-    SCALED_Q: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
+    HEAD_TILE: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, FROM_TILE: tl.constexpr,
+    MASKED: tl.constexpr, SCALED_Q: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr, TMA: tl.constexpr,
 ):
     """One block of BLOCK_T tokens for the HEAD_TILE heads: online-softmax update of (acc, m_i, l_i).
 
     With SCALED_Q, q [HEAD_TILE, D] already carries qk_scale = scale * log2(e) / R_K, else the logits are
     scaled here; MASKED = False for blocks wholly inside the slice (no token masks on the loads or the logits).
     """
-    t_off = offs_t.to(tl.int64)
     # ---- logits [HEAD_TILE, BLOCK_T] = sum_r (q . bk_r) * ak_r
     logits = tl.zeros([HEAD_TILE, BLOCK_T], dtype=tl.float32)
     for r in tl.static_range(R_K):
-        bk = _token_rows(BK + bk_base + t_off[:, None] * stride_bkt + r * stride_bkr + offs_d[None, :], t_mask,
-                         MASKED)  # [BLOCK_T, D]
+        bk = token_rows(BK, bk_desc, b, t0, r, offs_t, t_mask, offs_d, stride_bkb, stride_bkt, stride_bkr,
+                        TMA, MASKED, BLOCK_T, HEAD_DIM)  # [BLOCK_T, D]
         a_r = _head_factor_rank(AK, ak_tile, ak_base, offs_h, offs_t, h_mask, t_mask, stride_akt, stride_akh, r,
                                 R_K, RK_PAD, FROM_TILE, MASKED)
         logits += _dot(q, tl.trans(bk), IEEE) * a_r
@@ -158,8 +149,8 @@ def _factor_block(
     acc = acc * alpha[:, None]
     # ---- values: acc += sum_r (p * av_r) . bv_r
     for r in tl.static_range(R_V):
-        bv = _token_rows(BV + bv_base + t_off[:, None] * stride_bvt + r * stride_bvr + offs_d[None, :], t_mask,
-                         MASKED)  # [BLOCK_T, D]
+        bv = token_rows(BV, bv_desc, b, t0, r, offs_t, t_mask, offs_d, stride_bvb, stride_bvt, stride_bvr,
+                        TMA, MASKED, BLOCK_T, HEAD_DIM)  # [BLOCK_T, D]
         a_r = _head_factor_rank(AV, av_tile, av_base, offs_h, offs_t, h_mask, t_mask, stride_avt, stride_avh, r,
                                 R_V, RV_PAD, FROM_TILE, MASKED)
         acc += dot_probs(p * a_r, bv, IEEE, SPLIT_P)
@@ -168,7 +159,7 @@ def _factor_block(
 
 @triton.jit
 def _decode_factor_kernel(
-    Q, AQ, BQ, AK, BK, AV, BV, LENS, PART_O, PART_LSE,
+    Q, AQ, BQ, AK, BK, AV, BV, bk_desc, bv_desc, LENS, PART_O, PART_LSE,
     stride_qb, stride_qh,
     stride_aqb, stride_aqh, stride_bqb, stride_bqr,
     stride_akb, stride_akt, stride_akh,
@@ -182,7 +173,7 @@ def _decode_factor_kernel(
     R_V: tl.constexpr, RV_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_TILE: tl.constexpr, BLOCK_T: tl.constexpr,
     Q_FACTORS: tl.constexpr, HF_MODE: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
-    PDL_SIGNAL: tl.constexpr,
+    PDL_SIGNAL: tl.constexpr, TMA: tl.constexpr,
 ):
     """Contextual K/V: one program = one slice of one sequence for HEAD_TILE heads.
 
@@ -224,8 +215,6 @@ def _decode_factor_kernel(
     acc = tl.zeros([HEAD_TILE, HEAD_DIM], dtype=tl.float32)
     ak_base = b64 * stride_akb
     av_base = b64 * stride_avb
-    bk_base = b64 * stride_bkb
-    bv_base = b64 * stride_bvb
     # Blocks wholly inside [start, end) run without token masks; only the slice's last block can be partial.
     full_end = start + (tl.maximum(end - start, 0) // BLOCK_T) * BLOCK_T
     # Triton software-pipelines the bk/bv loads (they feed tl.dot through shared memory) but not the head
@@ -254,10 +243,11 @@ def _decode_factor_kernel(
             ak_cur = ak_next
             av_cur = av_next
         acc, m_i, l_i = _factor_block(
-            q, qk_scale, acc, m_i, l_i, ak_cur, av_cur, AK, AV, BK, BV, ak_base, av_base, bk_base, bv_base,
-            offs_h, h_mask, offs_t, offs_t < end, offs_d,
-            stride_akt, stride_akh, stride_bkt, stride_bkr, stride_avt, stride_avh, stride_bvt, stride_bvr,
-            R_K, RK_PAD, R_V, RV_PAD, HEAD_TILE, BLOCK_T, HF_MODE != 0, False, Q_FACTORS, IEEE, SPLIT_P)
+            q, qk_scale, acc, m_i, l_i, ak_cur, av_cur, AK, AV, BK, BV, bk_desc, bv_desc, ak_base, av_base, b64,
+            t0, offs_h, h_mask, offs_t, offs_t < end, offs_d,
+            stride_akt, stride_akh, stride_bkb, stride_bkt, stride_bkr, stride_avt, stride_avh, stride_bvb,
+            stride_bvt, stride_bvr,
+            R_K, RK_PAD, R_V, RV_PAD, HEAD_TILE, BLOCK_T, HEAD_DIM, HF_MODE != 0, False, Q_FACTORS, IEEE, SPLIT_P, TMA)
     if full_end < end:  # the partial last block, masked (head factors: the prefetched tile is already masked)
         offs_t = full_end + offs_t0
         t_mask = offs_t < end
@@ -267,10 +257,11 @@ def _decode_factor_kernel(
             av_next = _load_head_factor(AV, av_base, offs_h, offs_t, h_mask, t_mask, stride_avt, stride_avh,
                                         R_V, RV_PAD)
         acc, m_i, l_i = _factor_block(
-            q, qk_scale, acc, m_i, l_i, ak_next, av_next, AK, AV, BK, BV, ak_base, av_base, bk_base, bv_base,
-            offs_h, h_mask, offs_t, t_mask, offs_d,
-            stride_akt, stride_akh, stride_bkt, stride_bkr, stride_avt, stride_avh, stride_bvt, stride_bvr,
-            R_K, RK_PAD, R_V, RV_PAD, HEAD_TILE, BLOCK_T, HF_MODE != 0, True, Q_FACTORS, IEEE, SPLIT_P)
+            q, qk_scale, acc, m_i, l_i, ak_next, av_next, AK, AV, BK, BV, bk_desc, bv_desc, ak_base, av_base, b64,
+            full_end, offs_h, h_mask, offs_t, t_mask, offs_d,
+            stride_akt, stride_akh, stride_bkb, stride_bkt, stride_bkr, stride_avt, stride_avh, stride_bvb,
+            stride_bvt, stride_bvr,
+            R_K, RK_PAD, R_V, RV_PAD, HEAD_TILE, BLOCK_T, HEAD_DIM, HF_MODE != 0, True, Q_FACTORS, IEEE, SPLIT_P, TMA)
 
     signal_dependents(PDL_SIGNAL == 1)
     _store_partial(PART_O, PART_LSE, acc, m_i, l_i, b64, offs_h, h_mask, pid_s, offs_d,
@@ -440,6 +431,7 @@ def decode_attention(
     pdl: bool | None = None,
     pdl_early: bool = False,
     max_registers: int | None = None,
+    tma: bool | None = None,
 ) -> Tensor:
     """FlashTPA decode launcher (inputs already validated by `kernels.triton_attention`).
 
@@ -460,6 +452,8 @@ def decode_attention(
         pdl_early: with PDL after the contextual / KV-only kernel, let the merge launch as that kernel starts
             (its programs wait on the device) instead of once every program has left its key loop.
         max_registers: cap on the split kernel's registers per thread (ptxas spills above it).
+        tma: contextual / KV-only: load the token factors of whole blocks through TMA descriptors
+            (`kernels._jit_common.token_rows`; default and forcing as in `kernels._jit_common.token_descriptors`).
 
     Returns:
         [B, 1, H, D] in the dtype of bk.
@@ -530,10 +524,11 @@ def decode_attention(
     else:
         R_Q = aq.shape[3] if aq is not None else 1
         dummy = bk  # the unused query pointers (Q_FACTORS keeps them unread)
+        tma, bk_desc, bv_desc = token_descriptors(bk, bv, block_t, tma)
         # Head tiles vary fastest in the grid, so the programs re-reading one slice's bk/bv run together (L2).
         _decode_factor_kernel[(n_head_tiles, B, num_splits)](
             q if q is not None else dummy, aq if aq is not None else dummy, bq if bq is not None else dummy,
-            ak, bk, av, bv, kv_lens, part_o, part_lse,
+            ak, bk, av, bv, bk_desc, bv_desc, kv_lens, part_o, part_lse,
             q.stride(0) if q is not None else 0, q.stride(2) if q is not None else 0,
             aq.stride(0) if aq is not None else 0, aq.stride(2) if aq is not None else 0,
             bq.stride(0) if bq is not None else 0, bq.stride(2) if bq is not None else 0,
@@ -547,7 +542,7 @@ def decode_attention(
             R_Q=R_Q, RQ_PAD=max(16, _next_pow2(R_Q)), R_K=R_K, RK_PAD=_next_pow2(R_K),
             R_V=R_V, RV_PAD=_next_pow2(R_V), HEAD_DIM=D, HEAD_TILE=h_pad, BLOCK_T=block_t,
             Q_FACTORS=q is None, HF_MODE=hf_mode, IEEE=ieee, SPLIT_P=split_p and not ieee,
-            PDL_SIGNAL=(2 if pdl_early else 1) if pdl else 0,
+            PDL_SIGNAL=(2 if pdl_early else 1) if pdl else 0, TMA=tma,
             num_warps=num_warps, num_stages=num_stages,
             **({} if max_registers is None else {"maxnreg": max_registers}),
         )

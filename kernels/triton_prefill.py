@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._jit_common import LOG2E, dot as _dot, dot_probs
+from kernels._jit_common import LOG2E, dot as _dot, dot_probs, token_descriptors, token_rows
 from kernels._launch import fit_block_t, next_pow2 as _next_pow2
 
 
@@ -49,12 +49,12 @@ def _rank(tile, r: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr):
 @triton.jit
 def _attend_block(
     q, acc, m_i, l_i, t0, pos, seq_len, ak, av,
-    BK, BV, b, g, offs_t0, offs_d,
+    BK, BV, bk_desc, bv_desc, b, g, offs_t0, offs_d,
     stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
     qk_scale,
     R_K: tl.constexpr, RK_PAD: tl.constexpr, R_V: tl.constexpr, RV_PAD: tl.constexpr,
-    FIXED: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    FIXED: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, SPLIT_P: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """One BLOCK_T block of keys for a [BLOCK_N, D] query tile of one head: update (acc, m_i, l_i).
 
@@ -62,17 +62,16 @@ def _attend_block(
     """
     offs_t = t0 + offs_t0
     t_mask = offs_t < seq_len
-    t_off = offs_t.to(tl.int64)  # a long cache's T offset times its stride passes 2^31
     # ---- scores [BLOCK_N, BLOCK_T]
     if FIXED:
-        bk = tl.load(BK + b * stride_bkb + t_off[:, None] * stride_bkt + g * stride_bkr + offs_d[None, :],
-                     mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
+        bk = token_rows(BK, bk_desc, b, t0, g, offs_t, t_mask, offs_d, stride_bkb, stride_bkt, stride_bkr,
+                         TMA, MASKED, BLOCK_T, HEAD_DIM)  # [BLOCK_T, D]
         s = _dot(q, tl.trans(bk), IEEE) * qk_scale
     else:
         # the logit scale rides on the [BLOCK_T] head factors: one multiply per score element, as for MHA
         for r in tl.static_range(R_K):
-            bk = tl.load(BK + b * stride_bkb + t_off[:, None] * stride_bkt + r * stride_bkr + offs_d[None, :],
-                         mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
+            bk = token_rows(BK, bk_desc, b, t0, r, offs_t, t_mask, offs_d, stride_bkb, stride_bkt, stride_bkr,
+                             TMA, MASKED, BLOCK_T, HEAD_DIM)  # [BLOCK_T, D]
             term = _dot(q, tl.trans(bk), IEEE) * (_rank(ak, r, R_K, RK_PAD) * qk_scale)[None, :]
             if r == 0:
                 s = term
@@ -91,13 +90,13 @@ def _attend_block(
     acc = acc * alpha[:, None]
     # ---- values: acc += sum_r (p * av_r) . bv_r
     if FIXED:
-        bv = tl.load(BV + b * stride_bvb + t_off[:, None] * stride_bvt + g * stride_bvr + offs_d[None, :],
-                     mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
+        bv = token_rows(BV, bv_desc, b, t0, g, offs_t, t_mask, offs_d, stride_bvb, stride_bvt, stride_bvr,
+                         TMA, MASKED, BLOCK_T, HEAD_DIM)  # [BLOCK_T, D]
         acc += dot_probs(p, bv, IEEE, SPLIT_P)
     else:
         for r in tl.static_range(R_V):
-            bv = tl.load(BV + b * stride_bvb + t_off[:, None] * stride_bvt + r * stride_bvr + offs_d[None, :],
-                         mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
+            bv = token_rows(BV, bv_desc, b, t0, r, offs_t, t_mask, offs_d, stride_bvb, stride_bvt, stride_bvr,
+                             TMA, MASKED, BLOCK_T, HEAD_DIM)  # [BLOCK_T, D]
             acc += dot_probs(p * _rank(av, r, R_V, RV_PAD)[None, :], bv, IEEE, SPLIT_P)
     return acc, m_new, l_i
 
@@ -119,12 +118,12 @@ def _block_head_factors(AK, AV, ak_base, av_base, t0, seq_len, offs_t0, stride_a
 
 @triton.jit
 def _key_block(
-    q, acc, m_i, l_i, ak_next, av_next, t0, pos, seq_len, AK, AV, BK, BV, ak_base, av_base, b, g, offs_t0, offs_d,
-    stride_akt, stride_avt, stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
+    q, acc, m_i, l_i, ak_next, av_next, t0, pos, seq_len, AK, AV, BK, BV, bk_desc, bv_desc, ak_base, av_base, b, g,
+    offs_t0, offs_d, stride_akt, stride_avt, stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
     qk_scale,
     R_K: tl.constexpr, RK_PAD: tl.constexpr, R_V: tl.constexpr, RV_PAD: tl.constexpr,
     FIXED: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr,
-    SPLIT_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    SPLIT_P: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """One loop step: the block at t0 with its head factors (prefetched: ak_next / av_next, whose successors are
     loaded here; else loaded now). Returns the updated (acc, m_i, l_i, ak_next, av_next)."""
@@ -136,15 +135,15 @@ def _key_block(
         ak, av = _block_head_factors(AK, AV, ak_base, av_base, t0, seq_len, offs_t0, stride_akt, stride_avt,
                                      R_K, RK_PAD, R_V, RV_PAD, FIXED, BLOCK_T)
     acc, m_i, l_i = _attend_block(
-        q, acc, m_i, l_i, t0, pos, seq_len, ak, av, BK, BV, b, g, offs_t0, offs_d,
+        q, acc, m_i, l_i, t0, pos, seq_len, ak, av, BK, BV, bk_desc, bv_desc, b, g, offs_t0, offs_d,
         stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
-        qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, MASKED, IEEE, SPLIT_P, BLOCK_N, BLOCK_T)
+        qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, MASKED, IEEE, SPLIT_P, TMA, BLOCK_N, BLOCK_T, HEAD_DIM)
     return acc, m_i, l_i, ak_next, av_next
 
 
 @triton.jit
 def _prefill_kernel(
-    Q, AQ, BQ, AK, BK, AV, BV, LENS, OUT,
+    Q, AQ, BQ, AK, BK, AV, BV, bk_desc, bv_desc, LENS, OUT,
     stride_qb, stride_qn, stride_qh,
     stride_aqb, stride_aqn, stride_aqh, stride_bqb, stride_bqn, stride_bqr,
     stride_akb, stride_akt, stride_akh,
@@ -156,7 +155,7 @@ def _prefill_kernel(
     R_Q: tl.constexpr, R_K: tl.constexpr, RK_PAD: tl.constexpr, R_V: tl.constexpr, RV_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     Q_FACTORS: tl.constexpr, FIXED: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr,
-    SPLIT_P: tl.constexpr,
+    SPLIT_P: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -201,14 +200,16 @@ def _prefill_kernel(
     # control flow. Blocks below full_end are visible to every row of the tile (no mask), the rest are diagonal.
     for t0 in range(0, full_end, BLOCK_T):
         acc, m_i, l_i, ak_next, av_next = _key_block(
-            q, acc, m_i, l_i, ak_next, av_next, t0, pos, seq_len, AK, AV, BK, BV, ak_base, av_base, b, g, offs_t0,
-            offs_d, stride_akt, stride_avt, stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
-            qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, False, IEEE, PREFETCH, SPLIT_P, BLOCK_N, BLOCK_T)
+            q, acc, m_i, l_i, ak_next, av_next, t0, pos, seq_len, AK, AV, BK, BV, bk_desc, bv_desc, ak_base, av_base,
+            b, g, offs_t0, offs_d, stride_akt, stride_avt, stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt,
+            stride_bvr, qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, False, IEEE, PREFETCH, SPLIT_P, TMA, BLOCK_N,
+            BLOCK_T, HEAD_DIM)
     for t0 in range(full_end, hi, BLOCK_T):
         acc, m_i, l_i, ak_next, av_next = _key_block(
-            q, acc, m_i, l_i, ak_next, av_next, t0, pos, seq_len, AK, AV, BK, BV, ak_base, av_base, b, g, offs_t0,
-            offs_d, stride_akt, stride_avt, stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
-            qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, True, IEEE, PREFETCH, SPLIT_P, BLOCK_N, BLOCK_T)
+            q, acc, m_i, l_i, ak_next, av_next, t0, pos, seq_len, AK, AV, BK, BV, bk_desc, bv_desc, ak_base, av_base,
+            b, g, offs_t0, offs_d, stride_akt, stride_avt, stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt,
+            stride_bvr, qk_scale, R_K, RK_PAD, R_V, RV_PAD, FIXED, True, IEEE, PREFETCH, SPLIT_P, TMA, BLOCK_N,
+            BLOCK_T, HEAD_DIM)
 
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc * (out_scale / safe_l)[:, None]
@@ -244,6 +245,7 @@ def prefill_attention(
     split_p: bool = False,
     prebuild_queries: bool | None = None,
     max_registers: int | None = None,
+    tma: bool | None = None,
 ) -> Tensor:
     """FlashTPA prefill/extend launcher (inputs already validated by `kernels.triton_attention`).
 
@@ -259,6 +261,8 @@ def prefill_attention(
         prebuild_queries: factored queries: build q = aq . bq with one batched matmul before the kernel instead
             of in every (query tile, head) program; default: from PREBUILD_QUERIES_MIN_N new tokens on.
         max_registers: cap on registers per thread (ptxas spills above it), to fit more programs per SM.
+        tma: load the token factors of unmasked key blocks through TMA descriptors (`kernels._jit_common.token_rows`;
+            default and forcing as in `kernels._jit_common.token_descriptors`).
 
     Returns:
         [B, N, H, D] in the dtype of bk.
@@ -288,6 +292,7 @@ def prefill_attention(
     num_warps = cfg[2] if num_warps is None else num_warps
     num_stages = cfg[3] if num_stages is None else num_stages
     block_t = fit_block_t(block_t, 2 if fixed else R_K + R_V, D, bk.element_size(), num_stages)
+    tma, bk_desc, bv_desc = token_descriptors(bk, bv, block_t, tma)
     out = torch.empty(B, N, H, D, device=bk.device, dtype=bk.dtype)
     dummy = bk
     z3 = (0, 0, 0)
@@ -301,7 +306,7 @@ def prefill_attention(
     grid = (triton.cdiv(N, block_n), B * H)
     _prefill_kernel[grid](
         q if q is not None else dummy, aq if aq is not None else dummy, bq if bq is not None else dummy,
-        ak if ak is not None else dummy, bk, av if av is not None else dummy, bv, kv_lens, out,
+        ak if ak is not None else dummy, bk, av if av is not None else dummy, bv, bk_desc, bv_desc, kv_lens, out,
         *q_str, *aq_str, *bq_str, *ak_str,
         bk.stride(0), bk.stride(1), bk.stride(2),
         *av_str,
@@ -310,7 +315,7 @@ def prefill_attention(
         N, H, H // R_K if fixed else H, T_cap, qk_scale, 1.0 if fixed else 1.0 / R_V,
         R_Q=R_Q, R_K=R_K, RK_PAD=_next_pow2(R_K), R_V=R_V, RV_PAD=_next_pow2(R_V), HEAD_DIM=D,
         BLOCK_N=block_n, BLOCK_T=block_t, Q_FACTORS=q is None, FIXED=fixed, IEEE=ieee, PREFETCH=prefetch,
-        SPLIT_P=split_p and not ieee,
+        SPLIT_P=split_p and not ieee, TMA=tma,
         num_warps=num_warps, num_stages=num_stages,
         **({} if max_registers is None else {"maxnreg": max_registers}),
     )

@@ -49,6 +49,9 @@ DECODE_CASES = [
     # probabilities split into hi + lo terms for the value product (float16: the split is live)
     ("contextual", 2, 6, 16, 45, [45, 20], (6, 2, 2), torch.float16, {"block_t": 16, "min_chunk": 8, "split_p": True}),
     ("fixed", 2, 8, 16, 40, [40, 11], (0, 2, 2), torch.float16, {"block_t": 16, "min_chunk": 8, "split_p": True}),
+    # whole blocks through TMA descriptors (the interpreter emulates them), each slice's partial block through pointers
+    ("contextual", 2, 7, 16, 75, [75, 40], (16, 1, 1), torch.float32, {"block_t": 16, "min_chunk": 20, "tma": True}),
+    ("kv_only", 1, 5, 16, 90, [83], (0, 2, 3), torch.float16, {"block_t": 16, "min_chunk": 16, "tma": True}),
 ]
 
 # form, B, N, H, D, T_cap, kv_lens, (R_Q, R_K, R_V), dtype, knobs
@@ -75,6 +78,10 @@ PREFILL_CASES = [
      {"block_n": 16, "block_t": 16, "prebuild_queries": True}),
     ("contextual", 1, 29, 3, 32, 29, [29], (16, 1, 1), torch.float16,
      {"block_n": 16, "block_t": 16, "prebuild_queries": True}),
+    # unmasked key blocks through TMA descriptors (the interpreter emulates them), masked ones through pointers
+    ("contextual", 2, 20, 3, 16, 70, [70, 37], (6, 2, 2), torch.float32, {"block_n": 16, "block_t": 16, "tma": True}),
+    ("kv_only", 1, 17, 5, 16, 64, [60], (0, 1, 2), torch.float16, {"block_n": 16, "block_t": 16, "tma": True}),
+    ("fixed", 2, 24, 6, 16, 57, [57, 24], (0, 3, 3), torch.float16, {"block_n": 16, "block_t": 16, "tma": True}),
 ]
 
 

@@ -62,6 +62,8 @@ VARIANT_CASES = [
     ("contextual", 2, 32, 30000, [30000, 77], (16, 1, 1), dict(pdl=False)),
     ("contextual", 1, 32, 30000, [29001], (16, 1, 1), dict(pdl_early=True)),
     ("fixed", 2, 32, 30000, [30000, 5000], (0, 8, 8), dict(pdl=True)),
+    # token factors through per-thread pointer loads instead of TMA (the default on Hopper)
+    ("contextual", 2, 34, 20000, [20000, 3001], (6, 2, 2), dict(tma=False)),
 ]
 
 
@@ -88,6 +90,8 @@ PREFILL_VARIANT_CASES = [
     # factored queries built by one matmul before the kernel (the default from 2,048 new tokens on)
     ("contextual", 2, 300, 32, 1000, [1000, 300], (16, 1, 1), dict(prebuild_queries=True)),
     ("contextual", 1, 2500, 34, 2600, [2600], (6, 2, 2), {}),
+    ("contextual", 2, 300, 32, 1000, [1000, 300], (16, 1, 1), dict(tma=False)),
+    ("fixed", 1, 500, 32, 900, [900], (0, 8, 8), dict(tma=False)),
 ]
 
 
