@@ -96,14 +96,15 @@ def _token_descriptor(x: torch.Tensor, block_t: int):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_t, 1, x.shape[-1]])
 
 
-def token_descriptors(bk: torch.Tensor, bv: torch.Tensor, block_t: int, tma: bool | None) -> tuple:
+def token_descriptors(bk: torch.Tensor, bv: torch.Tensor, block_t: int, tma: bool | None, pays: bool) -> tuple:
     """(use TMA, bk descriptor, bv descriptor) for a launch whose token blocks are `block_t` long.
 
-    tma None: TMA where supported (`tma_supported`) for rows of at most TMA_MAX_ROW_BYTES and views it can address,
-    else pointer loads (descriptors None); True forces it (ValueError for a view it cannot address); False: off.
+    tma None: TMA where the caller measured it to pay (`pays`), where supported (`tma_supported`), for rows of at
+    most TMA_MAX_ROW_BYTES and views it can address; else pointer loads (descriptors None). True forces it
+    (ValueError for a view it cannot address); False: off.
     """
     if tma is None:
-        tma = tma_supported(bk.device) and bk.shape[-1] * bk.element_size() <= TMA_MAX_ROW_BYTES
+        tma = pays and tma_supported(bk.device) and bk.shape[-1] * bk.element_size() <= TMA_MAX_ROW_BYTES
         forced = False
     else:
         forced = tma

@@ -453,7 +453,9 @@ def decode_attention(
             (its programs wait on the device) instead of once every program has left its key loop.
         max_registers: cap on the split kernel's registers per thread (ptxas spills above it).
         tma: contextual / KV-only: load the token factors of whole blocks through TMA descriptors
-            (`kernels._jit_common.token_rows`; default and forcing as in `kernels._jit_common.token_descriptors`).
+            (`kernels._jit_common.token_rows`; forcing as in `kernels._jit_common.token_descriptors`); default:
+            rank-1 factors, where it paid (paper shape B = 16, M = 2^16: 105.7 vs 107.2 us; B = 4: 34.8 vs 35.6),
+            not higher ranks (T6 H = 34, B = 16, M = 2^16: 361.2 vs 318.7; H200, 2026-11-29 00:27 UTC).
 
     Returns:
         [B, 1, H, D] in the dtype of bk.
@@ -524,7 +526,7 @@ def decode_attention(
     else:
         R_Q = aq.shape[3] if aq is not None else 1
         dummy = bk  # the unused query pointers (Q_FACTORS keeps them unread)
-        tma, bk_desc, bv_desc = token_descriptors(bk, bv, block_t, tma)
+        tma, bk_desc, bv_desc = token_descriptors(bk, bv, block_t, tma, pays=rank_one)
         # Head tiles vary fastest in the grid, so the programs re-reading one slice's bk/bv run together (L2).
         _decode_factor_kernel[(n_head_tiles, B, num_splits)](
             q if q is not None else dummy, aq if aq is not None else dummy, bq if bq is not None else dummy,

@@ -224,6 +224,9 @@ def _prefill_kernel(
 # in-kernel: N = M = 8,192 1004.5 vs 1039.9 us, N = M = 2,048 99.8 vs 103.6, N = 4,096 after 4,096 cached 747.0
 # vs 763.5; but N = 1,024 after 1,024 69.8 vs 68.7 and N = 256 after 3,840 50.1 vs 47.0.
 PREBUILD_QUERIES_MIN_N = 2048
+# ... and only for many query ranks: at R_Q = 6 (T6, H = 34, N = M = 2,048) the in-kernel build was faster (164.9
+# vs 176.4 us, 00:27 UTC).
+PREBUILD_QUERIES_MIN_R = 16
 
 
 def prefill_attention(
@@ -259,10 +262,13 @@ def prefill_attention(
         split_p: 16-bit inputs: each probability tile enters the value product as two cache-dtype terms (hi + lo),
             so it keeps ~16 mantissa bits instead of 8 (one more tensor-core product per block)
         prebuild_queries: factored queries: build q = aq . bq with one batched matmul before the kernel instead
-            of in every (query tile, head) program; default: from PREBUILD_QUERIES_MIN_N new tokens on.
+            of in every (query tile, head) program; default: from PREBUILD_QUERIES_MIN_N new tokens and
+            PREBUILD_QUERIES_MIN_R query ranks on.
         max_registers: cap on registers per thread (ptxas spills above it), to fit more programs per SM.
         tma: load the token factors of unmasked key blocks through TMA descriptors (`kernels._jit_common.token_rows`;
-            default and forcing as in `kernels._jit_common.token_descriptors`).
+            forcing as in `kernels._jit_common.token_descriptors`); default: contextual / KV-only, where it paid
+            (paper shape N = M = 8,192: 929.2 vs 966.6 us; N = 256 after 3,840: 46.7 vs 53.8), not fixed head
+            factors (MHA-as-TPA N = M = 8,192: 767.2 vs 746.9; H200, 2026-11-29 00:27 UTC).
 
     Returns:
         [B, N, H, D] in the dtype of bk.
@@ -271,7 +277,9 @@ def prefill_attention(
     R_V = bv.shape[2]
     fixed = ak is None
     q_scale = 1.0  # what the logits owe the query: 1 / R_Q for queries built from factors outside the kernel
-    if q is None and (aq.shape[1] >= PREBUILD_QUERIES_MIN_N if prebuild_queries is None else prebuild_queries):
+    if prebuild_queries is None:
+        prebuild_queries = q is None and aq.shape[1] >= PREBUILD_QUERIES_MIN_N and aq.shape[3] >= PREBUILD_QUERIES_MIN_R
+    if q is None and prebuild_queries:
         q_scale = 1.0 / aq.shape[3]
         q, aq, bq = torch.matmul(aq, bq), None, None  # [B, N, H, R_Q] @ [B, N, R_Q, D] -> [B, N, H, D]
     if q is not None:
@@ -292,7 +300,7 @@ def prefill_attention(
     num_warps = cfg[2] if num_warps is None else num_warps
     num_stages = cfg[3] if num_stages is None else num_stages
     block_t = fit_block_t(block_t, 2 if fixed else R_K + R_V, D, bk.element_size(), num_stages)
-    tma, bk_desc, bv_desc = token_descriptors(bk, bv, block_t, tma)
+    tma, bk_desc, bv_desc = token_descriptors(bk, bv, block_t, tma, pays=not fixed)
     out = torch.empty(B, N, H, D, device=bk.device, dtype=bk.dtype)
     dummy = bk
     z3 = (0, 0, 0)
