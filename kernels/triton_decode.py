@@ -26,7 +26,10 @@ Why it is shaped this way (../shared/design/tpa-reference.md, performance.md):
 - Fixed head factors (GQA): one program per (sequence, group), the group's heads stacked as query rows (padded
   to 16 for tl.dot), reading the ordinary [B, T, G, D] cache.
 - Every tensor is addressed by its strides (last dim contiguous): the FactorCache views are read in place;
-  batch and token offsets are 64-bit (a 16 x 2^18-token GQA cache passes 2^31 elements).
+  batch and token offsets are 64-bit (a 16 x 2^18-token GQA cache passes 2^31 elements). On Hopper the rank-1
+  kernel loads whole blocks of bk / bv through TMA descriptors over the same views (`_jit_common.token_rows`).
+- After the contextual / KV-only kernel the merge is a programmatic dependent launch (PDL): it is launched while
+  the split programs finish and waits for their partials on the device.
 """
 
 from __future__ import annotations

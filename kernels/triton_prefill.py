@@ -8,8 +8,11 @@ the device, never compiled in.
 Contextual K/V stay in factor space, as in decode: scores = sum_r (q . bk_r) * ak_r and the output
 sum_r (p * av_r) . bv_r, one tl.dot per rank. Nothing is rebuilt or rounded to the cache dtype on the way (a
 materialised bf16 K tile costs an extra rounding: 3.4e-3 relative error measured on an H200 for a KV-only
-prefill, over the 3e-3 target), and the rank-1 paper shape costs exactly one dot per side, like MHA. Fixed head factors read bk/bv of the head's
-group directly: ordinary GQA. The cache is read in place by its strides.
+prefill, over the 3e-3 target), and the rank-1 paper shape costs exactly one dot per side, like MHA. Fixed head
+factors read bk/bv of the head's group directly: ordinary GQA. The cache is read in place by its strides; on
+Hopper the contextual / KV-only forms load the blocks every row may read through TMA descriptors over the same
+views (`_jit_common.token_rows`). Long prompts with many query ranks get their queries built by one matmul before
+the kernel (PREBUILD_QUERIES_MIN_N).
 """
 
 from __future__ import annotations
