@@ -74,7 +74,8 @@ def build(box: dict, arch: int):
     signature, constants, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
         value = kwargs[name] if name in kwargs else args[i]
-        if name in kwargs or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+        unit_int = isinstance(value, int) and not isinstance(value, bool) and value == 1
+        if name in kwargs or value is None or unit_int:  # the JIT specialises None and 1 as constants
             signature[name], constants[name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[name], attrs[(i,)] = POINTER_TYPES[value.dtype], [["tt.divisibility", 16]]
