@@ -368,8 +368,8 @@ def sweep(run: Runner, rows: list[dict]) -> None:
 
 # Decode launch variants: (label, knobs). "default" = the launcher's own defaults; "split_p": the probabilities
 # enter the value product as hi + lo terms (kernels._jit_common.dot_probs); "tma=off": token factors through
-# per-thread pointer loads instead of TMA descriptors; "pdl=off" / "pdl_early": the merge launched the usual way /
-# as soon as the split kernel starts. Variants measured once and dropped are in benchmarks/RESULTS.md.
+# per-thread pointer loads instead of TMA descriptors; "pdl=off": the merge launched the usual way, not as a
+# programmatic dependent. Variants measured once and dropped are in benchmarks/RESULTS.md.
 PAPER_VARIANTS = [("default", {}), ("tma=off", dict(tma=False)), ("pdl=off", dict(pdl=False)),
                   ("split_p", dict(split_p=True))]
 T6_VARIANTS = [("default", {}), ("tma=off", dict(tma=False)), ("min_chunk=32", dict(min_chunk=32)),

@@ -433,7 +433,6 @@ def decode_attention(
     split_p: bool = False,
     pdl: bool | None = None,
     pdl_early: bool = False,
-    max_registers: int | None = None,
     tma: bool | None = None,
 ) -> Tensor:
     """FlashTPA decode launcher (inputs already validated by `kernels.triton_attention`).
@@ -454,7 +453,6 @@ def decode_attention(
             kernel's tail), where supported (`kernels._jit_common.pdl_supported`); default: contextual / KV-only.
         pdl_early: with PDL after the contextual / KV-only kernel, let the merge launch as that kernel starts
             (its programs wait on the device) instead of once every program has left its key loop.
-        max_registers: cap on the split kernel's registers per thread (ptxas spills above it).
         tma: contextual / KV-only: load the token factors of whole blocks through TMA descriptors
             (`kernels._jit_common.token_rows`; forcing as in `kernels._jit_common.token_descriptors`); default:
             rank-1 factors, where it paid (paper shape B = 16, M = 2^16: 105.7 vs 107.2 us; B = 4: 34.8 vs 35.6),
@@ -549,7 +547,6 @@ def decode_attention(
             Q_FACTORS=q is None, HF_MODE=hf_mode, IEEE=ieee, SPLIT_P=split_p and not ieee,
             PDL_SIGNAL=(2 if pdl_early else 1) if pdl else 0, TMA=tma,
             num_warps=num_warps, num_stages=num_stages,
-            **({} if max_registers is None else {"maxnreg": max_registers}),
         )
     s_pad, block_d = merge_tile(num_splits, D)
     _decode_merge_kernel[(B, H, D // block_d)](

@@ -250,7 +250,6 @@ def prefill_attention(
     prefetch: bool = True,
     split_p: bool = False,
     prebuild_queries: bool | None = None,
-    max_registers: int | None = None,
     tma: bool | None = None,
 ) -> Tensor:
     """FlashTPA prefill/extend launcher (inputs already validated by `kernels.triton_attention`).
@@ -267,7 +266,6 @@ def prefill_attention(
         prebuild_queries: factored queries: build q = aq . bq with one batched matmul before the kernel instead
             of in every (query tile, head) program; default: from PREBUILD_QUERIES_MIN_N new tokens and
             PREBUILD_QUERIES_MIN_R query ranks on.
-        max_registers: cap on registers per thread (ptxas spills above it), to fit more programs per SM.
         tma: load the token factors of unmasked key blocks through TMA descriptors (`kernels._jit_common.token_rows`;
             forcing as in `kernels._jit_common.token_descriptors`); default: contextual / KV-only, where it paid
             (paper shape N = M = 8,192: 929.2 vs 966.6 us; N = 256 after 3,840: 46.7 vs 53.8), not fixed head
@@ -328,6 +326,5 @@ def prefill_attention(
         BLOCK_N=block_n, BLOCK_T=block_t, Q_FACTORS=q is None, FIXED=fixed, IEEE=ieee, PREFETCH=prefetch,
         SPLIT_P=split_p and not ieee, TMA=tma,
         num_warps=num_warps, num_stages=num_stages,
-        **({} if max_registers is None else {"maxnreg": max_registers}),
     )
     return out
