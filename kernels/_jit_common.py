@@ -81,8 +81,8 @@ def tma_supported(device: torch.device) -> bool:
     return device.type == "cuda" and TensorDescriptor is not None and _hopper_or_later(device.index or 0)
 
 
-# TMA loads by default only for token-factor rows of at most this many bytes (D = 64 in bf16: one 128-byte
-# swizzle span); wider rows were not measured.
+# The factor kernels load through TMA by default only for token-factor rows of at most this many bytes (D = 64
+# in bf16: one 128-byte swizzle span); wider rows were timed only in the GQA decode (D = 128, where TMA paid).
 TMA_MAX_ROW_BYTES = 128
 
 
@@ -96,15 +96,17 @@ def _token_descriptor(x: torch.Tensor, block_t: int):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_t, 1, x.shape[-1]])
 
 
-def token_descriptors(bk: torch.Tensor, bv: torch.Tensor, block_t: int, tma: bool | None, pays: bool) -> tuple:
+def token_descriptors(bk: torch.Tensor, bv: torch.Tensor, block_t: int, tma: bool | None, pays: bool,
+                      max_row_bytes: int | None = TMA_MAX_ROW_BYTES) -> tuple:
     """(use TMA, bk descriptor, bv descriptor) for a launch whose token blocks are `block_t` long.
 
-    tma None: TMA where the caller measured it to pay (`pays`), where supported (`tma_supported`), for rows of at
-    most TMA_MAX_ROW_BYTES and views it can address; else pointer loads (descriptors None). True forces it
-    (ValueError for a view it cannot address); False: off.
+    tma None: TMA where the caller measured it to pay (`pays`, for rows of at most `max_row_bytes`; None: any),
+    where supported (`tma_supported`) and for views it can address; else pointer loads (descriptors None). True
+    forces it (ValueError for a view it cannot address); False: off.
     """
     if tma is None:
-        tma = pays and tma_supported(bk.device) and bk.shape[-1] * bk.element_size() <= TMA_MAX_ROW_BYTES
+        narrow = max_row_bytes is None or bk.shape[-1] * bk.element_size() <= max_row_bytes
+        tma = pays and narrow and tma_supported(bk.device)
         forced = False
     else:
         forced = tma

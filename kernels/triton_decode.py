@@ -27,7 +27,8 @@ Why it is shaped this way (../shared/design/tpa-reference.md, performance.md):
   to 16 for tl.dot), reading the ordinary [B, T, G, D] cache.
 - Every tensor is addressed by its strides (last dim contiguous): the FactorCache views are read in place;
   batch and token offsets are 64-bit (a 16 x 2^18-token GQA cache passes 2^31 elements). On Hopper the rank-1
-  kernel loads whole blocks of bk / bv through TMA descriptors over the same views (`_jit_common.token_rows`).
+  and GQA kernels load whole blocks of bk / bv through TMA descriptors over the same views
+  (`_jit_common.token_rows`); a slice's partial last block loads through masked pointers.
 - After the contextual / KV-only kernel the merge is a programmatic dependent launch (PDL): it is launched while
   the split programs finish and waits for their partials on the device.
 """
@@ -272,8 +273,29 @@ def _decode_factor_kernel(
 
 
 @triton.jit
+def _gqa_block(q, qk_scale, acc, m_i, l_i, BK, BV, bk_desc, bv_desc, b, g, t0, offs_t, t_mask, offs_d,
+               stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt, stride_bvr,
+               IEEE: tl.constexpr, SPLIT_P: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr,
+               BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One block of BLOCK_T tokens of group g for its heads (the query rows): online-softmax update."""
+    bk = token_rows(BK, bk_desc, b, t0, g, offs_t, t_mask, offs_d, stride_bkb, stride_bkt, stride_bkr,
+                    TMA, MASKED, BLOCK_T, HEAD_DIM)  # [BLOCK_T, D]
+    logits = _dot(q, tl.trans(bk), IEEE) * qk_scale  # [H_PAD, BLOCK_T]
+    if MASKED:
+        logits = tl.where(t_mask[None, :], logits, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(logits, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(logits - m_new[:, None])  # [H_PAD, BLOCK_T]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    bv = token_rows(BV, bv_desc, b, t0, g, offs_t, t_mask, offs_d, stride_bvb, stride_bvt, stride_bvr,
+                    TMA, MASKED, BLOCK_T, HEAD_DIM)  # [BLOCK_T, D]
+    acc = acc * alpha[:, None] + dot_probs(p, bv, IEEE, SPLIT_P)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _decode_gqa_kernel(
-    Q, BK, BV, LENS, PART_O, PART_LSE,
+    Q, BK, BV, bk_desc, bv_desc, LENS, PART_O, PART_LSE,
     stride_qb, stride_qh,
     stride_bkb, stride_bkt, stride_bkr,
     stride_bvb, stride_bvt, stride_bvr,
@@ -281,7 +303,7 @@ def _decode_gqa_kernel(
     stride_plb, stride_plh,
     T_cap, heads_per_group, n_groups, num_splits, min_chunk, qk_scale,
     HEAD_DIM: tl.constexpr, H_PAD: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
-    SPLIT_P: tl.constexpr, PDL: tl.constexpr,
+    SPLIT_P: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr,
 ):
     """Fixed head factors (GQA): one program = one slice of one (sequence, group); the group's heads are rows."""
     pid_bg = tl.program_id(0)
@@ -302,21 +324,18 @@ def _decode_gqa_kernel(
     m_i = tl.full([H_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([H_PAD], dtype=tl.float32)
     acc = tl.zeros([H_PAD, HEAD_DIM], dtype=tl.float32)
-    for t0 in range(start, end, BLOCK_T):
+    # Blocks wholly inside [start, end) run without token masks; only the slice's last block can be partial.
+    full_end = start + (tl.maximum(end - start, 0) // BLOCK_T) * BLOCK_T
+    for t0 in range(start, full_end, BLOCK_T):
         offs_t = t0 + offs_t0
-        t_mask = offs_t < end
-        t_off = offs_t.to(tl.int64)
-        bk = tl.load(BK + b64 * stride_bkb + t_off[:, None] * stride_bkt + g * stride_bkr + offs_d[None, :],
-                     mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-        logits = tl.where(t_mask[None, :], _dot(q, tl.trans(bk), IEEE) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(logits - m_new[:, None])  # [H_PAD, BLOCK_T]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        bv = tl.load(BV + b64 * stride_bvb + t_off[:, None] * stride_bvt + g * stride_bvr + offs_d[None, :],
-                     mask=t_mask[:, None], other=0.0)  # [BLOCK_T, D]
-        acc = acc * alpha[:, None] + dot_probs(p, bv, IEEE, SPLIT_P)
-        m_i = m_new
+        acc, m_i, l_i = _gqa_block(q, qk_scale, acc, m_i, l_i, BK, BV, bk_desc, bv_desc, b64, g, t0, offs_t,
+                                   offs_t < end, offs_d, stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt,
+                                   stride_bvr, IEEE, SPLIT_P, TMA, False, BLOCK_T, HEAD_DIM)
+    if full_end < end:
+        offs_t = full_end + offs_t0
+        acc, m_i, l_i = _gqa_block(q, qk_scale, acc, m_i, l_i, BK, BV, bk_desc, bv_desc, b64, g, full_end, offs_t,
+                                   offs_t < end, offs_d, stride_bkb, stride_bkt, stride_bkr, stride_bvb, stride_bvt,
+                                   stride_bvr, IEEE, SPLIT_P, TMA, True, BLOCK_T, HEAD_DIM)
 
     signal_dependents(PDL)
     _store_partial(PART_O, PART_LSE, acc, m_i, l_i, b64, head, h_mask, pid_s, offs_d,
@@ -453,10 +472,12 @@ def decode_attention(
             kernel's tail), where supported (`kernels._jit_common.pdl_supported`); default: contextual / KV-only.
         pdl_early: with PDL after the contextual / KV-only kernel, let the merge launch as that kernel starts
             (its programs wait on the device) instead of once every program has left its key loop.
-        tma: contextual / KV-only: load the token factors of whole blocks through TMA descriptors
+        tma: load the token factors (bk / bv, or K / V of a group) of whole blocks through TMA descriptors
             (`kernels._jit_common.token_rows`; forcing as in `kernels._jit_common.token_descriptors`); default:
-            rank-1 factors, where it paid (paper shape B = 16, M = 2^16: 105.7 vs 107.2 us; B = 4: 34.8 vs 35.6),
-            not higher ranks (T6 H = 34, B = 16, M = 2^16: 361.2 vs 318.7; H200, 2026-11-29 00:27 UTC).
+            fixed head factors at any head dim (Llama-3-8B shape B = 4, M = 2^18: 1025-1027 vs 1066-1076 us,
+            SmolLM2-135M B = 4, M = 2^18: 202.7 vs 206.0-206.3; H200, 2026-11-29 00:55 UTC) and rank-1 factors
+            (paper shape B = 16, M = 2^16: 105.7 vs 107.2 us; B = 4: 34.8 vs 35.6), not higher ranks (T6 H = 34,
+            B = 16, M = 2^16: 361.2 vs 318.7; 00:27 UTC).
 
     Returns:
         [B, 1, H, D] in the dtype of bk.
@@ -513,15 +534,16 @@ def decode_attention(
     out = torch.empty(B, 1, H, D, device=dev, dtype=bk.dtype)
     ieee = bk.dtype == torch.float32
     if fixed:
+        tma, bk_desc, bv_desc = token_descriptors(bk, bv, block_t, tma, pays=True, max_row_bytes=None)
         _decode_gqa_kernel[(B * n_groups, num_splits)](
-            q, bk, bv, kv_lens, part_o, part_lse,
+            q, bk, bv, bk_desc, bv_desc, kv_lens, part_o, part_lse,
             q.stride(0), q.stride(2),
             bk.stride(0), bk.stride(1), bk.stride(2),
             bv.stride(0), bv.stride(1), bv.stride(2),
             part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_lse.stride(0), part_lse.stride(1),
             T_cap, H // n_groups, n_groups, num_splits, min_chunk, scale * LOG2E,
-            HEAD_DIM=D, H_PAD=h_pad, BLOCK_T=block_t, IEEE=ieee, SPLIT_P=split_p and not ieee, PDL=pdl,
+            HEAD_DIM=D, H_PAD=h_pad, BLOCK_T=block_t, IEEE=ieee, SPLIT_P=split_p and not ieee, PDL=pdl, TMA=tma,
             num_warps=num_warps, num_stages=num_stages,
         )
     else:
