@@ -52,6 +52,7 @@ DECODE_CASES = [
     # whole blocks through TMA descriptors (the interpreter emulates them), each slice's partial block through pointers
     ("contextual", 2, 7, 16, 75, [75, 40], (16, 1, 1), torch.float32, {"block_t": 16, "min_chunk": 20, "tma": True}),
     ("kv_only", 1, 5, 16, 90, [83], (0, 2, 3), torch.float16, {"block_t": 16, "min_chunk": 16, "tma": True}),
+    ("fixed", 2, 8, 16, 75, [75, 29], (0, 2, 2), torch.float16, {"block_t": 16, "min_chunk": 20, "tma": True}),
 ]
 
 # form, B, N, H, D, T_cap, kv_lens, (R_Q, R_K, R_V), dtype, knobs
@@ -82,6 +83,9 @@ PREFILL_CASES = [
     ("contextual", 2, 20, 3, 16, 70, [70, 37], (6, 2, 2), torch.float32, {"block_n": 16, "block_t": 16, "tma": True}),
     ("kv_only", 1, 17, 5, 16, 64, [60], (0, 1, 2), torch.float16, {"block_n": 16, "block_t": 16, "tma": True}),
     ("fixed", 2, 24, 6, 16, 57, [57, 24], (0, 3, 3), torch.float16, {"block_n": 16, "block_t": 16, "tma": True}),
+    # query tiles launched first to last (the default runs them last to first)
+    ("contextual", 2, 37, 3, 16, 50, [50, 37], (6, 2, 2), torch.float32,
+     {"block_n": 16, "block_t": 16, "heavy_first": False}),
 ]
 
 

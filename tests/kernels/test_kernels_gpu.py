@@ -64,6 +64,7 @@ VARIANT_CASES = [
     ("fixed", 2, 32, 30000, [30000, 5000], (0, 8, 8), dict(pdl=True)),
     # token factors through per-thread pointer loads instead of TMA (the default on Hopper)
     ("contextual", 2, 34, 20000, [20000, 3001], (6, 2, 2), dict(tma=False)),
+    ("fixed", 2, 32, 30000, [30000, 5001], (0, 8, 8), dict(tma=False)),
 ]
 
 
@@ -92,6 +93,8 @@ PREFILL_VARIANT_CASES = [
     ("contextual", 1, 2500, 34, 2600, [2600], (6, 2, 2), {}),
     ("contextual", 2, 300, 32, 1000, [1000, 300], (16, 1, 1), dict(tma=False)),
     ("fixed", 1, 500, 32, 900, [900], (0, 8, 8), dict(tma=False)),
+    # query tiles launched first to last (the default: last to first)
+    ("contextual", 2, 300, 32, 1000, [1000, 300], (16, 1, 1), dict(heavy_first=False)),
 ]
 
 
