@@ -4,7 +4,9 @@
         [--official DIR] [--sweep] [--smoke]
 
 Timing: the call(s) captured in a CUDA graph, median over replays (events), after warm-up; inputs are fresh
-random bf16 tensors, several sets rotated inside one graph when one set would sit in the 60 MB L2. Every timed
+random bf16 tensors, several sets rotated inside one graph when one set would sit in the 60 MB L2. With
+--rounds K every configuration (ours and each baseline alike) is timed K times in a row, each round on fresh
+allocations, and the median round is reported: one allocation can read several percent slower than the next. Every timed
 variant of ours is checked against the float64 torch reference (where it fits in memory). The decode floor is
 the factor bytes read / the device-to-device copy bandwidth measured in the same run.
 Baselines: SDPA decode with the grouped heads stacked as query rows (MHA: 1 row per head; GQA-4: 4 KV heads,
@@ -50,8 +52,8 @@ CHECK_MAX_ELEMS = 1 << 31  # float64 reference only when the biggest float64 tem
 class Runner:
     """Timing and checking helpers bound to one device."""
 
-    def __init__(self, device: torch.device, backend: str, reps: int) -> None:
-        self.device, self.backend, self.reps = device, backend, reps
+    def __init__(self, device: torch.device, backend: str, reps: int, rounds: int = 1) -> None:
+        self.device, self.backend, self.reps, self.rounds = device, backend, reps, rounds
         self.cuda = device.type == "cuda"
 
     def rand(self, *shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -159,23 +161,32 @@ def rel_err_vs_reference(run: Runner, args: dict, out: torch.Tensor) -> float | 
 
 def time_ours(run: Runner, make: Callable[[], dict], set_bytes: int, check: bool = True,
               launcher: Callable | None = None, **knobs) -> tuple[float, float | None]:
-    sets = [make() for _ in range(run.n_sets(set_bytes))]
-    if knobs or launcher is not None:  # tuning: call a launcher directly with explicit launch parameters
-        first = sets[0]
-        if launcher is None:
-            N = (first["q"] if first["q"] is not None else first["aq"]).shape[1]
-            launcher = _launcher("decode" if N == 1 else "prefill")
-        scale = first["bk"].shape[-1] ** -0.5
-        calls = [lambda s=s: launcher(**s, scale=scale, **knobs) for s in sets]
-    else:
-        calls = [lambda s=s: attention(**s, backend=run.backend) for s in sets]
-    # Timed before the float64 check: a check that ran first (GBs of float64 for the large shapes) left the kernel
-    # timed right after it 14-21% slower on the H200 (2026-11-28, 23:10 vs 23:17 UTC; benchmarks/RESULTS.md).
-    us = run.time_calls(calls)
-    err = checked_error(run, sets[0], calls[0]) if check else None
-    del sets, calls
-    run.free()
-    return us, err
+    """Median microseconds over `run.rounds` rounds (fresh inputs each) and the last round's error (or None)."""
+    times, err = [], None
+    for i in range(run.rounds):
+        sets = [make() for _ in range(run.n_sets(set_bytes))]
+        calls = _our_calls(run, sets, launcher, knobs)
+        # Timed before the float64 check: a check that ran first (GBs of float64 for the large shapes) left the
+        # kernel timed right after it 14-21% slower on the H200 (2026-11-28, 23:10 vs 23:17 UTC; RESULTS.md).
+        times.append(run.time_calls(calls))
+        if check and i == run.rounds - 1:
+            err = checked_error(run, sets[0], calls[0])
+        del sets, calls
+        run.free()
+    return statistics.median(times), err
+
+
+def _our_calls(run: Runner, sets: list[dict], launcher: Callable | None, knobs: dict) -> list[Callable[[], object]]:
+    """One call of ours per input set: through a launcher with explicit launch parameters (tuning), else the
+    dispatcher with the run's backend."""
+    if not knobs and launcher is None:
+        return [lambda s=s: attention(**s, backend=run.backend) for s in sets]
+    first = sets[0]
+    if launcher is None:
+        N = (first["q"] if first["q"] is not None else first["aq"]).shape[1]
+        launcher = _launcher("decode" if N == 1 else "prefill")
+    scale = first["bk"].shape[-1] ** -0.5
+    return [lambda s=s: launcher(**s, scale=scale, **knobs) for s in sets]
 
 
 def checked_error(run: Runner, args: dict, call: Callable[[], torch.Tensor]) -> float | None:
@@ -205,31 +216,44 @@ def best_sdpa(run: Runner, calls: list[Callable[[], object]]) -> tuple[float, st
     return best, label
 
 
+def median_round(run: Runner, one_round: Callable[[], tuple[float, str]]) -> tuple[float, str]:
+    """The median of `run.rounds` (microseconds, backend) results by time."""
+    results = sorted((one_round() for _ in range(run.rounds)), key=lambda r: r[0])
+    return results[(len(results) - 1) // 2]
+
+
 def sdpa_decode(run: Runner, B: int, M: int, H: int, G: int, D: int) -> tuple[float, str]:
-    """Best SDPA backend for decode with G KV heads, the H/G heads of a group as query rows."""
+    """Best SDPA backend for decode with G KV heads, the H/G heads of a group as query rows (median round)."""
     set_bytes = 2 * B * G * M * D * 2
-    sets = [(run.rand(B, G, H // G, D), run.rand(B, G, M, D), run.rand(B, G, M, D))
-            for _ in range(run.n_sets(set_bytes))]
-    result = best_sdpa(run, [lambda s=s: F.scaled_dot_product_attention(*s) for s in sets])
-    del sets
-    run.free()
-    return result
+
+    def one_round() -> tuple[float, str]:
+        sets = [(run.rand(B, G, H // G, D), run.rand(B, G, M, D), run.rand(B, G, M, D))
+                for _ in range(run.n_sets(set_bytes))]
+        result = best_sdpa(run, [lambda s=s: F.scaled_dot_product_attention(*s) for s in sets])
+        del sets
+        run.free()
+        return result
+
+    return median_round(run, one_round)
 
 
 def sdpa_prefill(run: Runner, B: int, N: int, M: int, H: int, D: int) -> tuple[float, str]:
-    """SDPA causal prefill (N = M: is_causal; N < M: lower-right causal bias), best backend."""
+    """SDPA causal prefill (N = M: is_causal; N < M: lower-right causal bias), best backend (median round)."""
     from torch.nn.attention.bias import causal_lower_right
 
-    q, k, v = run.rand(B, H, N, D), run.rand(B, H, M, D), run.rand(B, H, M, D)
-    if N == M:
-        call = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-    else:
-        bias = causal_lower_right(N, M)
-        call = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # noqa: E731
-    result = best_sdpa(run, [call])
-    del q, k, v
-    run.free()
-    return result
+    def one_round() -> tuple[float, str]:
+        q, k, v = run.rand(B, H, N, D), run.rand(B, H, M, D), run.rand(B, H, M, D)
+        if N == M:
+            call = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        else:
+            bias = causal_lower_right(N, M)
+            call = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # noqa: E731
+        result = best_sdpa(run, [call])
+        del q, k, v
+        run.free()
+        return result
+
+    return median_round(run, one_round)
 
 
 def fmt(x: float | None, spec: str = ".1f") -> str:
@@ -378,11 +402,14 @@ T6_VARIANTS = [("default", {}), ("tma=off", dict(tma=False)), ("min_chunk=32", d
 GQA_VARIANTS = [("default", {}), ("waves=2", dict(waves=2)), ("waves=4", dict(waves=4)),
                 ("group-major", dict(group_major=True)), ("stages=4", dict(num_stages=4)),
                 ("block_t=64,stages=3", dict(block_t=64, num_stages=3)), ("warps=8", dict(num_warps=8)),
-                ("split_p", dict(split_p=True)), ("pdl=on", dict(pdl=True))]
+                ("split_p", dict(split_p=True)), ("pdl=on", dict(pdl=True)), ("tma=off", dict(tma=False))]
 # "prebuild=off": factored queries rebuilt in every (query tile, head) program instead of one matmul before.
+# "heavy_first=off": query tiles launched first to last.
 PREFILL_VARIANTS = [("default", {}), ("tma=off", dict(tma=False)), ("prebuild=off", dict(prebuild_queries=False)),
-                    ("stages=2", dict(num_stages=2)), ("split_p", dict(split_p=True))]
-MHA_PREFILL_VARIANTS = [("default", {}), ("tma=off", dict(tma=False)), ("split_p", dict(split_p=True))]
+                    ("heavy_first=off", dict(heavy_first=False)), ("stages=2", dict(num_stages=2)),
+                    ("split_p", dict(split_p=True))]
+MHA_PREFILL_VARIANTS = [("default", {}), ("tma=on", dict(tma=True)), ("heavy_first=off", dict(heavy_first=False)),
+                        ("split_p", dict(split_p=True))]
 WAVES_VARIANTS = [("default", {}), ("waves=2", dict(waves=2)), ("waves=4", dict(waves=4))]
 
 # (section, name, B, N, M, H, D, (R_Q, R_K, R_V), form, variants)
@@ -397,6 +424,7 @@ VARIANT_SHAPES = [
     ("decode", "llama3-8b", 16, 1, 1 << 12, 32, 128, (0, 8, 8), "fixed", GQA_VARIANTS),
     ("decode", "llama3-8b", 16, 1, 1 << 14, 32, 128, (0, 8, 8), "fixed", GQA_VARIANTS),
     ("decode", "llama3-8b", 4, 1, 1 << 16, 32, 128, (0, 8, 8), "fixed", GQA_VARIANTS),
+    ("decode", "llama3-8b", 4, 1, 1 << 18, 32, 128, (0, 8, 8), "fixed", GQA_VARIANTS),
     ("decode", "smollm2-135m", 1, 1, 1 << 16, 9, 64, (0, 3, 3), "fixed", GQA_VARIANTS),
     ("decode", "smollm2-135m", 16, 1, 1 << 14, 9, 64, (0, 3, 3), "fixed", GQA_VARIANTS),
     ("decode", "smollm2-waves", 1, 1, 1 << 18, 9, 64, (0, 3, 3), "fixed", WAVES_VARIANTS),
@@ -487,6 +515,17 @@ def official_call(mod, s: dict, R_Q: int, pad_to: int) -> Callable[[], torch.Ten
                                                      s["bv"].transpose(2, 3), scale_q=1.0 / R_Q)
 
 
+def official_time(run: Runner, mod, make: Callable[[], dict], set_bytes: int, R_Q: int) -> float:
+    """One round of the official kernel on fresh inputs: microseconds per call (CUDA graph)."""
+    sets = [make() for _ in range(run.n_sets(set_bytes))]
+    calls = [official_call(mod, st, R_Q, 16) for st in sets]
+    calls[0]()  # autotunes on first call (outside the graph)
+    us = run.time_calls(calls)
+    del sets, calls
+    run.free()
+    return us
+
+
 def section_official(run: Runner, bw: float, folder: Path, rows: list[dict]) -> None:
     """Ours and the official kernel at the same shapes in the same run, each on its own fresh random inputs of the
     same distribution: time (CUDA graph) and error vs float64. Every shape is timed before any float64 check runs
@@ -505,15 +544,11 @@ def section_official(run: Runner, bw: float, folder: Path, rows: list[dict]) -> 
         if R_Q < 16 and not unpadded_tried:
             unpadded_tried = True
             rows.append(official_unpadded(mod, make(), H, B, M, R_Q))
-        sets = [make() for _ in range(run.n_sets(B * M * tok))]
-        calls = [official_call(mod, st, R_Q, 16) for st in sets]
         try:
-            calls[0]()  # autotunes on first call (outside the graph)
-            r["official_us"] = run.time_calls(calls)
+            r["official_us"] = median_round(run, lambda: (official_time(run, mod, make, B * M * tok, R_Q), ""))[0]
         except Exception as exc:
             r["official_us"] = None
             r["official_failure"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        del sets, calls
         run.free()
         shapes.append((r, make))
     for r, make in shapes:
@@ -578,7 +613,7 @@ TABLES: dict[str, tuple[list[str], Callable[[dict], list[str]]]] = {
 
 def markdown(rows: list[dict], meta: dict) -> str:
     out = [f"GPU {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, copy bandwidth "
-           f"{meta['copy_bw_tbs']:.2f} TB/s, {meta['date']}", ""]
+           f"{meta['copy_bw_tbs']:.2f} TB/s, {meta['date']}, median of {meta['rounds']} round(s)", ""]
     for section, (header, cells) in TABLES.items():
         picked = [r for r in rows if r["section"] == section]
         if section == "variants":  # one line per variant of each shape
@@ -603,14 +638,17 @@ def main(argv: list[str] | None = None) -> int:
                         "beside ours at the same shapes (its code is not part of this repository)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on any device (plumbing check)")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every configuration this many times on fresh inputs and report the median round")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = Runner(device, "auto" if device.type == "cuda" else "torch", args.reps)
+    run = Runner(device, "auto" if device.type == "cuda" else "torch", args.reps, args.rounds)
     import triton
 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
             "triton": triton.__version__,
-            "gpu": torch.cuda.get_device_name() if run.cuda else "cpu", "command": " ".join(sys.argv)}
+            "gpu": torch.cuda.get_device_name() if run.cuda else "cpu", "command": " ".join(sys.argv),
+            "rounds": args.rounds}
     bws = run.copy_bandwidth() if run.cuda else {"max": 1e11}
     bw = bws["max"]
     meta["copy_bw_tbs"] = bw / 1e12
