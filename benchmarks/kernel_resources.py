@@ -79,6 +79,9 @@ def build(box: dict, arch: int):
             signature[name], constants[name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[name], attrs[(i,)] = POINTER_TYPES[value.dtype], [["tt.divisibility", 16]]
+        elif hasattr(value, "block_shape"):  # a host-side TMA descriptor
+            dtype = POINTER_TYPES[value.base.dtype][1:]
+            signature[name] = f"tensordesc<{dtype}[{','.join(map(str, value.block_shape))}]>"
         elif isinstance(value, float):
             signature[name] = "fp32"
         else:
@@ -134,6 +137,8 @@ CASES = [
      {"block_t": 64}),
     ("decode paper B=1 M=2^19 block_t=32", "decode", lambda: inputs(1, 1, 1 << 19, 32, 64, (16, 1, 1), "contextual"),
      {"block_t": 32}),
+    ("decode paper B=1 M=2^19 TMA", "decode",
+     lambda: inputs(1, 1, 1 << 19, 32, 64, (16, 1, 1), "contextual"), {"tma": True}),
     ("decode t6 H=34 B=16 M=2^16", "decode", lambda: inputs(16, 1, 1 << 16, 34, 64, (6, 2, 2), "contextual"), {}),
     ("decode t6 H=78 B=1 M=2^18", "decode", lambda: inputs(1, 1, 1 << 18, 78, 64, (6, 2, 2), "contextual"), {}),
     ("decode gqa llama3-8b B=16 M=2^14", "decode", lambda: inputs(16, 1, 1 << 14, 32, 128, (0, 8, 8), "fixed"), {}),
