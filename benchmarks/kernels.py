@@ -6,9 +6,10 @@
 Timing: the call(s) captured in a CUDA graph, median over replays (events), after warm-up; inputs are fresh
 random bf16 tensors, several sets rotated inside one graph when one set would sit in the 60 MB L2. With
 --rounds K every configuration (ours and each baseline alike) is timed K times in a row, each round on fresh
-allocations, and the median round is reported: one allocation can read several percent slower than the next. Every timed
-variant of ours is checked against the float64 torch reference (where it fits in memory). The decode floor is
-the factor bytes read / the device-to-device copy bandwidth measured in the same run.
+allocations, and the median round is reported: one allocation can read several percent slower than the next.
+Every timed variant of ours is checked against the float64 torch reference (where it fits in memory), after
+every configuration has been timed (the progress lines print "pending"; the saved tables hold the errors). The
+decode floor is the factor bytes read / the device-to-device copy bandwidth measured in the same run.
 Baselines: SDPA decode with the grouped heads stacked as query rows (MHA: 1 row per head; GQA-4: 4 KV heads,
 8 rows each; MQA: 1 KV head, 32 rows), best of the flash / memory-efficient / cuDNN backends; SDPA causal prefill.
 The official TPA decode kernel is not part of this repository: --official points at a folder holding a copy of
@@ -160,20 +161,48 @@ def rel_err_vs_reference(run: Runner, args: dict, out: torch.Tensor) -> float | 
 
 
 def time_ours(run: Runner, make: Callable[[], dict], set_bytes: int, check: bool = True,
-              launcher: Callable | None = None, **knobs) -> tuple[float, float | None]:
-    """Median microseconds over `run.rounds` rounds (fresh inputs each) and the last round's error (or None)."""
-    times, err = [], None
-    for i in range(run.rounds):
+              launcher: Callable | None = None, **knobs) -> tuple[float, PendingCheck | None]:
+    """Median microseconds over `run.rounds` rounds (fresh inputs each), and the float64 check to run once every
+    configuration is timed (`resolve_checks`; None without `check`). `make` must bind its arguments now
+    (functools.partial, not a closure over loop variables): the check calls it again later."""
+    times = []
+    for _ in range(run.rounds):
         sets = [make() for _ in range(run.n_sets(set_bytes))]
-        calls = _our_calls(run, sets, launcher, knobs)
-        # Timed before the float64 check: a check that ran first (GBs of float64 for the large shapes) left the
-        # kernel timed right after it 14-21% slower on the H200 (2026-11-28, 23:10 vs 23:17 UTC; RESULTS.md).
-        times.append(run.time_calls(calls))
-        if check and i == run.rounds - 1:
-            err = checked_error(run, sets[0], calls[0])
-        del sets, calls
+        times.append(run.time_calls(_our_calls(run, sets, launcher, knobs)))
+        del sets
         run.free()
-    return statistics.median(times), err
+    return statistics.median(times), PendingCheck(run, make, launcher, knobs) if check else None
+
+
+class PendingCheck:
+    """One configuration's error against float64, computed after all timing: a check timed first (GBs of float64
+    for the large shapes) left the kernel timed right after it 14-21% slower on the H200 (2026-11-28, 23:10 vs
+    23:17 UTC; benchmarks/RESULTS.md), and even a check right after a configuration's own timing slows the next
+    configuration's. Prints as "pending" until `resolve_checks` replaces it by the error."""
+
+    def __init__(self, run: Runner, make: Callable[[], dict], launcher: Callable | None, knobs: dict) -> None:
+        self.run, self.make, self.launcher, self.knobs = run, make, launcher, knobs
+
+    def __format__(self, spec: str) -> str:
+        return "pending"
+
+    def error(self) -> float | None:
+        args = self.make()
+        err = checked_error(self.run, args, _our_calls(self.run, [args], self.launcher, self.knobs)[0])
+        del args
+        self.run.free()
+        return err
+
+
+def resolve_checks(node):
+    """Replace every PendingCheck in rows (nested dicts and lists) by its error, in place; returns node."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in list(items):
+        if isinstance(value, PendingCheck):
+            node[key] = value.error()
+        else:
+            resolve_checks(value)
+    return node
 
 
 def _our_calls(run: Runner, sets: list[dict], launcher: Callable | None, knobs: dict) -> list[Callable[[], object]]:
@@ -269,7 +298,8 @@ def contextual_decode_row(run: Runner, bw: float, section: str, B: int, M: int, 
     """Ours on one contextual decode shape: time, error and the memory floor of its factor bytes."""
     R_Q, R_K, R_V = ranks
     tok = (R_K + R_V) * (H + D) * 2
-    ours, err = time_ours(run, lambda: tpa_inputs(run, B, 1, M, H, D, R_Q, R_K, R_V, "contextual"), B * M * tok)
+    ours, err = time_ours(run, functools.partial(tpa_inputs, run, B, 1, M, H, D, R_Q, R_K, R_V, "contextual"),
+                          B * M * tok)
     floor = B * M * tok / bw * 1e6
     return {"section": section, "H": H, "B": B, "M": M, "ours_us": ours, "floor_us": floor,
             "pct_floor": 100 * floor / ours, "rel_err": err}
@@ -304,7 +334,7 @@ def section_t6(run: Runner, bw: float, Ms: list[int], Bs: list[int], rows: list[
                 ours, floor, err = r["ours_us"], r["floor_us"], r["rel_err"]
                 # KV-only T6 shape (full query, same cache) for the same sizes
                 r["kv_only_us"], r["kv_only_err"] = time_ours(
-                    run, lambda: tpa_inputs(run, B, 1, M, H, D, R_Q, R_K, R_V, "kv_only"), B * M * tok)
+                    run, functools.partial(tpa_inputs, run, B, 1, M, H, D, R_Q, R_K, R_V, "kv_only"), B * M * tok)
                 rows.append(r)
                 print(f"t6 H={H} B={B:2d} M=2^{int(math.log2(M))}: ours {ours:8.1f} us  floor {floor:7.1f} "
                       f"({r['pct_floor']:5.1f}%)  err {fmt(err, '.2e')}  kv-only {r['kv_only_us']:8.1f} us "
@@ -318,7 +348,8 @@ def section_fixed(run: Runner, bw: float, Ms: list[int], Bs: list[int], rows: li
                 tok = 2 * G * D * 2
                 if B * M * tok > (24 << 30):
                     continue
-                ours, err = time_ours(run, lambda: tpa_inputs(run, B, 1, M, H, D, 0, G, G, "fixed"), B * M * tok)
+                ours, err = time_ours(run, functools.partial(tpa_inputs, run, B, 1, M, H, D, 0, G, G, "fixed"),
+                                      B * M * tok)
                 sdpa, be = sdpa_decode(run, B, M, H, G, D)
                 floor = B * M * tok / bw * 1e6
                 r = {"section": "fixed", "shape": label, "H": H, "G": G, "D": D, "B": B, "M": M, "ours_us": ours,
@@ -336,7 +367,7 @@ def section_prefill(run: Runner, Ns: list[int], rows: list[dict]) -> None:
             sdpa, be = sdpa_prefill(run, 1, N, M, H, D)
             r = {"section": "prefill", "N": N, "M": M, "sdpa_us": sdpa, "sdpa_backend": be}
             for form, ranks in (("contextual", (16, 1, 1)), ("fixed", (0, 32, 32))):
-                us, err = time_ours(run, lambda: tpa_inputs(run, 1, N, M, H, D, *ranks, form), 1 << 30)
+                us, err = time_ours(run, functools.partial(tpa_inputs, run, 1, N, M, H, D, *ranks, form), 1 << 30)
                 r[f"{form}_us"], r[f"{form}_err"], r[f"{form}_ratio"] = us, err, us / sdpa
             rows.append(r)
             print(f"prefill N={N:5d} M={M:5d}: SDPA causal {sdpa:9.1f} us ({be})  TPA(16,1,1) {r['contextual_us']:9.1f} "
@@ -461,7 +492,8 @@ def launch_variants(run: Runner, bw: float, rows: list[dict], only: str = "") ->
             knobs = dict(knobs)
             group_major = knobs.pop("group_major", False)
             try:
-                us, err = time_ours(run, lambda: tpa_inputs(run, B, N, M, H, D, R_Q, R_K, R_V, form, group_major),
+                us, err = time_ours(run, functools.partial(tpa_inputs, run, B, N, M, H, D, R_Q, R_K, R_V, form,
+                                                           group_major),
                                     B * M * tok, check=check, launcher=_launcher(section), **knobs)
             except Exception as exc:  # a variant that does not compile (registers, shared memory)
                 print(f"variant {section} {name} {label} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
@@ -676,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         section_official(run, bw, args.official, rows)
     if args.sweep and run.cuda:
         sweep(run, rows)
+    resolve_checks(rows)
     meta["seconds"] = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))

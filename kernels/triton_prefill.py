@@ -2,9 +2,9 @@
 
 One program = one tile of BLOCK_N queries of one (sequence, head); it walks the cache in BLOCK_T blocks with an
 online softmax (the FlashAttention schedule). The grid runs (sequence, head) fastest and the query tiles from the
-last (the most keys) to the first, so that the cheap tiles fill the last round of programs. Query n of sequence b sits at position kv_lens[b] - N + n, so the
-tile's keys split into blocks every row may read (no mask) and the diagonal blocks (masked); lengths are read on
-the device, never compiled in.
+last (the most keys) to the first, so that the cheap tiles fill the last round of programs. Query n of sequence b
+sits at position kv_lens[b] - N + n, so the tile's keys split into blocks every row may read (no mask) and the
+diagonal blocks (masked); lengths are read on the device, never compiled in.
 
 Contextual K/V stay in factor space, as in decode: scores = sum_r (q . bk_r) * ak_r and the output
 sum_r (p * av_r) . bv_r, one tl.dot per rank. Nothing is rebuilt or rounded to the cache dtype on the way (a
