@@ -434,7 +434,7 @@ GQA_VARIANTS = [("default", {}), ("waves=2", dict(waves=2)), ("waves=4", dict(wa
                 ("group-major", dict(group_major=True)), ("stages=4", dict(num_stages=4)),
                 ("block_t=64,stages=3", dict(block_t=64, num_stages=3)), ("warps=8", dict(num_warps=8)),
                 ("split_p", dict(split_p=True)), ("pdl=on", dict(pdl=True)), ("tma=off", dict(tma=False))]
-# "prebuild=off": factored queries rebuilt in every (query tile, head) program instead of one matmul before.
+# "prebuild=off": factored queries rebuilt in every (query tile, head) program instead of by their own kernel before.
 # "heavy_first=off": query tiles launched first to last.
 PREFILL_VARIANTS = [("default", {}), ("tma=off", dict(tma=False)), ("prebuild=off", dict(prebuild_queries=False)),
                     ("heavy_first=off", dict(heavy_first=False)), ("stages=2", dict(num_stages=2)),

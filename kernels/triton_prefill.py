@@ -12,8 +12,8 @@ materialised bf16 K tile costs an extra rounding: 3.4e-3 relative error measured
 prefill, over the 3e-3 target), and the rank-1 paper shape costs exactly one dot per side, like MHA. Fixed head
 factors read bk/bv of the head's group directly: ordinary GQA. The cache is read in place by its strides; on
 Hopper the contextual / KV-only forms load the blocks every row may read through TMA descriptors over the same
-views (`_jit_common.token_rows`). Long prompts with many query ranks get their queries built by one matmul before
-the kernel (PREBUILD_QUERIES_MIN_N).
+views (`_jit_common.token_rows`). Prompts of PREBUILD_QUERIES_MIN_N tokens or more get their factored queries built
+by a small kernel of their own before the attention kernel (`build_queries`).
 """
 
 from __future__ import annotations
@@ -223,16 +223,59 @@ def _prefill_kernel(
              o.to(OUT.dtype.element_ty), mask=n_mask[:, None])
 
 
-# From this many new tokens on, factored queries are built by one batched matmul before the kernel. In the kernel
-# every (query tile, head) program rebuilds its tile from all R_Q ranks: at R_Q = 16 about 1,800 of the 3,900
-# instructions a warp runs outside the unmasked key loop (ncu, N = M = 4,096, H200, 2026-11-28 23:58 UTC). The
-# matmul costs a launch, so it pays only for long prompts: paper shape, H200, 2026-11-29 00:02 UTC, prebuilt vs
-# in-kernel: N = M = 8,192 1004.5 vs 1039.9 us, N = M = 2,048 99.8 vs 103.6, N = 4,096 after 4,096 cached 747.0
-# vs 763.5; but N = 1,024 after 1,024 69.8 vs 68.7 and N = 256 after 3,840 50.1 vs 47.0.
-PREBUILD_QUERIES_MIN_N = 2048
-# ... and only for many query ranks: at R_Q = 6 (T6, H = 34, N = M = 2,048) the in-kernel build was faster (164.9
-# vs 176.4 us, 00:27 UTC).
-PREBUILD_QUERIES_MIN_R = 16
+@triton.jit
+def _query_kernel(
+    AQ, BQ, Q,
+    stride_aqb, stride_aqn, stride_aqh, stride_bqb, stride_bqn, stride_bqr, stride_qb, stride_qn, stride_qh,
+    N, H,
+    R: tl.constexpr, R_PAD: tl.constexpr, H_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One token's queries from their factors: q [H, D] = aq [H, R] . bq [R, D] (no 1 / R: the caller's logit
+    scale carries it), float32 accumulation, stored in q's dtype."""
+    pid = tl.program_id(0)
+    b = (pid // N).to(tl.int64)
+    n = pid % N
+    offs_h = tl.arange(0, H_PAD)
+    offs_r = tl.arange(0, R_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    h_mask = offs_h < H
+    r_mask = offs_r < R
+    aq = tl.load(AQ + b * stride_aqb + n * stride_aqn + offs_h[:, None] * stride_aqh + offs_r[None, :],
+                 mask=h_mask[:, None] & r_mask[None, :], other=0.0)  # [H_PAD, R_PAD]
+    bq = tl.load(BQ + b * stride_bqb + n * stride_bqn + offs_r[:, None] * stride_bqr + offs_d[None, :],
+                 mask=r_mask[:, None], other=0.0)  # [R_PAD, D]
+    q = _dot(aq, bq, IEEE)  # [H_PAD, D]
+    tl.store(Q + b * stride_qb + n * stride_qn + offs_h[:, None] * stride_qh + offs_d[None, :],
+             q.to(Q.dtype.element_ty), mask=h_mask[:, None])
+
+
+def build_queries(aq: Tensor, bq: Tensor) -> Tensor:
+    """q [B, N, H, D] = aq [B, N, H, R] . bq [B, N, R, D] per token (without the 1 / R), in bq's dtype: one
+    program per token, each a [H, R] x [R, D] product (the rank and head dims padded to 16 for tl.dot)."""
+    B, N, H, R = aq.shape
+    D = bq.shape[-1]
+    q = torch.empty(B, N, H, D, device=bq.device, dtype=bq.dtype)
+    _query_kernel[(B * N,)](
+        aq, bq, q,
+        aq.stride(0), aq.stride(1), aq.stride(2), bq.stride(0), bq.stride(1), bq.stride(2),
+        q.stride(0), q.stride(1), q.stride(2),
+        N, H,
+        R=R, R_PAD=max(16, _next_pow2(R)), H_PAD=max(16, _next_pow2(H)), HEAD_DIM=D, IEEE=bq.dtype == torch.float32,
+        num_warps=4,
+    )
+    return q
+
+
+# From this many new tokens on, factored queries are built by `build_queries` before the attention kernel. In the
+# kernel every (query tile, head) program rebuilds its tile from all R_Q ranks: at R_Q = 16 about 1,800 of the
+# 3,900 instructions a warp runs outside the unmasked key loop (ncu, N = M = 4,096, H200, 2026-11-28 23:58 UTC).
+# Prebuilt was faster at every size and rank measured, paper shape (R_Q = 16) and T6 (R_Q = 6), H200, 2026-11-29
+# 01:27 UTC, 3 rounds, prebuilt vs in-kernel: N = M = 2,048 79.1 vs 90.0 us, 8,192 867.3 vs 942.2, N = 1,024
+# after 1,024 58.0 vs 61.2, N = 256 after 3,840 49.5 vs 50.5, N = M = 512 18.5 vs 19.2; T6 H = 34 N = M = 2,048
+# 136.1 vs 141.7, N = 512 after 3,584 178.6 vs 184.0. Shorter prompts were not measured and keep the in-kernel
+# build (no extra launch). (The batched torch.matmul this kernel replaced took 13.4 us at N = 2,048 vs 10.4 and
+# 111 vs 62 at 32,768, and lost at short prompts.)
+PREBUILD_QUERIES_MIN_N = 256
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (the query tiles)
 
 
@@ -268,9 +311,8 @@ def prefill_attention(
         prefetch: load the contextual head factors one key block ahead (hides their latency).
         split_p: 16-bit inputs: each probability tile enters the value product as two cache-dtype terms (hi + lo),
             so it keeps ~16 mantissa bits instead of 8 (one more tensor-core product per block)
-        prebuild_queries: factored queries: build q = aq . bq with one batched matmul before the kernel instead
-            of in every (query tile, head) program; default: from PREBUILD_QUERIES_MIN_N new tokens and
-            PREBUILD_QUERIES_MIN_R query ranks on.
+        prebuild_queries: factored queries: build q = aq . bq with `build_queries` before the kernel instead
+            of in every (query tile, head) program; default: from PREBUILD_QUERIES_MIN_N new tokens on.
         tma: load the token factors of unmasked key blocks through TMA descriptors (`kernels._jit_common.token_rows`;
             forcing as in `kernels._jit_common.token_descriptors`); default: contextual / KV-only, where it paid
             (paper shape N = M = 8,192: 929.2 vs 966.6 us; N = 256 after 3,840: 46.7 vs 53.8), not fixed head
@@ -289,10 +331,10 @@ def prefill_attention(
     fixed = ak is None
     q_scale = 1.0  # what the logits owe the query: 1 / R_Q for queries built from factors outside the kernel
     if prebuild_queries is None:
-        prebuild_queries = q is None and aq.shape[1] >= PREBUILD_QUERIES_MIN_N and aq.shape[3] >= PREBUILD_QUERIES_MIN_R
+        prebuild_queries = q is None and aq.shape[1] >= PREBUILD_QUERIES_MIN_N
     if q is None and prebuild_queries:
         q_scale = 1.0 / aq.shape[3]
-        q, aq, bq = torch.matmul(aq, bq), None, None  # [B, N, H, R_Q] @ [B, N, R_Q, D] -> [B, N, H, D]
+        q, aq, bq = build_queries(aq, bq), None, None  # [B, N, H, R_Q] . [B, N, R_Q, D] -> [B, N, H, D]
     if q is not None:
         N, H = q.shape[1], q.shape[2]
         R_Q = 1

@@ -74,7 +74,7 @@ PREFILL_CASES = [
      {"block_n": 16, "block_t": 16, "split_p": True}),
     ("kv_only", 1, 33, 5, 32, 45, [45], (0, 2, 3), torch.float16, {"block_n": 16, "block_t": 32, "split_p": True}),
     ("fixed", 2, 17, 4, 16, 30, [30, 17], (0, 2, 2), torch.float16, {"block_n": 16, "block_t": 16, "split_p": True}),
-    # factored queries built by one matmul before the kernel (the 1 / R_Q rides on the logit scale)
+    # factored queries built by their own kernel before the attention kernel (the 1 / R_Q rides on the logit scale)
     ("contextual", 2, 18, 5, 16, 40, [40, 18], (6, 2, 2), torch.float32,
      {"block_n": 16, "block_t": 16, "prebuild_queries": True}),
     ("contextual", 1, 29, 3, 32, 29, [29], (16, 1, 1), torch.float16,

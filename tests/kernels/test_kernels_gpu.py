@@ -25,6 +25,7 @@ BF16_CASES = [
     ("contextual", 1, 300, 61, 64, 300, [300], (6, 2, 2)),
     ("kv_only", 1, 129, 29, 64, 700, [650], (0, 2, 2)),
     ("fixed", 2, 257, 9, 64, 800, [800, 257], (0, 3, 3)),
+    ("contextual", 1, 2100, 32, 64, 2100, [2100], (16, 1, 1)),  # queries built before the kernel (default)
 ]
 
 
@@ -88,7 +89,7 @@ PREFILL_VARIANT_CASES = [
     ("kv_only", 1, 200, 29, 600, [600], (0, 2, 2), dict(split_p=True)),
     ("fixed", 2, 300, 32, 1000, [1000, 300], (0, 8, 8), dict(split_p=True)),
     ("contextual", 1, 200, 32, 500, [500], (16, 1, 1), dict(prefetch=False)),
-    # factored queries built by one matmul before the kernel (the default from 2,048 new tokens on)
+    # factored queries built by their own kernel before the attention kernel (the default from 256 new tokens on)
     ("contextual", 2, 300, 32, 1000, [1000, 300], (16, 1, 1), dict(prebuild_queries=True)),
     ("contextual", 1, 2500, 34, 2600, [2600], (6, 2, 2), {}),
     ("contextual", 2, 300, 32, 1000, [1000, 300], (16, 1, 1), dict(tma=False)),
