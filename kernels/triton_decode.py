@@ -20,7 +20,8 @@ Why it is shaped this way (../shared/design/tpa-reference.md, performance.md):
   in registers spilled at T6 ranks: 512 B of stack in an sm_90 build). Blocks wholly inside a slice run
   without token masks.
 - Grid: about two programs per SM (the rank-1 kernel takes ~234 registers a thread, so two fit), rounded down
-  so that no nearly empty extra round of programs starts; slices of at least 64 tokens, so that short caches
+  so that no nearly empty extra round of programs starts, and down to a power of two of slices where that costs
+  at most 1/32 of them (the merge then pads nothing); slices of at least 64 tokens, so that short caches
   still spread over many programs. The factor kernel's slices are whole blocks (16-token slices were 20-30%
   slower at T6 shapes on the H200); the GQA kernel's are 16-token multiples.
 - Fixed head factors (GQA): one program per (sequence, group), the group's heads stacked as query rows (padded
