@@ -45,6 +45,16 @@ def dot_probs(p, v, IEEE: tl.constexpr, SPLIT_P: tl.constexpr):
 
 
 @triton.jit
+def online_softmax(logits, m_i, l_i):
+    """One block's online-softmax step in base 2: logits [ROWS, T] (masked ones -inf, every row with one finite),
+    running max m_i and sum l_i [ROWS] -> (p [ROWS, T], alpha = the factor on the old accumulator, m_new, l_new)."""
+    m_new = tl.maximum(m_i, tl.max(logits, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(logits - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def token_rows(X, desc, b, t0, r, offs_t, t_mask, offs_d, stride_b, stride_t, stride_r,
                TMA: tl.constexpr, MASKED: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Rank (or group) r of sequence b's token factors (bk or bv) for the block at t0: [BLOCK_T, D], cache dtype.

@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._jit_common import (LOG2E, dot as _dot, dot_probs, pdl_supported, signal_dependents, token_descriptors,
-                                 token_rows, wait_for_primary)
+from kernels._jit_common import (LOG2E, dot as _dot, dot_probs, online_softmax, pdl_supported, signal_dependents,
+                                 token_descriptors, token_rows, wait_for_primary)
 from kernels._launch import fit_block_t, next_pow2 as _next_pow2
 
 
@@ -147,10 +147,7 @@ def _factor_block(
     if MASKED:
         logits = tl.where(t_mask[None, :], logits, float("-inf"))
     # ---- online softmax (base 2), one running max / sum per head
-    m_new = tl.maximum(m_i, tl.max(logits, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(logits - m_new[:, None])  # [HEAD_TILE, BLOCK_T]
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = online_softmax(logits, m_i, l_i)  # p [HEAD_TILE, BLOCK_T]
     acc = acc * alpha[:, None]
     # ---- values: acc += sum_r (p * av_r) . bv_r
     for r in tl.static_range(R_V):
@@ -284,10 +281,7 @@ def _gqa_block(q, qk_scale, acc, m_i, l_i, BK, BV, bk_desc, bv_desc, b, g, t0, o
     logits = _dot(q, tl.trans(bk), IEEE) * qk_scale  # [H_PAD, BLOCK_T]
     if MASKED:
         logits = tl.where(t_mask[None, :], logits, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(logits, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(logits - m_new[:, None])  # [H_PAD, BLOCK_T]
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = online_softmax(logits, m_i, l_i)  # p [H_PAD, BLOCK_T]
     bv = token_rows(BV, bv_desc, b, t0, g, offs_t, t_mask, offs_d, stride_bvb, stride_bvt, stride_bvr,
                     TMA, MASKED, BLOCK_T, HEAD_DIM)  # [BLOCK_T, D]
     acc = acc * alpha[:, None] + dot_probs(p, bv, IEEE, SPLIT_P)
