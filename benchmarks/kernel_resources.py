@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dump", type=Path, default=None, help="folder for each build's SASS and TTGIR")
     p.add_argument("--only", default="", help="only the cases whose label contains this text")
     args = p.parse_args(argv)
-    from kernels import triton_decode, triton_prefill
+    from flashtpa import triton_decode, triton_prefill
 
     for label, kind, make, knobs in CASES:
         if args.only not in label:

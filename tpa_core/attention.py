@@ -1,4 +1,4 @@
-"""`TPAAttention`: x -> TPA factors -> factor cache -> `kernels.dispatch.attention` -> output projection.
+"""`TPAAttention`: x -> TPA factors -> factor cache -> `flashtpa.dispatch.attention` -> output projection.
 
 Three forms (TPAConfig.form), one code path each:
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.dispatch import attention
+from flashtpa.dispatch import attention
 from tpa_core.cache import FactorCache
 from tpa_core.config import TPAConfig
 from tpa_core.quant import PACKED_MAX_ROWS, Q4Weight

@@ -118,7 +118,7 @@ class TPAModel(nn.Module):
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False,
                                                                device=device, dtype=dtype)
         self.rope = Rope(c)
-        self.attention_backend = "auto"  # "auto" | "torch" | "triton", passed to kernels.dispatch
+        self.attention_backend = "auto"  # "auto" | "torch" | "triton", passed to flashtpa.dispatch
         self._head_t: Tensor | None = None  # see _head_transposed
         self._head_t_key: tuple | None = None
         self.packed_head: Q4Weight | None = None  # 4-bit decode copy of the LM head (tpa_core.quant.attach_q4)

@@ -115,7 +115,7 @@ def _check(out: torch.Tensor, ref: torch.Tensor, shape: tuple, dtype: torch.dtyp
 
 
 def run_decode(c: tuple) -> dict:
-    from kernels.triton_decode import decode_attention
+    from flashtpa.triton_decode import decode_attention
 
     form, B, H, D, T_cap, lens, ranks, dtype, knobs = c
     args = _inputs(form, B, 1, H, D, T_cap, lens, ranks, dtype)
@@ -124,7 +124,7 @@ def run_decode(c: tuple) -> dict:
 
 
 def run_prefill(c: tuple) -> dict:
-    from kernels.triton_prefill import prefill_attention
+    from flashtpa.triton_prefill import prefill_attention
 
     form, B, N, H, D, T_cap, lens, ranks, dtype, knobs = c
     args = _inputs(form, B, N, H, D, T_cap, lens, ranks, dtype)
@@ -134,7 +134,7 @@ def run_prefill(c: tuple) -> dict:
 
 def run_dispatch(N: int) -> dict:
     """backend="triton" through the public entry point, with the default tuning knobs."""
-    from kernels.dispatch import attention
+    from flashtpa.dispatch import attention
 
     args = make_inputs(form="contextual", B=2, N=N, H=4, D=16, T_cap=300, kv_lens=[300, 9], R_Q=6)
     out = attention(**args, backend="triton", scale=0.3)
@@ -143,7 +143,7 @@ def run_dispatch(N: int) -> dict:
 
 def run_logit_gap() -> dict:
     """One slice holds logits 1,000 above the rest: the max-LSE merge must return that slice's average."""
-    from kernels.triton_decode import decode_attention
+    from flashtpa.triton_decode import decode_attention
 
     args = make_inputs(form="kv_only", B=1, N=1, H=2, D=16, T_cap=64, kv_lens=[64], R_K=1, R_V=1, poison=False)
     args["q"] = torch.ones(1, 1, 2, 16)
@@ -161,8 +161,8 @@ def run_logit_gap() -> dict:
 def run_split_p_gains(form: str, kind: str) -> dict:
     """split_p must cut the float16 error, not just stay within the tolerance (a no-op split would pass that):
     17-27% less error in these cases under the interpreter (2026-11-28); held to 10%."""
-    from kernels.triton_decode import decode_attention
-    from kernels.triton_prefill import prefill_attention
+    from flashtpa.triton_decode import decode_attention
+    from flashtpa.triton_prefill import prefill_attention
 
     R = 2
     if kind == "decode":
@@ -179,8 +179,8 @@ def run_split_p_gains(form: str, kind: str) -> dict:
 
 
 def run_unsupported_head_dim() -> dict:
-    from kernels._checks import AttentionInputError
-    from kernels.triton_attention import attention_triton
+    from flashtpa._checks import AttentionInputError
+    from flashtpa.triton_attention import attention_triton
 
     args = make_inputs(form="fixed", B=1, N=1, H=2, D=24, T_cap=4, kv_lens=[4], R_K=1, R_V=1)
     try:

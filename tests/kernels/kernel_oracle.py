@@ -22,7 +22,7 @@ def oracle_attention(
     kv_lens: Tensor,
     scale: float | None = None,
 ) -> Tensor:
-    """[B, N, H, D] float64 attention output (same arguments as `kernels.dispatch.attention`)."""
+    """[B, N, H, D] float64 attention output (same arguments as `flashtpa.dispatch.attention`)."""
     f = torch.float64
     B, T_cap, R_K, D = bk.shape
     R_V = bv.shape[2]

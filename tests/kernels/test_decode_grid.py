@@ -8,7 +8,7 @@ pytest.importorskip("triton")
 
 @pytest.fixture
 def h200_sms(monkeypatch):
-    from kernels import triton_decode
+    from flashtpa import triton_decode
 
     monkeypatch.setattr(triton_decode, "multiprocessors", lambda device: 132)
     return triton_decode.default_num_splits

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from kernel_inputs import TOLERANCES, make_inputs, rel_err
-from kernels._checks import AttentionInputError
-from kernels.dispatch import attention
-from kernels.reference import FACTOR_SPACE_MAX_QUERIES, attention_reference
+from flashtpa._checks import AttentionInputError
+from flashtpa.dispatch import attention
+from flashtpa.reference import FACTOR_SPACE_MAX_QUERIES, attention_reference
 from kernel_oracle import oracle_attention
 
 FORMS = ("contextual", "kv_only", "fixed")

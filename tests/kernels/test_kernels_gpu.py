@@ -37,7 +37,7 @@ def _args(form, B, N, H, D, T_cap, lens, ranks, dtype=torch.bfloat16):
 
 @pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: f"{c[0]}-B{c[1]}N{c[2]}H{c[3]}D{c[4]}T{c[5]}")
 def test_bf16_against_float64(case) -> None:
-    from kernels.dispatch import attention
+    from flashtpa.dispatch import attention
 
     args = _args(*case)
     out = attention(**args)  # auto = triton on CUDA
@@ -72,7 +72,7 @@ VARIANT_CASES = [
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=lambda c: f"{c[0]}-B{c[1]}H{c[2]}-" +
                          ",".join(f"{k}={v}" for k, v in c[6].items()))
 def test_decode_variants_bf16_against_float64(case) -> None:
-    from kernels.triton_decode import decode_attention
+    from flashtpa.triton_decode import decode_attention
 
     form, B, H, T_cap, lens, ranks, knobs = case
     args = _args(form, B, 1, H, 64, T_cap, lens, ranks)
@@ -102,7 +102,7 @@ PREFILL_VARIANT_CASES = [
 @pytest.mark.parametrize("case", PREFILL_VARIANT_CASES, ids=lambda c: f"{c[0]}-N{c[2]}H{c[3]}-" +
                          ",".join(f"{k}={v}" for k, v in c[7].items()))
 def test_prefill_variants_bf16_against_float64(case) -> None:
-    from kernels.triton_prefill import prefill_attention
+    from flashtpa.triton_prefill import prefill_attention
 
     form, B, N, H, T_cap, lens, ranks, knobs = case
     args = _args(form, B, N, H, 64, T_cap, lens, ranks)
@@ -114,7 +114,7 @@ def test_prefill_variants_bf16_against_float64(case) -> None:
 
 @pytest.mark.parametrize("form", ["contextual", "fixed"])
 def test_float32_matches_torch_backend(form: str) -> None:
-    from kernels.dispatch import attention
+    from flashtpa.dispatch import attention
 
     for N in (1, 37):
         args = _args(form, 2, N, 12, 64, 3000, [2999, 1000], (6, 2, 2) if form == "contextual" else (0, 3, 3),
@@ -125,7 +125,7 @@ def test_float32_matches_torch_backend(form: str) -> None:
 
 
 def test_logit_gap_of_1000_between_splits_is_finite() -> None:
-    from kernels.triton_decode import decode_attention
+    from flashtpa.triton_decode import decode_attention
 
     M = 1 << 16
     args = _args("kv_only", 1, 1, 4, 64, M, [M], (0, 1, 1))
@@ -150,8 +150,8 @@ def _compiled_variants(kernel) -> int:
 
 @pytest.mark.parametrize("form", ["contextual", "fixed"])
 def test_1000_consecutive_lengths_compile_a_few_variants(form: str) -> None:
-    from kernels import triton_decode
-    from kernels.dispatch import attention
+    from flashtpa import triton_decode
+    from flashtpa.dispatch import attention
 
     kernels = [triton_decode._decode_factor_kernel if form == "contextual" else triton_decode._decode_gqa_kernel,
                triton_decode._decode_merge_kernel]
@@ -171,7 +171,7 @@ def test_1000_consecutive_lengths_compile_a_few_variants(form: str) -> None:
 
 
 def test_cuda_graph_replay_follows_the_runtime_length() -> None:
-    from kernels.dispatch import attention
+    from flashtpa.dispatch import attention
 
     args = _args("fixed", 1, 1, 9, 64, 8192, [8192], (0, 3, 3))
     args["kv_lens"].fill_(100)

@@ -1,4 +1,4 @@
-"""The Triton backend of `kernels.dispatch.attention`: validate once, then decode (N = 1) or prefill (N > 1).
+"""The Triton backend of `flashtpa.dispatch.attention`: validate once, then decode (N = 1) or prefill (N > 1).
 
 No host synchronisation: lengths stay on the device (so a CUDA graph can capture a decode step), which means
 the kernels clamp a length past the buffer capacity instead of raising; the torch backend checks lengths.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kernels._checks import AttentionInputError, AttentionShape, check_attention_inputs
+from flashtpa._checks import AttentionInputError, AttentionShape, check_attention_inputs
 
 
 def triton_supports(shape: AttentionShape) -> bool:
@@ -29,7 +29,7 @@ def attention_triton(
     kv_lens: Tensor,
     scale: float | None = None,
 ) -> Tensor:
-    """Attention in factor space with the Triton kernels (same contract as `kernels.dispatch.attention`).
+    """Attention in factor space with the Triton kernels (same contract as `flashtpa.dispatch.attention`).
 
     Returns:
         [B, N, H, D] in the dtype of bk.
@@ -44,9 +44,9 @@ def attention_triton(
         )
     scale = shape.D ** -0.5 if scale is None else float(scale)
     if shape.N == 1:
-        from kernels.triton_decode import decode_attention
+        from flashtpa.triton_decode import decode_attention
 
         return decode_attention(q=q, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, kv_lens=kv_lens, scale=scale)
-    from kernels.triton_prefill import prefill_attention
+    from flashtpa.triton_prefill import prefill_attention
 
     return prefill_attention(q=q, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, kv_lens=kv_lens, scale=scale)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._checks import AttentionShape, check_attention_inputs, check_lengths
+from flashtpa._checks import AttentionShape, check_attention_inputs, check_lengths
 
 # Above this many new tokens per sequence, contextual K/V are materialised for SDPA (prefill); below, factor space.
 FACTOR_SPACE_MAX_QUERIES = 16
@@ -193,7 +193,7 @@ def attention_reference(
     kv_lens: Tensor,
     scale: float | None = None,
 ) -> Tensor:
-    """Attention in factor space with torch ops (same contract as `kernels.dispatch.attention`).
+    """Attention in factor space with torch ops (same contract as `flashtpa.dispatch.attention`).
 
     Args:
         q: [B, N, H, D] full queries, or aq [B, N, H, R_Q] with bq [B, N, R_Q, D].

@@ -43,9 +43,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._jit_common import (LOG2E, dot as _dot, dot_probs, online_softmax, pdl_supported, signal_dependents,
+from flashtpa._jit_common import (LOG2E, dot as _dot, dot_probs, online_softmax, pdl_supported, signal_dependents,
                                  token_descriptors, token_rows, wait_for_primary)
-from kernels._launch import fit_block_t, next_pow2 as _next_pow2
+from flashtpa._launch import fit_block_t, next_pow2 as _next_pow2
 
 
 @triton.jit
@@ -456,7 +456,7 @@ def decode_attention(
     pdl_early: bool = False,
     tma: bool | None = None,
 ) -> Tensor:
-    """FlashTPA decode launcher (inputs already validated by `kernels.triton_attention`).
+    """FlashTPA decode launcher (inputs already validated by `flashtpa.triton_attention`).
 
     Args:
         q: [B, 1, H, D] full queries, or aq [B, 1, H, R_Q] with bq [B, 1, R_Q, D].
@@ -469,13 +469,13 @@ def decode_attention(
         rank_2d: load each rank of the head factors as a 2-D tile of its own inside the block (contextual /
             KV-only, ranks > 1), instead of one [heads, tokens, ranks] tile split in registers.
         split_p: 16-bit inputs: the probabilities enter the value product as two cache-dtype terms (hi + lo),
-            ~16 mantissa bits instead of 8 (`kernels._jit_common.dot_probs`).
+            ~16 mantissa bits instead of 8 (`flashtpa._jit_common.dot_probs`).
         pdl: launch the merge as a programmatic dependent of the split kernel (its launch overlaps the split
-            kernel's tail), where supported (`kernels._jit_common.pdl_supported`); default: contextual / KV-only.
+            kernel's tail), where supported (`flashtpa._jit_common.pdl_supported`); default: contextual / KV-only.
         pdl_early: with PDL after the contextual / KV-only kernel, let the merge launch as that kernel starts
             (its programs wait on the device) instead of once every program has left its key loop.
         tma: load the token factors (bk / bv, or K / V of a group) of whole blocks through TMA descriptors
-            (`kernels._jit_common.token_rows`; forcing as in `kernels._jit_common.token_descriptors`); default:
+            (`flashtpa._jit_common.token_rows`; forcing as in `flashtpa._jit_common.token_descriptors`); default:
             fixed head factors at any head dim (Llama-3-8B shape B = 4, M = 2^18: 1025-1027 vs 1066-1076 us,
             SmolLM2-135M B = 4, M = 2^18: 202.7 vs 206.0-206.3; H200, 2026-11-29 00:55 UTC) and rank-1 factors
             (paper shape B = 16, M = 2^16: 105.7 vs 107.2 us; B = 4: 34.8 vs 35.6), not higher ranks (T6 H = 34,

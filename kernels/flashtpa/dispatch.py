@@ -1,4 +1,4 @@
-"""The one place that picks the attention backend (docs/interfaces.md, `kernels.dispatch.attention`).
+"""The one place that picks the attention backend (docs/interfaces.md, `flashtpa.dispatch.attention`).
 
 "auto" runs the Triton kernels on CUDA tensors and the torch reference everywhere else; "torch" or "triton"
 forces one. Triton is imported only when the Triton backend is chosen.
@@ -10,8 +10,8 @@ import functools
 
 from torch import Tensor
 
-from kernels._checks import AttentionInputError
-from kernels.reference import attention_reference
+from flashtpa._checks import AttentionInputError
+from flashtpa.reference import attention_reference
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -74,6 +74,6 @@ def attention(
         chosen = "torch"  # head dims the kernels do not tile run on the reference
     if chosen == "torch":
         return attention_reference(q=q, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, kv_lens=kv_lens, scale=scale)
-    from kernels.triton_attention import attention_triton
+    from flashtpa.triton_attention import attention_triton
 
     return attention_triton(q=q, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, kv_lens=kv_lens, scale=scale)

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._jit_common import LOG2E, dot as _dot, dot_probs, token_descriptors, token_rows
-from kernels._launch import fit_block_t, next_pow2 as _next_pow2
+from flashtpa._jit_common import LOG2E, dot as _dot, dot_probs, token_descriptors, token_rows
+from flashtpa._launch import fit_block_t, next_pow2 as _next_pow2
 
 
 @triton.jit
@@ -300,7 +300,7 @@ def prefill_attention(
     tma: bool | None = None,
     heavy_first: bool = True,
 ) -> Tensor:
-    """FlashTPA prefill/extend launcher (inputs already validated by `kernels.triton_attention`).
+    """FlashTPA prefill/extend launcher (inputs already validated by `flashtpa.triton_attention`).
 
     Args:
         q: [B, N, H, D] full queries, or aq [B, N, H, R_Q] with bq [B, N, R_Q, D].
@@ -313,8 +313,8 @@ def prefill_attention(
             so it keeps ~16 mantissa bits instead of 8 (one more tensor-core product per block)
         prebuild_queries: factored queries: build q = aq . bq with `build_queries` before the kernel instead
             of in every (query tile, head) program; default: from PREBUILD_QUERIES_MIN_N new tokens on.
-        tma: load the token factors of unmasked key blocks through TMA descriptors (`kernels._jit_common.token_rows`;
-            forcing as in `kernels._jit_common.token_descriptors`); default: contextual / KV-only, where it paid
+        tma: load the token factors of unmasked key blocks through TMA descriptors (`flashtpa._jit_common.token_rows`;
+            forcing as in `flashtpa._jit_common.token_descriptors`); default: contextual / KV-only, where it paid
             (paper shape N = M = 8,192: 929.2 vs 966.6 us; N = 256 after 3,840: 46.7 vs 53.8), not fixed head
             factors (MHA-as-TPA N = M = 8,192: 767.2 vs 746.9; H200, 2026-11-29 00:27 UTC).
         heavy_first: launch the query tiles in decreasing order of their key count (the causal diagonal makes the

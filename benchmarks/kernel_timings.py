@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
-from kernels.dispatch import attention  # noqa: E402
-from kernels.reference import attention_reference  # noqa: E402
+from flashtpa.dispatch import attention  # noqa: E402
+from flashtpa.reference import attention_reference  # noqa: E402
 
 # (B, M) -> official TPA kernel, us (tpa-reference.md, H200, CUDA-graph replay; H=32, D=64, ranks (16,1,1)).
 OFFICIAL_ANCHORS = {(1, 1 << 16): 16.9, (1, 1 << 19): 144.6, (4, 1 << 19): 383.2, (16, 1 << 16): 143.7,
@@ -422,7 +422,7 @@ def sweep(run: Runner, rows: list[dict]) -> None:
 
 
 # Decode launch variants: (label, knobs). "default" = the launcher's own defaults; "split_p": the probabilities
-# enter the value product as hi + lo terms (kernels._jit_common.dot_probs); "tma=off": token factors through
+# enter the value product as hi + lo terms (flashtpa._jit_common.dot_probs); "tma=off": token factors through
 # per-thread pointer loads instead of TMA descriptors; "pdl=off": the merge launched the usual way, not as a
 # programmatic dependent. Variants measured once and dropped are in benchmarks/RESULTS.md.
 PAPER_VARIANTS = [("default", {}), ("tma=off", dict(tma=False)), ("pdl=off", dict(pdl=False)),
@@ -508,10 +508,10 @@ def launch_variants(run: Runner, bw: float, rows: list[dict], only: str = "") ->
 
 def _launcher(section: str) -> Callable:
     if section == "decode":
-        from kernels.triton_decode import decode_attention
+        from flashtpa.triton_decode import decode_attention
 
         return decode_attention
-    from kernels.triton_prefill import prefill_attention
+    from flashtpa.triton_prefill import prefill_attention
 
     return prefill_attention
 

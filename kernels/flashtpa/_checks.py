@@ -1,4 +1,4 @@
-"""Input validation shared by every attention backend (docs/interfaces.md, `kernels.dispatch.attention`).
+"""Input validation shared by every attention backend (docs/interfaces.md, `flashtpa.dispatch.attention`).
 
 Only shapes, dtypes and devices are checked here: nothing reads tensor values, so the checks never synchronise
 with the GPU and a CUDA graph can capture a call.
