@@ -37,9 +37,8 @@ from pathlib import Path
 
 import torch
 
-# Run as a script, this folder would be sys.path[0], where benchmarks/kernels.py shadows the kernels package.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]  # this checkout's packages first, installed or not
 
 DEFAULT_MODELS_DIR = Path.home() / ".cache" / "tpa-rag-test-models" / "data" / "models"
 PASSAGE = (

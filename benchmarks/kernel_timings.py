@@ -1,6 +1,6 @@
 """FlashTPA kernels vs PyTorch SDPA on one GPU: checks every variant, times it, prints and saves a table.
 
-    PYTHONPATH=. python benchmarks/kernels.py --out DIR [--sections paper,t6,fixed,prefill] [--variants [NAMES]]
+    python benchmarks/kernel_timings.py --out DIR [--sections paper,t6,fixed,prefill] [--variants [NAMES]]
         [--official DIR] [--sweep] [--smoke]
 
 Timing: the call(s) captured in a CUDA graph, median over replays (events), after warm-up; inputs are fresh
@@ -36,9 +36,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, this file's folder comes first on sys.path and its own name would shadow the kernels package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]  # this checkout's packages first, installed or not
 
 from flashtpa.dispatch import attention  # noqa: E402
 from flashtpa.reference import attention_reference  # noqa: E402

@@ -34,8 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, this folder comes first on sys.path, and benchmarks/kernels.py would shadow the kernels package.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]  # this checkout's packages first, installed or not
 STDLIB_FILES = ("argparse.py", "inspect.py", "typing.py", "dataclasses.py", "pathlib.py", "functools.py")
 QUESTIONS = ("\n\nQuestion: Which classes are defined in the code above?\nAnswer:",
              "\n\nQuestion: What does the first function above return?\nAnswer:")
@@ -151,7 +150,7 @@ def _child(args, phase: str) -> dict:
            "--store-dir", str(args.store_dir), "--repeats", str(args.repeats), "--threads", str(args.threads),
            "--lengths", *map(str, args.lengths)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels")])})
     if done.returncode != 0:
         raise SystemExit(f"{phase} phase failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -464,7 +464,7 @@ def decode_attention(
         bk, bv: [B, T_cap, R_K, D], [B, T_cap, R_V, D] cache views, last dim contiguous.
         kv_lens: [B] int32 valid tokens per sequence (read on the device; no host synchronisation).
         num_splits, waves, min_chunk, block_t, num_warps, num_stages, prefetch: launch parameters; the
-            defaults were chosen by the sweep in benchmarks/kernels.py on an H200.
+            defaults were chosen by the sweep in benchmarks/kernel_timings.py on an H200.
         head_tile: heads per program for contextual / KV-only K/V (a power of two >= 16; default all heads).
         rank_2d: load each rank of the head factors as a 2-D tile of its own inside the block (contextual /
             KV-only, ranks > 1), instead of one [heads, tokens, ranks] tile split in registers.

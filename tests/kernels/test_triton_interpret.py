@@ -26,7 +26,7 @@ _ROOT = _HERE.parent.parent
 def interpreted_results() -> dict:
     env = dict(os.environ)
     env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(_ROOT), str(_HERE), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(_ROOT), str(_ROOT / "kernels"), str(_HERE), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, str(_HERE / "interpret_cases.py")], cwd=_ROOT, env=env, capture_output=True, text=True,
         timeout=300,
