@@ -28,6 +28,7 @@ from app.database import make_engine
 from app.errors import AppError
 from app.sessions import SessionInfo, SessionStore, Turn
 from app.tokens import REPEATS, encode_conversation, repeating
+from app.ui_render import TurnCost
 from app.worker import ModelWorker, WorkerClosedError
 
 if TYPE_CHECKING:
@@ -314,15 +315,36 @@ class ChatService:
         self.store.unpin(_pin_owner(session_id))
         return info
 
-    def ttft_history(self, session_id: str) -> list[tuple[int, float, int]]:
-        """(turn number, TTFT ms, reused tokens) rows for the cache panel's plot."""
-        return [(t.position + 1, float(t.metrics["ttft_ms"]), int(t.metrics.get("reused_tokens", 0)))
+    def ttft_history(self, session_id: str) -> list[TurnCost]:
+        """What each turn of the session cost (time to first token, prompt and reused tokens): the cache
+        panel's chart."""
+        return [TurnCost(t.position + 1, float(t.metrics["ttft_ms"]), int(t.metrics.get("prompt_tokens", 0)),
+                         int(t.metrics.get("reused_tokens", 0)))
                 for t in self._sessions.turns(session_id) if "ttft_ms" in t.metrics]
 
     # ----- the cache ----------------------------------------------------------------------------------------------
     def cache_stats(self) -> dict:
         """entries, bytes, hit_rate (over the store's life), and what the store counts besides."""
         return self.store.stats().to_dict()
+
+    def cache_usage(self, sessions: Sequence[SessionInfo]) -> dict:
+        """The cache panel's words: the store's statistics, tokens stored and bytes per token, and which of
+        `sessions` (the ones the asker may see) pin how much (largest first)."""
+        from tpa_core.store.usage import pinned_by_owner, stored_tokens
+
+        stats = self.cache_stats()
+        tokens = stored_tokens(self.store.engine)
+        by_owner = {u.owner: u for u in pinned_by_owner(self.store.engine, prefix=_pin_owner(""))}
+        pinned = [(info, by_owner[_pin_owner(info.id)]) for info in sessions if _pin_owner(info.id) in by_owner]
+        pinned.sort(key=lambda item: -item[1].bytes)
+        return {**stats, "tokens": tokens, "bytes_per_token": stats["bytes"] / tokens if tokens else None,
+                "sessions": [{"session_id": info.id, "name": info.name, "collection": info.collection,
+                              "bytes": usage.bytes, "tokens": usage.tokens} for info, usage in pinned]}
+
+    def unpin_session(self, session_id: str) -> int:
+        """Release a session's cache pins (its pages become evictable; the chat stays). Returns links removed."""
+        self._sessions.get(session_id)  # raises for an unknown session
+        return self._run_on_worker(lambda: self.store.unpin(_pin_owner(session_id)))
 
     def clear_cache(self) -> int:
         """Delete every cache page that no session pins. Runs on the model worker (after any ask in flight)."""

@@ -28,6 +28,11 @@ INGEST_QUEUE = "ingest"
 CSS = """
 .tpa-metrics { font-size: 0.8em; opacity: 0.75; font-family: ui-monospace, monospace; }
 #chat { flex-grow: 1; }
+.tpa-source { border-collapse: collapse; width: 100%; table-layout: fixed; font-size: 0.85em; }
+.tpa-source td { border: none; padding: 0 0.4em; vertical-align: top; font-family: ui-monospace, monospace; }
+.tpa-source td.ln { width: 3.5em; text-align: right; opacity: 0.55; user-select: none; }
+.tpa-source td.tx { white-space: pre-wrap; overflow-wrap: anywhere; }
+.tpa-chart-empty { font-size: 0.85em; opacity: 0.7; padding: 0.5em 0; }
 """
 
 
@@ -38,40 +43,65 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (AppError, TPAError, RetrievalError)
 
 
-def _guard(fn: Callable) -> Callable:
-    """Turn user mistakes into gr.Error messages and bugs into a short message (the traceback goes to the log)."""
+def _guard(n_outputs: int | None) -> Callable[[Callable], Callable]:
+    """Wrap a handler so that a failure shows one notification and leaves the page as it was.
+
+    A user mistake shows its message, a bug a short one (the traceback goes to the log); either way every one of
+    the handler's `n_outputs` components is left unchanged (`gr.skip()`), so none is marked as failed and
+    nothing stays red after the next action. `n_outputs=None` is for API endpoints: the error is raised as
+    `gr.Error`, which the client receives."""
     import functools
     import inspect
 
     import gradio as gr
 
-    def translate(exc: BaseException) -> gr.Error:
+    def message(fn: Callable, exc: BaseException) -> str:
         if isinstance(exc, gr.Error):
-            return exc
+            return exc.message
         if isinstance(exc, _user_errors()):
-            return gr.Error(str(exc), print_exception=False)
+            return str(exc)
         log.exception("unexpected error in %s", fn.__name__)
-        return gr.Error(f"internal error ({type(exc).__name__}); the server log has the details",
-                        print_exception=False)
+        return f"internal error ({type(exc).__name__}); the server log has the details"
 
-    if inspect.isgeneratorfunction(fn):
+    def unchanged() -> Any:
+        return gr.skip() if n_outputs == 1 else tuple(gr.skip() for _ in range(n_outputs or 0))
+
+    def decorate(fn: Callable) -> Callable:
+        def fail(exc: BaseException) -> Any:
+            text = message(fn, exc)
+            if n_outputs is None:
+                raise gr.Error(text, print_exception=False) from None
+            gr.Warning(text)
+            return unchanged()
+
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def gen_wrapper(*args: Any, **kwargs: Any) -> Iterator:
+                try:
+                    yield from fn(*args, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - shown to the user, logged when unexpected
+                    yield fail(exc)
+
+            return gen_wrapper
+
         @functools.wraps(fn)
-        def gen_wrapper(*args: Any, **kwargs: Any) -> Iterator:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
-                yield from fn(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - translated for the user, logged when unexpected
-                raise translate(exc) from None
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - shown to the user, logged when unexpected
+                return fail(exc)
 
-        return gen_wrapper
+        return wrapper
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
-            raise translate(exc) from None
+    return decorate
 
-    return wrapper
+
+def chat_placeholder(collection: str | None) -> str:
+    """What the empty chat says: true for the current selection."""
+    if collection:
+        return (f"Ask a question about **{collection}**: the answer cites the files and lines it comes from, and "
+                "a follow-up reuses this chat's cached context.")
+    return "No collection yet: create one under *Add documents* (files, a .zip, a folder or a repository path)."
 
 
 def build_app(service: ChatService) -> gr.Blocks:
@@ -84,16 +114,17 @@ def build_app(service: ChatService) -> gr.Blocks:
     def session_choices(collection: str | None) -> list[tuple[str, str]]:
         return [(ui_render.session_label(s), s.id) for s in service.sessions(collection or None)]
 
-    def ttft_frame(session_id: str):
-        import pandas as pd
-
-        rows = service.ttft_history(session_id) if session_id else []
-        frame = pd.DataFrame([(turn, ms / 1000, reused) for turn, ms, reused in rows],
-                             columns=["turn", "ttft_s", "reused_tokens"])
-        return frame.astype({"turn": "int64", "ttft_s": "float64", "reused_tokens": "int64"})  # numeric axes
+    def ttft_chart(session_id: str) -> str:
+        return ui_render.ttft_chart_html(service.ttft_history(session_id) if session_id else [])
 
     def cache_text() -> str:
-        return ui_render.cache_markdown(service.cache_stats())
+        return ui_render.cache_markdown(service.cache_usage(service.sessions()))
+
+    def pinned_view() -> tuple[str, Any]:
+        pinned = service.cache_usage(service.sessions())["sessions"]
+        choices = [(f"{s['name'] or '(unnamed)'} · {ui_render.human_bytes(s['bytes'])}", s["session_id"])
+                   for s in pinned]
+        return ui_render.pinned_sessions_markdown(pinned), gr.update(choices=choices, value=None)
 
     with gr.Blocks(title="tpa-rag", fill_height=True) as demo:
         session_id = gr.State("")
@@ -126,8 +157,9 @@ def build_app(service: ChatService) -> gr.Blocks:
 
             # ---- middle: the chat ----------------------------------------------------------------------------
             with gr.Column(scale=3, min_width=420):
-                chatbot = gr.Chatbot(elem_id="chat", height=560, label="Chat",
-                                     placeholder="Pick or create a collection, then ask a question.")
+                # No label: a floating "Chat" label sat over the conversation once it scrolled.
+                chatbot = gr.Chatbot(elem_id="chat", height=560, label="Chat", show_label=False,
+                                     placeholder=chat_placeholder(collections[0] if collections else None))
                 with gr.Row():
                     question = gr.Textbox(show_label=False, placeholder="Ask a question about the collection",
                                           scale=8, lines=1, max_lines=8, elem_id="question")
@@ -143,11 +175,15 @@ def build_app(service: ChatService) -> gr.Blocks:
             with gr.Column(scale=1, min_width=260):
                 gr.Markdown("### Cache")
                 cache_stats = gr.Markdown(cache_text(), elem_id="cache-stats")
-                ttft_plot = gr.LinePlot(ttft_frame(""), x="turn", y="ttft_s", title="Time to first token per turn",
-                                        x_title="turn", y_title="seconds", y_lim=[0, None],
-                                        tooltip=["turn", "ttft_s", "reused_tokens"], height=220,
-                                        elem_id="ttft-plot")
-                clear_cache = gr.Button("Clear cache", size="sm", variant="stop", elem_id="clear-cache")
+                ttft_plot = gr.HTML(ttft_chart(""), elem_id="ttft-plot")
+                with gr.Accordion("What holds the space", open=False, elem_id="cache-holders") as holders:
+                    pinned_list = gr.Markdown(elem_id="pinned-sessions")
+                    pinned_pick = gr.Dropdown([], label="Session", elem_id="pinned-pick")
+                    with gr.Row():
+                        unpin = gr.Button("Unpin", size="sm", elem_id="unpin-session")
+                        delete_pinned = gr.Button("Delete session", size="sm", variant="stop",
+                                                  elem_id="delete-pinned")
+                clear_cache = gr.Button("Clear unpinned pages", size="sm", variant="stop", elem_id="clear-cache")
                 with gr.Accordion("Settings", open=False):
                     model = gr.Dropdown(service.model_choices(), value=service.model_name, label="Model",
                                         allow_custom_value=True, elem_id="model")
@@ -159,7 +195,7 @@ def build_app(service: ChatService) -> gr.Blocks:
                                             step=0.05, label="Temperature")
 
         # ---- handlers: each calls the service and renders -------------------------------------------------
-        @_guard
+        @_guard(6)
         def on_ask(text: str, chat: list, sid: str, coll: str | None, ctx_mode: str, docs: list[str] | None,
                    k: float, max_new: float, temp: float) -> Iterator:
             if not coll:
@@ -188,7 +224,7 @@ def build_app(service: ChatService) -> gr.Blocks:
                                                               result.left_out)
                     yield (final, result.session_id, "",
                            gr.update(choices=session_choices(coll), value=result.session_id),
-                           cache_text(), ttft_frame(result.session_id))
+                           cache_text(), ttft_chart(result.session_id))
 
         ask_inputs = [question, chatbot, session_id, collection, mode, pinned_docs, top_k, max_new_tokens,
                       temperature]
@@ -197,7 +233,7 @@ def build_app(service: ChatService) -> gr.Blocks:
             trigger(on_ask, ask_inputs, ask_outputs, concurrency_id=MODEL_QUEUE, concurrency_limit=1,
                     api_visibility="private", show_progress="minimal")
 
-        @_guard
+        @_guard(7)
         def on_ingest(coll: str | None, new_name: str, files: list[str] | None, folder_files: list[str] | None,
                       path: str, progress: gr.Progress = gr.Progress()) -> tuple:
             name = (new_name or "").strip() or coll
@@ -222,18 +258,20 @@ def build_app(service: ChatService) -> gr.Blocks:
             on_ingest, [collection, new_collection, uploads, folder, local_path],
             [ingest_summary, collection, new_collection, uploads, folder, local_path, pinned_docs],
             concurrency_id=INGEST_QUEUE, concurrency_limit=1, api_name="ingest",
+            show_progress_on=[ingest_summary],  # one progress bar, where the summary will appear
         )
 
-        @_guard
+        @_guard(5)
         def on_collection(coll: str | None) -> tuple:
             docs = service.document_paths(coll) if coll else []
-            return ([], "", gr.update(choices=session_choices(coll), value=None), gr.update(choices=docs, value=[]),
-                    ttft_frame(""))
+            return (gr.update(value=[], placeholder=chat_placeholder(coll)), "",
+                    gr.update(choices=session_choices(coll), value=None), gr.update(choices=docs, value=[]),
+                    ttft_chart(""))
 
         collection.change(on_collection, [collection], [chatbot, session_id, session_list, pinned_docs, ttft_plot],
-                          api_visibility="private")
+                          api_visibility="private", show_progress="hidden")
 
-        @_guard
+        @_guard(3)
         def on_delete_collection(coll: str | None) -> tuple:
             if not coll:
                 raise AppError("no collection selected")
@@ -245,7 +283,7 @@ def build_app(service: ChatService) -> gr.Blocks:
         delete_collection.click(on_delete_collection, [collection], [collection, ingest_summary, cache_stats],
                                 concurrency_id=MODEL_QUEUE, api_visibility="private")
 
-        @_guard
+        @_guard(4)
         def on_resume(sid: str | None, coll: str | None) -> tuple:
             if not sid:
                 return gr.update(), gr.update(), gr.update(), gr.update()
@@ -255,19 +293,19 @@ def build_app(service: ChatService) -> gr.Blocks:
                 chat += ui_render.turn_messages(turn.question, turn.answer, turn.sources, turn.metrics,
                                                 turn.left_out)
             coll_update = gr.update(value=info.collection) if info.collection != coll else gr.update()
-            return chat, sid, ttft_frame(sid), coll_update
+            return chat, sid, ttft_chart(sid), coll_update
 
         # `input` (not `change`): fires on the user's pick only, not when a handler refreshes the list.
         session_list.input(on_resume, [session_list, collection], [chatbot, session_id, ttft_plot, collection],
                            api_visibility="private")
 
         def on_new_session() -> tuple:
-            return [], "", gr.update(value=None), ttft_frame("")
+            return [], "", gr.update(value=None), ttft_chart("")
 
         new_session.click(on_new_session, None, [chatbot, session_id, session_list, ttft_plot],
                           api_visibility="private")
 
-        @_guard
+        @_guard(2)
         def on_rename(sid: str, name: str, coll: str | None) -> tuple:
             if not sid:
                 raise AppError("ask a first question (or resume a session) before renaming it")
@@ -277,19 +315,47 @@ def build_app(service: ChatService) -> gr.Blocks:
         rename_box.submit(on_rename, [session_id, rename_box, collection], [session_list, rename_box],
                           api_visibility="private")
 
-        @_guard
+        @_guard(5)
         def on_delete_session(sid: str, coll: str | None) -> tuple:
             if not sid:
                 raise AppError("no session to delete: resume one first")
             service.delete_session(sid)
             gr.Info("session deleted")
-            return [], "", gr.update(choices=session_choices(coll), value=None), ttft_frame(""), cache_text()
+            return [], "", gr.update(choices=session_choices(coll), value=None), ttft_chart(""), cache_text()
 
         delete_session.click(on_delete_session, [session_id, collection],
                              [chatbot, session_id, session_list, ttft_plot, cache_stats],
                              concurrency_id=MODEL_QUEUE, api_visibility="private")
 
-        @_guard
+        holders.expand(_guard(2)(pinned_view), None, [pinned_list, pinned_pick], api_visibility="private",
+                       show_progress="hidden")
+
+        @_guard(3)
+        def on_unpin(sid: str | None) -> tuple:
+            if not sid:
+                raise AppError("pick a session to unpin")
+            service.unpin_session(sid)
+            gr.Info("session unpinned: its pages may now be evicted when space runs out")
+            return (cache_text(), *pinned_view())
+
+        unpin.click(on_unpin, [pinned_pick], [cache_stats, pinned_list, pinned_pick], concurrency_id=MODEL_QUEUE,
+                    api_visibility="private")
+
+        @_guard(6)
+        def on_delete_pinned(sid: str | None, current: str, coll: str | None) -> tuple:
+            if not sid:
+                raise AppError("pick a session to delete")
+            service.delete_session(sid)
+            gr.Info("session deleted")
+            chat_cleared = ([], "") if sid == current else (gr.skip(), gr.skip())
+            return (*chat_cleared, gr.update(choices=session_choices(coll), value=None), cache_text(),
+                    *pinned_view())
+
+        delete_pinned.click(on_delete_pinned, [pinned_pick, session_id, collection],
+                            [chatbot, session_id, session_list, cache_stats, pinned_list, pinned_pick],
+                            concurrency_id=MODEL_QUEUE, api_visibility="private")
+
+        @_guard(1)
         def on_clear_cache() -> str:
             removed = service.clear_cache()
             gr.Info(f"cache cleared ({removed} pages removed)")
@@ -301,9 +367,9 @@ def build_app(service: ChatService) -> gr.Blocks:
             docs = service.document_paths(coll) if coll and ctx_mode == "pinned" else []
             return gr.update(visible=ctx_mode == "pinned", choices=docs)
 
-        mode.change(_guard(on_mode), [mode, collection], [pinned_docs], api_visibility="private")
+        mode.change(_guard(1)(on_mode), [mode, collection], [pinned_docs], api_visibility="private")
 
-        @_guard
+        @_guard(1)
         def on_model(name: str) -> str:
             service.switch_model(name)
             gr.Info(f"model {service.model_name} loaded")
@@ -317,10 +383,10 @@ def build_app(service: ChatService) -> gr.Blocks:
             return (cache_text(), gr.update(choices=names, value=coll),
                     gr.update(choices=session_choices(coll), value=None))
 
-        demo.load(_guard(on_load), [collection], [cache_stats, collection, session_list], api_visibility="private")
+        demo.load(_guard(3)(on_load), [collection], [cache_stats, collection, session_list], api_visibility="private")
 
         # ---- the named API endpoint (same object as `tpa-rag ask --json`) ---------------------------------
-        @_guard
+        @_guard(None)
         def ask(question: str, collection: str, session_id: str = "", pinned: bool = False) -> Iterator[dict]:
             """Ask a question about a collection. Streams partial objects (metrics null) and ends with the same
             object as `tpa-rag ask --json`: {answer, session_id, sources, metrics, left_out}."""

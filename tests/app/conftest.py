@@ -58,12 +58,12 @@ def make_service(data_dir, tiny_model):
 
     made = []
 
-    def make(model=None, **settings_overrides):
+    def make(model=None, embedder=None, **settings_overrides):
         values = {"top_k": 3, "max_new_tokens": 12, "temperature": 0.0}
         values.update(settings_overrides)
         max_upload = values.pop("max_upload_bytes", 1024 * 1024)
         service = ChatService(Settings(data_dir=data_dir, **values), model=model or tiny_model,
-                              embedder=HashingEmbedder(), max_upload_bytes=max_upload)
+                              embedder=embedder or HashingEmbedder(), max_upload_bytes=max_upload)
         made.append(service)
         return service
 

@@ -100,3 +100,17 @@ class HashingEmbedder:
             if progress is not None:
                 progress(row + 1, len(texts))
         return out
+
+
+class SlowEmbedder(HashingEmbedder):
+    """The hashing embedder, `delay_s` slower per call: long enough for a browser test to watch progress."""
+
+    def __init__(self, delay_s: float, dim: int = 256) -> None:
+        super().__init__(dim)
+        self.delay_s = delay_s
+
+    def embed(self, texts: Sequence[str], progress=None) -> np.ndarray:
+        import time
+
+        time.sleep(self.delay_s)
+        return super().embed(texts, progress)
