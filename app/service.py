@@ -268,12 +268,14 @@ class ChatService:
         summary["skipped"] = rejected + summary["skipped"]
         return summary
 
-    def ensure_demo_collection(self, name: str, paths: Sequence[str], progress: ProgressFn | None = None) -> bool:
-        """Ingest `paths` as collection `name` unless it exists already. Returns whether it ingested."""
+    def ensure_demo_collection(self, name: str, paths: Sequence[str], progress: Callable[[Any], None] | None = None
+                               ) -> bool:
+        """Ingest `paths` as collection `name` unless it exists already. `progress` receives the ingestion's
+        `retrieval.IngestProgress` events (files and chunks done). Returns whether it ingested."""
         if name in self.collection_names():
             return False
         log.info("first run: indexing %s as the demo collection %r", " ".join(paths), name)
-        self.ingest_paths(name, paths, progress)
+        self.corpus.ingest(name, list(paths), progress=progress)
         return True
 
     def ingest_paths(self, collection: str, paths: Sequence[str], progress: ProgressFn | None = None) -> dict:

@@ -59,7 +59,9 @@ def _load_model(path: str, device: str):
     if not Path(path).is_dir():
         raise EmbeddingModelError(f"embedding model folder not found: {path}")
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bar said nothing a user needs
     log.info("loading embedding model from %s on %s", path, device)
     try:
         return SentenceTransformer(path, device=device, local_files_only=True)

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from app.commands.progress import IngestProgressBar
 from app.errors import AppError
 
 if TYPE_CHECKING:
@@ -77,8 +78,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.demo and DEMO_COLLECTION not in service.collection_names():
             print(f"tpa-rag: first run: indexing {' '.join(args.demo)} as the collection {DEMO_COLLECTION!r} "
-                  f"(a few minutes on a small CPU)", file=sys.stderr)
-            service.ensure_demo_collection(DEMO_COLLECTION, args.demo, progress=_progress_printer())
+                  f"(a few minutes on a small CPU; later starts skip this)", file=sys.stderr)
+            bar = IngestProgressBar()
+            try:
+                service.ensure_demo_collection(DEMO_COLLECTION, args.demo, progress=bar)
+            finally:
+                bar.close()
         service.warm_up()
         settings = settings.with_(allowed_hosts=settings.allowed_hosts + tuple(args.allowed_host))
         server = web.build_web_app(service, settings, host=args.host, port=args.port, auth=auth)
@@ -87,17 +92,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         service.close()
     return 0
-
-
-def _progress_printer():
-    """A progress callback that rewrites one stderr line on a terminal and stays quiet otherwise."""
-    if not sys.stderr.isatty():
-        return None
-
-    def report(done: int, total: int, message: str) -> None:
-        print(f"\r{message[:60]:<60} {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
-
-    return report
 
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:

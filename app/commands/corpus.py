@@ -20,6 +20,7 @@ import json
 import sys
 import time
 
+from app.commands.progress import IngestProgressBar
 from app.settings import Settings
 
 
@@ -73,32 +74,9 @@ def make_corpus(settings: Settings, with_embedder: bool = True):
     return Corpus(make_engine(settings.db_url), settings.indexes_dir, settings.uploads_dir, embedder=embedder)
 
 
-class _ProgressBar:
-    """A tqdm bar on stderr over the files, showing the chunks embedded; nothing when stderr is not a terminal."""
-
-    def __init__(self) -> None:
-        self._bar = None
-        self.enabled = sys.stderr.isatty()
-
-    def __call__(self, event) -> None:  # noqa: ANN001 - retrieval.IngestProgress
-        if not self.enabled:
-            return
-        if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=event.files_total, unit="file", file=sys.stderr, dynamic_ncols=True)
-        self._bar.n = event.files_done
-        self._bar.set_postfix_str(f"{event.chunks_embedded} chunks embedded", refresh=False)
-        self._bar.refresh()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     corpus = make_corpus(settings)
-    bar = _ProgressBar()
+    bar = IngestProgressBar()
     try:
         report = corpus.ingest(args.collection, args.paths, progress=bar)
     finally:
