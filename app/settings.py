@@ -32,6 +32,20 @@ def _number(env, name: str, kind: type, default):
         raise AppError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
 
 
+def _flag(env, name: str, default: bool) -> bool:
+    """A yes/no environment variable: 1/true/yes/on or 0/false/no/off; anything else is a user error."""
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    from app.errors import AppError
+
+    raise AppError(f"{name}={raw!r} is not a yes/no value (1/0, true/false, yes/no, on/off)")
+
+
 def _names(raw: str) -> tuple[str, ...]:
     """A comma-separated list, blanks dropped."""
     return tuple(item.strip() for item in raw.split(",") if item.strip())
@@ -53,6 +67,7 @@ class Settings:
     temperature: float = 0.0
     verbose: int = 0
     allowed_hosts: tuple[str, ...] = ()  # Host names the web server answers to besides loopback and --host
+    use_server: bool = True  # `ask` answers through a server running on the same data folder, if there is one
     extra: dict = field(default_factory=dict)
 
     # The data directory's layout (architecture.md, "Data directory").
@@ -99,6 +114,7 @@ class Settings:
             "max_new_tokens": _number(env, "TPA_RAG_MAX_NEW_TOKENS", int, cls.max_new_tokens),
             "temperature": _number(env, "TPA_RAG_TEMPERATURE", float, cls.temperature),
             "allowed_hosts": _names(env.get("TPA_RAG_ALLOWED_HOSTS", "")),
+            "use_server": _flag(env, "TPA_RAG_USE_SERVER", cls.use_server),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["data_dir"] is None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from app import ui_render
-from app.errors import AppError
+from app.errors import AppError, user_error_types
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -36,13 +36,6 @@ CSS = """
 """
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from retrieval.errors import RetrievalError
-    from tpa_core.errors import TPAError
-
-    return (AppError, TPAError, RetrievalError)
-
-
 def _guard(n_outputs: int | None) -> Callable[[Callable], Callable]:
     """Wrap a handler so that a failure shows one notification and leaves the page as it was.
 
@@ -58,7 +51,7 @@ def _guard(n_outputs: int | None) -> Callable[[Callable], Callable]:
     def message(fn: Callable, exc: BaseException) -> str:
         if isinstance(exc, gr.Error):
             return exc.message
-        if isinstance(exc, _user_errors()):
+        if isinstance(exc, user_error_types()):
             return str(exc)
         log.exception("unexpected error in %s", fn.__name__)
         return f"internal error ({type(exc).__name__}); the server log has the details"

@@ -119,9 +119,10 @@ class HostAllowlist:
 
 
 def build_web_app(service: ChatService, settings: Settings, *, host: str = "127.0.0.1", port: int = 7860,
-                  auth: list[tuple[str, str]] | None = None) -> FastAPI:
+                  auth: list[tuple[str, str]] | None = None, local_token: str | None = None) -> FastAPI:
     """The whole server as one ASGI application: API routers, then the Gradio page at `/`, all behind the
-    Host allowlist (`settings.allowed_hosts` adds names to the loopback names and `host`)."""
+    Host allowlist (`settings.allowed_hosts` adds names to the loopback names and `host`). With `local_token`,
+    `tpa-rag ask` on this machine may answer through the server (`app.local_server`)."""
     import gradio as gr
     from fastapi import FastAPI
 
@@ -132,6 +133,10 @@ def build_web_app(service: ChatService, settings: Settings, *, host: str = "127.
     web = FastAPI(title="tpa-rag", docs_url=None, redoc_url=None, openapi_url=None)
     web.add_middleware(HostAllowlist, policy=HostPolicy.for_server(host, settings.allowed_hosts))
     # API routers are included here, above the page: the mount at `/` takes every path that reaches it.
+    if local_token:
+        from app.local_api import local_router
+
+        web.include_router(local_router(service, local_token))
     demo = ui.build_app(service)
     demo.queue(default_concurrency_limit=DEFAULT_CONCURRENCY, max_size=QUEUE_MAX_SIZE)
     gr.mount_gradio_app(

@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ask.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
     ask.add_argument("--json", action="store_true",
                      help='print {"answer", "session_id", "sources", "metrics", "left_out"} as one JSON object')
+    ask.add_argument("--no-server", action="store_true",
+                     help="answer in this process even when a `tpa-rag serve` runs on the same data folder (by "
+                          "default such a server answers, which saves loading the model; env TPA_RAG_USE_SERVER=0)")
     ask.add_argument("question", nargs="+", help="the question")
     ask.set_defaults(handler=cmd_ask)
 
@@ -68,8 +71,19 @@ def _service(settings: Settings, *, with_model: bool = True):
     return ChatService(settings, load_model=with_model)
 
 
+def _local_server_entry(host: str, port: int, model: str):
+    """What server.json says of this server, when `tpa-rag ask` on this machine can reach it over loopback."""
+    import os
+
+    from app import local_server
+
+    if host not in ("127.0.0.1", "localhost", "0.0.0.0", "::", ""):
+        return None  # bound to one non-loopback address: the loopback URL would not answer
+    return local_server.LocalServer(f"http://127.0.0.1:{port}/", os.getpid(), model, local_server.new_token())
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from app import ui, web
+    from app import local_server, ui, web
 
     auth = ui.parse_auth(args.auth)
     if not 1 <= args.port <= 65535:
@@ -86,45 +100,100 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                 bar.close()
         service.warm_up()
         settings = settings.with_(allowed_hosts=settings.allowed_hosts + tuple(args.allowed_host))
-        server = web.build_web_app(service, settings, host=args.host, port=args.port, auth=auth)
+        local = _local_server_entry(args.host, args.port, settings.model)
+        server = web.build_web_app(service, settings, host=args.host, port=args.port, auth=auth,
+                                   local_token=local.token if local else None)
         print(f"tpa-rag: serving on http://{args.host}:{args.port} (Ctrl+C stops)", file=sys.stderr)
-        web.serve_forever(server, host=args.host, port=args.port)
+        if local:
+            local_server.write_server_file(settings.data_dir, local)
+        try:
+            web.serve_forever(server, host=args.host, port=args.port)
+        finally:
+            if local:
+                local_server.remove_server_file(settings.data_dir, local)
     finally:
         service.close()
     return 0
 
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
-    from app import ui_render
-
     question = " ".join(args.question)
+    options = {"top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+               "documents": tuple(args.document) if args.document else None}
+    if settings.use_server and not args.no_server:
+        result = _ask_through_server(settings, question, args, options)
+        if result is not None:
+            return _print_result(result, args.json)
     service = _service(settings)
     try:
         service.warm_up()  # the model and the embedder load before the clock of the answer starts
-        options = service.options(top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature,
-                                  documents=tuple(args.document) if args.document else None)
         result = None
         for event in service.ask_stream(question, args.collection, args.session, pinned=args.pinned,
-                                        options=options):
-            if event.kind == "start" and event.left_out:
-                print("tpa-rag: left out to fit the model's window: " + "; ".join(event.left_out), file=sys.stderr)
+                                        options=service.options(**options)):
+            if event.kind == "start":
+                _print_left_out(event.left_out)
             elif event.kind == "delta" and not args.json:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
             elif event.kind == "done":
-                result = event.result
+                result = event.result.to_json()
+                result["sources"] = [{**public, "ref": source.get("ref", number)} for number, (public, source)
+                                     in enumerate(zip(result["sources"], event.result.sources), start=1)]
     finally:
         service.close()
     assert result is not None, "ask_stream ends with a done event"
-    if args.json:
-        print(json.dumps(result.to_json(), ensure_ascii=False))
+    return _print_result(result, args.json)
+
+
+def _ask_through_server(settings: Settings, question: str, args: argparse.Namespace, options: dict) -> dict | None:
+    """The answer from a server running on this data folder, streamed as it comes; None when there is none
+    (or it cannot be reached before anything was asked): then the caller answers in-process."""
+    from app import local_server
+
+    server = local_server.find_server(settings.data_dir, settings.model)
+    if server is None:
+        return None
+    request = {"question": question, "collection": args.collection, "session_id": args.session,
+               "pinned": args.pinned, "options": {k: list(v) if isinstance(v, tuple) else v
+                                                  for k, v in options.items()}}
+    result = None
+    try:
+        for event in local_server.ask_via_server(server, request):
+            if event["kind"] == "start":
+                _print_left_out(event["left_out"])
+            elif event["kind"] == "delta" and not args.json:
+                sys.stdout.write(event["text"])
+                sys.stdout.flush()
+            elif event["kind"] == "done":
+                result = event["result"]
+    except local_server.ServerUnavailable as exc:
+        print(f"tpa-rag: the server on this data folder did not answer ({exc}); answering here", file=sys.stderr)
+        return None
+    if result is None:
+        raise AppError(f"the server at {server.url} stopped before the answer was complete")
+    return result
+
+
+def _print_left_out(left_out: list[str]) -> None:
+    if left_out:
+        print("tpa-rag: left out to fit the model's window: " + "; ".join(left_out), file=sys.stderr)
+
+
+def _print_result(result: dict, as_json: bool) -> int:
+    """After the streamed answer: the citations, the metrics and the session id (or one JSON object)."""
+    from app import ui_render
+
+    if as_json:
+        print(json.dumps({key: value for key, value in result.items() if key != "sources"}
+                         | {"sources": [{k: s.get(k) for k in ("path", "start_line", "end_line", "score")}
+                                        for s in result["sources"]]}, ensure_ascii=False))
         return 0
     print()
-    for number, source in enumerate(result.sources, start=1):
+    for number, source in enumerate(result["sources"], start=1):
         print(f"[{source.get('ref', number)}] {ui_render.source_label(source)}", file=sys.stderr)
-    print(ui_render.metrics_line(result.metrics), file=sys.stderr)
-    print(f"session: {result.session_id} (continue with --session {result.session_id})", file=sys.stderr)
+    print(ui_render.metrics_line(result["metrics"]), file=sys.stderr)
+    session = result["session_id"]
+    print(f"session: {session} (continue with --session {session})", file=sys.stderr)
     return 0
 
 
