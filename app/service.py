@@ -290,34 +290,36 @@ class ChatService:
         shutil.rmtree(self.settings.uploads_dir / name, ignore_errors=True)
 
     # ----- sessions ----------------------------------------------------------------------------------------------
-    def new_session(self, collection: str, name: str = "") -> SessionInfo:
+    # `owner` (app.owners) is the web visitor a call is made for: they reach their own sessions only, and another's
+    # id is answered like an unknown one. None = the local administrator (CLI), who reaches every session.
+    def new_session(self, collection: str, name: str = "", owner: str | None = None) -> SessionInfo:
         self.corpus.list_documents(collection)  # raises for an unknown collection
-        return self._sessions.create(collection, name)
+        return self._sessions.create(collection, name, owner=owner)
 
-    def sessions(self, collection: str | None = None) -> list[SessionInfo]:
-        return self._sessions.list(collection)
+    def sessions(self, collection: str | None = None, owner: str | None = None) -> list[SessionInfo]:
+        return self._sessions.list(collection, owner=owner)
 
-    def session(self, session_id: str) -> tuple[SessionInfo, list[Turn]]:
-        return self._sessions.get(session_id), self._sessions.turns(session_id)
+    def session(self, session_id: str, owner: str | None = None) -> tuple[SessionInfo, list[Turn]]:
+        return self._sessions.get(session_id, owner), self._sessions.turns(session_id, owner)
 
-    def rename_session(self, session_id: str, name: str) -> SessionInfo:
-        return self._sessions.rename(session_id, name)
+    def rename_session(self, session_id: str, name: str, owner: str | None = None) -> SessionInfo:
+        return self._sessions.rename(session_id, name, owner)
 
-    def set_pinned_documents(self, session_id: str, paths: Sequence[str]) -> SessionInfo:
-        info = self._sessions.get(session_id)
+    def set_pinned_documents(self, session_id: str, paths: Sequence[str], owner: str | None = None) -> SessionInfo:
+        info = self._sessions.get(session_id, owner)
         self._check_documents(info.collection, paths)
-        return self._sessions.set_pinned_documents(session_id, paths)
+        return self._sessions.set_pinned_documents(session_id, paths, owner)
 
-    def delete_session(self, session_id: str) -> SessionInfo:
+    def delete_session(self, session_id: str, owner: str | None = None) -> SessionInfo:
         """Delete a session and its turns and release its cache pins (its pages become evictable)."""
-        info = self._sessions.delete(session_id)
+        info = self._sessions.delete(session_id, owner)
         self.store.unpin(_pin_owner(session_id))
         return info
 
-    def ttft_history(self, session_id: str) -> list[tuple[int, float, int]]:
+    def ttft_history(self, session_id: str, owner: str | None = None) -> list[tuple[int, float, int]]:
         """(turn number, TTFT ms, reused tokens) rows for the cache panel's plot."""
         return [(t.position + 1, float(t.metrics["ttft_ms"]), int(t.metrics.get("reused_tokens", 0)))
-                for t in self._sessions.turns(session_id) if "ttft_ms" in t.metrics]
+                for t in self._sessions.turns(session_id, owner) if "ttft_ms" in t.metrics]
 
     # ----- the cache ----------------------------------------------------------------------------------------------
     def cache_stats(self) -> dict:
@@ -347,18 +349,19 @@ class ChatService:
         return AskOptions(**values)
 
     def ask(self, question: str, collection: str, session_id: str = "", *, pinned: bool = False,
-            options: AskOptions | None = None) -> AskResult:
+            options: AskOptions | None = None, owner: str | None = None) -> AskResult:
         """`ask_stream` run to the end."""
         result = None
-        for event in self.ask_stream(question, collection, session_id, pinned=pinned, options=options):
+        for event in self.ask_stream(question, collection, session_id, pinned=pinned, options=options, owner=owner):
             if event.kind == "done":
                 result = event.result
         assert result is not None
         return result
 
     def ask_stream(self, question: str, collection: str, session_id: str = "", *, pinned: bool = False,
-                   options: AskOptions | None = None) -> Iterator[AskEvent]:
-        """Answer `question` about `collection` in session `session_id` ("" = a new session).
+                   options: AskOptions | None = None, owner: str | None = None) -> Iterator[AskEvent]:
+        """Answer `question` about `collection` in session `session_id` ("" = a new session owned by `owner`;
+        an existing one must be `owner`'s, see the sessions section).
 
         Yields a "start" event (the session id, the sources and what was left out to fit the window), "delta"
         events with the answer text, and a "done" event with the `AskResult`. User mistakes (empty or oversized
@@ -368,7 +371,7 @@ class ChatService:
         t_start = time.perf_counter()
         opts = options or AskOptions()
         question = self._check_question(question)
-        info = self._sessions.get(session_id) if session_id else None
+        info = self._sessions.get(session_id, owner) if session_id else None
         if info is not None and info.collection != collection:
             raise AppError(f"session {session_id} belongs to collection {info.collection!r}, not {collection!r}; "
                            f"start a new session to ask about {collection!r}")
@@ -406,7 +409,7 @@ class ChatService:
         if len(prompt_ids) > window - max_new:  # a generated spelling can be longer than the canonical one
             prompt_ids = tokenizer.encode_chat(fitted.messages)
         if info is None:
-            info = self._sessions.create(collection)
+            info = self._sessions.create(collection, owner=owner)
         boundaries = _context_end(tokenizer, fitted.messages, fitted.units, prompt_ids)
         sources = [dict(u.source(), ref=number) for number, u in enumerate(fitted.units, start=1)
                    if u.sort_key in hits]

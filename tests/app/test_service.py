@@ -125,7 +125,7 @@ def test_bad_input_is_refused_and_nothing_is_lost(service):
         collect(service, "why " * 5000)
     with pytest.raises(RetrievalError, match="no collection named"):
         collect(service, QUESTION, collection="nope")
-    with pytest.raises(UnknownSessionError, match="unknown session"):
+    with pytest.raises(UnknownSessionError, match="no such session"):
         collect(service, QUESTION, session_id="0" * 32)
     with pytest.raises(AppError, match="top-k"):
         collect(service, QUESTION, options=service.options(top_k=0))

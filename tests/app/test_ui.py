@@ -60,7 +60,7 @@ def test_api_errors_are_messages_and_change_nothing(app_url):
         (("  ", "docs"), "the question is empty"),
         (("why? " * 3000, "docs"), "too long"),
         ((QUESTION, "nope"), "no collection named 'nope'"),
-        ((QUESTION, "docs", "f" * 32), "unknown session"),
+        ((QUESTION, "docs", "f" * 32), "no such session"),
     ]
     for args, message in cases:
         with pytest.raises(ClientError, match=message):
