@@ -14,6 +14,7 @@ is built only from its own session's turns, and the live cache is restored from 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -43,6 +44,10 @@ ProgressFn = Callable[[int, int, str], None]  # (done, total, what)
 
 class QuestionError(AppError):
     """An empty or oversized question."""
+
+
+class NotAllowedError(AppError):
+    """A web visitor asked for something the operator did not allow (a server path, a model)."""
 
 
 @dataclass(frozen=True)
@@ -192,15 +197,8 @@ class ChatService:
         return self._model_name
 
     def model_choices(self) -> list[str]:
-        """The known model names and the models already in the model cache, the current one first."""
-        names = [self._model_name]
-        try:
-            from tpa_core.registry import known_names
-
-            names += known_names()
-        except ImportError:
-            pass
-        return list(dict.fromkeys(names))
+        """The models web visitors may switch to: the current one first, the configured one, the listed ones."""
+        return list(dict.fromkeys([self._model_name, self.settings.model, *self.settings.models]))
 
     def namespace(self) -> str:
         if self._namespace is None:
@@ -223,10 +221,13 @@ class ChatService:
 
     def ingest(self, collection: str, *, uploads: Sequence[str | Path] = (), local_path: str | None = None,
                progress: ProgressFn | None = None) -> dict:
-        """Ingest uploaded files (copied into the data folder first) and/or a folder or repository on this
-        machine into `collection` (created if new). Returns the ingestion summary (`ingest --json` shape) plus
-        "rejected": uploads refused before ingestion (type or size), each with its reason."""
+        """Ingest uploaded files (copied into the data folder first, see `app.uploads`) and/or a folder or
+        repository on this machine, which must lie inside one of `settings.ingest_roots`, into `collection`
+        (created if new). Returns the ingestion summary (`ingest --json` shape) plus "rejected": uploads refused
+        before ingestion (type or size), each with its reason."""
         from retrieval.extract import supported
+
+        from app.uploads import store_upload
 
         rejected: list[dict] = []
         targets: list[Path] = []
@@ -249,9 +250,10 @@ class ChatService:
                     rejected.append({"path": name, "reason": reason})
                     continue
                 with source.open("rb") as data:
-                    targets.append(self.corpus.save_upload(collection, name, data))
+                    saved = store_upload(self.settings.uploads_dir / collection, name, data)
+                targets.append(saved if saved.suffix.lower() == ".zip" else saved.parent)
         if local_path:
-            targets.append(Path(local_path).expanduser())
+            targets.append(self._check_server_path(local_path))
         if not targets:
             if rejected:
                 raise AppError("nothing to ingest: " + "; ".join(f"{r['path']}: {r['reason']}" for r in rejected))
@@ -266,6 +268,26 @@ class ChatService:
         summary["rejected"] = rejected
         summary["skipped"] = rejected + summary["skipped"]
         return summary
+
+    def _check_server_path(self, given: str) -> Path:
+        """`given` resolved (links followed) if it lies inside an ingest root; the same refusal otherwise,
+        whether or not it exists, so a visitor learns nothing about the rest of the machine."""
+        roots = self.settings.ingest_roots
+        if not roots:
+            raise NotAllowedError("this server takes uploads only: paths on the server are turned off (its "
+                                  "operator can allow folders with `tpa-rag serve --ingest-root DIR`)")
+        try:
+            raw = Path(given.strip())
+            resolved = Path(os.path.realpath(raw if raw.is_absolute() else roots[0] / raw))
+        except (ValueError, OSError):  # a NUL byte, a name too long
+            resolved = None
+        data_dir = os.path.realpath(self.settings.data_dir)  # the database, the caches, other visitors' uploads
+        for root in roots:
+            if resolved is not None and resolved.is_relative_to(os.path.realpath(root)) \
+                    and not resolved.is_relative_to(data_dir):
+                return resolved
+        raise NotAllowedError(f"{given!r} is not inside a folder this server may ingest "
+                              f"({', '.join(str(r) for r in roots)})")
 
     def ensure_demo_collection(self, name: str, paths: Sequence[str], progress: ProgressFn | None = None) -> bool:
         """Ingest `paths` as collection `name` unless it exists already. Returns whether it ingested."""
@@ -337,6 +359,10 @@ class ChatService:
             raise AppError("name a model (a known name, a local folder or a .gguf file)")
         if name == self._model_name and self._loaded is not None:
             return
+        if name not in self.model_choices():  # never touches the file system: says nothing about paths
+            raise NotAllowedError(f"this server does not offer the model {name!r}; it offers "
+                                  f"{', '.join(self.model_choices())} (its operator lists more with "
+                                  f"TPA_RAG_MODELS or `tpa-rag serve --offer-model`)")
 
         def swap() -> None:
             loaded = self._load(name)

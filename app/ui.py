@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 MODEL_QUEUE = "model"
 INGEST_QUEUE = "ingest"
+# Gradio's own sweep of its temporary files (every hour, those older than an hour): uploads are deleted as soon
+# as they are saved (`discard_uploads`); this catches the ones never ingested.
+TEMP_SWEEP_S = (3600, 3600)
 
 CSS = """
 .tpa-metrics { font-size: 0.8em; opacity: 0.75; font-family: ui-monospace, monospace; }
@@ -46,6 +49,26 @@ def _owner(request: gr.Request | None) -> str:
     if request is None:
         raise AppError("this action needs a web request (it acts for its visitor)")
     return owner_for(getattr(request, "username", None), dict(request.cookies or {}))
+
+
+def discard_uploads(paths: list[str]) -> None:
+    """Delete uploaded files from Gradio's temporary folder (each sits in a folder of its own there), so no
+    other client can fetch them by URL once they are saved. Paths outside that folder are left alone."""
+    import os
+    from pathlib import Path
+
+    from gradio.utils import get_upload_folder
+
+    temp = Path(os.path.realpath(get_upload_folder()))
+    for item in paths:
+        path = Path(os.path.realpath(item))
+        if path.parent == temp or not path.is_relative_to(temp):
+            continue
+        try:
+            path.unlink(missing_ok=True)
+            path.parent.rmdir()
+        except OSError:  # the folder holds another file, or is gone already
+            pass
 
 
 def _guard(fn: Callable) -> Callable:
@@ -101,7 +124,7 @@ def build_app(service: ChatService) -> gr.Blocks:
     def cache_text() -> str:
         return ui_render.cache_markdown(service.cache_stats())
 
-    with gr.Blocks(title="tpa-rag", fill_height=True) as demo:
+    with gr.Blocks(title="tpa-rag", fill_height=True, delete_cache=TEMP_SWEEP_S) as demo:
         session_id = gr.State("")
         gr.Markdown("## tpa-rag · ask your documents and code, with reusable TPA factor caches")
         with gr.Row(equal_height=False):
@@ -116,8 +139,10 @@ def build_app(service: ChatService) -> gr.Blocks:
                     uploads = gr.File(label="Files or a .zip (text, markdown, html, pdf, notebooks, code)",
                                       file_count="multiple", height=120, elem_id="upload")
                     folder = gr.File(label="A folder", file_count="directory", height=120, elem_id="upload-folder")
-                    local_path = gr.Textbox(label="Or a folder / git repository on this machine",
-                                            placeholder="/path/to/repository", elem_id="local-path")
+                    roots = [str(root) for root in settings.ingest_roots]
+                    local_path = gr.Textbox(label="Or a folder / git repository on the server, inside "
+                                                  + " or ".join(roots), placeholder=roots[0] if roots else "",
+                                            visible=bool(roots), elem_id="local-path")
                     ingest_button = gr.Button("Ingest", variant="primary", elem_id="ingest")
                 ingest_summary = gr.Markdown(elem_id="ingest-summary")
                 delete_collection = gr.Button("Delete collection", variant="stop", size="sm",
@@ -156,7 +181,7 @@ def build_app(service: ChatService) -> gr.Blocks:
                 clear_cache = gr.Button("Clear cache", size="sm", variant="stop", elem_id="clear-cache")
                 with gr.Accordion("Settings", open=False):
                     model = gr.Dropdown(service.model_choices(), value=service.model_name, label="Model",
-                                        allow_custom_value=True, elem_id="model")
+                                        elem_id="model")
                     top_k = gr.Slider(1, max(20, settings.top_k), value=settings.top_k, step=1,
                                       label="Retrieval top-k")
                     max_new_tokens = gr.Slider(1, max(1024, settings.max_new_tokens), value=settings.max_new_tokens,
@@ -220,6 +245,7 @@ def build_app(service: ChatService) -> gr.Blocks:
 
             summary = service.ingest(name, uploads=sources, local_path=(path or "").strip() or None,
                                      progress=report)
+            discard_uploads(sources)  # saved: the page clears them; after an error they stay for a retry
             for item in summary.get("rejected", []):
                 gr.Warning(f"{item['path']}: {item['reason']}")
             names = service.collection_names()
