@@ -68,6 +68,8 @@ class Settings:
     verbose: int = 0
     allowed_hosts: tuple[str, ...] = ()  # Host names the web server answers to besides loopback and --host
     use_server: bool = True  # `ask` answers through a server running on the same data folder, if there is one
+    ingest_roots: tuple[Path, ...] = ()  # folders whose insides web visitors may ingest by path; () = uploads only
+    models: tuple[str, ...] = ()  # models web visitors may switch to, besides `model`
     extra: dict = field(default_factory=dict)
 
     # The data directory's layout (architecture.md, "Data directory").
@@ -115,9 +117,12 @@ class Settings:
             "temperature": _number(env, "TPA_RAG_TEMPERATURE", float, cls.temperature),
             "allowed_hosts": _names(env.get("TPA_RAG_ALLOWED_HOSTS", "")),
             "use_server": _flag(env, "TPA_RAG_USE_SERVER", cls.use_server),
+            "ingest_roots": tuple(Path(p) for p in env.get("TPA_RAG_INGEST_ROOTS", "").split(os.pathsep) if p),
+            "models": _names(env.get("TPA_RAG_MODELS", "")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["data_dir"] is None:
             values["data_dir"] = _default_data_dir()
         values["data_dir"] = Path(values["data_dir"]).expanduser().resolve()
+        values["ingest_roots"] = tuple(Path(p).expanduser().resolve() for p in values["ingest_roots"])
         return cls(**values)

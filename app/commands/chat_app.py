@@ -25,6 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                        help="a host name the server answers to besides localhost and --host (repeatable; env "
                             "TPA_RAG_ALLOWED_HOSTS, comma-separated); other Host headers get 400")
+    serve.add_argument("--ingest-root", action="append", default=[], metavar="DIR",
+                       help="a folder whose files and subfolders visitors may ingest by path (repeatable; env "
+                            "TPA_RAG_INGEST_ROOTS, os.pathsep-separated); without one, uploads only")
+    serve.add_argument("--offer-model", action="append", default=[], metavar="MODEL",
+                       help="a model visitors may switch to besides --model (repeatable; env TPA_RAG_MODELS, "
+                            "comma-separated)")
     serve.add_argument("--demo", nargs="+", metavar="PATH",
                        help=f"on first run, ingest these paths as the collection {DEMO_COLLECTION!r} before serving")
     serve.set_defaults(handler=cmd_serve)
@@ -88,6 +94,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     auth = ui.parse_auth(args.auth)
     if not 1 <= args.port <= 65535:
         raise AppError(f"--port must be 1..65535, got {args.port}")
+    settings = _serve_settings(args, settings)
     service = _service(settings)
     try:
         if args.demo and DEMO_COLLECTION not in service.collection_names():
@@ -99,7 +106,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             finally:
                 bar.close()
         service.warm_up()
-        settings = settings.with_(allowed_hosts=settings.allowed_hosts + tuple(args.allowed_host))
         local = _local_server_entry(args.host, args.port, settings.model)
         server = web.build_web_app(service, settings, host=args.host, port=args.port, auth=auth,
                                    local_token=local.token if local else None)
@@ -114,6 +120,19 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         service.close()
     return 0
+
+
+def _serve_settings(args: argparse.Namespace, settings: Settings) -> Settings:
+    """The settings with serve's options added: allowed Host names, ingest roots (existing folders) and models."""
+    from pathlib import Path
+
+    roots = list(settings.ingest_roots) + [Path(p).expanduser().resolve() for p in args.ingest_root]
+    for root in roots:
+        if not root.is_dir():
+            raise AppError(f"ingest root {str(root)!r} is not a folder")
+    return settings.with_(allowed_hosts=settings.allowed_hosts + tuple(args.allowed_host),
+                          ingest_roots=tuple(dict.fromkeys(roots)),
+                          models=settings.models + tuple(m for m in args.offer_model if m.strip()))
 
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
