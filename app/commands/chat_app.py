@@ -203,9 +203,9 @@ def _print_result(result: dict, as_json: bool) -> int:
     from app import ui_render
 
     if as_json:
-        print(json.dumps({key: value for key, value in result.items() if key != "sources"}
-                         | {"sources": [{k: s.get(k) for k in ("path", "start_line", "end_line", "score")}
-                                        for s in result["sources"]]}, ensure_ascii=False))
+        public = [{k: s.get(k) for k in ("path", "start_line", "end_line", "score")} for s in result["sources"]]
+        print(json.dumps({key: public if key == "sources" else value for key, value in result.items()},
+                         ensure_ascii=False))
         return 0
     print()
     for number, source in enumerate(result["sources"], start=1):
