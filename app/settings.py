@@ -46,6 +46,7 @@ class Settings:
     top_k: int = 5
     max_new_tokens: int = 256
     temperature: float = 0.0
+    max_ingest_chunks: int = 100_000  # chunks one ingestion may embed (retrieval.IngestLimits.max_chunks)
     verbose: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -92,6 +93,7 @@ class Settings:
             "top_k": _number(env, "TPA_RAG_TOP_K", int, cls.top_k),
             "max_new_tokens": _number(env, "TPA_RAG_MAX_NEW_TOKENS", int, cls.max_new_tokens),
             "temperature": _number(env, "TPA_RAG_TEMPERATURE", float, cls.temperature),
+            "max_ingest_chunks": _number(env, "TPA_RAG_MAX_INGEST_CHUNKS", int, cls.max_ingest_chunks),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["data_dir"] is None:
