@@ -2,7 +2,8 @@
 
 The rules of each .gitignore are parsed and matched by `pathspec` (`GitIgnoreSpec`: gitignore(5) syntax,
 negation, anchoring, `**`) on its RE2 backend: pathspec's default backend is Python's backtracking `re`, where a
-line such as `*a*a*a*a*a*a*a*a*b` takes minutes on a 60-character name; RE2 matches in linear time.
+line such as `*a*a*a*a*a*a*a*a*b` takes minutes on a 60-character name; RE2 matches in linear time. A long
+.gitignore is split into several RE2 sets, matched in order.
 
 How the folders fit together is decided here: the rules of a .gitignore apply below its folder, deeper files come
 after shallower ones and the last matching rule wins. The walker asks about each folder before entering it and
@@ -25,27 +26,38 @@ log = logging.getLogger(__name__)
 
 
 class GitIgnoreError(ValueError):
-    """A .gitignore whose rules cannot be compiled (the message says why); its folder is walked without it."""
+    """A .gitignore whose rules cannot be compiled (the message says why)."""
+
+
+# RE2 compiles a set of about two thousand patterns past its default memory budget; a few hundred take milliseconds.
+_PATTERNS_PER_SET = 256
 
 
 @dataclass(frozen=True)
 class _Rules:
     base: str  # folder of the .gitignore, relative to the root: "" or ending in "/"
-    files: GitIgnoreSpec  # the lines as written
-    folders: GitIgnoreSpec  # the same lines with their directory marks dropped
+    files: tuple[GitIgnoreSpec, ...]  # the lines as written, in order, a few hundred per set
+    folders: tuple[GitIgnoreSpec, ...]  # the same lines with their directory marks dropped
 
 
-def _valid_lines(content: str) -> list[str]:
-    """The lines of a .gitignore that pathspec accepts; git ignores a malformed line, and so do we."""
-    lines = []
+def _patterns(content: str) -> tuple[list[GitIgnoreSpecPattern], list[GitIgnoreSpecPattern]]:
+    """The rules of a .gitignore as written and as they apply to a folder; a malformed line is dropped, as git
+    drops it, and so are blanks and comments."""
+    files, folders = [], []
     for line in content.splitlines():
         try:
-            GitIgnoreSpecPattern(line)
+            pattern = GitIgnoreSpecPattern(line)
+            if pattern.include is None:
+                continue
+            folder_line = _as_folder_rule(line)
+            folder = pattern if folder_line == line else GitIgnoreSpecPattern(folder_line)
         except GitIgnorePatternError:
             log.info("ignoring a malformed .gitignore line: %r", line)
             continue
-        lines.append(line)
-    return lines
+        files.append(pattern)
+        if folder.include is not None:
+            folders.append(folder)
+    return files, folders
 
 
 def _as_folder_rule(line: str) -> str:
@@ -58,6 +70,23 @@ def _as_folder_rule(line: str) -> str:
     return line
 
 
+def _compile(patterns: list[GitIgnoreSpecPattern]) -> tuple[GitIgnoreSpec, ...]:
+    try:
+        return tuple(GitIgnoreSpec(patterns[i:i + _PATTERNS_PER_SET], backend="re2")
+                     for i in range(0, len(patterns), _PATTERNS_PER_SET))
+    except Re2Error as exc:
+        raise GitIgnoreError(f"too complex to match ({exc})") from exc
+
+
+def _last_verdict(specs: tuple[GitIgnoreSpec, ...], path: str) -> bool | None:
+    verdict = None
+    for spec in specs:
+        include = spec.check_file(path).include
+        if include is not None:
+            verdict = include
+    return verdict
+
+
 class GitIgnore:
     """The rules of every .gitignore met so far under one root."""
 
@@ -67,18 +96,13 @@ class GitIgnore:
     def add(self, folder: str, content: str) -> None:
         """Add the rules of `<folder>/.gitignore`; `folder` is relative to the root, "" for the root itself.
 
-        Raises GitIgnoreError when the rules are too large for the matcher."""
-        lines = _valid_lines(content)
-        if not any(line.strip() and not line.startswith("#") for line in lines):
+        Raises GitIgnoreError when the rules cannot be compiled."""
+        files, folders = _patterns(content)
+        if not files:
             return
         base = folder.strip("/")
         base = base + "/" if base else ""
-        try:
-            files = GitIgnoreSpec.from_lines(lines, backend="re2")
-            folders = GitIgnoreSpec.from_lines([_as_folder_rule(line) for line in lines], backend="re2")
-        except Re2Error as exc:
-            raise GitIgnoreError(f"too complex to match ({exc})") from exc
-        self._rules.append(_Rules(base, files, folders))
+        self._rules.append(_Rules(base, _compile(files), _compile(folders)))
 
     def ignored(self, path: str, is_dir: bool) -> bool:
         """Whether `path` (relative to the root, '/'-separated) is ignored; its parents are assumed not to be."""
@@ -86,8 +110,7 @@ class GitIgnore:
         for rules in self._rules:
             if not path.startswith(rules.base):
                 continue
-            spec = rules.folders if is_dir else rules.files
-            include = spec.check_file(path[len(rules.base):]).include
-            if include is not None:
-                verdict = include
+            found = _last_verdict(rules.folders if is_dir else rules.files, path[len(rules.base):])
+            if found is not None:
+                verdict = found
         return verdict

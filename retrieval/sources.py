@@ -10,8 +10,9 @@ Safety rules:
   folder), parents included; a symbolic link is followed only to a target inside the root that the name rules
   would not skip (a link `alias.txt -> .env` counts as a hidden file).
 - a name that is not valid UTF-8 is skipped with the reason, shown with `\\xNN` escapes.
-- folders: hidden and vendored/build folders are skipped; .gitignore files are honoured (`retrieval.gitignore`);
-  non-regular files (fifos, devices) are skipped.
+- folders: hidden and vendored/build folders are skipped; .gitignore files are honoured (`retrieval.gitignore`),
+  and a folder whose .gitignore cannot be read or applied is skipped whole; non-regular files (fifos, devices)
+  are skipped.
 - git work trees: only tracked files (`git ls-files`, with fsmonitor hooks disabled); untracked and ignored files
   are reported; submodules are not followed. A folder inside a work tree where git tracks nothing (say, one the
   repository ignores) is walked as a plain folder.
@@ -51,7 +52,7 @@ VENDORED_DIRS = frozenset({
     "eggs", ".eggs", "wheelhouse", "Pods", "DerivedData", ".next", ".nuxt", ".cache",
 })
 _EGG_INFO = re.compile(r".*\.egg-info$")
-MAX_GITIGNORE_BYTES = 256 * 1024
+MAX_GITIGNORE_BYTES = 64 * 1024
 NOT_UTF8 = "name is not valid UTF-8 (shown escaped)"
 
 
@@ -243,20 +244,19 @@ def _display(root: Path, path: Path) -> str:
 
 # -- folders -----------------------------------------------------------------------------------------------------
 
-def _read_gitignore(root: Path, folder: Path, listing: Listing, ignore: GitIgnore, rel_folder: str) -> None:
-    path = folder / ".gitignore"
-    display = _display(root, path)
-    target_rel, reason = _resolve_in_root(path, root)
+def _apply_gitignore(root: Path, folder: Path, ignore: GitIgnore, rel_folder: str) -> str | None:
+    """Add the rules of `folder/.gitignore`; the reason it cannot be read or applied, if so."""
+    target_rel, reason = _resolve_in_root(folder / ".gitignore", root)
     try:
         if target_rel is None:
             raise SourceReadError(reason or "symbolic link")
         data = read_regular(root, target_rel, MAX_GITIGNORE_BYTES)
         ignore.add(rel_folder, data.decode("utf-8", errors="replace"))
-    except (SourceReadError, OSError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        listing.skipped.append(Skipped(display, f"unreadable .gitignore ({why})"))
-    except GitIgnoreError as exc:
-        listing.skipped.append(Skipped(display, f"unusable .gitignore ({exc})"))
+    except (SourceReadError, GitIgnoreError) as exc:
+        return str(exc)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _list_folder(root: Path, limits: IngestLimits) -> Listing:
@@ -270,7 +270,12 @@ def _list_folder(root: Path, limits: IngestLimits) -> Listing:
         rel_folder = folder.relative_to(root).as_posix()
         rel_folder = "" if rel_folder == "." else rel_folder
         if ".gitignore" in filenames:
-            _read_gitignore(root, folder, listing, ignore, rel_folder)
+            reason = _apply_gitignore(root, folder, ignore, rel_folder)
+            if reason is not None:  # walking on would index what the rules exclude
+                listing.skipped.append(Skipped(_display(root, folder) + "/",
+                                               f".gitignore not usable ({reason}); folder not walked"))
+                dirnames[:] = []
+                continue
         kept = []
         for name in sorted(dirnames):
             sub = folder / name

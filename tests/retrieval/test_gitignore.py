@@ -114,3 +114,11 @@ def test_pathological_pattern_matches_in_linear_time():
     seconds = float(done.stdout.rsplit(" ", 1)[1])
     assert done.stdout.startswith("[False, False, False]")
     assert seconds < 0.5, f"{seconds:.3f} s"
+
+
+def test_long_gitignore_is_applied_whole():
+    # Thousands of rules: more than RE2 compiles into one set with its default memory budget.
+    g = GitIgnore()
+    g.add("", "".join(f"generated_{i}.py\n" for i in range(5000)) + "!generated_4999.py\n")
+    assert g.ignored("generated_0.py", False) and g.ignored("deep/generated_2500.py", False)
+    assert not g.ignored("generated_4999.py", False) and not g.ignored("generated_5000.py", False)

@@ -138,13 +138,18 @@ def test_fifo_named_like_a_zip_is_refused_without_blocking(tmp_path):
     assert "SKIP pipe.zip | not a regular file" in out
 
 
-def test_fifo_gitignore_does_not_block_the_walk(tmp_path):
+def test_gitignore_that_cannot_be_applied_skips_its_folder_without_blocking(tmp_path):
     root = tmp_path / "proj"
     write(root / "a.md", "text\n")
     os.mkfifo(root / ".gitignore")
+    write(root / "sub" / "b.md", "text\n")
+    write(root / "sub" / ".gitignore", "*.tmp\n" * 20_000)  # over the size limit: the rules cannot be honoured
     out = list_in_child(root)
-    assert "FILE proj/a.md" in out
-    assert "SKIP proj/.gitignore | unreadable .gitignore (not a regular file)" in out
+    assert "SKIP proj/ | .gitignore not usable (not a regular file); folder not walked" in out
+    assert "FILE" not in out
+    listing = list_source(root / "sub")
+    assert not listing.files
+    assert "file too large" in reasons(listing)["sub/"]
 
 
 @pytest.mark.timeout(20)
