@@ -64,10 +64,13 @@ class _Text:
         self.pieces: list[str] = []
 
     def text(self, start: int, end: int) -> None:
-        if start < end:
-            lines = self.source[start:end].split("\n")
-            self.pieces.append("\n".join(html.unescape(line).replace("\n", " ").replace("\r", " ")
-                                         for line in lines))
+        if start >= end:
+            return
+        piece = self.source[start:end]
+        if "&" in piece:
+            piece = "\n".join(html.unescape(line).replace("\n", " ").replace("\r", " ")
+                               for line in piece.split("\n"))
+        self.pieces.append(piece)
 
     def markup(self, start: int, end: int) -> None:
         breaks = self.source.count("\n", start, end)
