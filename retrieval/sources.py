@@ -202,10 +202,11 @@ def _dir_skip_reason(name: str) -> str | None:
     return None
 
 
-def _resolve_in_root(path: Path, root: Path) -> tuple[str | None, str | None]:
+def _resolve_in_root(path: Path, root: Path, name_rules: bool = True) -> tuple[str | None, str | None]:
     """('/'-path inside the root of what `path` resolves to, None), or (None, the reason to skip `path`).
 
-    Links anywhere on the path count, the parents' too; a link's target must pass the name rules itself."""
+    Links anywhere on the path count, the parents' too; with `name_rules`, a link's target must pass the hidden
+    and vendored rules itself."""
     try:
         target = path.resolve(strict=True)
     except (OSError, RuntimeError):
@@ -213,7 +214,7 @@ def _resolve_in_root(path: Path, root: Path) -> tuple[str | None, str | None]:
     if not inside(target, root):
         return None, "symbolic link leaves the root"
     rel = target.relative_to(root).as_posix()
-    if target != path:
+    if name_rules and target != path:
         parts = rel.split("/")
         for name in parts[:-1]:
             reason = _dir_skip_reason(name)
@@ -246,7 +247,7 @@ def _display(root: Path, path: Path) -> str:
 
 def _apply_gitignore(root: Path, folder: Path, ignore: GitIgnore, rel_folder: str) -> str | None:
     """Add the rules of `folder/.gitignore`; the reason it cannot be read or applied, if so."""
-    target_rel, reason = _resolve_in_root(folder / ".gitignore", root)
+    target_rel, reason = _resolve_in_root(folder / ".gitignore", root, name_rules=False)
     try:
         if target_rel is None:
             raise SourceReadError(reason or "symbolic link")

@@ -129,6 +129,17 @@ def test_tracked_link_to_a_hidden_file_is_hidden(tmp_path):
     assert "hidden file" in reasons(listing)["repo/alias.txt"]
 
 
+def test_gitignore_linked_to_another_gitignore_inside_the_root_applies(tmp_path):
+    root = tmp_path / "proj"
+    write(root / ".gitignore", "*.tmp.md\n")
+    write(root / "sub" / "a.tmp.md", "ignored\n")
+    write(root / "sub" / "b.md", "kept\n")
+    os.symlink("../.gitignore", root / "sub" / ".gitignore")
+    listing = list_source(root)
+    assert [f.path for f in listing.files] == ["proj/sub/b.md"]
+    assert reasons(listing)["proj/sub/a.tmp.md"] == "ignored by .gitignore"
+
+
 # -- nothing is opened before it is known to be a regular file --------------------------------------------------
 
 def test_fifo_named_like_a_zip_is_refused_without_blocking(tmp_path):
