@@ -70,3 +70,18 @@ def test_name_that_is_not_utf8_does_not_stop_the_ingestion(corpus, tmp_path):
     assert "not valid UTF-8" in skipped(report)["menu/caf\\xe9.txt"]
     json.dumps(report.to_json(), ensure_ascii=False).encode("utf-8")
     assert corpus.search("c", "soup of the day", k=1)[0][0].path == "menu/soup.md"
+
+
+def test_one_file_over_the_chunk_limit_is_named(make_corpus, tmp_path):
+    root = tmp_path / "book"
+    write(root / "long.md", "".join(f"Paragraph {i} tells how the river floods the valley in spring.\n\n"
+                                    for i in range(200)))
+    write(root / "short.md", "A short note about maps.\n")
+    report = make_corpus(limits=IngestLimits(max_chunks=3)).ingest("c", [root])
+    assert [d.path for d in report.documents] == ["book/short.md"]
+    assert "over the chunk limit of one ingestion (3 chunks)" in skipped(report)["book/long.md"]
+
+
+def test_limits_must_be_positive():
+    with pytest.raises(ValueError, match="max_chunks"):
+        IngestLimits(max_chunks=0)
