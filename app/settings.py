@@ -32,6 +32,11 @@ def _number(env, name: str, kind: type, default):
         raise AppError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
 
 
+def _names(raw: str) -> tuple[str, ...]:
+    """A comma-separated list, blanks dropped."""
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the app, the CLI and the services are configured with."""
@@ -48,6 +53,9 @@ class Settings:
     temperature: float = 0.0
     max_ingest_chunks: int = 100_000  # chunks one ingestion may embed (retrieval.IngestLimits.max_chunks)
     verbose: int = 0
+    allowed_hosts: tuple[str, ...] = ()  # Host names the web server answers to besides loopback and --host
+    ingest_roots: tuple[Path, ...] = ()  # folders whose insides web visitors may ingest by path; () = uploads only
+    models: tuple[str, ...] = ()  # models web visitors may switch to, besides `model`
     extra: dict = field(default_factory=dict)
 
     # The data directory's layout (architecture.md, "Data directory").
@@ -94,9 +102,13 @@ class Settings:
             "max_new_tokens": _number(env, "TPA_RAG_MAX_NEW_TOKENS", int, cls.max_new_tokens),
             "temperature": _number(env, "TPA_RAG_TEMPERATURE", float, cls.temperature),
             "max_ingest_chunks": _number(env, "TPA_RAG_MAX_INGEST_CHUNKS", int, cls.max_ingest_chunks),
+            "allowed_hosts": _names(env.get("TPA_RAG_ALLOWED_HOSTS", "")),
+            "ingest_roots": tuple(Path(p) for p in env.get("TPA_RAG_INGEST_ROOTS", "").split(os.pathsep) if p),
+            "models": _names(env.get("TPA_RAG_MODELS", "")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["data_dir"] is None:
             values["data_dir"] = _default_data_dir()
         values["data_dir"] = Path(values["data_dir"]).expanduser().resolve()
+        values["ingest_roots"] = tuple(Path(p).expanduser().resolve() for p in values["ingest_roots"])
         return cls(**values)

@@ -21,6 +21,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     serve.add_argument("--auth", help="user:password, or a file with one user:password per line")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="a host name the server answers to besides localhost and --host (repeatable; env "
+                            "TPA_RAG_ALLOWED_HOSTS, comma-separated); other Host headers get 400")
+    serve.add_argument("--ingest-root", action="append", default=[], metavar="DIR",
+                       help="a folder whose files and subfolders visitors may ingest by path (repeatable; env "
+                            "TPA_RAG_INGEST_ROOTS, os.pathsep-separated); without one, uploads only")
+    serve.add_argument("--offer-model", action="append", default=[], metavar="MODEL",
+                       help="a model visitors may switch to besides --model (repeatable; env TPA_RAG_MODELS, "
+                            "comma-separated)")
     serve.add_argument("--demo", nargs="+", metavar="PATH",
                        help=f"on first run, ingest these paths as the collection {DEMO_COLLECTION!r} before serving")
     serve.set_defaults(handler=cmd_serve)
@@ -65,11 +74,12 @@ def _service(settings: Settings, *, with_model: bool = True):
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from app import ui
+    from app import ui, web
 
     auth = ui.parse_auth(args.auth)
     if not 1 <= args.port <= 65535:
         raise AppError(f"--port must be 1..65535, got {args.port}")
+    settings = _serve_settings(args, settings)
     service = _service(settings)
     try:
         if args.demo and DEMO_COLLECTION not in service.collection_names():
@@ -77,12 +87,25 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                   f"(a few minutes on a small CPU)", file=sys.stderr)
             service.ensure_demo_collection(DEMO_COLLECTION, args.demo, progress=_progress_printer())
         service.warm_up()
-        demo = ui.build_app(service)
+        server = web.build_web_app(service, settings, host=args.host, port=args.port, auth=auth)
         print(f"tpa-rag: serving on http://{args.host}:{args.port} (Ctrl+C stops)", file=sys.stderr)
-        ui.launch(demo, service, host=args.host, port=args.port, auth=auth, block=True)
+        web.serve_forever(server, host=args.host, port=args.port)
     finally:
         service.close()
     return 0
+
+
+def _serve_settings(args: argparse.Namespace, settings: Settings) -> Settings:
+    """The settings with serve's options added: allowed Host names, ingest roots (existing folders) and models."""
+    from pathlib import Path
+
+    roots = list(settings.ingest_roots) + [Path(p).expanduser().resolve() for p in args.ingest_root]
+    for root in roots:
+        if not root.is_dir():
+            raise AppError(f"ingest root {str(root)!r} is not a folder")
+    return settings.with_(allowed_hosts=settings.allowed_hosts + tuple(args.allowed_host),
+                          ingest_roots=tuple(dict.fromkeys(roots)),
+                          models=settings.models + tuple(m for m in args.offer_model if m.strip()))
 
 
 def _progress_printer():
