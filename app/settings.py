@@ -65,6 +65,7 @@ class Settings:
     top_k: int = 5
     max_new_tokens: int = 256
     temperature: float = 0.0
+    max_ingest_chunks: int = 100_000  # chunks one ingestion may embed (retrieval.IngestLimits.max_chunks)
     verbose: int = 0
     allowed_hosts: tuple[str, ...] = ()  # Host names the web server answers to besides loopback and --host
     use_server: bool = True  # `ask` answers through a server running on the same data folder, if there is one
@@ -115,6 +116,7 @@ class Settings:
             "top_k": _number(env, "TPA_RAG_TOP_K", int, cls.top_k),
             "max_new_tokens": _number(env, "TPA_RAG_MAX_NEW_TOKENS", int, cls.max_new_tokens),
             "temperature": _number(env, "TPA_RAG_TEMPERATURE", float, cls.temperature),
+            "max_ingest_chunks": _number(env, "TPA_RAG_MAX_INGEST_CHUNKS", int, cls.max_ingest_chunks),
             "allowed_hosts": _names(env.get("TPA_RAG_ALLOWED_HOSTS", "")),
             "use_server": _flag(env, "TPA_RAG_USE_SERVER", cls.use_server),
             "ingest_roots": tuple(Path(p) for p in env.get("TPA_RAG_INGEST_ROOTS", "").split(os.pathsep) if p),

@@ -32,7 +32,7 @@ from retrieval.index import IndexFileError, IndexParams, VectorIndex
 from retrieval.ingest import Ingestion
 from retrieval.records import CollectionInfo, DocumentInfo, DocumentText, Hit, IngestReport, ProgressCallback
 from retrieval.search import search as search_collection
-from retrieval.sources import IngestLimits
+from retrieval.sources import IngestLimits, printable
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Corpus:
             raise SourceNotFoundError("(no path given)")
         for path in paths:
             if not os.path.lexists(Path(path).expanduser()):
-                raise SourceNotFoundError(str(path))
+                raise SourceNotFoundError(printable(str(path)))
         row = self._collection_for_write(collection)
         with self._file_lock(row.id):
             current = self.db.get_collection(collection)
