@@ -3,10 +3,10 @@
     python benchmarks/kernel_resources.py [--arch 90] [--sms 132] [--dump DIR] [--only TEXT]
 
 No GPU needed: Triton compiles for a named GPU target, and the cuobjdump bundled with Triton reads the cubin.
-The launchers run on CPU tensors with their default launch config (or the case's fields replaced), their kernel launch is
-intercepted, and the captured arguments are specialised the way Triton's JIT does (integers equal to 1 become
-constants, multiples of 16 and tensor pointers get divisibility 16), so the build matches what the GPU would
-compile with this Triton version. What it answers: does a configuration spill, how many programs fit on an SM
+The launchers run on CPU tensors with their default launch config (or the case's fields replaced), their kernel
+launch is intercepted, and the captured arguments are specialised the way Triton's JIT does (integers equal to 1
+become constants, multiples of 16 and tensor pointers get divisibility 16), so the build matches what the GPU
+would compile with this Triton version. What it answers: does a configuration spill, how many programs fit on an SM
 (65,536 registers / (warps x 32 x registers)), are the matrix instructions wgmma (HGMMA). It does not time
 anything; the device's Triton may allocate registers a little differently.
 """
@@ -161,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     for label, kind, make, fields in CASES:
         if args.only not in label:
             continue
-        module, name, launcher, default = (
-            (triton_decode, "_decode_factor_kernel", triton_decode.decode_attention, triton_decode.default_decode_config)
-            if kind == "decode" else
-            (triton_prefill, "_prefill_kernel", triton_prefill.prefill_attention, triton_prefill.default_prefill_config))
+        if kind == "decode":
+            module, name, launcher, default = (triton_decode, "_decode_factor_kernel", triton_decode.decode_attention,
+                                               triton_decode.default_decode_config)
+        else:
+            module, name, launcher, default = (triton_prefill, "_prefill_kernel", triton_prefill.prefill_attention,
+                                               triton_prefill.default_prefill_config)
         x = AttentionInputs(**make())
         if kind == "decode" and x.ak is None:
             name = "_decode_gqa_kernel"

@@ -177,7 +177,8 @@ def time_ours(run: Runner, make: Callable[[], dict], set_bytes: int, check: bool
 
 class PendingCheck:
     """One configuration's error against float64, computed after all timing: a check (GBs of float64 for the large
-    shapes) slows the configuration timed right after it (benchmarks/NOTES.md, "Timing before checking"). Prints as "pending" until `resolve_checks` replaces it by the error."""
+    shapes) slows the configuration timed right after it (benchmarks/NOTES.md, "Timing before checking"). Prints
+    as "pending" until `resolve_checks` replaces it by the error."""
 
     def __init__(self, run: Runner, make: Callable[[], dict], launcher: Callable | None, knobs: dict) -> None:
         self.run, self.make, self.launcher, self.knobs = run, make, launcher, knobs
