@@ -39,11 +39,6 @@ class AttentionInputs:
     ak: Tensor | None = None
     av: Tensor | None = None
 
-    def tensors(self) -> dict[str, Tensor | None]:
-        """The fields as keyword arguments of `flashtpa.dispatch.attention`."""
-        return {"q": self.q, "aq": self.aq, "bq": self.bq, "ak": self.ak, "bk": self.bk, "av": self.av,
-                "bv": self.bv, "kv_lens": self.kv_lens}
-
     def check(self) -> AttentionShape:
         """Validate the tensors against each other and return the call's sizes.
 
@@ -85,6 +80,7 @@ def _expect(name: str, t: Tensor, shape: tuple[int | None, ...]) -> None:
 
 
 def _check(x: AttentionInputs) -> AttentionShape:
+    """The checks of `AttentionInputs.check`."""
     q, aq, bq, ak, bk, av, bv, kv_lens = x.q, x.aq, x.bq, x.ak, x.bk, x.av, x.bv, x.kv_lens
     if bk is None or bv is None or kv_lens is None:
         raise AttentionInputError("bk, bv and kv_lens are required")
