@@ -74,7 +74,8 @@ def tma_addressable(x: torch.Tensor) -> bool:
     return TensorDescriptor is not None and aligned
 
 
-def default_tma(bk: torch.Tensor, bv: torch.Tensor, pays: bool, max_row_bytes: int | None = TMA_MAX_ROW_BYTES) -> bool:
+def default_tma(bk: torch.Tensor, bv: torch.Tensor, pays: bool,
+                max_row_bytes: int | None = TMA_MAX_ROW_BYTES) -> bool:
     """Whether a launch loads its token factors through TMA by default: where it was measured to pay (`pays`, for
     rows of at most `max_row_bytes`; None: any), where the device supports it and the views allow it."""
     narrow = max_row_bytes is None or bk.shape[-1] * bk.element_size() <= max_row_bytes

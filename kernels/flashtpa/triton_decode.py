@@ -14,8 +14,8 @@ import torch
 import triton
 from torch import Tensor
 
-from flashtpa._launch import (LOG2E, default_tma, fit_block_t, multiprocessors, next_pow2, pdl_supported,
-                              token_descriptors)
+from flashtpa._launch import (LOG2E, TMA_MAX_ROW_BYTES, default_tma, fit_block_t, multiprocessors, next_pow2,
+                              pdl_supported, token_descriptors)
 from flashtpa.inputs import AttentionInputs
 from flashtpa.jit.decode import _decode_factor_kernel, _decode_gqa_kernel, _decode_merge_kernel
 
@@ -116,7 +116,7 @@ def default_decode_config(x: AttentionInputs, *, min_chunk: int = MIN_CHUNK, hea
         # PDL pays after the factor kernel and costs after the GQA kernel (benchmarks/NOTES.md, "PDL")
         pdl=not fixed and pdl_supported(bk.device),
         # TMA pays for GQA at any head dim and for rank-1 factors, not for higher ranks (benchmarks/NOTES.md, "TMA")
-        tma=default_tma(bk, bv, pays=fixed or rank_one, max_row_bytes=None if fixed else 128),
+        tma=default_tma(bk, bv, pays=fixed or rank_one, max_row_bytes=None if fixed else TMA_MAX_ROW_BYTES),
     )
 
 
