@@ -1,6 +1,6 @@
 """`ChatService`: the one place where retrieval, the engine and the factor-cache store meet.
 
-The ask flow (architecture.md): retrieve the top-k chunks (or take the pinned documents) -> canonical context
+The ask flow: retrieve the top-k chunks (or take the pinned documents) -> canonical context
 order -> chat template (system + context, earlier turns, question) -> tokenize -> restore the longest cached
 prefix from the store -> prefill only the rest -> stream the answer -> save the new pages, pin the session's
 prefix, persist the turn with its sources and metrics.

@@ -73,7 +73,7 @@ class Settings:
     models: tuple[str, ...] = ()  # models web visitors may switch to, besides `model`
     extra: dict = field(default_factory=dict)
 
-    # The data directory's layout (architecture.md, "Data directory").
+    # The data directory's layout (README, "Settings": TPA_RAG_HOME).
     @property
     def sqlite_path(self) -> Path:
         return self.data_dir / "tpa_rag.sqlite"

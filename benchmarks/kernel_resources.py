@@ -3,10 +3,10 @@
     python benchmarks/kernel_resources.py [--arch 90] [--sms 132] [--dump DIR] [--only TEXT]
 
 No GPU needed: Triton compiles for a named GPU target, and the cuobjdump bundled with Triton reads the cubin.
-The launchers run on CPU tensors with their real default (or given) launch parameters, their kernel launch is
-intercepted, and the captured arguments are specialised the way Triton's JIT does (integers equal to 1 become
-constants, multiples of 16 and tensor pointers get divisibility 16), so the build matches what the GPU would
-compile with this Triton version. What it answers: does a configuration spill, how many programs fit on an SM
+The launchers run on CPU tensors with their default launch config (or the case's fields replaced), their kernel
+launch is intercepted, and the captured arguments are specialised the way Triton's JIT does (integers equal to 1
+become constants, multiples of 16 and tensor pointers get divisibility 16), so the build matches what the GPU
+would compile with this Triton version. What it answers: does a configuration spill, how many programs fit on an SM
 (65,536 registers / (warps x 32 x registers)), are the matrix instructions wgmma (HGMMA). It does not time
 anything; the device's Triton may allocate registers a little differently.
 """
@@ -14,6 +14,7 @@ anything; the device's Triton may allocate registers a little differently.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 import tempfile
@@ -125,7 +126,7 @@ def inputs(B: int, N: int, M: int, H: int, D: int, ranks: tuple[int, int, int], 
     return bench.tpa_inputs(bench.Runner(torch.device("cpu"), "torch", 1), B, N, M, H, D, *ranks, form)
 
 
-# (label, "decode" | "prefill", inputs, launch knobs)
+# (label, "decode" | "prefill", inputs, config fields replaced in the default config)
 CASES = [
     ("decode paper B=1 M=2^19", "decode", lambda: inputs(1, 1, 1 << 19, 32, 64, (16, 1, 1), "contextual"), {}),
     ("decode paper B=1 M=2^19 block_t=64", "decode", lambda: inputs(1, 1, 1 << 19, 32, 64, (16, 1, 1), "contextual"),
@@ -155,18 +156,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="only the cases whose label contains this text")
     args = p.parse_args(argv)
     from flashtpa import triton_decode, triton_prefill
+    from flashtpa.inputs import AttentionInputs
 
-    for label, kind, make, knobs in CASES:
+    for label, kind, make, fields in CASES:
         if args.only not in label:
             continue
-        module, name, launcher = ((triton_decode, "_decode_factor_kernel", triton_decode.decode_attention)
-                                  if kind == "decode" else
-                                  (triton_prefill, "_prefill_kernel", triton_prefill.prefill_attention))
-        inputs = make()
-        if kind == "decode" and inputs["ak"] is None:
+        if kind == "decode":
+            module, name, launcher, default = (triton_decode, "_decode_factor_kernel", triton_decode.decode_attention,
+                                               triton_decode.default_decode_config)
+        else:
+            module, name, launcher, default = (triton_prefill, "_prefill_kernel", triton_prefill.prefill_attention,
+                                               triton_prefill.default_prefill_config)
+        x = AttentionInputs(**make())
+        if kind == "decode" and x.ak is None:
             name = "_decode_gqa_kernel"
         with captured_launch(module, name, args.sms) as box:
-            launcher(**inputs, scale=inputs["bk"].shape[-1] ** -0.5, **knobs)
+            launcher(x, x.bk.shape[-1] ** -0.5, dataclasses.replace(default(x), **fields))
         compiled, options = build(box, args.arch)
         print(resources(compiled, options, args.dump, label), flush=True)
     return 0

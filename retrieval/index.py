@@ -58,7 +58,7 @@ SMALL_BATCH = 16  # queries below which a search runs on one OpenMP thread
 @contextlib.contextmanager
 def _one_thread_for(n_queries: int) -> Iterator[None]:
     """FAISS parallelizes a search over its queries; for one or a few queries the OpenMP team only adds
-    overhead, and on a busy machine spinning threads make it several times slower (benchmarks/RESULTS.md)."""
+    overhead, and on a busy machine spinning threads make it several times slower (benchmarks/NOTES.md)."""
     if n_queries >= SMALL_BATCH:
         yield
         return

@@ -29,9 +29,9 @@ from tpa_core.rope import RopeTables, apply_rope
 
 logger = logging.getLogger(__name__)
 
-# Rows (tokens) from which a float32 CPU projection runs through oneDNN instead of F.linear (MKL sgemm). Measured
-# on the 2-core AMD EPYC dev machine, 1 thread, CPU time: [500 x 576] @ [576 x 3072] 17.1 ms (F.linear) vs 8.4 ms
-# (oneDNN, weight converted per call); 16 rows already gain a little; one row (decode, a GEMV) is faster in MKL.
+# Rows (tokens) from which a float32 CPU projection runs through oneDNN instead of F.linear (MKL sgemm): oneDNN's
+# GEMM is about twice as fast on AMD CPUs from 16 rows on, while one row (decode, a GEMV) is faster in MKL
+# (benchmarks/NOTES.md, "CPU engine").
 ONEDNN_MIN_ROWS = 16
 _onednn = {"usable": None}  # None = not tried yet; False after a build without a working oneDNN linear
 

@@ -6,7 +6,7 @@ Both conventions rotate the pairs (i, i + D/2) of the head dimension:
 - "t6" (official T6 code): y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos (rotation by -theta).
 
 So "t6" is "rotate_half" with sin negated; the tables carry the sign and `apply_rope` is one code path.
-RoPE applies to B_Q/B_K (or q) only, never to A factors or B_V (tpa-reference.md, Theorem 3.1).
+RoPE applies to B_Q/B_K (or q) only, never to A factors or B_V (the TPA paper's Theorem 3.1; docs/kernels.md).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ storage's, as in the engine; positions >= kv_lens[b] hold NaN so a kernel that r
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -60,6 +62,22 @@ def make_inputs(
                 t[b, n_b:] = float("nan")
     args["kv_lens"] = torch.tensor(kv_lens, dtype=torch.int32, device=device)
     return args
+
+
+def decode_config(x, **fields):
+    """`default_decode_config(x)` with some fields given (a test's launch): min_chunk, head_tile and waves are
+    passed to the default function, since the other fields follow from them; the rest replace fields."""
+    from flashtpa.triton_decode import default_decode_config
+
+    pins = {k: fields.pop(k) for k in ("min_chunk", "head_tile", "waves") if k in fields}
+    return replace(default_decode_config(x, **pins), **fields)
+
+
+def prefill_config(x, **fields):
+    """`default_prefill_config(x)` with some fields replaced (a test's launch)."""
+    from flashtpa.triton_prefill import default_prefill_config
+
+    return replace(default_prefill_config(x), **fields)
 
 
 def rel_err(out: Tensor, ref: Tensor) -> float:

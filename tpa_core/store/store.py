@@ -1,6 +1,6 @@
 """`FactorStore`: prefix pages of factor caches, persisted as safetensors blobs and indexed in SQL.
 
-See `tpa_core.store` (the package docstring) for the API and the design notes (cache-store.md) for the why.
+See `tpa_core.store` (the package docstring) for the API and docs/store.md for what the store guarantees.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Config fields that shape RoPE; they also go into the namespace on their own (cache-store.md, point 1).
+# Config fields that shape RoPE; they also go into the namespace on their own (docs/store.md, promise 2).
 _ROPE_FIELDS = ("head_dim", "max_position_embeddings")
 
 

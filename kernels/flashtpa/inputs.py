@@ -1,4 +1,4 @@
-"""Input validation shared by every attention backend (docs/interfaces.md, `flashtpa.dispatch.attention`).
+"""The inputs of one attention call and their checks, shared by every backend (`flashtpa.dispatch.attention`).
 
 Only shapes, dtypes and devices are checked here: nothing reads tensor values, so the checks never synchronise
 with the GPU and a CUDA graph can capture a call.
@@ -14,6 +14,38 @@ from torch import Tensor
 
 class AttentionInputError(ValueError):
     """The tensors given to `attention` do not fit the contract; the message names the tensor and the mismatch."""
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionInputs:
+    """The tensors of one attention call over a factor cache (docs/interfaces.md).
+
+    Queries, one of:
+        q: [B, N, H, D] full queries (KV-only and fixed-head-factor forms), RoPE applied;
+        aq, bq: [B, N, H, R_Q], [B, N, R_Q, D] contextual query factors (bq with RoPE).
+    Cache (views into `FactorCache` storage, last dim contiguous):
+        ak, av: [B, T_cap, H, R_K], [B, T_cap, H, R_V] contextual head factors; both None = fixed head factors
+            (GQA: R_K = R_V = G groups, head h reads group h // (H // G));
+        bk, bv: [B, T_cap, R_K, D], [B, T_cap, R_V, D] token factors (bk with RoPE).
+        kv_lens: [B] int32 valid cache tokens per sequence, the N new included; query n sits at kv_lens - N + n.
+    """
+
+    bk: Tensor
+    bv: Tensor
+    kv_lens: Tensor
+    q: Tensor | None = None
+    aq: Tensor | None = None
+    bq: Tensor | None = None
+    ak: Tensor | None = None
+    av: Tensor | None = None
+
+    def check(self) -> AttentionShape:
+        """Validate the tensors against each other and return the call's sizes.
+
+        Raises:
+            AttentionInputError: a tensor is missing, has the wrong shape, dtype or device.
+        """
+        return _check(self)
 
 
 @dataclass(frozen=True)
@@ -47,22 +79,9 @@ def _expect(name: str, t: Tensor, shape: tuple[int | None, ...]) -> None:
             raise AttentionInputError(f"{name} must have shape {shape} (None = any), got {tuple(t.shape)}")
 
 
-def check_attention_inputs(
-    *,
-    q: Tensor | None,
-    aq: Tensor | None,
-    bq: Tensor | None,
-    ak: Tensor | None,
-    bk: Tensor,
-    av: Tensor | None,
-    bv: Tensor,
-    kv_lens: Tensor,
-) -> AttentionShape:
-    """Validate the factor tensors of one call and return its sizes.
-
-    Raises:
-        AttentionInputError: a tensor is missing, has the wrong shape, dtype or device.
-    """
+def _check(x: AttentionInputs) -> AttentionShape:
+    """The checks of `AttentionInputs.check`."""
+    q, aq, bq, ak, bk, av, bv, kv_lens = x.q, x.aq, x.bq, x.ak, x.bk, x.av, x.bv, x.kv_lens
     if bk is None or bv is None or kv_lens is None:
         raise AttentionInputError("bk, bv and kv_lens are required")
     if (q is None) == (aq is None and bq is None):
