@@ -154,7 +154,7 @@ class ChatService:
                 from retrieval import Corpus
 
                 self._corpus = Corpus(self._engine, self.settings.indexes_dir, self.settings.uploads_dir,
-                                      embedder=self._embedder_instance())
+                                      embedder=self._embedder_instance(), limits=self.settings.ingest_limits())
             return self._corpus
 
     def _embedder_instance(self):

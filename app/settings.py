@@ -98,6 +98,16 @@ class Settings:
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.sqlite_path}"
 
+    def ingest_limits(self):
+        """The ingestion's safety limits (`retrieval.IngestLimits`), with the chunk cap set here."""
+        from retrieval.sources import IngestLimits
+
+        if self.max_ingest_chunks < 1:
+            from app.errors import AppError
+
+            raise AppError(f"TPA_RAG_MAX_INGEST_CHUNKS must be positive, got {self.max_ingest_chunks}")
+        return IngestLimits(max_chunks=self.max_ingest_chunks)
+
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
 

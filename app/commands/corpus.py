@@ -71,7 +71,8 @@ def make_corpus(settings: Settings, with_embedder: bool = True):
     if with_embedder:
         device = "cuda" if settings.device == "cuda" else "cpu"
         embedder = SentenceTransformerEmbedder(settings.embedding_model or None, device=device)
-    return Corpus(make_engine(settings.db_url), settings.indexes_dir, settings.uploads_dir, embedder=embedder)
+    return Corpus(make_engine(settings.db_url), settings.indexes_dir, settings.uploads_dir, embedder=embedder,
+                  limits=settings.ingest_limits())
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
