@@ -384,6 +384,19 @@ class ChatService:
         assert result is not None
         return result
 
+    def check_ask(self, question: str, collection: str, session_id: str = "", *, pinned: bool = False,
+                  options: AskOptions | None = None, owner: str | None = None) -> None:
+        """The checks of an ask that need no model (question, collection, session, documents, top-k), so a
+        command can refuse a mistake before it loads or fetches the model. `ask_stream` checks again."""
+        opts = options or AskOptions()
+        self._check_question(question)
+        self.document_paths(collection)  # raises for an unknown collection
+        if session_id:
+            self._sessions.get(session_id, owner)
+        if pinned and opts.documents:
+            self._check_documents(collection, opts.documents)
+        self._check_top_k(opts.top_k if opts.top_k is not None else self.settings.top_k)
+
     def ask_stream(self, question: str, collection: str, session_id: str = "", *, pinned: bool = False,
                    options: AskOptions | None = None, owner: str | None = None) -> Iterator[AskEvent]:
         """Answer `question` about `collection` in session `session_id` ("" = a new session owned by `owner`;

@@ -125,10 +125,12 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     question = " ".join(args.question)
     service = _service(settings)
     try:
-        service.warm_up()  # the model and the embedder load before the clock of the answer starts
         options = service.options(top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature,
                                   documents=tuple(args.document) if args.document else None)
+        # Mistakes first: a wrong collection name must not cost a model download.
+        service.check_ask(question, args.collection, args.session, pinned=args.pinned, options=options)
+        service.warm_up()  # the model and the embedder load before the clock of the answer starts
         result = None
         for event in service.ask_stream(question, args.collection, args.session, pinned=args.pinned,
                                         options=options):

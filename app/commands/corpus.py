@@ -97,6 +97,10 @@ class _ProgressBar:
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    if any(not path.strip() for path in args.paths):
+        from app.errors import AppError
+
+        raise AppError("an empty PATH was given (it would mean the current folder; write . if you mean that)")
     corpus = make_corpus(settings)
     bar = _ProgressBar()
     try:
