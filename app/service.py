@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.context import ContextUnit, canonical, fit_prompt, render_context
+from app.context import ContextUnit, bound_pinned, canonical, fit_prompt, render_context
 from app.database import make_engine
 from app.errors import AppError
 from app.sessions import SessionInfo, SessionStore, Turn
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 MAX_QUESTION_CHARS = 8_000
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024**2
 MAX_TOP_K = 50
+# A token rarely spans more characters than this: pinned text past window x this cannot fit, so it is never
+# tokenized (a pinned ask on a huge collection stays as cheap as one on a window's worth of text).
+PINNED_CHARS_PER_TOKEN = 16
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what)
 
 
@@ -427,9 +430,11 @@ class ChatService:
             raise AppError(f"max new tokens ({max_new}) must be below the model's context window ({window})")
 
         turns = self._sessions.turns(info.id) if info else []
+        over_bound: list[str] = []
         if pinned:
             documents = opts.documents or (tuple(info.pinned_documents) if info else ()) or None
-            units = canonical(self._pinned_units(collection, documents))
+            units, over_bound = bound_pinned(canonical(self._pinned_units(collection, documents)),
+                                             window * PINNED_CHARS_PER_TOKEN)
             hits: set = {u.sort_key for u in units}
         else:
             retrieved = self._retrieved_units(collection, question, top_k)
@@ -454,7 +459,7 @@ class ChatService:
                    if u.sort_key in hits]
         job = _AskJob(
             session_id=info.id, question=question, mode="pinned" if pinned else "retrieval", prompt_ids=prompt_ids,
-            sources=sources, left_out=fitted.left_out, max_new_tokens=max_new, temperature=temperature,
+            sources=sources, left_out=fitted.left_out + over_bound, max_new_tokens=max_new, temperature=temperature,
             t_start=t_start, context=[] if pinned else [u.to_dict() for u in fitted.units], boundaries=boundaries,
         )
         yield AskEvent("start", info.id, sources=job.sources, left_out=job.left_out)
