@@ -385,12 +385,18 @@ def public_source(source: dict) -> dict:
 
 
 def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
-    """`user:password`, or the path of a file with one `user:password` per line (blank lines and # comments)."""
+    """`user:password`, or the path of a file with one `user:password` per line (blank lines and # comments).
+    The file is the safe form: a password on the command line shows in the process list."""
     from pathlib import Path
 
     if not value:
         return None
     path = Path(value).expanduser()
+    if not path.is_file():
+        log.warning("--auth user:password shows the password to every user of this machine (ps); put the "
+                    "user:password lines in a file only you can read and give its path")
+    elif path.stat().st_mode & 0o077:
+        log.warning("%s can be read by other users of this machine; chmod 600 it", path)
     lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else [value]
     pairs = []
     for line in lines:

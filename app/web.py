@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from app.logins import LoginGuard
+
     from app.service import ChatService
     from app.settings import Settings
 
@@ -152,13 +154,17 @@ class OwnerCookie:
 
 
 def build_web_app(service: ChatService, settings: Settings, *, host: str = "127.0.0.1", port: int = 7860,
-                  auth: list[tuple[str, str]] | None = None) -> FastAPI:
+                  auth: list[tuple[str, str]] | LoginGuard | None = None) -> FastAPI:
     """The whole server as one ASGI application: API routers, then the Gradio page at `/`, all behind the
-    Host allowlist (`settings.allowed_hosts` adds names to the loopback names and `host`)."""
+    Host allowlist (`settings.allowed_hosts` adds names to the loopback names and `host`). `auth`: the users
+    (their failed logins are throttled by a `LoginGuard`), or a guard."""
     import gradio as gr
     from fastapi import FastAPI
 
     from app import ui
+    from app.logins import LoginGuard
+
+    guard = LoginGuard(auth) if isinstance(auth, list) else auth
 
     if host not in LOOPBACK_NAMES and not auth:
         log.warning("serving on %s without --auth: anyone who can reach this address can use the app", host)
@@ -169,7 +175,7 @@ def build_web_app(service: ChatService, settings: Settings, *, host: str = "127.
     demo = ui.build_app(service)
     demo.queue(default_concurrency_limit=DEFAULT_CONCURRENCY, max_size=QUEUE_MAX_SIZE)
     gr.mount_gradio_app(
-        web, demo, path="/", server_name=host, server_port=port, auth=auth,
+        web, demo, path="/", server_name=host, server_port=port, auth=guard.check if guard else None,
         max_file_size=service.max_upload_bytes, allowed_paths=[], show_error=True,
         theme=gr.themes.Soft(), css=ui.CSS, footer_links=["api"], ssr_mode=False,
     )
