@@ -193,11 +193,15 @@ def serve_forever(web: FastAPI, *, host: str, port: int) -> None:
     """Run `web` on host:port until Ctrl+C."""
     import uvicorn
 
-    server = uvicorn.Server(_uvicorn_config(web, host, port))
-    server.run()
-    if not server.started:
-        from app.errors import AppError
+    from app.errors import AppError
 
+    server = uvicorn.Server(_uvicorn_config(web, host, port))
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind
+        if server.started:
+            raise
+    if not server.started:
         raise AppError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
 
 

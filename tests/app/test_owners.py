@@ -90,7 +90,7 @@ def test_a_second_visitor_sees_and_reaches_nothing_of_the_first(two_visitors):
 
 
 def test_the_owner_resumes_and_lists_their_sessions_in_the_page(two_visitors):
-    service, url, alice, mine, mallory = two_visitors
+    _, url, alice, mine, _ = two_visitors
     own = httpx.Client(base_url=url, cookies=alice.cookies, timeout=60)
     tab = secrets.token_hex(6)
     loaded = queue_call(own, "on_load", ["docs"], tab)
