@@ -4,8 +4,8 @@ Layout and wiring only: every handler calls `ChatService` and renders its result
 the indexes and the caches live in the service, never in `gr.State`; the only per-browser state is the id of the
 tab's current chat session, so two browser sessions never see each other's chat. Every session handler acts for
 the request's owner (`app.owners`: the signed-in user, else the browser's cookie), so a visitor reaches only
-their own sessions. Generation goes through one
-queue (`concurrency_id="model"`, one at a time), ingestion through another, so the page stays responsive.
+their own sessions. Generation goes through one queue (`concurrency_id="model"`, one at a time), ingestion
+through another, so the page stays responsive.
 """
 
 from __future__ import annotations
@@ -62,11 +62,12 @@ def discard_uploads(paths: list[str]) -> None:
     temp = Path(os.path.realpath(get_upload_folder()))
     for item in paths:
         path = Path(os.path.realpath(item))
-        if path.parent == temp or not path.is_relative_to(temp):
+        if not path.is_relative_to(temp) or path == temp:
             continue
         try:
             path.unlink(missing_ok=True)
-            path.parent.rmdir()
+            if path.parent != temp:
+                path.parent.rmdir()
         except OSError:  # the folder holds another file, or is gone already
             pass
 
