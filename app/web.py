@@ -122,7 +122,11 @@ class HostAllowlist:
 
 class OwnerCookie:
     """ASGI middleware: a request without a valid owner cookie (`app.owners`) gets a fresh token, seen by the
-    handlers of this very request (added to its Cookie header) and kept by the browser (Set-Cookie)."""
+    handlers of this very request (added to its Cookie header) and kept by the browser (Set-Cookie).
+
+    A cross-site request (a link to the app followed from another site) never carries a SameSite=Strict cookie
+    even when the browser has one, so it gets no Set-Cookie: that would replace the browser's token and lose its
+    sessions. The page's own requests that follow are same-origin and carry the cookie."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -142,10 +146,11 @@ class OwnerCookie:
         token = owners.new_token()
         cookie = f"{raw}; {owners.OWNER_COOKIE}={token}" if raw else f"{owners.OWNER_COOKIE}={token}"
         headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"cookie"]
+        cross_site = (b"sec-fetch-site", b"cross-site") in headers
         scope = dict(scope, headers=[*headers, (b"cookie", cookie.encode("latin-1"))])
 
         async def send_with_cookie(message: dict) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and not cross_site:
                 extra = (b"set-cookie", owners.set_cookie_value(token).encode("latin-1"))
                 message = dict(message, headers=[*message.get("headers", ()), extra])
             await send(message)
