@@ -245,3 +245,34 @@ def _max_lines_that_fit(unit: ContextUnit, fits: Callable[[ContextUnit], bool]) 
         else:
             hi = mid - 1
     return lo
+
+
+def bound_pinned(units: Sequence[ContextUnit], max_chars: int) -> tuple[list[ContextUnit], list[str]]:
+    """At most `max_chars` characters of pinned units (in their order), so an ask never tokenizes more text than
+    could fit the window: whole units while they fit, then the first that does not cut at a line boundary, and
+    the rest left out. Returns the units kept and a note for each part left out."""
+    kept: list[ContextUnit] = []
+    left_out: list[str] = []
+    room = max_chars
+    why = f"past the {max_chars:,}-character bound on pinned text"
+    for unit in units:
+        if room >= len(unit.text):
+            kept.append(unit)
+            room -= len(unit.text)
+            continue
+        n_lines = 0
+        if room > 0:
+            used = 0
+            for line in unit.text.splitlines(keepends=True):
+                if used + len(line) > room:
+                    break
+                used += len(line)
+                n_lines += 1
+        if n_lines:
+            part = unit.head(n_lines)
+            kept.append(part)
+            left_out.append(f"{unit.path} lines {part.end_line + 1}-{unit.end_line or unit.n_lines()} ({why})")
+        else:
+            left_out.append(f"{unit.label()} ({why})")
+        room = 0
+    return kept, left_out

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.context import ContextUnit, canonical, fit_prompt, render_context
+from app.context import ContextUnit, bound_pinned, canonical, fit_prompt, render_context
 from app.database import make_engine
 from app.errors import AppError
 from app.sessions import SessionInfo, SessionStore, Turn
@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 MAX_QUESTION_CHARS = 8_000
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024**2
 MAX_TOP_K = 50
+# A token rarely spans more characters than this: pinned text past window x this cannot fit, so it is never
+# tokenized (a pinned ask on a huge collection stays as cheap as one on a window's worth of text).
+PINNED_CHARS_PER_TOKEN = 16
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what)
 
 
@@ -408,6 +411,19 @@ class ChatService:
         assert result is not None
         return result
 
+    def check_ask(self, question: str, collection: str, session_id: str = "", *, pinned: bool = False,
+                  options: AskOptions | None = None, owner: str | None = None) -> None:
+        """The checks of an ask that need no model (question, collection, session, documents, top-k), so a
+        command can refuse a mistake before it loads or fetches the model. `ask_stream` checks again."""
+        opts = options or AskOptions()
+        self._check_question(question)
+        self.document_paths(collection)  # raises for an unknown collection
+        if session_id:
+            self._sessions.get(session_id, owner)
+        if pinned and opts.documents:
+            self._check_documents(collection, opts.documents)
+        self._check_top_k(opts.top_k if opts.top_k is not None else self.settings.top_k)
+
     def ask_stream(self, question: str, collection: str, session_id: str = "", *, pinned: bool = False,
                    options: AskOptions | None = None, owner: str | None = None) -> Iterator[AskEvent]:
         """Answer `question` about `collection` in session `session_id` ("" = a new session owned by `owner`;
@@ -438,9 +454,11 @@ class ChatService:
             raise AppError(f"max new tokens ({max_new}) must be below the model's context window ({window})")
 
         turns = self._sessions.turns(info.id) if info else []
+        over_bound: list[str] = []
         if pinned:
             documents = opts.documents or (tuple(info.pinned_documents) if info else ()) or None
-            units = canonical(self._pinned_units(collection, documents))
+            units, over_bound = bound_pinned(canonical(self._pinned_units(collection, documents)),
+                                             window * PINNED_CHARS_PER_TOKEN)
             hits: set = {u.sort_key for u in units}
         else:
             retrieved = self._retrieved_units(collection, question, top_k)
@@ -465,7 +483,7 @@ class ChatService:
                    if u.sort_key in hits]
         job = _AskJob(
             session_id=info.id, question=question, mode="pinned" if pinned else "retrieval", prompt_ids=prompt_ids,
-            sources=sources, left_out=fitted.left_out, max_new_tokens=max_new, temperature=temperature,
+            sources=sources, left_out=fitted.left_out + over_bound, max_new_tokens=max_new, temperature=temperature,
             t_start=t_start, context=[] if pinned else [u.to_dict() for u in fitted.units], boundaries=boundaries,
         )
         yield AskEvent("start", info.id, sources=job.sources, left_out=job.left_out)

@@ -46,6 +46,19 @@ def _flag(env, name: str, default: bool) -> bool:
     raise AppError(f"{name}={raw!r} is not a yes/no value (1/0, true/false, yes/no, on/off)")
 
 
+def _check_data_dir(path: Path) -> Path:
+    """`path` unless it, or the nearest of its parents that exists, is not a folder."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                from app.errors import AppError
+
+                raise AppError(f"the data directory {str(path)!r} cannot be made: {str(existing)!r} is a file, not "
+                               "a folder (--data-dir or TPA_RAG_HOME)")
+            break
+    return path
+
+
 def _names(raw: str) -> tuple[str, ...]:
     """A comma-separated list, blanks dropped."""
     return tuple(item.strip() for item in raw.split(",") if item.strip())
@@ -135,6 +148,6 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["data_dir"] is None:
             values["data_dir"] = _default_data_dir()
-        values["data_dir"] = Path(values["data_dir"]).expanduser().resolve()
+        values["data_dir"] = _check_data_dir(Path(values["data_dir"]).expanduser().resolve())
         values["ingest_roots"] = tuple(Path(p).expanduser().resolve() for p in values["ingest_roots"])
         return cls(**values)

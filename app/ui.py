@@ -4,8 +4,8 @@ Layout and wiring only: every handler calls `ChatService` and renders its result
 the indexes and the caches live in the service, never in `gr.State`; the only per-browser state is the id of the
 tab's current chat session, so two browser sessions never see each other's chat. Every session handler acts for
 the request's owner (`app.owners`: the signed-in user, else the browser's cookie), so a visitor reaches only
-their own sessions. Generation goes through one
-queue (`concurrency_id="model"`, one at a time), ingestion through another, so the page stays responsive.
+their own sessions. Generation goes through one queue (`concurrency_id="model"`, one at a time), ingestion
+through another, so the page stays responsive.
 """
 
 from __future__ import annotations
@@ -60,11 +60,12 @@ def discard_uploads(paths: list[str]) -> None:
     temp = Path(os.path.realpath(get_upload_folder()))
     for item in paths:
         path = Path(os.path.realpath(item))
-        if path.parent == temp or not path.is_relative_to(temp):
+        if not path.is_relative_to(temp) or path == temp:
             continue
         try:
             path.unlink(missing_ok=True)
-            path.parent.rmdir()
+            if path.parent != temp:
+                path.parent.rmdir()
         except OSError:  # the folder holds another file, or is gone already
             pass
 
@@ -448,12 +449,18 @@ def public_source(source: dict) -> dict:
 
 
 def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
-    """`user:password`, or the path of a file with one `user:password` per line (blank lines and # comments)."""
+    """`user:password`, or the path of a file with one `user:password` per line (blank lines and # comments).
+    The file is the safe form: a password on the command line shows in the process list."""
     from pathlib import Path
 
     if not value:
         return None
     path = Path(value).expanduser()
+    if not path.is_file():
+        log.warning("--auth user:password shows the password to every user of this machine (ps); put the "
+                    "user:password lines in a file only you can read and give its path")
+    elif path.stat().st_mode & 0o077:
+        log.warning("%s can be read by other users of this machine; chmod 600 it", path)
     lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else [value]
     pairs = []
     for line in lines:

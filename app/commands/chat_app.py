@@ -21,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                   description="Start the web UI and the /ask API endpoint.")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    serve.add_argument("--auth", help="user:password, or a file with one user:password per line")
+    serve.add_argument("--auth", metavar="FILE",
+                       help="a file with one user:password per line (recommended: chmod 600), or user:password "
+                            "(visible to other users of this machine in the process list)")
     serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                        help="a host name the server answers to besides localhost and --host (repeatable; env "
                             "TPA_RAG_ALLOWED_HOSTS, comma-separated); other Host headers get 400")
@@ -145,6 +147,9 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
             return _print_result(result, args.json)
     service = _service(settings)
     try:
+        # Mistakes first: a wrong collection name must not cost a model download.
+        service.check_ask(question, args.collection, args.session, pinned=args.pinned,
+                          options=service.options(**options))
         service.warm_up()  # the model and the embedder load before the clock of the answer starts
         result = None
         for event in service.ask_stream(question, args.collection, args.session, pinned=args.pinned,

@@ -76,6 +76,10 @@ def make_corpus(settings: Settings, with_embedder: bool = True):
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    if any(not path.strip() for path in args.paths):
+        from app.errors import AppError
+
+        raise AppError("an empty PATH was given (it would mean the current folder; write . if you mean that)")
     corpus = make_corpus(settings)
     bar = IngestProgressBar()
     try:

@@ -78,6 +78,7 @@ def test_ask_json_then_follow_up_and_sessions(cli):
     (("sessions", "show", "abc"), "no such session 'abc'"),
     (("sessions", "delete", "abc"), "no such session 'abc'"),
     (("serve", "--auth", "nopassword"), "user:password"),
+    (("serve", "--ingest-root", "/no/such/folder/anywhere"), "ingest root '/no/such/folder/anywhere' is not a folder"),
 ])
 def test_user_mistakes_exit_2_with_a_message(cli, argv, message):
     code, out, err = cli(*argv)

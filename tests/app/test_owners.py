@@ -103,7 +103,7 @@ def test_a_second_visitor_sees_and_reaches_nothing_of_the_first(two_visitors):
 
 
 def test_the_owner_resumes_and_lists_their_sessions_in_the_page(two_visitors):
-    service, url, alice, mine, mallory = two_visitors
+    _, url, alice, mine, _ = two_visitors
     own = httpx.Client(base_url=url, cookies=alice.cookies, timeout=60)
     tab = secrets.token_hex(6)
     loaded = queue_call(own, "on_load", ["docs"], tab)
@@ -120,6 +120,9 @@ def test_owner_cookie_is_http_only_and_same_site_strict(two_visitors):
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
     again = httpx.get(url, cookies=response.cookies)
     assert not any(c.startswith(OWNER_COOKIE) for c in again.headers.get_list("set-cookie"))  # kept, not renewed
+    # A link followed from another site arrives without the Strict cookie: the browser's token must survive it.
+    linked = httpx.get(url, headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"})
+    assert linked.status_code == 200 and not linked.headers.get_list("set-cookie")
 
 
 def test_with_auth_each_user_owns_their_sessions(make_service, corpus_dir, serve_web):

@@ -42,3 +42,17 @@ def test_the_ingest_chunk_cap_reaches_the_corpus(tmp_path):
         service.close()
     with pytest.raises(AppError, match="TPA_RAG_MAX_INGEST_CHUNKS"):
         Settings.from_env({"TPA_RAG_MAX_INGEST_CHUNKS": "0"}, data_dir=tmp_path).ingest_limits()
+
+
+def test_server_policy_settings_from_the_environment(tmp_path):
+    import os
+
+    (tmp_path / "a").mkdir()
+    env = {"TPA_RAG_HOME": str(tmp_path / "data"), "TPA_RAG_ALLOWED_HOSTS": "docs.lan, ,wiki.lan",
+           "TPA_RAG_INGEST_ROOTS": os.pathsep.join([str(tmp_path / "a"), "", str(tmp_path / "b")]),
+           "TPA_RAG_MODELS": "qwen,  ,/models/x.gguf"}
+    settings = Settings.from_env(env)
+    assert settings.allowed_hosts == ("docs.lan", "wiki.lan")
+    assert settings.ingest_roots == ((tmp_path / "a").resolve(), (tmp_path / "b").resolve())
+    assert settings.models == ("qwen", "/models/x.gguf")
+    assert Settings.from_env({"TPA_RAG_HOME": str(tmp_path)}).ingest_roots == ()
