@@ -42,7 +42,7 @@ log = logging.getLogger("convergence")
 QUARTERS = (0.25, 0.5, 0.75, 1.0)
 # name -> (d_model, layers, head_dim, seq_len, batch, steps, lr, warmup, eval windows)
 SIZES = {
-    "gpu": (384, 6, 32, 512, 32, 1600, 2e-3, 160, 128),
+    "gpu": (384, 6, 32, 512, 32, 1000, 2e-3, 100, 128),
     "smoke": (256, 2, 32, 64, 4, 12, 3e-3, 2, 8),
 }
 

@@ -231,7 +231,7 @@ class TPAAttention(FusedParams):
         """
         B, N, _ = x.shape
         H, D = self.n_heads, self.head_dim
-        if positions.dim() == 1:
+        if positions.dim() == 1 and positions.shape[0] == N:
             positions = positions.unsqueeze(0).expand(B, N)  # [B, N]
         if tuple(positions.shape) != (B, N) or positions.is_floating_point():
             raise ValueError(f"positions must be integers of shape [{N}] or [{B}, {N}], "
