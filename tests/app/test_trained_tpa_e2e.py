@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tiny import HashingEmbedder
 
 QUESTION = "How does the cache store key its entries?"
@@ -26,7 +25,13 @@ def trained_checkpoint(tmp_path_factory):
     from tpa_core.training.data import VOCAB_SIZE, TokenData, byte_tokenizer
     from tpa_core.training.export import save_t6_checkpoint
     from tpa_core.training.trainer import TrainConfig, Trainer
-    from tpa_core.training.variants import ModelShape, Variant, attention_params, cache_bytes, tpa_config
+    from tpa_core.training.variants import (
+        ModelShape,
+        Variant,
+        attention_params,
+        cache_bytes,
+        tpa_config,
+    )
 
     config = tpa_config(ModelShape(d_model=64, n_layers=2, head_dim=16, vocab_size=VOCAB_SIZE, context=2048),
                         "contextual", n_heads=4)
