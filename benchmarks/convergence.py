@@ -2,7 +2,7 @@
 
     # here (any machine with Python): tokenize the corpus once, ~3 MB
     python3 benchmarks/convergence.py --prepare-data data/stdlib-bytes.npz
-    # on the GPU (about 8 minutes on one H100): every variant, 2 seeds, one process
+    # on the GPU (sized for under 8 minutes on one H100): every variant, 2 seeds, one process
     python3 benchmarks/convergence.py --data data/stdlib-bytes.npz --out results/convergence
     # a CPU-sized run in under a minute, and the plot (matplotlib) from a run's JSON
     python3 benchmarks/convergence.py --data data/stdlib-bytes.npz --out /tmp/conv --smoke
@@ -12,7 +12,8 @@ Every variant has the same blocks, data, batch order (a function of the seed and
 only the attention differs, and its parameters per layer are within 2% of MHA's (`tpa_core.training.variants`
 says how the heads are chosen). Held-out loss and bits per byte are measured at 25/50/75/100% of training (and
 at `--curve-points` in between for the plot); wall time is the training time without evaluations.
-Writes `convergence.json` and `convergence.md` into `--out`; `--plot DIR` adds `convergence.png`.
+Writes `convergence.json` and `convergence.md` into `--out`; `--plot DIR` draws `convergence.png` from a run's JSON
+(into `--out` when given, else into DIR).
 Needs only torch, numpy and this checkout's tpa_core (and matplotlib for `--plot`).
 """
 
@@ -53,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prepare-data", metavar="PATH", help="tokenize this Python's standard library into PATH")
     p.add_argument("--data", metavar="PATH", help="a file written by --prepare-data")
     p.add_argument("--out", metavar="DIR", help="folder for convergence.json / .md")
-    p.add_argument("--plot", metavar="DIR", help="draw DIR/convergence.png from DIR/convergence.json and exit")
+    p.add_argument("--plot", metavar="DIR", help="draw convergence.png from DIR/convergence.json (into --out if "
+                   "given, else DIR) and exit")
     p.add_argument("--smoke", action="store_true", help="a CPU size that runs in under a minute")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -157,8 +159,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(folder: Path) -> Path:
-    """`folder/convergence.png`: held-out loss against step, mean over seeds with the min-max band."""
+def plot(folder: Path, out_dir: Path | None = None) -> Path:
+    """`convergence.png` (in `out_dir`, default `folder`): held-out loss against step from `folder`'s JSON, mean
+    over seeds with the min-max band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,7 +188,8 @@ def plot(folder: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = folder / "convergence.png"
+    out = (out_dir or folder) / "convergence.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     return out
 
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.plot:
-        print(plot(Path(args.plot)))
+        print(plot(Path(args.plot), Path(args.out) if args.out else None))
         return 0
     if args.prepare_data:
         manifest = prepare(args.prepare_data)
