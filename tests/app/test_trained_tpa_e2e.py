@@ -87,7 +87,9 @@ def _ask_twice_and_check(checkpoint, data_dir, corpus_dir, device: str, backend:
             rest = torch.tensor([prompt[reused:]], device=model.device)
             warm_logits = model(rest, warm, last_only=True)[0, -1]
         torch.testing.assert_close(warm_logits, fresh_logits, atol=tol, rtol=0)
-        assert int(warm_logits.argmax()) == int(fresh_logits.argmax())
+        top2 = fresh_logits.topk(2).values
+        if top2[0] - top2[1] > 2 * tol:  # no near-tie: the next token is the same
+            assert int(warm_logits.argmax()) == int(fresh_logits.argmax())
     finally:
         service.close()
 
