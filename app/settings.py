@@ -47,6 +47,7 @@ class Settings:
     max_new_tokens: int = 256
     temperature: float = 0.0
     verbose: int = 0
+    api_keys: tuple[str, ...] = ()  # keys the OpenAI-compatible API accepts; () = no key needed (loopback only)
     extra: dict = field(default_factory=dict)
 
     # The data directory's layout (architecture.md, "Data directory").
@@ -92,6 +93,8 @@ class Settings:
             "top_k": _number(env, "TPA_RAG_TOP_K", int, cls.top_k),
             "max_new_tokens": _number(env, "TPA_RAG_MAX_NEW_TOKENS", int, cls.max_new_tokens),
             "temperature": _number(env, "TPA_RAG_TEMPERATURE", float, cls.temperature),
+            "api_keys": tuple(env.get("TPA_RAG_API_KEYS", "").replace(",", " ").split())
+            + tuple(env.get("TPA_RAG_API_KEY", "").split()),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["data_dir"] is None:
