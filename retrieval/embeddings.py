@@ -98,7 +98,7 @@ class SentenceTransformerEmbedder:
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text as the model's tokenizer counts them (special tokens included, before any cut)."""
         tokenizer = self._model().tokenizer
-        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]]
 
     @property
     def max_tokens(self) -> int:

@@ -243,6 +243,16 @@ def test_concurrent_requests_are_answered_whole_and_unmixed(api):
     assert together == alone
 
 
+def test_a_client_that_goes_away_stops_the_generation(api):
+    url, service = api
+    body = {"model": CHAT_MODEL, "stream": True, "max_tokens": 1000, "messages": [user("Tell a long story.")]}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")  # the answer has started
+    service._run_on_worker(lambda: None)  # returns once the abandoned job has stopped
+    assert service._cache.length(0) < 200  # prompt and a few tokens, far from the 1,000 asked for
+
+
 def test_one_port_serves_the_api_and_the_gradio_ask_endpoint(service):
     """gradio_client with its defaults (it downloads what looks like a file) against `/ask`, beside `/v1`."""
     from gradio_client import Client
