@@ -19,13 +19,13 @@ WORKDIR /opt/tpa-rag
 
 # torch first, alone, from the chosen index, so that no other package pulls a different build.
 RUN pip install torch==2.13.0 --index-url "${TORCH_INDEX}"
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY app ./app
 COPY tpa_core ./tpa_core
 COPY kernels ./kernels
 COPY retrieval ./retrieval
 COPY docs ./docs
-RUN pip install ".[postgres]"
+RUN pip install -c requirements.lock ".[postgres]"
 
 USER tpa
 VOLUME ["/data"]

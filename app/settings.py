@@ -32,6 +32,11 @@ def _number(env, name: str, kind: type, default):
         raise AppError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
 
 
+def _names(raw: str) -> tuple[str, ...]:
+    """A comma-separated list, blanks dropped."""
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the app, the CLI and the services are configured with."""
@@ -47,6 +52,7 @@ class Settings:
     max_new_tokens: int = 256
     temperature: float = 0.0
     verbose: int = 0
+    allowed_hosts: tuple[str, ...] = ()  # Host names the web server answers to besides loopback and --host
     api_keys: tuple[str, ...] = ()  # keys the OpenAI-compatible API accepts; () = no key needed (loopback only)
     extra: dict = field(default_factory=dict)
 
@@ -93,8 +99,8 @@ class Settings:
             "top_k": _number(env, "TPA_RAG_TOP_K", int, cls.top_k),
             "max_new_tokens": _number(env, "TPA_RAG_MAX_NEW_TOKENS", int, cls.max_new_tokens),
             "temperature": _number(env, "TPA_RAG_TEMPERATURE", float, cls.temperature),
-            "api_keys": tuple(env.get("TPA_RAG_API_KEYS", "").replace(",", " ").split())
-            + tuple(env.get("TPA_RAG_API_KEY", "").split()),
+            "allowed_hosts": _names(env.get("TPA_RAG_ALLOWED_HOSTS", "")),
+            "api_keys": _names(env.get("TPA_RAG_API_KEYS", "")) + _names(env.get("TPA_RAG_API_KEY", "")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["data_dir"] is None:

@@ -75,7 +75,7 @@ def _guard(fn: Callable) -> Callable:
 
 
 def build_app(service: ChatService) -> gr.Blocks:
-    """The Blocks page for `service`. Launch it with `launch(demo, ...)` (or `demo.launch`)."""
+    """The Blocks page for `service`; `app.web.build_web_app` mounts it in the server."""
     import gradio as gr
 
     settings = service.settings
@@ -367,19 +367,3 @@ def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
     if not pairs:
         raise AppError(f"no user:password entries in {path}")
     return pairs
-
-
-def launch(demo: gr.Blocks, service: ChatService, *, host: str = "127.0.0.1", port: int = 7860,
-           auth: list[tuple[str, str]] | None = None, block: bool = True) -> str:
-    """Queue and launch `demo`; returns the local URL. Uploads are capped at the service's size limit."""
-    import gradio as gr
-
-    demo.queue(default_concurrency_limit=4, max_size=64)
-    if host not in ("127.0.0.1", "localhost", "::1") and not auth:
-        log.warning("serving on %s without --auth: anyone who can reach this address can use the app", host)
-    _, url, _ = demo.launch(
-        server_name=host, server_port=port, auth=auth, prevent_thread_lock=not block, quiet=not block,
-        max_file_size=service.max_upload_bytes, allowed_paths=[], show_error=True,
-        theme=gr.themes.Soft(), css=CSS, footer_links=["api"],
-    )
-    return url

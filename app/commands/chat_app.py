@@ -21,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     serve.add_argument("--auth", help="user:password, or a file with one user:password per line")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="a host name the server answers to besides localhost and --host (repeatable; env "
+                            "TPA_RAG_ALLOWED_HOSTS, comma-separated); other Host headers get 400")
     serve.add_argument("--demo", nargs="+", metavar="PATH",
                        help=f"on first run, ingest these paths as the collection {DEMO_COLLECTION!r} before serving")
     serve.set_defaults(handler=cmd_serve)
@@ -65,7 +68,7 @@ def _service(settings: Settings, *, with_model: bool = True):
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from app import ui
+    from app import ui, web
 
     auth = ui.parse_auth(args.auth)
     if not 1 <= args.port <= 65535:
@@ -77,9 +80,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                   f"(a few minutes on a small CPU)", file=sys.stderr)
             service.ensure_demo_collection(DEMO_COLLECTION, args.demo, progress=_progress_printer())
         service.warm_up()
-        demo = ui.build_app(service)
+        settings = settings.with_(allowed_hosts=settings.allowed_hosts + tuple(args.allowed_host))
+        server = web.build_web_app(service, settings, host=args.host, port=args.port, auth=auth)
         print(f"tpa-rag: serving on http://{args.host}:{args.port} (Ctrl+C stops)", file=sys.stderr)
-        ui.launch(demo, service, host=args.host, port=args.port, auth=auth, block=True)
+        web.serve_forever(server, host=args.host, port=args.port)
     finally:
         service.close()
     return 0

@@ -77,3 +77,20 @@ def service(make_service, corpus_dir):
     service = make_service()
     service.ingest_paths("docs", [str(corpus_dir)])
     return service
+
+
+@pytest.fixture
+def serve_web():
+    """Serve a ChatService's web app (app.web) on a free loopback port; returns its URL. All are stopped."""
+    from app import web
+
+    running = []
+
+    def serve(service, **options) -> str:
+        server = web.start_in_thread(web.build_web_app(service, service.settings, **options))
+        running.append(server)
+        return server.url
+
+    yield serve
+    for server in running:
+        server.stop()

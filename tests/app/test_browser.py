@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from browser_flow import CHROMIUM, run_flow
-from test_ui import free_port
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
@@ -15,14 +14,9 @@ pytestmark = pytest.mark.browser
 
 
 @pytest.fixture
-def empty_app(make_service):
-    from app import ui
-
+def empty_app(make_service, serve_web):
     service = make_service(max_new_tokens=16)
-    demo = ui.build_app(service)
-    url = ui.launch(demo, service, host="127.0.0.1", port=free_port(), block=False)
-    yield url, service
-    demo.close()
+    return serve_web(service), service
 
 
 def test_upload_ask_cite_follow_up_in_chromium(empty_app, tmp_path):
@@ -53,47 +47,42 @@ def test_upload_ask_cite_follow_up_in_chromium(empty_app, tmp_path):
     assert shot.is_file() and shot.stat().st_size > 10_000
 
 
-def test_sessions_resume_rename_new_delete_in_chromium(make_service, corpus_dir):
+def test_sessions_resume_rename_new_delete_in_chromium(make_service, corpus_dir, serve_web):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing (Debian package 'chromium'; `make system-deps` installs it)")
     from playwright.sync_api import sync_playwright
 
-    from app import ui
     from browser_flow import CHROMIUM_ARGS, wait_for_toast
 
     service = make_service()
     service.ingest_paths("docs", [str(corpus_dir)])
     first = service.ask("What is the capital of France?", "docs")
     second = service.ask("How does the cache store key its entries?", "docs")
-    demo = ui.build_app(service)
-    url = ui.launch(demo, service, host="127.0.0.1", port=free_port(), block=False)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            page.goto(url)
-            page.wait_for_selector("#question textarea", timeout=30_000)
-            # Resume: the chat shows that session's turn, and not the other session's.
-            page.click("#sessions input")
-            page.locator("#sessions ul li", has_text="capital of France").first.click()
-            page.wait_for_function("document.querySelector('#chat').innerText.includes('capital of France')")
-            assert "cache store" not in page.inner_text("#chat")
-            # Rename it.
-            page.fill("#rename textarea", "geography")
-            page.press("#rename textarea", "Enter")
-            page.wait_for_function("document.querySelector('#sessions input').value.startsWith('geography')")
-            # New: an empty chat; the next question starts a third session.
-            page.click("#new-session")
-            page.wait_for_function("!document.querySelector('#chat').innerText.includes('capital of France')")
-            # Resume the other one and delete it.
-            page.click("#sessions input")
-            page.locator("#sessions ul li", has_text="cache store").first.click()
-            page.wait_for_function("document.querySelector('#chat').innerText.includes('cache store')")
-            page.click("#delete-session")
-            wait_for_toast(page, "session deleted", 30_000)
-            browser.close()
-    finally:
-        demo.close()
+    url = serve_web(service)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.goto(url)
+        page.wait_for_selector("#question textarea", timeout=30_000)
+        # Resume: the chat shows that session's turn, and not the other session's.
+        page.click("#sessions input")
+        page.locator("#sessions ul li", has_text="capital of France").first.click()
+        page.wait_for_function("document.querySelector('#chat').innerText.includes('capital of France')")
+        assert "cache store" not in page.inner_text("#chat")
+        # Rename it.
+        page.fill("#rename textarea", "geography")
+        page.press("#rename textarea", "Enter")
+        page.wait_for_function("document.querySelector('#sessions input').value.startsWith('geography')")
+        # New: an empty chat; the next question starts a third session.
+        page.click("#new-session")
+        page.wait_for_function("!document.querySelector('#chat').innerText.includes('capital of France')")
+        # Resume the other one and delete it.
+        page.click("#sessions input")
+        page.locator("#sessions ul li", has_text="cache store").first.click()
+        page.wait_for_function("document.querySelector('#chat').innerText.includes('cache store')")
+        page.click("#delete-session")
+        wait_for_toast(page, "session deleted", 30_000)
+        browser.close()
     assert service.session(first.session_id)[0].name == "geography"
     assert [s.id for s in service.sessions()] == [first.session_id]
     assert second.session_id not in {s.id for s in service.sessions()}

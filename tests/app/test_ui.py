@@ -17,15 +17,10 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def app_url(make_service, corpus_dir):
-    from app import ui
-
+def app_url(make_service, corpus_dir, serve_web):
     service = make_service()
     service.ingest_paths("docs", [str(corpus_dir)])
-    demo = ui.build_app(service)
-    url = ui.launch(demo, service, host="127.0.0.1", port=free_port(), block=False)
-    yield url, service
-    demo.close()
+    return serve_web(service), service
 
 
 def client(url):
@@ -88,10 +83,9 @@ def test_ingest_endpoint_uploads_and_reports_skipped(app_url, tmp_path):
     assert [s["file"] for s in answer["sources"]] == ["guide.md"]
 
 
-def test_api_reports_what_was_left_out_and_refuses_what_cannot_fit(make_service, tmp_path):
+def test_api_reports_what_was_left_out_and_refuses_what_cannot_fit(make_service, tmp_path, serve_web):
     from gradio_client.exceptions import AppError as ClientError
 
-    from app import ui
     from tiny import tiny_loaded_model
 
     service = make_service(model=tiny_loaded_model(window=512), max_new_tokens=32)
@@ -99,15 +93,10 @@ def test_api_reports_what_was_left_out_and_refuses_what_cannot_fit(make_service,
     big.mkdir()
     (big / "long.md").write_text("".join(f"Line {i}: the cache keeps pages of tokens.\n" for i in range(300)))
     service.ingest_paths("big", [str(big)])
-    demo = ui.build_app(service)
-    url = ui.launch(demo, service, host="127.0.0.1", port=free_port(), block=False)
-    try:
-        c = client(url)
-        result = c.predict("What does the cache keep?", "big", "", True, api_name="/ask")
-        assert any(item.startswith("big/long.md lines ") for item in result["left_out"])
-        assert result["metrics"]["prompt_tokens"] <= 512 - 32
-        with pytest.raises(ClientError, match="does not fit the model's context window"):
-            c.predict("tokens " * 900, "big", result["session_id"], True, api_name="/ask")
-        assert len(service.session(result["session_id"])[1]) == 1
-    finally:
-        demo.close()
+    c = client(serve_web(service))
+    result = c.predict("What does the cache keep?", "big", "", True, api_name="/ask")
+    assert any(item.startswith("big/long.md lines ") for item in result["left_out"])
+    assert result["metrics"]["prompt_tokens"] <= 512 - 32
+    with pytest.raises(ClientError, match="does not fit the model's context window"):
+        c.predict("tokens " * 900, "big", result["session_id"], True, api_name="/ask")
+    assert len(service.session(result["session_id"])[1]) == 1

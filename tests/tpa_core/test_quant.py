@@ -185,9 +185,11 @@ def test_non_q4_1_sources_stay_float32(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_model_greedy_tokens_agree_with_float32():
-    """On the real default model (if the test cache holds it): 4-bit decode gives the float32 path's greedy
-    tokens for the parity prompts of test_default_model.py."""
+def test_default_model_decode_agrees_with_float32_teacher_forced():
+    """On the real default model (if the test cache holds it): along the float32 path's greedy answers to the
+    parity prompts, 4-bit decode steps pick the same next token at >= 97% of positions (teacher forced, so one
+    near-tie does not fork the rest). Exact equality is not the contract: the int4 kernel rounds differently on
+    different CPUs (AVX2 vs AVX-512)."""
     from test_default_model import CONVERSATIONS, RAW_PROMPTS
 
     root = Path(os.environ.get("TPA_RAG_TEST_MODELS", Path.home() / ".cache" / "tpa-rag-test-models"))
@@ -206,9 +208,18 @@ def test_default_model_greedy_tokens_agree_with_float32():
         logits = [prefill(m.model, m.model.new_cache(capacity=64), prompts[0]) for m in (base, q4)]
         assert torch.equal(logits[0], logits[1])
         config = GenerationConfig(max_new_tokens=24, temperature=0.0)
+        agree = total = 0
         for ids in prompts:
-            tokens = [[t for e in generate(m.model, m.tokenizer, ids, config) for t in e.token_ids]
-                      for m in (base, q4)]
-            assert tokens[0] == tokens[1]
+            answer = [t for e in generate(base.model, base.tokenizer, ids, config) for t in e.token_ids]
+            picks = []
+            for m in (base, q4):
+                cache = m.model.new_cache(capacity=len(ids) + len(answer))
+                steps = [prefill(m.model, cache, ids)]
+                steps += [prefill(m.model, cache, [t], chunk_size=1) for t in answer[:-1]]  # one-row decode
+                picks.append([int(step.argmax()) for step in steps])
+            assert picks[0] == answer  # the float32 steps reproduce its own greedy answer
+            agree += sum(a == b for a, b in zip(*picks))
+            total += len(answer)
+        assert agree / total >= 0.97, f"4-bit decode agrees with float32 at {agree} of {total} positions"
     finally:
         torch.set_num_threads(threads)
