@@ -119,19 +119,22 @@ class HostAllowlist:
 
 
 def build_web_app(service: ChatService, settings: Settings, *, host: str = "127.0.0.1", port: int = 7860,
-                  auth: list[tuple[str, str]] | None = None) -> FastAPI:
+                  auth: list[tuple[str, str]] | None = None, api_options: dict[str, Any] | None = None) -> FastAPI:
     """The whole server as one ASGI application: API routers, then the Gradio page at `/`, all behind the
-    Host allowlist (`settings.allowed_hosts` adds names to the loopback names and `host`)."""
+    Host allowlist (`settings.allowed_hosts` adds names to the loopback names and `host`). `api_options`:
+    keyword arguments of `app.openai_api.openai_router` (its limits)."""
     import gradio as gr
     from fastapi import FastAPI
 
     from app import ui
+    from app.openai_api import openai_router
 
     if host not in LOOPBACK_NAMES and not auth:
         log.warning("serving on %s without --auth: anyone who can reach this address can use the app", host)
     web = FastAPI(title="tpa-rag", docs_url=None, redoc_url=None, openapi_url=None)
     web.add_middleware(HostAllowlist, policy=HostPolicy.for_server(host, settings.allowed_hosts))
     # API routers are included here, above the page: the mount at `/` takes every path that reaches it.
+    web.include_router(openai_router(service, settings, **(api_options or {})))
     demo = ui.build_app(service)
     demo.queue(default_concurrency_limit=DEFAULT_CONCURRENCY, max_size=QUEUE_MAX_SIZE)
     gr.mount_gradio_app(

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from openai_server import start_server
+from app import web
 
 KEY = "test-key-0123456789abcdef"
 QUESTION = "How does the cache store key its entries?"
@@ -20,10 +20,12 @@ CHAT_MODEL = "tiny-random"
 
 
 @pytest.fixture
-def api(service):
-    running = start_server(service)
-    yield running.url, service
-    running.stop()
+def api(service, serve_web):
+    return serve_web(service).rstrip("/"), service
+
+
+def start(service) -> web.BackgroundServer:
+    return web.start_in_thread(web.build_web_app(service, service.settings))
 
 
 def client(url: str, key: str = "unused", **options):
@@ -75,8 +77,8 @@ def test_models_and_plain_chat_streamed_and_not(api):
 
 def test_a_growing_conversation_reuses_its_prefix_also_after_a_restart(make_service):
     service = make_service()
-    running = start_server(service)
-    c = client(running.url)
+    running = start(service)
+    c = client(running.url.rstrip("/"))
     messages = [user("What is the capital of France?")]
     usages = []
     for follow_up in ("And of Germany?", "Why?"):
@@ -93,9 +95,9 @@ def test_a_growing_conversation_reuses_its_prefix_also_after_a_restart(make_serv
     service.close()
 
     restarted = make_service()  # the same data folder: the store and the recorded answers persist
-    running = start_server(restarted)
+    running = start(restarted)
     try:
-        c = client(running.url)
+        c = client(running.url.rstrip("/"))
         messages += [assistant(third.choices[0].message.content), user("Thanks.")]
         again = c.chat.completions.create(model=CHAT_MODEL, messages=messages)
         assert again.usage.prompt_tokens_details.cached_tokens == (
@@ -147,12 +149,11 @@ def test_embeddings_in_the_embedders_tokens(api):
 
 
 @pytest.fixture
-def keyed_api(make_service, corpus_dir):
+def keyed_api(make_service, corpus_dir, serve_web):
     service = make_service(api_keys=(KEY,))
     service.ingest_paths("docs", [str(corpus_dir)])
-    running = start_server(service, max_body_bytes=64 * 1024, max_pending=2)
-    yield running.url, service
-    running.stop()
+    url = serve_web(service, api_options={"max_body_bytes": 64 * 1024, "max_pending": 2})
+    return url.rstrip("/"), service
 
 
 def error_of(call) -> tuple[int, dict, httpx.Headers]:
@@ -253,17 +254,16 @@ def test_a_client_that_goes_away_stops_the_generation(api):
     assert service._cache.length(0) < 200  # prompt and a few tokens, far from the 1,000 asked for
 
 
-def test_one_port_serves_the_api_and_the_gradio_ask_endpoint(service):
+def test_one_port_serves_the_api_and_the_gradio_ask_endpoint(api):
     """gradio_client with its defaults (it downloads what looks like a file) against `/ask`, beside `/v1`."""
     from gradio_client import Client
 
-    running = start_server(service, with_gradio=True)
-    try:
-        result = Client(running.url, verbose=False).predict(QUESTION, "docs", api_name="/ask")
-        assert any(s["file"].endswith("cache.md") for s in result["sources"])
-        assert [m.id for m in client(running.url).models.list()] == [CHAT_MODEL, "rag:docs"]
-    finally:
-        running.stop()
+    url, _ = api
+    result = Client(url, verbose=False).predict(QUESTION, "docs", api_name="/ask")
+    assert any(s["file"].endswith("cache.md") for s in result["sources"])
+    assert [m.id for m in client(url).models.list()] == [CHAT_MODEL, "rag:docs"]
+    forged = httpx.get(f"{url}/v1/models", headers={"Host": "attacker.example"})
+    assert forged.status_code == 400  # the Host allowlist stands in front of /v1 too
 
 
 def test_raw_event_stream_framing_with_curl(api):
@@ -282,3 +282,47 @@ def test_raw_event_stream_framing_with_curl(api):
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and chunks[-1]["sources"]
     assert all(ch["object"] == "chat.completion.chunk" for ch in chunks)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--host", "0.0.0.0"), "give --auth and --api-key too"),
+    (("--host", "192.168.1.5", "--auth", "alice:secret"), "give --api-key too"),
+    (("--host", "0.0.0.0", "--api-key", KEY), "give --auth too"),
+    (("--api-key", "short"), "at least 16 characters"),
+])
+def test_serve_refuses_an_unprotected_public_address_or_a_weak_key(argv, message, data_dir, capsys):
+    from app.cli import main
+
+    assert main(["--data-dir", str(data_dir), "serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("public", [False, True])
+def test_serve_serves_the_api(public, monkeypatch, data_dir, tiny_model, tmp_path, capsys):
+    """`tpa-rag serve` with keys from a file; or bound to all interfaces, unprotected on request (containers)."""
+    from app.cli import main
+    from app.commands import chat_app
+    from app.service import ChatService
+    from tiny import HashingEmbedder
+
+    monkeypatch.setattr(chat_app, "_service", lambda settings, with_model=True: ChatService(
+        settings.with_(max_new_tokens=4), model=tiny_model, embedder=HashingEmbedder()))
+    seen = {}
+
+    def serve_briefly(server, *, host, port):
+        running = web.start_in_thread(server, "127.0.0.1", 0)
+        try:
+            url = running.url.rstrip("/")
+            seen["models"] = [m.id for m in client(url, KEY).models.list()]
+            seen["anonymous"] = httpx.get(f"{url}/v1/models").status_code
+        finally:
+            running.stop()
+
+    monkeypatch.setattr(web, "serve_forever", serve_briefly)
+    keys = tmp_path / "keys"
+    keys.write_text(f"# who may use the API\n{KEY}\n")
+    argv = ["--host", "0.0.0.0", "--allow-unprotected"] if public else ["--api-key", str(keys)]
+    assert main(["--data-dir", str(data_dir), "serve", *argv]) == 0
+    assert seen == {"models": [CHAT_MODEL], "anonymous": 200 if public else 401}
+    assert ("without --auth and --api-key (--allow-unprotected)" in capsys.readouterr().err) == public
