@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+
 from app import web
 
 KEY = "test-key-0123456789abcdef"
@@ -301,10 +302,11 @@ def test_serve_refuses_an_unprotected_public_address_or_a_weak_key(argv, message
 @pytest.mark.parametrize("public", [False, True])
 def test_serve_serves_the_api(public, monkeypatch, data_dir, tiny_model, tmp_path, capsys):
     """`tpa-rag serve` with keys from a file; or bound to all interfaces, unprotected on request (containers)."""
+    from tiny import HashingEmbedder
+
     from app.cli import main
     from app.commands import chat_app
     from app.service import ChatService
-    from tiny import HashingEmbedder
 
     monkeypatch.setattr(chat_app, "_service", lambda settings, with_model=True: ChatService(
         settings.with_(max_new_tokens=4), model=tiny_model, embedder=HashingEmbedder()))
