@@ -23,7 +23,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -220,9 +220,11 @@ class _OpenAIApi:
             raise
         fingerprint = await run_in_threadpool(self.fingerprint)
         if chat.stream:
-            stream = self._stream(chat, events, pending, fingerprint)
-            return StreamingResponse(stream, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            async def close() -> None:  # a client that went away stops the generation
+                await run_in_threadpool(events.close)
+                self.admission.leave()
+
+            return _EventStream(self._stream(chat, events, pending, fingerprint), on_close=close)
         try:
             result = await run_in_threadpool(_finish, events, pending)
         finally:
@@ -272,10 +274,6 @@ class _OpenAIApi:
         except Exception as exc:  # noqa: BLE001 - the status line is sent: the error goes into the stream
             yield sse(_as_openai_error(exc).body())
             yield sse("[DONE]")
-        finally:
-            with anyio.CancelScope(shield=True):  # a client that went away: stop generating
-                await anyio.to_thread.run_sync(events.close)
-            self.admission.leave()
 
     async def embeddings(self, request: Request) -> dict:
         req = parse_embedding_request(await self.body(request))
@@ -303,6 +301,23 @@ class _OpenAIApi:
                                        "the text)", param=f"input[{index}]", code="context_length_exceeded")
         vectors = embedder.embed(req.inputs)
         return embedding_body(req.model, vectors, req.encoding_format, sum(counts))
+
+
+class _EventStream(StreamingResponse):
+    """A server-sent event stream that runs `on_close` however it ends: finished, failed, or the client gone
+    (even before the first event: an async generator never started would never run its own `finally`)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_close()
 
 
 def _finish(events: Iterator[AskEvent], pending: AskEvent | None) -> Any:

@@ -245,14 +245,17 @@ def test_concurrent_requests_are_answered_whole_and_unmixed(api):
     assert together == alone
 
 
-def test_a_client_that_goes_away_stops_the_generation(api):
-    url, service = api
+def test_a_client_that_goes_away_stops_the_generation_and_frees_its_place(service, serve_web):
+    url = serve_web(service, api_options={"max_pending": 1}).rstrip("/")
     body = {"model": CHAT_MODEL, "stream": True, "max_tokens": 1000, "messages": [user("Tell a long story.")]}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")  # the answer has started
     service._run_on_worker(lambda: None)  # returns once the abandoned job has stopped
     assert service._cache.length(0) < 200  # prompt and a few tokens, far from the 1,000 asked for
+    # the one place in the queue is free again: the next request is answered, not refused with 503
+    reply = client(url).chat.completions.create(model=CHAT_MODEL, messages=[user("hi")], max_tokens=2)
+    assert reply.choices[0].message.content is not None
 
 
 def test_one_port_serves_the_api_and_the_gradio_ask_endpoint(api):
