@@ -149,10 +149,13 @@ def _validated(model: type[BaseModel], body: bytes) -> Any:
         if first["type"] == "model_type" and not first["loc"]:
             raise OpenAIError(400, "the request body must be a JSON object", code="invalid_request") from None
         param = _param(tuple(first["loc"]))
-        message = first["msg"]
         if first["type"] == "missing":
             message = f"'{param}' is required"
-        raise OpenAIError(400, f"invalid '{param}': {message}", param=param, code="invalid_value") from None
+        elif param.endswith(".content"):
+            message = f"invalid '{param}': give a string or a list of text parts"
+        else:
+            message = f"invalid '{param}': {first['msg']}"
+        raise OpenAIError(400, message, param=param, code="invalid_value") from None
 
 
 def _text_content(index: int, message: _Message) -> str:

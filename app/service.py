@@ -373,10 +373,10 @@ class ChatService:
                    history: Sequence[tuple[str, str]] | None = None) -> Iterator[AskEvent]:
         """Answer `question` about `collection` in session `session_id` ("" = a new session).
 
-        Yields a "start" event (the session id, the sources and what was left out to fit the window), "delta"
-        events with the answer text, and a "done" event with the `AskResult`. User mistakes (empty or oversized
-        question, unknown collection, session or document, a question that cannot fit) raise before the start
-        event, and nothing is changed by them.
+        Returns an iterator of a "start" event (the session id, the sources and what was left out to fit the
+        window), "delta" events with the answer text, and a "done" event with the `AskResult`; the answer is
+        generated as it is consumed. User mistakes (empty or oversized question, unknown collection, session or
+        document, a question that cannot fit) raise at the call, and nothing is changed by them.
 
         `history` (earlier (question, answer) turns, given by the caller) makes a stateless ask instead: no
         session is created or continued (the result's session id is ""), and an earlier answer this service
