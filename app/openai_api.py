@@ -1,10 +1,12 @@
 """An OpenAI-compatible API under `/v1`, beside the web app: `openai_router(service, settings)`.
 
-- `GET /v1/models`: the loaded model by its name, and `rag:<collection>` for each collection.
+- `GET /v1/models`: the loaded model by its name, and `rag:<collection>` and `pinned:<collection>` for each
+  collection.
 - `POST /v1/chat/completions`, streamed (server-sent events) or not. The model's own name is a plain chat over
   the client's messages; `rag:<collection>` answers the last user message from the collection (retrieval,
   numbered context, `[n]` citations), the earlier messages being the conversation so far, and adds the cited
-  `sources` to the response (and to the final stream chunk). Both go through the service's restore -> prefill
+  `sources` to the response (and to the final stream chunk); `pinned:<collection>` does the same with the
+  collection's whole documents as the context (the app's pinned mode). Both go through the service's restore -> prefill
   the rest -> save path, so a client that resends a growing conversation reuses its cached prefix
   (`usage.prompt_tokens_details.cached_tokens`), after a restart too.
 - `POST /v1/embeddings` with the collections' embedding model.
@@ -36,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from app.errors import AppError
 from app.openai_schema import (
     FINISH_REASONS,
+    PINNED_PREFIX,
     RAG_PREFIX,
     ChatRequest,
     OpenAIError,
@@ -176,13 +179,14 @@ class _OpenAIApi:
         return f"fp_{self.service.namespace()[:12]}"
 
     def model_names(self) -> tuple[str, list[str]]:
-        return self.service.model_name, [RAG_PREFIX + name for name in self.service.collection_names()]
+        names = self.service.collection_names()
+        return self.service.model_name, [prefix + name for prefix in (RAG_PREFIX, PINNED_PREFIX) for name in names]
 
     def check_model(self, name: str) -> None:
         chat_model, collections = self.model_names()
         if name != chat_model and name not in collections:
             raise OpenAIError(404, f"the model {name!r} does not exist; this server has {chat_model!r} (a plain "
-                                   f"chat) and one 'rag:<collection>' per collection (GET /v1/models lists them)",
+                                   f"chat), 'rag:<collection>' and 'pinned:<collection>' (GET /v1/models lists them)",
                               param="model", code="model_not_found")
 
     # ----- endpoints -------------------------------------------------------------------------------------------
@@ -246,7 +250,7 @@ class _OpenAIApi:
                               code="invalid_value")
         instructions = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
         options = dataclasses.replace(options, instructions=instructions)
-        return self.service.ask_stream(messages[-1]["content"], collection, options=options,
+        return self.service.ask_stream(messages[-1]["content"], collection, pinned=chat.pinned, options=options,
                                        history=_history(messages[:-1]))
 
     async def _stream(self, chat: ChatRequest, events: Iterator[AskEvent], pending: AskEvent | None,

@@ -25,7 +25,8 @@ MAX_STOP_CHARS = 256
 MAX_MODEL_NAME_CHARS = 256
 MAX_EMBEDDING_INPUTS = 2_048
 INT64 = 2**63
-RAG_PREFIX = "rag:"
+RAG_PREFIX = "rag:"  # retrieval: the chunks closest to the question as the context
+PINNED_PREFIX = "pinned:"  # long context: the collection's whole documents as the context
 FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "repetition": "stop", "length": "length",
                   "context_window": "length"}
 
@@ -113,8 +114,15 @@ class ChatRequest:
 
     @property
     def collection(self) -> str | None:
-        """The collection of a `rag:<collection>` model name, else None (a plain chat with the model)."""
-        return self.model[len(RAG_PREFIX):] if self.model.startswith(RAG_PREFIX) else None
+        """The collection of a `rag:` or `pinned:` model name, else None (a plain chat with the model)."""
+        for prefix in (RAG_PREFIX, PINNED_PREFIX):
+            if self.model.startswith(prefix):
+                return self.model[len(prefix):]
+        return None
+
+    @property
+    def pinned(self) -> bool:
+        return self.model.startswith(PINNED_PREFIX)
 
 
 @dataclass

@@ -52,7 +52,7 @@ def streamed(c, **request) -> tuple[str, list]:
 def test_models_and_plain_chat_streamed_and_not(api):
     url, service = api
     c = client(url)
-    assert [m.id for m in c.models.list()] == [CHAT_MODEL, "rag:docs"]
+    assert [m.id for m in c.models.list()] == [CHAT_MODEL, "rag:docs", "pinned:docs"]
     assert c.models.retrieve("rag:docs").id == "rag:docs"
     messages = [{"role": "system", "content": "You answer briefly."}, user("What is the capital of France?")]
     whole = c.chat.completions.create(model=CHAT_MODEL, messages=messages, max_tokens=8)
@@ -135,6 +135,20 @@ def test_collection_chat_cites_sources_and_follows_up(api):
     assert service.sessions() == []
 
 
+def test_pinned_collection_chat_reads_whole_documents_and_reuses_them(api):
+    url, _ = api
+    c = client(url)
+    messages = [user("What does the store keep?")]
+    first = c.chat.completions.create(model="pinned:docs", messages=messages)
+    assert sorted(s["file"] for s in first.sources) == ["corpus/cache.md", "corpus/model.py", "corpus/notes.txt"]
+    assert [s["ref"] for s in first.sources] == [1, 2, 3] and first.left_out == []
+    messages += [assistant(first.choices[0].message.content), user("And the namespace?")]
+    second = c.chat.completions.create(model="pinned:docs", messages=messages)
+    # the documents, the first question and the first answer (its generated ids) all came from the cache
+    assert second.usage.prompt_tokens_details.cached_tokens == (
+        first.usage.prompt_tokens + first.usage.completion_tokens - 1)
+
+
 def test_embeddings_in_the_embedders_tokens(api):
     url, service = api
     c = client(url)
@@ -172,7 +186,7 @@ def error_of(call) -> tuple[int, dict, httpx.Headers]:
 def test_keys_and_every_error_status(keyed_api):
     url, service = keyed_api
     good = client(url, KEY)
-    assert [m.id for m in good.models.list()] == [CHAT_MODEL, "rag:docs"]
+    assert [m.id for m in good.models.list()] == [CHAT_MODEL, "rag:docs", "pinned:docs"]
     status, error, headers = error_of(lambda: client(url, "not-the-key-0123456789").models.list())
     assert status == 401 and error["code"] == "invalid_api_key" and headers["www-authenticate"] == "Bearer"
     for headers in ({}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}):
@@ -265,7 +279,7 @@ def test_one_port_serves_the_api_and_the_gradio_ask_endpoint(api):
     url, _ = api
     result = Client(url, verbose=False).predict(QUESTION, "docs", api_name="/ask")
     assert any(s["file"].endswith("cache.md") for s in result["sources"])
-    assert [m.id for m in client(url).models.list()] == [CHAT_MODEL, "rag:docs"]
+    assert [m.id for m in client(url).models.list()] == [CHAT_MODEL, "rag:docs", "pinned:docs"]
     forged = httpx.get(f"{url}/v1/models", headers={"Host": "attacker.example"})
     assert forged.status_code == 400  # the Host allowlist stands in front of /v1 too
 
