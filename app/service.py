@@ -14,6 +14,7 @@ is built only from its own session's turns, and the live cache is restored from 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -44,6 +45,10 @@ ProgressFn = Callable[[int, int, str], None]  # (done, total, what)
 
 class QuestionError(AppError):
     """An empty or oversized question."""
+
+
+class NotAllowedError(AppError):
+    """A web visitor asked for something the operator did not allow (a server path, a model)."""
 
 
 @dataclass(frozen=True)
@@ -204,15 +209,8 @@ class ChatService:
         return self._model_name
 
     def model_choices(self) -> list[str]:
-        """The known model names and the models already in the model cache, the current one first."""
-        names = [self._model_name]
-        try:
-            from tpa_core.registry import known_names
-
-            names += known_names()
-        except ImportError:
-            pass
-        return list(dict.fromkeys(names))
+        """The models web visitors may switch to: the current one first, the configured one, the listed ones."""
+        return list(dict.fromkeys([self._model_name, self.settings.model, *self.settings.models]))
 
     def namespace(self) -> str:
         if self._namespace is None:
@@ -235,10 +233,13 @@ class ChatService:
 
     def ingest(self, collection: str, *, uploads: Sequence[str | Path] = (), local_path: str | None = None,
                progress: ProgressFn | None = None) -> dict:
-        """Ingest uploaded files (copied into the data folder first) and/or a folder or repository on this
-        machine into `collection` (created if new). Returns the ingestion summary (`ingest --json` shape) plus
-        "rejected": uploads refused before ingestion (type or size), each with its reason."""
+        """Ingest uploaded files (copied into the data folder first, see `app.uploads`) and/or a folder or
+        repository on this machine, which must lie inside one of `settings.ingest_roots`, into `collection`
+        (created if new). Returns the ingestion summary (`ingest --json` shape) plus "rejected": uploads refused
+        before ingestion (type or size), each with its reason."""
         from retrieval.extract import supported
+
+        from app.uploads import store_upload
 
         rejected: list[dict] = []
         targets: list[Path] = []
@@ -261,9 +262,10 @@ class ChatService:
                     rejected.append({"path": name, "reason": reason})
                     continue
                 with source.open("rb") as data:
-                    targets.append(self.corpus.save_upload(collection, name, data))
+                    saved = store_upload(self.settings.uploads_dir / collection, name, data)
+                targets.append(saved if saved.suffix.lower() == ".zip" else saved.parent)
         if local_path:
-            targets.append(Path(local_path).expanduser())
+            targets.append(self._check_server_path(local_path))
         if not targets:
             if rejected:
                 raise AppError("nothing to ingest: " + "; ".join(f"{r['path']}: {r['reason']}" for r in rejected))
@@ -278,6 +280,26 @@ class ChatService:
         summary["rejected"] = rejected
         summary["skipped"] = rejected + summary["skipped"]
         return summary
+
+    def _check_server_path(self, given: str) -> Path:
+        """`given` resolved (links followed) if it lies inside an ingest root; the same refusal otherwise,
+        whether or not it exists, so a visitor learns nothing about the rest of the machine."""
+        roots = self.settings.ingest_roots
+        if not roots:
+            raise NotAllowedError("this server takes uploads only: paths on the server are turned off (its "
+                                  "operator can allow folders with `tpa-rag serve --ingest-root DIR`)")
+        try:
+            raw = Path(given.strip())
+            resolved = Path(os.path.realpath(raw if raw.is_absolute() else roots[0] / raw))
+        except (ValueError, OSError):  # a NUL byte, a name too long
+            resolved = None
+        data_dir = os.path.realpath(self.settings.data_dir)  # the database, the caches, other visitors' uploads
+        for root in roots:
+            if resolved is not None and resolved.is_relative_to(os.path.realpath(root)) \
+                    and not resolved.is_relative_to(data_dir):
+                return resolved
+        raise NotAllowedError(f"{given!r} is not inside a folder this server may ingest "
+                              f"({', '.join(str(r) for r in roots)})")
 
     def ensure_demo_collection(self, name: str, paths: Sequence[str], progress: ProgressFn | None = None) -> bool:
         """Ingest `paths` as collection `name` unless it exists already. Returns whether it ingested."""
@@ -302,34 +324,36 @@ class ChatService:
         shutil.rmtree(self.settings.uploads_dir / name, ignore_errors=True)
 
     # ----- sessions ----------------------------------------------------------------------------------------------
-    def new_session(self, collection: str, name: str = "") -> SessionInfo:
+    # `owner` (app.owners) is the web visitor a call is made for: they reach their own sessions only, and another's
+    # id is answered like an unknown one. None = the local administrator (CLI), who reaches every session.
+    def new_session(self, collection: str, name: str = "", owner: str | None = None) -> SessionInfo:
         self.corpus.list_documents(collection)  # raises for an unknown collection
-        return self._sessions.create(collection, name)
+        return self._sessions.create(collection, name, owner=owner)
 
-    def sessions(self, collection: str | None = None) -> list[SessionInfo]:
-        return self._sessions.list(collection)
+    def sessions(self, collection: str | None = None, owner: str | None = None) -> list[SessionInfo]:
+        return self._sessions.list(collection, owner=owner)
 
-    def session(self, session_id: str) -> tuple[SessionInfo, list[Turn]]:
-        return self._sessions.get(session_id), self._sessions.turns(session_id)
+    def session(self, session_id: str, owner: str | None = None) -> tuple[SessionInfo, list[Turn]]:
+        return self._sessions.get(session_id, owner), self._sessions.turns(session_id, owner)
 
-    def rename_session(self, session_id: str, name: str) -> SessionInfo:
-        return self._sessions.rename(session_id, name)
+    def rename_session(self, session_id: str, name: str, owner: str | None = None) -> SessionInfo:
+        return self._sessions.rename(session_id, name, owner)
 
-    def set_pinned_documents(self, session_id: str, paths: Sequence[str]) -> SessionInfo:
-        info = self._sessions.get(session_id)
+    def set_pinned_documents(self, session_id: str, paths: Sequence[str], owner: str | None = None) -> SessionInfo:
+        info = self._sessions.get(session_id, owner)
         self._check_documents(info.collection, paths)
-        return self._sessions.set_pinned_documents(session_id, paths)
+        return self._sessions.set_pinned_documents(session_id, paths, owner)
 
-    def delete_session(self, session_id: str) -> SessionInfo:
+    def delete_session(self, session_id: str, owner: str | None = None) -> SessionInfo:
         """Delete a session and its turns and release its cache pins (its pages become evictable)."""
-        info = self._sessions.delete(session_id)
+        info = self._sessions.delete(session_id, owner)
         self.store.unpin(_pin_owner(session_id))
         return info
 
-    def ttft_history(self, session_id: str) -> list[tuple[int, float, int]]:
+    def ttft_history(self, session_id: str, owner: str | None = None) -> list[tuple[int, float, int]]:
         """(turn number, TTFT ms, reused tokens) rows for the cache panel's plot."""
         return [(t.position + 1, float(t.metrics["ttft_ms"]), int(t.metrics.get("reused_tokens", 0)))
-                for t in self._sessions.turns(session_id) if "ttft_ms" in t.metrics]
+                for t in self._sessions.turns(session_id, owner) if "ttft_ms" in t.metrics]
 
     # ----- the cache ----------------------------------------------------------------------------------------------
     def cache_stats(self) -> dict:
@@ -347,6 +371,10 @@ class ChatService:
             raise AppError("name a model (a known name, a local folder or a .gguf file)")
         if name == self._model_name and self._loaded is not None:
             return
+        if name not in self.model_choices():  # never touches the file system: says nothing about paths
+            raise NotAllowedError(f"this server does not offer the model {name!r}; it offers "
+                                  f"{', '.join(self.model_choices())} (its operator lists more with "
+                                  f"TPA_RAG_MODELS or `tpa-rag serve --offer-model`)")
 
         def swap() -> None:
             loaded = self._load(name)
@@ -359,19 +387,20 @@ class ChatService:
         return AskOptions(**values)
 
     def ask(self, question: str, collection: str, session_id: str = "", *, pinned: bool = False,
-            options: AskOptions | None = None) -> AskResult:
+            options: AskOptions | None = None, owner: str | None = None) -> AskResult:
         """`ask_stream` run to the end."""
         result = None
-        for event in self.ask_stream(question, collection, session_id, pinned=pinned, options=options):
+        for event in self.ask_stream(question, collection, session_id, pinned=pinned, options=options, owner=owner):
             if event.kind == "done":
                 result = event.result
         assert result is not None
         return result
 
     def ask_stream(self, question: str, collection: str, session_id: str = "", *, pinned: bool = False,
-                   options: AskOptions | None = None,
+                   options: AskOptions | None = None, owner: str | None = None,
                    history: Sequence[tuple[str, str]] | None = None) -> Iterator[AskEvent]:
-        """Answer `question` about `collection` in session `session_id` ("" = a new session).
+        """Answer `question` about `collection` in session `session_id` ("" = a new session owned by `owner`;
+        an existing one must be `owner`'s, see the sessions section).
 
         Returns an iterator of a "start" event (the session id, the sources and what was left out to fit the
         window), "delta" events with the answer text, and a "done" event with the `AskResult`; the answer is
@@ -387,7 +416,7 @@ class ChatService:
         question = self._check_question(question)
         if history is not None and session_id:
             raise AppError("give either a session to continue or the earlier turns, not both")
-        info = self._sessions.get(session_id) if session_id else None
+        info = self._sessions.get(session_id, owner) if session_id else None
         if info is not None and info.collection != collection:
             raise AppError(f"session {session_id} belongs to collection {info.collection!r}, not {collection!r}; "
                            f"start a new session to ask about {collection!r}")
@@ -425,7 +454,7 @@ class ChatService:
         if len(prompt_ids) > window - max_new:  # a generated spelling can be longer than the canonical one
             prompt_ids = tokenizer.encode_chat(fitted.messages)
         if info is None and history is None:
-            info = self._sessions.create(collection)
+            info = self._sessions.create(collection, owner=owner)
         boundaries = _context_end(tokenizer, fitted.messages, fitted.units, prompt_ids)
         if history is not None:  # a client that drops or edits our answer still reuses this whole prompt
             boundaries.append(len(prompt_ids))

@@ -53,6 +53,8 @@ class Settings:
     temperature: float = 0.0
     verbose: int = 0
     allowed_hosts: tuple[str, ...] = ()  # Host names the web server answers to besides loopback and --host
+    ingest_roots: tuple[Path, ...] = ()  # folders whose insides web visitors may ingest by path; () = uploads only
+    models: tuple[str, ...] = ()  # models web visitors may switch to, besides `model`
     api_keys: tuple[str, ...] = ()  # keys the OpenAI-compatible API accepts; () = no key needed (loopback only)
     extra: dict = field(default_factory=dict)
 
@@ -100,10 +102,13 @@ class Settings:
             "max_new_tokens": _number(env, "TPA_RAG_MAX_NEW_TOKENS", int, cls.max_new_tokens),
             "temperature": _number(env, "TPA_RAG_TEMPERATURE", float, cls.temperature),
             "allowed_hosts": _names(env.get("TPA_RAG_ALLOWED_HOSTS", "")),
+            "ingest_roots": tuple(Path(p) for p in env.get("TPA_RAG_INGEST_ROOTS", "").split(os.pathsep) if p),
+            "models": _names(env.get("TPA_RAG_MODELS", "")),
             "api_keys": _names(env.get("TPA_RAG_API_KEYS", "")) + _names(env.get("TPA_RAG_API_KEY", "")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["data_dir"] is None:
             values["data_dir"] = _default_data_dir()
         values["data_dir"] = Path(values["data_dir"]).expanduser().resolve()
+        values["ingest_roots"] = tuple(Path(p).expanduser().resolve() for p in values["ingest_roots"])
         return cls(**values)

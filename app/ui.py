@@ -2,7 +2,9 @@
 
 Layout and wiring only: every handler calls `ChatService` and renders its result with `app.ui_render`. The model,
 the indexes and the caches live in the service, never in `gr.State`; the only per-browser state is the id of the
-tab's current chat session, so two browser sessions never see each other's chat. Generation goes through one
+tab's current chat session, so two browser sessions never see each other's chat. Every session handler acts for
+the request's owner (`app.owners`: the signed-in user, else the browser's cookie), so a visitor reaches only
+their own sessions. Generation goes through one
 queue (`concurrency_id="model"`, one at a time), ingestion through another, so the page stays responsive.
 """
 
@@ -12,18 +14,22 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import gradio as gr  # at module level: Gradio resolves handlers' `gr.Request` annotations in these globals
+
 from app import ui_render
 from app.errors import AppError
+from app.owners import owner_for
 
 if TYPE_CHECKING:
-    import gradio as gr
-
     from app.service import ChatService
 
 log = logging.getLogger(__name__)
 
 MODEL_QUEUE = "model"
 INGEST_QUEUE = "ingest"
+# Gradio's own sweep of its temporary files (every hour, those older than an hour): uploads are deleted as soon
+# as they are saved (`discard_uploads`); this catches the ones never ingested.
+TEMP_SWEEP_S = (3600, 3600)
 
 CSS = """
 .tpa-metrics { font-size: 0.8em; opacity: 0.75; font-family: ui-monospace, monospace; }
@@ -38,12 +44,37 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (AppError, TPAError, RetrievalError)
 
 
+def _owner(request: gr.Request | None) -> str:
+    """The owner of the sessions this request may reach."""
+    if request is None:
+        raise AppError("this action needs a web request (it acts for its visitor)")
+    return owner_for(getattr(request, "username", None), dict(request.cookies or {}))
+
+
+def discard_uploads(paths: list[str]) -> None:
+    """Delete uploaded files from Gradio's temporary folder (each sits in a folder of its own there), so no
+    other client can fetch them by URL once they are saved. Paths outside that folder are left alone."""
+    import os
+    from pathlib import Path
+
+    from gradio.utils import get_upload_folder
+
+    temp = Path(os.path.realpath(get_upload_folder()))
+    for item in paths:
+        path = Path(os.path.realpath(item))
+        if path.parent == temp or not path.is_relative_to(temp):
+            continue
+        try:
+            path.unlink(missing_ok=True)
+            path.parent.rmdir()
+        except OSError:  # the folder holds another file, or is gone already
+            pass
+
+
 def _guard(fn: Callable) -> Callable:
     """Turn user mistakes into gr.Error messages and bugs into a short message (the traceback goes to the log)."""
     import functools
     import inspect
-
-    import gradio as gr
 
     def translate(exc: BaseException) -> gr.Error:
         if isinstance(exc, gr.Error):
@@ -76,18 +107,16 @@ def _guard(fn: Callable) -> Callable:
 
 def build_app(service: ChatService) -> gr.Blocks:
     """The Blocks page for `service`; `app.web.build_web_app` mounts it in the server."""
-    import gradio as gr
-
     settings = service.settings
     collections = service.collection_names()
 
-    def session_choices(collection: str | None) -> list[tuple[str, str]]:
-        return [(ui_render.session_label(s), s.id) for s in service.sessions(collection or None)]
+    def session_choices(collection: str | None, owner: str) -> list[tuple[str, str]]:
+        return [(ui_render.session_label(s), s.id) for s in service.sessions(collection or None, owner=owner)]
 
-    def ttft_frame(session_id: str):
+    def ttft_frame(session_id: str, owner: str = ""):
         import pandas as pd
 
-        rows = service.ttft_history(session_id) if session_id else []
+        rows = service.ttft_history(session_id, owner) if session_id else []
         frame = pd.DataFrame([(turn, ms / 1000, reused) for turn, ms, reused in rows],
                              columns=["turn", "ttft_s", "reused_tokens"])
         return frame.astype({"turn": "int64", "ttft_s": "float64", "reused_tokens": "int64"})  # numeric axes
@@ -95,7 +124,7 @@ def build_app(service: ChatService) -> gr.Blocks:
     def cache_text() -> str:
         return ui_render.cache_markdown(service.cache_stats())
 
-    with gr.Blocks(title="tpa-rag", fill_height=True) as demo:
+    with gr.Blocks(title="tpa-rag", fill_height=True, delete_cache=TEMP_SWEEP_S) as demo:
         session_id = gr.State("")
         gr.Markdown("## tpa-rag · ask your documents and code, with reusable TPA factor caches")
         with gr.Row(equal_height=False):
@@ -110,15 +139,17 @@ def build_app(service: ChatService) -> gr.Blocks:
                     uploads = gr.File(label="Files or a .zip (text, markdown, html, pdf, notebooks, code)",
                                       file_count="multiple", height=120, elem_id="upload")
                     folder = gr.File(label="A folder", file_count="directory", height=120, elem_id="upload-folder")
-                    local_path = gr.Textbox(label="Or a folder / git repository on this machine",
-                                            placeholder="/path/to/repository", elem_id="local-path")
+                    roots = [str(root) for root in settings.ingest_roots]
+                    local_path = gr.Textbox(label="Or a folder / git repository on the server, inside "
+                                                  + " or ".join(roots), placeholder=roots[0] if roots else "",
+                                            visible=bool(roots), elem_id="local-path")
                     ingest_button = gr.Button("Ingest", variant="primary", elem_id="ingest")
                 ingest_summary = gr.Markdown(elem_id="ingest-summary")
                 delete_collection = gr.Button("Delete collection", variant="stop", size="sm",
                                               elem_id="delete-collection")
                 gr.Markdown("### Sessions")
-                session_list = gr.Dropdown(session_choices(collections[0] if collections else None), value=None,
-                                           label="Resume a session", elem_id="sessions")
+                # Filled per visitor by `demo.load`: the page config is the same for everyone.
+                session_list = gr.Dropdown([], value=None, label="Resume a session", elem_id="sessions")
                 with gr.Row():
                     new_session = gr.Button("New", size="sm", elem_id="new-session")
                     delete_session = gr.Button("Delete", size="sm", variant="stop", elem_id="delete-session")
@@ -150,7 +181,7 @@ def build_app(service: ChatService) -> gr.Blocks:
                 clear_cache = gr.Button("Clear cache", size="sm", variant="stop", elem_id="clear-cache")
                 with gr.Accordion("Settings", open=False):
                     model = gr.Dropdown(service.model_choices(), value=service.model_name, label="Model",
-                                        allow_custom_value=True, elem_id="model")
+                                        elem_id="model")
                     top_k = gr.Slider(1, max(20, settings.top_k), value=settings.top_k, step=1,
                                       label="Retrieval top-k")
                     max_new_tokens = gr.Slider(1, max(1024, settings.max_new_tokens), value=settings.max_new_tokens,
@@ -161,13 +192,15 @@ def build_app(service: ChatService) -> gr.Blocks:
         # ---- handlers: each calls the service and renders -------------------------------------------------
         @_guard
         def on_ask(text: str, chat: list, sid: str, coll: str | None, ctx_mode: str, docs: list[str] | None,
-                   k: float, max_new: float, temp: float) -> Iterator:
+                   k: float, max_new: float, temp: float, request: gr.Request) -> Iterator:
             if not coll:
                 raise AppError("pick a collection first, or create one under 'Add documents'")
+            owner = _owner(request)
             events = service.ask_stream(
                 text, coll, sid, pinned=ctx_mode == "pinned",
                 options=service.options(top_k=int(k), max_new_tokens=int(max_new), temperature=float(temp),
                                         documents=tuple(docs or ()) or None),
+                owner=owner,
             )
             start = next(events)  # validation, retrieval and overflow errors surface here, before the chat changes
             if start.left_out:
@@ -187,8 +220,8 @@ def build_app(service: ChatService) -> gr.Blocks:
                     final = history + ui_render.turn_messages(text, result.answer, result.sources, result.metrics,
                                                               result.left_out)
                     yield (final, result.session_id, "",
-                           gr.update(choices=session_choices(coll), value=result.session_id),
-                           cache_text(), ttft_frame(result.session_id))
+                           gr.update(choices=session_choices(coll, owner), value=result.session_id),
+                           cache_text(), ttft_frame(result.session_id, owner))
 
         ask_inputs = [question, chatbot, session_id, collection, mode, pinned_docs, top_k, max_new_tokens,
                       temperature]
@@ -212,6 +245,7 @@ def build_app(service: ChatService) -> gr.Blocks:
 
             summary = service.ingest(name, uploads=sources, local_path=(path or "").strip() or None,
                                      progress=report)
+            discard_uploads(sources)  # saved: the page clears them; after an error they stay for a retry
             for item in summary.get("rejected", []):
                 gr.Warning(f"{item['path']}: {item['reason']}")
             names = service.collection_names()
@@ -225,10 +259,10 @@ def build_app(service: ChatService) -> gr.Blocks:
         )
 
         @_guard
-        def on_collection(coll: str | None) -> tuple:
+        def on_collection(coll: str | None, request: gr.Request) -> tuple:
             docs = service.document_paths(coll) if coll else []
-            return ([], "", gr.update(choices=session_choices(coll), value=None), gr.update(choices=docs, value=[]),
-                    ttft_frame(""))
+            return ([], "", gr.update(choices=session_choices(coll, _owner(request)), value=None),
+                    gr.update(choices=docs, value=[]), ttft_frame(""))
 
         collection.change(on_collection, [collection], [chatbot, session_id, session_list, pinned_docs, ttft_plot],
                           api_visibility="private")
@@ -246,16 +280,17 @@ def build_app(service: ChatService) -> gr.Blocks:
                                 concurrency_id=MODEL_QUEUE, api_visibility="private")
 
         @_guard
-        def on_resume(sid: str | None, coll: str | None) -> tuple:
+        def on_resume(sid: str | None, coll: str | None, request: gr.Request) -> tuple:
             if not sid:
                 return gr.update(), gr.update(), gr.update(), gr.update()
-            info, turns = service.session(sid)
+            owner = _owner(request)
+            info, turns = service.session(sid, owner)
             chat: list = []
             for turn in turns:
                 chat += ui_render.turn_messages(turn.question, turn.answer, turn.sources, turn.metrics,
                                                 turn.left_out)
             coll_update = gr.update(value=info.collection) if info.collection != coll else gr.update()
-            return chat, sid, ttft_frame(sid), coll_update
+            return chat, sid, ttft_frame(sid, owner), coll_update
 
         # `input` (not `change`): fires on the user's pick only, not when a handler refreshes the list.
         session_list.input(on_resume, [session_list, collection], [chatbot, session_id, ttft_plot, collection],
@@ -268,22 +303,25 @@ def build_app(service: ChatService) -> gr.Blocks:
                           api_visibility="private")
 
         @_guard
-        def on_rename(sid: str, name: str, coll: str | None) -> tuple:
+        def on_rename(sid: str, name: str, coll: str | None, request: gr.Request) -> tuple:
             if not sid:
                 raise AppError("ask a first question (or resume a session) before renaming it")
-            service.rename_session(sid, name)
-            return gr.update(choices=session_choices(coll), value=sid), ""
+            owner = _owner(request)
+            service.rename_session(sid, name, owner)
+            return gr.update(choices=session_choices(coll, owner), value=sid), ""
 
         rename_box.submit(on_rename, [session_id, rename_box, collection], [session_list, rename_box],
                           api_visibility="private")
 
         @_guard
-        def on_delete_session(sid: str, coll: str | None) -> tuple:
+        def on_delete_session(sid: str, coll: str | None, request: gr.Request) -> tuple:
             if not sid:
                 raise AppError("no session to delete: resume one first")
-            service.delete_session(sid)
+            owner = _owner(request)
+            service.delete_session(sid, owner)
             gr.Info("session deleted")
-            return [], "", gr.update(choices=session_choices(coll), value=None), ttft_frame(""), cache_text()
+            return ([], "", gr.update(choices=session_choices(coll, owner), value=None), ttft_frame(""),
+                    cache_text())
 
         delete_session.click(on_delete_session, [session_id, collection],
                              [chatbot, session_id, session_list, ttft_plot, cache_stats],
@@ -311,22 +349,25 @@ def build_app(service: ChatService) -> gr.Blocks:
 
         model.input(on_model, [model], [cache_stats], concurrency_id=MODEL_QUEUE, api_visibility="private")
 
-        def on_load(coll: str | None) -> tuple:  # what other tabs, the CLI or other replicas changed meanwhile
+        def on_load(coll: str | None, request: gr.Request) -> tuple:  # and what changed since the page was built
             names = service.collection_names()
             coll = coll if coll in names else (names[0] if names else None)
             return (cache_text(), gr.update(choices=names, value=coll),
-                    gr.update(choices=session_choices(coll), value=None))
+                    gr.update(choices=session_choices(coll, _owner(request)), value=None))
 
         demo.load(_guard(on_load), [collection], [cache_stats, collection, session_list], api_visibility="private")
 
         # ---- the named API endpoint (same object as `tpa-rag ask --json`) ---------------------------------
         @_guard
-        def ask(question: str, collection: str, session_id: str = "", pinned: bool = False) -> Iterator[dict]:
+        def ask(question: str, collection: str, session_id: str = "", pinned: bool = False,
+                request: gr.Request = None) -> Iterator[dict]:
             """Ask a question about a collection. Streams partial objects (metrics null) and ends with the object
             of `tpa-rag ask --json`: {answer, session_id, sources, metrics, left_out}, where each source names its
-            document under "file" (a "path" key would make gradio_client fetch it as a file)."""
+            document under "file" (a "path" key would make gradio_client fetch it as a file). A session_id must
+            be one this client started (same login, or same cookie jar)."""
             answer = ""
-            for event in service.ask_stream(question, collection, session_id, pinned=pinned):
+            owner = _owner(request)
+            for event in service.ask_stream(question, collection, session_id, pinned=pinned, owner=owner):
                 if event.kind == "done":
                     result = event.result.to_json()
                     yield dict(result, sources=[public_source(s) for s in event.result.sources])

@@ -118,6 +118,39 @@ class HostAllowlist:
         await send({"type": "http.response.body", "body": body})
 
 
+class OwnerCookie:
+    """ASGI middleware: a request without a valid owner cookie (`app.owners`) gets a fresh token, seen by the
+    handlers of this very request (added to its Cookie header) and kept by the browser (Set-Cookie)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        from starlette.requests import cookie_parser
+
+        from app import owners
+
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        raw = b"; ".join(value for key, value in scope.get("headers", ()) if key == b"cookie").decode("latin-1")
+        if owners.valid_token(cookie_parser(raw).get(owners.OWNER_COOKIE)):
+            await self.app(scope, receive, send)
+            return
+        token = owners.new_token()
+        cookie = f"{raw}; {owners.OWNER_COOKIE}={token}" if raw else f"{owners.OWNER_COOKIE}={token}"
+        headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"cookie"]
+        scope = dict(scope, headers=[*headers, (b"cookie", cookie.encode("latin-1"))])
+
+        async def send_with_cookie(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                extra = (b"set-cookie", owners.set_cookie_value(token).encode("latin-1"))
+                message = dict(message, headers=[*message.get("headers", ()), extra])
+            await send(message)
+
+        await self.app(scope, receive, send_with_cookie)
+
+
 def build_web_app(service: ChatService, settings: Settings, *, host: str = "127.0.0.1", port: int = 7860,
                   auth: list[tuple[str, str]] | None = None, api_options: dict[str, Any] | None = None) -> FastAPI:
     """The whole server as one ASGI application: API routers, then the Gradio page at `/`, all behind the
@@ -132,7 +165,8 @@ def build_web_app(service: ChatService, settings: Settings, *, host: str = "127.
     if host not in LOOPBACK_NAMES and not auth:
         log.warning("serving on %s without --auth: anyone who can reach this address can use the app", host)
     web = FastAPI(title="tpa-rag", docs_url=None, redoc_url=None, openapi_url=None)
-    web.add_middleware(HostAllowlist, policy=HostPolicy.for_server(host, settings.allowed_hosts))
+    web.add_middleware(OwnerCookie)
+    web.add_middleware(HostAllowlist, policy=HostPolicy.for_server(host, settings.allowed_hosts))  # outermost
     # API routers are included here, above the page: the mount at `/` takes every path that reaches it.
     web.include_router(openai_router(service, settings, **(api_options or {})))
     demo = ui.build_app(service)
@@ -145,11 +179,11 @@ def build_web_app(service: ChatService, settings: Settings, *, host: str = "127.
     return web
 
 
-def _uvicorn_config(web: FastAPI, host: str, port: int):
+def _uvicorn_config(web: FastAPI, host: str, port: int, grace_s: float = 5.0):
     import uvicorn
 
     return uvicorn.Config(web, host=host, port=port, log_level="warning", lifespan="on",
-                          proxy_headers=False, server_header=False, timeout_graceful_shutdown=5)
+                          proxy_headers=False, server_header=False, timeout_graceful_shutdown=grace_s)
 
 
 def serve_forever(web: FastAPI, *, host: str, port: int) -> None:
@@ -170,7 +204,7 @@ class BackgroundServer:
     def __init__(self, web: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
         import uvicorn
 
-        self._server = uvicorn.Server(_uvicorn_config(web, host, port))
+        self._server = uvicorn.Server(_uvicorn_config(web, host, port, grace_s=1.0))
         self._thread = threading.Thread(target=self._server.run, name="tpa-rag-web", daemon=True)
         self.host = host
         self.port = port

@@ -31,6 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                        help="a host name the server answers to besides localhost and --host (repeatable; env "
                             "TPA_RAG_ALLOWED_HOSTS, comma-separated); other Host headers get 400")
+    serve.add_argument("--ingest-root", action="append", default=[], metavar="DIR",
+                       help="a folder whose files and subfolders visitors may ingest by path (repeatable; env "
+                            "TPA_RAG_INGEST_ROOTS, os.pathsep-separated); without one, uploads only")
+    serve.add_argument("--offer-model", action="append", default=[], metavar="MODEL",
+                       help="a model visitors may switch to besides --model (repeatable; env TPA_RAG_MODELS, "
+                            "comma-separated)")
     serve.add_argument("--demo", nargs="+", metavar="PATH",
                        help=f"on first run, ingest these paths as the collection {DEMO_COLLECTION!r} before serving")
     serve.set_defaults(handler=cmd_serve)
@@ -89,7 +95,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                            "(--auth protects the web app, --api-key the OpenAI-compatible API under /v1)")
         print(f"tpa-rag: serving on {args.host} without {missing} (--allow-unprotected): make sure no other "
               "machine can reach this port", file=sys.stderr)
-    settings = settings.with_(api_keys=keys)
+    settings = _serve_settings(args, settings).with_(api_keys=keys)
     service = _service(settings)
     try:
         if args.demo and DEMO_COLLECTION not in service.collection_names():
@@ -97,13 +103,25 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                   f"(a few minutes on a small CPU)", file=sys.stderr)
             service.ensure_demo_collection(DEMO_COLLECTION, args.demo, progress=_progress_printer())
         service.warm_up()
-        settings = settings.with_(allowed_hosts=settings.allowed_hosts + tuple(args.allowed_host))
         server = web.build_web_app(service, settings, host=args.host, port=args.port, auth=auth)
         print(f"tpa-rag: serving on http://{args.host}:{args.port} (Ctrl+C stops)", file=sys.stderr)
         web.serve_forever(server, host=args.host, port=args.port)
     finally:
         service.close()
     return 0
+
+
+def _serve_settings(args: argparse.Namespace, settings: Settings) -> Settings:
+    """The settings with serve's options added: allowed Host names, ingest roots (existing folders) and models."""
+    from pathlib import Path
+
+    roots = list(settings.ingest_roots) + [Path(p).expanduser().resolve() for p in args.ingest_root]
+    for root in roots:
+        if not root.is_dir():
+            raise AppError(f"ingest root {str(root)!r} is not a folder")
+    return settings.with_(allowed_hosts=settings.allowed_hosts + tuple(args.allowed_host),
+                          ingest_roots=tuple(dict.fromkeys(roots)),
+                          models=settings.models + tuple(m for m in args.offer_model if m.strip()))
 
 
 def _is_loopback(host: str) -> bool:

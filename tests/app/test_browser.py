@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def test_upload_ask_cite_follow_up_in_chromium(empty_app, tmp_path):
     assert service.collection_names() == ["guides"]
     assert any("tool.exe" in t and "unsupported file type .exe" in t for t in flow.toasts)
     assert any("exceed the maximum allowed size" in t for t in flow.toasts)
-    assert flow.citation.startswith("[1] guide.md lines 1-")
+    assert re.match(r"\[1\] [0-9a-f]{10}/guide\.md lines 1-", flow.citation), flow.citation
     assert "chained sha256" in flow.citation_text
     assert len(flow.metrics) == 2
     (prompt1, reused1), (prompt2, reused2) = flow.metrics
@@ -54,18 +55,26 @@ def test_sessions_resume_rename_new_delete_in_chromium(make_service, corpus_dir,
 
     from browser_flow import CHROMIUM_ARGS, wait_for_toast
 
+    from app.owners import OWNER_COOKIE
+
     service = make_service()
     service.ingest_paths("docs", [str(corpus_dir)])
-    first = service.ask("What is the capital of France?", "docs")
-    second = service.ask("How does the cache store key its entries?", "docs")
     url = serve_web(service)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 1000})
         page.goto(url)
+        # Sessions this browser owns (its owner cookie), and one of another visitor that it must not list.
+        token = next(c["value"] for c in page.context.cookies() if c["name"] == OWNER_COOKIE)
+        first = service.ask("What is the capital of France?", "docs", owner=f"browser:{token}")
+        second = service.ask("How does the cache store key its entries?", "docs", owner=f"browser:{token}")
+        foreign = service.ask("What is the secret of the other visitor?", "docs", owner="browser:" + "x" * 43)
+        page.reload()
         page.wait_for_selector("#question textarea", timeout=30_000)
         # Resume: the chat shows that session's turn, and not the other session's.
         page.click("#sessions input")
+        page.locator("#sessions ul li", has_text="capital of France").first.wait_for()
+        assert "other visitor" not in page.inner_text("#sessions")
         page.locator("#sessions ul li", has_text="capital of France").first.click()
         page.wait_for_function("document.querySelector('#chat').innerText.includes('capital of France')")
         assert "cache store" not in page.inner_text("#chat")
@@ -84,5 +93,5 @@ def test_sessions_resume_rename_new_delete_in_chromium(make_service, corpus_dir,
         wait_for_toast(page, "session deleted", 30_000)
         browser.close()
     assert service.session(first.session_id)[0].name == "geography"
-    assert [s.id for s in service.sessions()] == [first.session_id]
+    assert [s.id for s in service.sessions()] == [foreign.session_id, first.session_id]
     assert second.session_id not in {s.id for s in service.sessions()}

@@ -72,11 +72,11 @@ def test_ask_json_then_follow_up_and_sessions(cli):
 @pytest.mark.parametrize("argv, message", [
     (("ask", "--collection", "docs", "   "), "the question is empty"),
     (("ask", "--collection", "nope", QUESTION), "no collection named 'nope'"),
-    (("ask", "--collection", "docs", "--session", "abc", QUESTION), "unknown session 'abc'"),
+    (("ask", "--collection", "docs", "--session", "abc", QUESTION), "no such session 'abc'"),
     (("ask", "--collection", "docs", "--top-k", "0", QUESTION), "top-k must be"),
     (("ask", "--collection", "docs", "--pinned", "--document", "nothere.md", QUESTION), "no document"),
-    (("sessions", "show", "abc"), "unknown session 'abc'"),
-    (("sessions", "delete", "abc"), "unknown session 'abc'"),
+    (("sessions", "show", "abc"), "no such session 'abc'"),
+    (("sessions", "delete", "abc"), "no such session 'abc'"),
     (("serve", "--auth", "nopassword"), "user:password"),
 ])
 def test_user_mistakes_exit_2_with_a_message(cli, argv, message):
