@@ -2,19 +2,20 @@
 
 - `GET /v1/models`: the loaded model by its name, and `rag:<collection>` and `pinned:<collection>` for each
   collection.
-- `POST /v1/chat/completions`, streamed (server-sent events) or not. The model's own name is a plain chat over
-  the client's messages; `rag:<collection>` answers the last user message from the collection (retrieval,
-  numbered context, `[n]` citations), the earlier messages being the conversation so far, and adds the cited
-  `sources` to the response (and to the final stream chunk); `pinned:<collection>` does the same with the
-  collection's whole documents as the context (the app's pinned mode). Both go through the service's restore -> prefill
-  the rest -> save path, so a client that resends a growing conversation reuses its cached prefix
+- `POST /v1/chat/completions`, streamed (server-sent events) or not. The model's own name is a plain chat over the
+  client's messages; `rag:<collection>` answers the last user message from the collection (retrieval, numbered
+  context, `[n]` citations), the earlier messages being the conversation so far, and adds the cited `sources` to the
+  response (and to the final stream chunk); `pinned:<collection>` does the same with the collection's whole
+  documents as the context (the app's pinned mode). All go through the service's restore -> prefill the rest -> save
+  path, so a client that resends a growing conversation reuses its cached prefix
   (`usage.prompt_tokens_details.cached_tokens`), after a restart too.
 - `POST /v1/embeddings` with the collections' embedding model.
 
-Access: with API keys configured, every `/v1` request needs `Authorization: Bearer <key>`. Generation goes
-through the service's one model worker: requests are handed to it in order of arrival, and past `max_pending`
-requests in flight a request is refused at once with 503 and `Retry-After`. Every error is answered in OpenAI's
-shape (`app.openai_schema.OpenAIError`), never with a stack trace.
+Access: with API keys configured, every `/v1` request needs `Authorization: Bearer <key>`. Generation goes through
+the service's one model worker: requests are handed to it in order of arrival, and past `max_pending` requests in
+flight a request is refused at once with 503 and `Retry-After`. A stream starts as soon as its request is checked
+and queued, with SSE comments while it waits its turn (so that proxies and clients do not time it out). Every error
+is answered in OpenAI's shape (`app.openai_schema.OpenAIError`), never with a stack trace.
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ class _OpenAIApi:
         self.max_body_bytes = int(max_body_bytes)
         self.admission = _Admission(max_pending)
         self.started = int(time.time())
-        # Held from preparing a request until its job has produced its first event: jobs reach the model
-        # worker in the order their requests arrived (asyncio locks wake their waiters first come, first served).
+        # Held while a request is prepared and queued: jobs reach the model worker in the order their requests
+        # arrived (asyncio locks wake their waiters first come, first served).
         self.arrival = asyncio.Lock()
 
     # ----- access and input --------------------------------------------------------------------------------------
@@ -214,8 +215,7 @@ class _OpenAIApi:
         try:
             async with self.arrival:
                 events = await run_in_threadpool(self._start, chat)
-                await run_in_threadpool(_next, events)  # "start": the prompt is built, nothing generated yet
-                pending = await run_in_threadpool(_next, events)  # the job's first event: it has had the worker
+                await run_in_threadpool(_next, events)  # the start event: the job is queued for the worker
         except BaseException:
             if events is not None:
                 with anyio.CancelScope(shield=True):
@@ -228,9 +228,9 @@ class _OpenAIApi:
                 await run_in_threadpool(events.close)
                 self.admission.leave()
 
-            return _EventStream(self._stream(chat, events, pending, fingerprint), on_close=close)
+            return _EventStream(self._stream(chat, events, fingerprint), on_close=close)
         try:
-            result = await run_in_threadpool(_finish, events, pending)
+            result = await run_in_threadpool(_finish, events)
         finally:
             self.admission.leave()
         body = completion_body(completion_id(), chat.model, fingerprint, result, chat.collection is not None)
@@ -253,8 +253,8 @@ class _OpenAIApi:
         return self.service.ask_stream(messages[-1]["content"], collection, pinned=chat.pinned, options=options,
                                        history=_history(messages[:-1]))
 
-    async def _stream(self, chat: ChatRequest, events: Iterator[AskEvent], pending: AskEvent | None,
-                      fingerprint: str) -> AsyncIterator[bytes]:
+    async def _stream(self, chat: ChatRequest, events: Iterator[AskEvent], fingerprint: str
+                      ) -> AsyncIterator[bytes]:
         cid, created = completion_id(), int(time.time())
 
         def chunk(**fields: Any) -> bytes:
@@ -262,9 +262,11 @@ class _OpenAIApi:
 
         try:
             yield chunk(delta={"role": "assistant", "content": ""})
-            event = pending
+            event = await anyio.to_thread.run_sync(_next, events)
             while event is not None:
-                if event.kind == "delta" and event.text:
+                if event.kind == "waiting":
+                    yield b": waiting for the model\n\n"
+                elif event.kind == "delta" and event.text:
                     yield chunk(delta={"content": event.text})
                 elif event.kind == "done":
                     result = event.result
@@ -324,9 +326,9 @@ class _EventStream(StreamingResponse):
                 await self._on_close()
 
 
-def _finish(events: Iterator[AskEvent], pending: AskEvent | None) -> Any:
+def _finish(events: Iterator[AskEvent]) -> Any:
     """Drain the events to the "done" event's result."""
-    event = pending
+    event = _next(events)
     while event is not None:
         if event.kind == "done":
             return event.result

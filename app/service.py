@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 MAX_QUESTION_CHARS = 8_000
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024**2
 MAX_TOP_K = 50
+HEARTBEAT_S = 5.0  # a "waiting" event comes after this long without another (a job waiting for the worker)
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what)
 
 
@@ -93,7 +94,9 @@ class AskResult:
 
 @dataclass
 class AskEvent:
-    """One step of `ask_stream`: "start" (sources chosen, prompt built), "delta" (answer text), "done"."""
+    """One step of `ask_stream`: "start" (sources chosen, prompt built), "delta" (answer text), "done"; and
+    "waiting" (nothing new for `HEARTBEAT_S`, e.g. other asks have the model: a server keeps its connection
+    alive with it, everyone else ignores it)."""
 
     kind: str
     session_id: str
@@ -518,8 +521,8 @@ class ChatService:
         return self._stream(job)
 
     def _stream(self, job: _AskJob) -> Iterator[AskEvent]:
-        """The start event, then the worker's events for `job` (submitted once the start event is taken)."""
-        yield AskEvent("start", job.session_id, sources=job.sources, left_out=job.left_out)
+        """The start event, then the worker's events for `job`. The job goes to the worker when the start event
+        is taken, so jobs reach it in the order their start events are taken."""
         job.t_submit = time.perf_counter()
         try:
             self._worker.submit(self._ask_job(job))
@@ -527,8 +530,13 @@ class ChatService:
             raise AppError("the service is closed") from None
         finished = False
         try:
+            yield AskEvent("start", job.session_id, sources=job.sources, left_out=job.left_out)
             while True:
-                item = job.events.get()
+                try:
+                    item = job.events.get(timeout=HEARTBEAT_S)
+                except queue.Empty:
+                    yield AskEvent("waiting", job.session_id)
+                    continue
                 if item is _DONE:
                     finished = True
                     return

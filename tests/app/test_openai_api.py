@@ -259,6 +259,27 @@ def test_concurrent_requests_are_answered_whole_and_unmixed(api):
     assert together == alone
 
 
+def test_a_queued_stream_starts_at_once_and_is_kept_alive(api, monkeypatch):
+    import app.service
+
+    url, service = api
+    monkeypatch.setattr(app.service, "HEARTBEAT_S", 0.1)
+    gate = threading.Event()
+    service._worker.submit(gate.wait)  # a stand-in for another client's long generation
+    body = {"model": CHAT_MODEL, "stream": True, "max_tokens": 3, "messages": [user("hello")]}
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as response:
+            assert response.status_code == 200  # the headers came while the job waits its turn
+            lines = response.iter_lines()
+            assert json.loads(next(lines)[len("data: "):])["choices"][0]["delta"]["role"] == "assistant"
+            assert [next(lines), next(lines)] == ["", ": waiting for the model"]
+            gate.set()
+            rest = [line for line in lines if line.startswith("data: ")]
+    finally:
+        gate.set()
+    assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"]
+
+
 def test_a_client_that_goes_away_stops_the_generation_and_frees_its_place(service, serve_web):
     url = serve_web(service, api_options={"max_pending": 1}).rstrip("/")
     body = {"model": CHAT_MODEL, "stream": True, "max_tokens": 1000, "messages": [user("Tell a long story.")]}
@@ -294,7 +315,7 @@ def test_raw_event_stream_framing_with_curl(api):
     head, _, stream = done.stdout.decode().partition("\r\n\r\n")
     assert "content-type: text/event-stream" in head.lower()
     assert stream.endswith("data: [DONE]\n\n")
-    events = stream.split("\n\n")[:-1]
+    events = [e for e in stream.split("\n\n")[:-1] if not e.startswith(": ")]  # comments: waiting for the model
     assert all(e.startswith("data: ") and "\n" not in e for e in events)
     chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
