@@ -509,9 +509,14 @@ class ChatService:
                 f"{window}; shorten the conversation or ask for fewer tokens")
         boundaries = [len(prompt_ids)]
         if messages[0]["role"] == "system":  # a new conversation with the same system prompt reuses it
-            head = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=False)
-            head_ids = tokenizer.encode(head, add_special_tokens=False)
-            if prompt_ids[:len(head_ids)] == head_ids:
+            from tpa_core.errors import TPAError
+
+            try:
+                head = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=False)
+            except TPAError:  # a template that wants a user message after the system prompt: no boundary
+                head = None
+            head_ids = tokenizer.encode(head, add_special_tokens=False) if head else []
+            if head_ids and prompt_ids[:len(head_ids)] == head_ids:
                 boundaries.append(len(head_ids))
         job = _AskJob(
             session_id="", question="", mode="chat", prompt_ids=prompt_ids, sources=[], left_out=[],

@@ -73,6 +73,10 @@ def test_models_and_plain_chat_streamed_and_not(api):
     assert len({ch.id for ch in chunks}) == 1
     # The second identical request restored the whole prompt but its last token from the factor cache.
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == whole.usage.prompt_tokens - 1
+    # A new conversation with the same system prompt starts from the cached system prompt.
+    other = c.chat.completions.create(model=CHAT_MODEL, messages=[messages[0], user("Why is the sky blue?")],
+                                      max_tokens=2)
+    assert 0 < other.usage.prompt_tokens_details.cached_tokens < whole.usage.prompt_tokens - 8
     assert service.sessions() == []  # the API keeps no sessions: the client has the conversation
 
 
