@@ -24,10 +24,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.context import ContextUnit, bound_pinned, canonical, fit_prompt, render_context
+from app.context import (SYSTEM_PROMPT, ContextOverflowError, ContextUnit, bound_pinned, canonical, fit_prompt,
+                         render_context)
 from app.database import make_engine
 from app.errors import AppError
 from app.sessions import SessionInfo, SessionStore, Turn
+from app.spellings import AnswerSpellings
 from app.tokens import REPEATS, encode_conversation, repeating
 from app.ui_render import TurnCost
 from app.worker import ModelWorker, WorkerClosedError
@@ -43,6 +45,7 @@ MAX_TOP_K = 50
 # A token rarely spans more characters than this: pinned text past window x this cannot fit, so it is never
 # tokenized (a pinned ask on a huge collection stays as cheap as one on a window's worth of text).
 PINNED_CHARS_PER_TOKEN = 16
+HEARTBEAT_S = 5.0  # a "waiting" event comes after this long without another (a job waiting for the worker)
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what)
 
 
@@ -57,12 +60,18 @@ class NotAllowedError(AppError):
 @dataclass(frozen=True)
 class AskOptions:
     """Per-ask settings; None = the service's settings. `documents`: pinned mode's documents (None = the
-    session's selection, else the whole collection)."""
+    session's selection, else the whole collection). `top_p`, `seed`, `stop`: sampling and stop strings as in
+    `tpa_core.generate.GenerationConfig`. `instructions`: the caller's own instructions, appended to the
+    system prompt of a collection chat."""
 
     top_k: int | None = None
     max_new_tokens: int | None = None
     temperature: float | None = None
     documents: tuple[str, ...] | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    instructions: str = ""
 
 
 @dataclass
@@ -90,7 +99,9 @@ class AskResult:
 
 @dataclass
 class AskEvent:
-    """One step of `ask_stream`: "start" (sources chosen, prompt built), "delta" (answer text), "done"."""
+    """One step of `ask_stream`: "start" (sources chosen, prompt built), "delta" (answer text), "done"; and
+    "waiting" (nothing new for `HEARTBEAT_S`, e.g. other asks have the model: a server keeps its connection
+    alive with it, everyone else ignores it)."""
 
     kind: str
     session_id: str
@@ -102,7 +113,8 @@ class AskEvent:
 
 @dataclass
 class _AskJob:
-    """What the model worker needs for one ask, built in the caller's thread."""
+    """What the model worker needs for one ask, built in the caller's thread. `session_id` "": a stateless
+    ask (the OpenAI-compatible API): no session turn is saved, the answer's spelling is recorded instead."""
 
     session_id: str
     question: str
@@ -113,6 +125,9 @@ class _AskJob:
     max_new_tokens: int
     temperature: float
     t_start: float  # when ask_stream was called
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
     context: list[dict] = field(default_factory=list)  # retrieval mode: the context as rendered, for follow-ups
     boundaries: list[int] = field(default_factory=list)  # prefix lengths worth a cache entry of their own
     t_submit: float = 0.0  # when the job was handed to the worker (the wait for it is not the ask's latency)
@@ -137,6 +152,7 @@ class ChatService:
         self.max_upload_bytes = int(max_upload_bytes)
         self._engine = make_engine(settings.db_url)
         self._sessions = SessionStore(self._engine)
+        self._spellings = AnswerSpellings(self._engine)
         self._embedder = embedder
         self._loaded = model
         self._may_load = load_model
@@ -425,35 +441,41 @@ class ChatService:
         self._check_top_k(opts.top_k if opts.top_k is not None else self.settings.top_k)
 
     def ask_stream(self, question: str, collection: str, session_id: str = "", *, pinned: bool = False,
-                   options: AskOptions | None = None, owner: str | None = None) -> Iterator[AskEvent]:
+                   options: AskOptions | None = None, owner: str | None = None,
+                   history: Sequence[tuple[str, str]] | None = None) -> Iterator[AskEvent]:
         """Answer `question` about `collection` in session `session_id` ("" = a new session owned by `owner`;
         an existing one must be `owner`'s, see the sessions section).
 
-        Yields a "start" event (the session id, the sources and what was left out to fit the window), "delta"
-        events with the answer text, and a "done" event with the `AskResult`. User mistakes (empty or oversized
-        question, unknown collection, session or document, a question that cannot fit) raise before the start
-        event, and nothing is changed by them.
+        Returns an iterator of a "start" event (the session id, the sources and what was left out to fit the
+        window), "delta" events with the answer text, and a "done" event with the `AskResult`; the answer is
+        generated as it is consumed. User mistakes (empty or oversized question, unknown collection, session or
+        document, a question that cannot fit) raise at the call, and nothing is changed by them.
+
+        `history` (earlier (question, answer) turns, given by the caller) makes a stateless ask instead: no
+        session is created or continued (the result's session id is ""), and an earlier answer this service
+        generated is spelled with its generated ids and keeps its retrieval context in place (`app.spellings`).
         """
         t_start = time.perf_counter()
         opts = options or AskOptions()
         question = self._check_question(question)
+        if history is not None and session_id:
+            raise AppError("give either a session to continue or the earlier turns, not both")
         info = self._sessions.get(session_id, owner) if session_id else None
         if info is not None and info.collection != collection:
             raise AppError(f"session {session_id} belongs to collection {info.collection!r}, not {collection!r}; "
                            f"start a new session to ask about {collection!r}")
         top_k = self._check_top_k(opts.top_k if opts.top_k is not None else self.settings.top_k)
-        max_new = int(opts.max_new_tokens if opts.max_new_tokens is not None else self.settings.max_new_tokens)
-        temperature = float(opts.temperature if opts.temperature is not None else self.settings.temperature)
-        if max_new < 1:
-            raise AppError(f"max new tokens must be at least 1, got {max_new}")
-        if not temperature >= 0:
-            raise AppError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        max_new, temperature = self._check_sampling(opts)
         loaded = self.loaded
         window = loaded.context_window
         if max_new >= window:
             raise AppError(f"max new tokens ({max_new}) must be below the model's context window ({window})")
 
-        turns = self._sessions.turns(info.id) if info else []
+        if history is not None:
+            self.corpus.list_documents(collection)  # raises for an unknown collection
+            turns = self._client_turns(history, collection)
+        else:
+            turns = self._sessions.turns(info.id) if info else []
         over_bound: list[str] = []
         if pinned:
             documents = opts.documents or (tuple(info.pinned_documents) if info else ()) or None
@@ -466,27 +488,89 @@ class ChatService:
             earlier = turns[-1].context if turns and turns[-1].mode == "retrieval" else []
             units = _follow_up_context([ContextUnit.from_dict(d) for d in earlier], retrieved)
         tokenizer = loaded.tokenizer
+        system = SYSTEM_PROMPT + (f"\n\n{opts.instructions.strip()}" if opts.instructions.strip() else "")
         fitted = fit_prompt(
             units, [(t.question, t.answer) for t in turns], question,
             count_tokens=lambda messages: len(tokenizer.encode_chat(messages)),
-            budget=window - max_new, pinned=pinned,
+            budget=window - max_new, pinned=pinned, system=system,
         )
         kept_turns = turns[len(turns) - len(fitted.history):] if fitted.history else []
         prompt_ids = encode_conversation(tokenizer, fitted.messages,
                                          {2 + 2 * i: t.answer_ids for i, t in enumerate(kept_turns)})
         if len(prompt_ids) > window - max_new:  # a generated spelling can be longer than the canonical one
             prompt_ids = tokenizer.encode_chat(fitted.messages)
-        if info is None:
+        if info is None and history is None:
             info = self._sessions.create(collection, owner=owner)
         boundaries = _context_end(tokenizer, fitted.messages, fitted.units, prompt_ids)
+        if history is not None:  # a client that drops or edits our answer still reuses this whole prompt
+            boundaries.append(len(prompt_ids))
         sources = [dict(u.source(), ref=number) for number, u in enumerate(fitted.units, start=1)
                    if u.sort_key in hits]
         job = _AskJob(
-            session_id=info.id, question=question, mode="pinned" if pinned else "retrieval", prompt_ids=prompt_ids,
-            sources=sources, left_out=fitted.left_out + over_bound, max_new_tokens=max_new, temperature=temperature,
-            t_start=t_start, context=[] if pinned else [u.to_dict() for u in fitted.units], boundaries=boundaries,
+            session_id=info.id if info else "", question=question, mode="pinned" if pinned else "retrieval",
+            prompt_ids=prompt_ids, sources=sources, left_out=fitted.left_out + over_bound, max_new_tokens=max_new,
+            temperature=temperature, t_start=t_start, context=[] if pinned else [u.to_dict() for u in fitted.units],
+            boundaries=boundaries, top_p=opts.top_p if opts.top_p is not None else 1.0, seed=opts.seed,
+            stop=tuple(opts.stop),
         )
-        yield AskEvent("start", info.id, sources=job.sources, left_out=job.left_out)
+        return self._stream(job)
+
+    def chat_stream(self, messages: Sequence[dict[str, str]], options: AskOptions | None = None
+                    ) -> Iterator[AskEvent]:
+        """A plain chat with the model over `messages` (role "system", "user" or "assistant", text content):
+        no collection, no session. Same events as `ask_stream` (no sources); the result's session id is "".
+
+        The prompt goes through the same restore -> prefill the rest -> save path as an ask, so a client that
+        sends a growing conversation reuses its cached prefix turn after turn; an assistant message this service
+        generated is spelled with its generated ids (`app.spellings`). Without an explicit `max_new_tokens` the
+        settings' value is cut to what the context window leaves. Raises before the start event for a bad
+        conversation or one that does not fit.
+        """
+        t_start = time.perf_counter()
+        opts = options or AskOptions()
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if not messages:
+            raise AppError("the conversation is empty; send at least one message")
+        for index, message in enumerate(messages):
+            if message["role"] not in ("system", "user", "assistant") or not isinstance(message["content"], str):
+                raise AppError(f"message {index} must have the role system, user or assistant and text content")
+        max_new, temperature = self._check_sampling(opts)
+        loaded = self.loaded
+        tokenizer, window = loaded.tokenizer, loaded.context_window
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        found = self._spellings.find(self.namespace(), answers) if answers else {}
+        prompt_ids = encode_conversation(tokenizer, messages, {
+            i: found[m["content"]].token_ids for i, m in enumerate(messages)
+            if m["role"] == "assistant" and m["content"] in found})
+        room = window - len(prompt_ids)
+        if opts.max_new_tokens is None:
+            max_new = min(max_new, room)
+        if room < 1 or max_new > room:
+            raise ContextOverflowError(
+                f"the conversation does not fit the model's context window: the prompt has {len(prompt_ids)} "
+                f"tokens, {max_new if max_new > 0 else 1} more are asked for the answer and the window holds "
+                f"{window}; shorten the conversation or ask for fewer tokens")
+        boundaries = [len(prompt_ids)]
+        if messages[0]["role"] == "system":  # a new conversation with the same system prompt reuses it
+            from tpa_core.errors import TPAError
+
+            try:
+                head = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=False)
+            except TPAError:  # a template that wants a user message after the system prompt: no boundary
+                head = None
+            head_ids = tokenizer.encode(head, add_special_tokens=False) if head else []
+            if head_ids and prompt_ids[:len(head_ids)] == head_ids:
+                boundaries.append(len(head_ids))
+        job = _AskJob(
+            session_id="", question="", mode="chat", prompt_ids=prompt_ids, sources=[], left_out=[],
+            max_new_tokens=max_new, temperature=temperature, t_start=t_start, boundaries=sorted(boundaries),
+            top_p=opts.top_p if opts.top_p is not None else 1.0, seed=opts.seed, stop=tuple(opts.stop),
+        )
+        return self._stream(job)
+
+    def _stream(self, job: _AskJob) -> Iterator[AskEvent]:
+        """The start event, then the worker's events for `job`. The job goes to the worker when the start event
+        is taken, so jobs reach it in the order their start events are taken."""
         job.t_submit = time.perf_counter()
         try:
             self._worker.submit(self._ask_job(job))
@@ -494,8 +578,13 @@ class ChatService:
             raise AppError("the service is closed") from None
         finished = False
         try:
+            yield AskEvent("start", job.session_id, sources=job.sources, left_out=job.left_out)
             while True:
-                item = job.events.get()
+                try:
+                    item = job.events.get(timeout=HEARTBEAT_S)
+                except queue.Empty:
+                    yield AskEvent("waiting", job.session_id)
+                    continue
                 if item is _DONE:
                     finished = True
                     return
@@ -531,6 +620,8 @@ class ChatService:
         """Restore -> prefill the rest -> stream -> save pages, pin, persist the turn. Runs on the worker."""
         from tpa_core.generate import GenerationConfig, generate
 
+        if job.cancelled.is_set():  # the client went away while the job waited for its turn
+            return
         loaded = self.loaded
         store, namespace = self.store, self.namespace()
         if self._cache is None:
@@ -539,7 +630,8 @@ class ChatService:
         cache.reset()
         queued_s = time.perf_counter() - job.t_submit  # waiting for other asks: not this ask's latency
         reused = store.restore(namespace, job.prompt_ids, cache)
-        config = GenerationConfig(max_new_tokens=job.max_new_tokens, temperature=job.temperature)
+        config = GenerationConfig(max_new_tokens=job.max_new_tokens, temperature=job.temperature, top_p=job.top_p,
+                                  seed=job.seed, stop_strings=job.stop)
         answer_ids: list[int] = []
         parts: list[str] = []
         t_first = t_last = 0.0
@@ -563,9 +655,10 @@ class ChatService:
         # The cache holds the prompt and the answer but its last token; the next question of the session starts
         # with exactly these tokens (its prompt spells this answer with these ids, see app.tokens).
         seen = (job.prompt_ids + answer_ids)[:cache.length(0)]
-        owner = _pin_owner(job.session_id)
-        store.unpin(owner)
-        store.pin(store.prefix_keys(namespace, seen), owner)
+        if job.session_id:
+            owner = _pin_owner(job.session_id)
+            store.unpin(owner)
+            store.pin(store.prefix_keys(namespace, seen), owner)
         store.save(namespace, seen, cache, boundaries=[b for b in job.boundaries if b < len(seen)])
         if not finish:
             log.info("ask in session %s cancelled after %d tokens", job.session_id, len(answer_ids))
@@ -589,9 +682,15 @@ class ChatService:
             "queued_ms": round(queued_s * 1e3, 1),
             "finish_reason": finish,
         }
-        self._sessions.add_turn(job.session_id, job.question, answer, mode=job.mode, sources=job.sources,
-                                metrics=result_metrics, left_out=job.left_out, answer_ids=spelled,
-                                context=job.context)
+        if job.session_id:
+            self._sessions.add_turn(job.session_id, job.question, answer, mode=job.mode, sources=job.sources,
+                                    metrics=result_metrics, left_out=job.left_out, answer_ids=spelled,
+                                    context=job.context)
+        else:  # the client sends the answer back as text, the non-streamed one or the streamed deltas joined
+            streamed = answer_ids[:-1] if finish == "eos" else answer_ids
+            for text, ids in {answer: spelled, "".join(parts): streamed}.items():
+                if loaded.tokenizer.decode(ids) == text:
+                    self._spellings.record(namespace, text, ids, context=job.context)
         result = AskResult(answer=answer, session_id=job.session_id, sources=job.sources, metrics=result_metrics,
                            left_out=job.left_out, mode=job.mode, finish_reason=finish)
         job.events.put(AskEvent("done", job.session_id, sources=job.sources, left_out=job.left_out, result=result))
@@ -631,6 +730,34 @@ class ChatService:
             raise QuestionError(f"the question is too long ({len(question):,} characters; at most "
                                 f"{MAX_QUESTION_CHARS:,}); shorten it, or ingest the text as a document")
         return question
+
+    def _check_sampling(self, opts: AskOptions) -> tuple[int, float]:
+        """(max new tokens, temperature) of `opts` or the settings; top-p, seed and stop strings checked."""
+        max_new = int(opts.max_new_tokens if opts.max_new_tokens is not None else self.settings.max_new_tokens)
+        temperature = float(opts.temperature if opts.temperature is not None else self.settings.temperature)
+        if max_new < 1:
+            raise AppError(f"max new tokens must be at least 1, got {max_new}")
+        if not temperature >= 0:
+            raise AppError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if opts.top_p is not None and not 0 < opts.top_p <= 1:
+            raise AppError(f"top-p must be in (0, 1], got {opts.top_p}")
+        if any(not isinstance(stop, str) for stop in opts.stop):
+            raise AppError("stop strings must be strings")
+        return max_new, temperature
+
+    def _client_turns(self, history: Sequence[tuple[str, str]], collection: str) -> list[Turn]:
+        """A stateless ask's earlier turns as the client sent them, each answer with its generated ids and the
+        retrieval context it had where this service generated it (for this collection)."""
+        found = self._spellings.find(self.namespace(), [answer for _, answer in history])
+        turns = []
+        for position, (question, answer) in enumerate(history):
+            spelling = found.get(answer)
+            context = spelling.context if spelling else []
+            if any(unit.get("collection") != collection for unit in context):
+                context = []
+            turns.append(Turn(position=position, question=question, answer=answer, mode="retrieval",
+                              answer_ids=spelling.token_ids if spelling else [], context=context))
+        return turns
 
     @staticmethod
     def _check_top_k(top_k: Any) -> int:

@@ -84,6 +84,7 @@ class Settings:
     use_server: bool = True  # `ask` answers through a server running on the same data folder, if there is one
     ingest_roots: tuple[Path, ...] = ()  # folders whose insides web visitors may ingest by path; () = uploads only
     models: tuple[str, ...] = ()  # models web visitors may switch to, besides `model`
+    api_keys: tuple[str, ...] = ()  # keys the OpenAI-compatible API accepts; () = no key needed (loopback only)
     extra: dict = field(default_factory=dict)
 
     # The data directory's layout (README, "Settings": TPA_RAG_HOME).
@@ -144,6 +145,7 @@ class Settings:
             "use_server": _flag(env, "TPA_RAG_USE_SERVER", cls.use_server),
             "ingest_roots": tuple(Path(p) for p in env.get("TPA_RAG_INGEST_ROOTS", "").split(os.pathsep) if p),
             "models": _names(env.get("TPA_RAG_MODELS", "")),
+            "api_keys": _names(env.get("TPA_RAG_API_KEYS", "")) + _names(env.get("TPA_RAG_API_KEY", "")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["data_dir"] is None:

@@ -425,14 +425,16 @@ def build_app(service: ChatService) -> gr.Blocks:
         @_guard(None)
         def ask(question: str, collection: str, session_id: str = "", pinned: bool = False,
                 request: gr.Request = None) -> Iterator[dict]:
-            """Ask a question about a collection. Streams partial objects (metrics null) and ends with the same
-            object as `tpa-rag ask --json`: {answer, session_id, sources, metrics, left_out}. A session_id must be
-            one this client started (same login, or same cookie jar)."""
+            """Ask a question about a collection. Streams partial objects (metrics null) and ends with the object
+            of `tpa-rag ask --json`: {answer, session_id, sources, metrics, left_out}, where each source names its
+            document under "file" (a "path" key would make gradio_client fetch it as a file). A session_id must
+            be one this client started (same login, or same cookie jar)."""
             answer = ""
             owner = _owner(request)
             for event in service.ask_stream(question, collection, session_id, pinned=pinned, owner=owner):
                 if event.kind == "done":
-                    yield event.result.to_json()
+                    result = event.result.to_json()
+                    yield dict(result, sources=[public_source(s) for s in event.result.sources])
                 else:
                     answer += event.text
                     yield {"answer": answer, "session_id": event.session_id,
@@ -444,8 +446,9 @@ def build_app(service: ChatService) -> gr.Blocks:
 
 
 def public_source(source: dict) -> dict:
-    """A source as the JSON contract has it: path, line range and score (the text stays in the UI)."""
-    return {key: source.get(key) for key in ("path", "start_line", "end_line", "score")}
+    """A source as the `/ask` endpoint gives it: file, line range and score (the text stays in the UI)."""
+    return {"file": source.get("path"), "start_line": source.get("start_line"), "end_line": source.get("end_line"),
+            "score": source.get("score")}
 
 
 def parse_auth(value: str | None) -> list[tuple[str, str]] | None:

@@ -159,12 +159,13 @@ class OwnerCookie:
 
 
 def build_web_app(service: ChatService, settings: Settings, *, host: str = "127.0.0.1", port: int = 7860,
-                  auth: list[tuple[str, str]] | LoginGuard | None = None, local_token: str | None = None
-                  ) -> FastAPI:
+                  auth: list[tuple[str, str]] | LoginGuard | None = None, local_token: str | None = None,
+                  api_options: dict[str, Any] | None = None) -> FastAPI:
     """The whole server as one ASGI application: API routers, then the Gradio page at `/`, all behind the
     Host allowlist (`settings.allowed_hosts` adds names to the loopback names and `host`). `auth`: the users
     (their failed logins are throttled by a `LoginGuard`), or a guard. With `local_token`, `tpa-rag ask` on this
-    machine may answer through the server (`app.local_server`)."""
+    machine may answer through the server (`app.local_server`). `api_options`: keyword arguments of
+    `app.openai_api.openai_router` (its limits)."""
     import gradio as gr
     from fastapi import FastAPI
 
@@ -172,6 +173,7 @@ def build_web_app(service: ChatService, settings: Settings, *, host: str = "127.
     from app.logins import LoginGuard
 
     guard = LoginGuard(auth) if isinstance(auth, list) else auth
+    from app.openai_api import openai_router
 
     if host not in LOOPBACK_NAMES and not auth:
         log.warning("serving on %s without --auth: anyone who can reach this address can use the app", host)
@@ -179,6 +181,7 @@ def build_web_app(service: ChatService, settings: Settings, *, host: str = "127.
     web.add_middleware(OwnerCookie)
     web.add_middleware(HostAllowlist, policy=HostPolicy.for_server(host, settings.allowed_hosts))  # outermost
     # API routers are included here, above the page: the mount at `/` takes every path that reaches it.
+    web.include_router(openai_router(service, settings, **(api_options or {})))
     if local_token:
         from app.local_api import local_router
 

@@ -18,12 +18,19 @@ DEMO_COLLECTION = "tpa-rag"
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("serve", help="start the web app (binds to 127.0.0.1 unless told otherwise)",
-                                  description="Start the web UI and the /ask API endpoint.")
+                                  description="Start the web UI, its /ask endpoint and the OpenAI-compatible API "
+                                              "under /v1, on one address and port.")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     serve.add_argument("--auth", metavar="FILE",
                        help="a file with one user:password per line (recommended: chmod 600), or user:password "
                             "(visible to other users of this machine in the process list)")
+    serve.add_argument("--api-key", metavar="KEY_OR_FILE",
+                       help="require 'Authorization: Bearer KEY' on the OpenAI-compatible API under /v1: a key, or "
+                            "a file with one key per line (env TPA_RAG_API_KEY, TPA_RAG_API_KEYS comma-separated)")
+    serve.add_argument("--allow-unprotected", action="store_true",
+                       help="bind a non-loopback --host without --auth and --api-key: only where no other machine "
+                            "can reach the port (a container whose port is published on the host's 127.0.0.1)")
     serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                        help="a host name the server answers to besides localhost and --host (repeatable; env "
                             "TPA_RAG_ALLOWED_HOSTS, comma-separated); other Host headers get 400")
@@ -92,11 +99,20 @@ def _local_server_entry(host: str, port: int, model: str):
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from app import local_server, ui, web
+    from app.openai_api import check_api_keys, parse_api_keys
 
     auth = ui.parse_auth(args.auth)
     if not 1 <= args.port <= 65535:
         raise AppError(f"--port must be 1..65535, got {args.port}")
-    settings = _serve_settings(args, settings)
+    keys = check_api_keys(tuple(dict.fromkeys(settings.api_keys + parse_api_keys(args.api_key))))
+    if not _is_loopback(args.host) and not (auth and keys):
+        missing = " and ".join(name for name, given in (("--auth", auth), ("--api-key", keys)) if not given)
+        if not args.allow_unprotected:
+            raise AppError(f"--host {args.host} makes the server reachable from other machines: give {missing} too "
+                           "(--auth protects the web app, --api-key the OpenAI-compatible API under /v1)")
+        print(f"tpa-rag: serving on {args.host} without {missing} (--allow-unprotected): make sure no other "
+              "machine can reach this port", file=sys.stderr)
+    settings = _serve_settings(args, settings).with_(api_keys=keys)
     service = _service(settings)
     try:
         if args.demo and DEMO_COLLECTION not in service.collection_names():
@@ -135,6 +151,18 @@ def _serve_settings(args: argparse.Namespace, settings: Settings) -> Settings:
     return settings.with_(allowed_hosts=settings.allowed_hosts + tuple(args.allowed_host),
                           ingest_roots=tuple(dict.fromkeys(roots)),
                           models=settings.models + tuple(m for m in args.offer_model if m.strip()))
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:

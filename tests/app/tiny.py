@@ -85,6 +85,9 @@ class HashingEmbedder:
     def dim(self) -> int:
         return self._dim
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(re.findall(r"[a-z0-9]+", text.lower())) for text in texts]
+
     def embed(self, texts: Sequence[str], progress=None) -> np.ndarray:
         self.calls += 1
         out = np.zeros((len(texts), self._dim), dtype=np.float32)
