@@ -20,7 +20,7 @@ TOL = {
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory):
     """A 2-layer contextual TPA model trained for 40 CPU steps on the test corpus, saved as a T6 folder."""
-    from conftest import CACHE_DOC, MODEL_CODE, NOTES
+    from corpus_texts import CACHE_DOC, MODEL_CODE, NOTES
 
     from tpa_core.training.data import VOCAB_SIZE, TokenData, byte_tokenizer
     from tpa_core.training.export import save_t6_checkpoint
