@@ -252,7 +252,7 @@ class ChatService:
         rejected: list[dict] = []
         targets: list[Path] = []
         if uploads:
-            from retrieval.api import check_collection_name
+            from retrieval.corpus import check_collection_name
 
             check_collection_name(collection)
             for item in uploads:

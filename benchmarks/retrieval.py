@@ -132,7 +132,7 @@ def quality(stdlib: Path, embedder, work: Path) -> dict:
 def _all_chunks(corpus):
     from sqlalchemy import select
 
-    from retrieval.corpus import ChunkRow
+    from retrieval.tables import ChunkRow
 
     with corpus.db.session() as s:
         return list(s.execute(select(ChunkRow.path, ChunkRow.text).order_by(ChunkRow.id)))
@@ -154,7 +154,7 @@ def _median_ms(fn, repeats: int) -> tuple[float, float]:
 
 def latency(n_chunks: int, embedder, work: Path, repeats: int = 100) -> dict:
     from retrieval.chunking import Chunk
-    from retrieval.corpus import NewDocument
+    from retrieval.tables import NewDocument
     from retrieval.index import IndexParams, VectorIndex
 
     dim = embedder.dim

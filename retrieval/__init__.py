@@ -1,6 +1,6 @@
 """retrieval: corpora -> chunks -> embeddings -> FAISS. Never imports tpa_core.
 
-The API the app uses is one object, `Corpus` (retrieval/api.py):
+The API the app uses is one object, `Corpus` (retrieval/corpus.py):
 
     from app.database import make_engine
     from retrieval import Corpus
@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from retrieval.api import Corpus
+    from retrieval.corpus import Corpus
     from retrieval.chunking import ChunkingConfig
     from retrieval.embeddings import Embedder, SentenceTransformerEmbedder
     from retrieval.index import IndexParams
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from retrieval.sources import IngestLimits, Skipped
 
 _EXPORTS = {
-    "Corpus": "retrieval.api",
+    "Corpus": "retrieval.corpus",
     "ChunkingConfig": "retrieval.chunking",
     "Embedder": "retrieval.embeddings",
     "SentenceTransformerEmbedder": "retrieval.embeddings",

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.chunking import Chunk, ChunkingConfig, chunk_text, kind_for_path
-from retrieval.corpus import CollectionRow, CorpusDB, KnownDocument, NewDocument
+from retrieval.tables import CollectionRow, CorpusDB, KnownDocument, NewDocument
 from retrieval.embeddings import Embedder
 from retrieval.extract import Unextractable, extract
 from retrieval.index import VectorIndex

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from retrieval.corpus import CollectionRow, CorpusDB
+from retrieval.tables import CollectionRow, CorpusDB
 from retrieval.embeddings import Embedder
 from retrieval.index import VectorIndex
 from retrieval.records import Hit

@@ -62,7 +62,7 @@ def test_ingest_with_an_empty_path_is_refused(capsys, data_dir, monkeypatch, tmp
 def test_ask_checks_its_arguments_before_loading_the_model(capsys, monkeypatch, data_dir, corpus_dir):
     from tiny import HashingEmbedder
 
-    from app.commands import chat_app
+    from app.commands import assistant
     from app.service import ChatService
     from app.settings import Settings
 
@@ -73,7 +73,7 @@ def test_ask_checks_its_arguments_before_loading_the_model(capsys, monkeypatch, 
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(ChatService, "_load", no_load)
-    monkeypatch.setattr(chat_app, "_service", lambda settings, *, with_model=True: ChatService(
+    monkeypatch.setattr(assistant, "_service", lambda settings, *, with_model=True: ChatService(
         settings, embedder=HashingEmbedder(), load_model=with_model))
     setup = ChatService(Settings.from_env({}, data_dir=data_dir), embedder=HashingEmbedder(), load_model=False)
     setup.ingest_paths("docs", [str(corpus_dir)])

@@ -30,7 +30,7 @@ def served(service, serve_web, monkeypatch):
     def refuse(*args, **kwargs):
         raise NoInProcessAsk
 
-    monkeypatch.setattr("app.commands.chat_app._service", refuse)  # an in-process ask would load the model
+    monkeypatch.setattr("app.commands.assistant._service", refuse)  # an in-process ask would load the model
     return service, entry
 
 

@@ -347,10 +347,10 @@ def test_serve_serves_the_api(public, monkeypatch, data_dir, tiny_model, tmp_pat
     from tiny import HashingEmbedder
 
     from app.cli import main
-    from app.commands import chat_app
+    from app.commands import assistant
     from app.service import ChatService
 
-    monkeypatch.setattr(chat_app, "_service", lambda settings, with_model=True: ChatService(
+    monkeypatch.setattr(assistant, "_service", lambda settings, with_model=True: ChatService(
         settings.with_(max_new_tokens=4), model=tiny_model, embedder=HashingEmbedder()))
     seen = {}
 

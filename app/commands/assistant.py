@@ -1,4 +1,4 @@
-"""`tpa-rag serve`, `tpa-rag ask` and `tpa-rag sessions`: the chat application from the command line."""
+"""`tpa-rag serve`, `ask` and `sessions`: the document assistant (the web app, questions, chat sessions)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Shared workload of the store tests: a tiny random TPA model, prompts, page-aligned prefill, a store opener.
 
 Also a script, run in a fresh interpreter by the restart test:
-    python tests/store/store_workload.py restore DB_URL BLOBS_DIR SEED...   -> one JSON line on stdout
+    python tests/tpa_core/store/store_workload.py restore DB_URL BLOBS_DIR SEED...   -> one JSON line on stdout
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _restore_main(url: str, blobs: str, seeds: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
     if sys.argv[1] == "restore":
         _restore_main(sys.argv[2], sys.argv[3], [int(s) for s in sys.argv[4:]])
     else:

@@ -20,7 +20,7 @@ from store_workload import PAGE, factor_digest, namespace, open_store, prefill_p
 from tpa_core.store.blobs import TMP_SUFFIX
 from tpa_core.store.tables import PENDING, READY, Entry
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 WORKLOAD = Path(__file__).with_name("store_workload.py")
 
 

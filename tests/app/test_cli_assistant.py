@@ -7,7 +7,7 @@ import json
 import pytest
 
 from app.cli import main
-from app.commands import chat_app
+from app.commands import assistant
 
 QUESTION = "How does the cache store key its entries?"
 
@@ -23,8 +23,8 @@ def cli(monkeypatch, data_dir, corpus_dir, tiny_model, capsys):
         return ChatService(settings, model=tiny_model if with_model else None, embedder=HashingEmbedder(),
                            load_model=with_model)
 
-    monkeypatch.setattr(chat_app, "_service", service)
-    setup = service(chat_app_settings(data_dir))
+    monkeypatch.setattr(assistant, "_service", service)
+    setup = service(assistant_settings(data_dir))
     setup.ingest_paths("docs", [str(corpus_dir)])
     setup.close()
 
@@ -36,7 +36,7 @@ def cli(monkeypatch, data_dir, corpus_dir, tiny_model, capsys):
     return run
 
 
-def chat_app_settings(data_dir):
+def assistant_settings(data_dir):
     from app.settings import Settings
 
     return Settings.from_env({}, data_dir=data_dir)
