@@ -36,6 +36,7 @@ import torch
 
 from tpa_core.errors import TPAError
 from tpa_core.training.data import VOCAB_SIZE, TokenData, prepare
+from tpa_core.training.init import INIT_SCHEMES
 from tpa_core.training.trainer import TrainConfig, Trainer
 from tpa_core.training.variants import VARIANTS, ModelShape, build_variant
 
@@ -61,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--init", default="normal", choices=INIT_SCHEMES,
+                   help="weight init: the modules' normal(0, 0.02), or the paper code's (tpa_core.training.init)")
     p.add_argument("--curve-points", type=int, default=None,
                    help="evaluations along training for the plot (default 16; 4 with --smoke)")
     for name, kind in (("d-model", int), ("layers", int), ("head-dim", int), ("seq-len", int),
@@ -85,7 +88,8 @@ def resolve(args: argparse.Namespace) -> tuple[ModelShape, TrainConfig, str]:
     shape = ModelShape(d_model=pick["d_model"], n_layers=pick["layers"], head_dim=pick["head_dim"],
                        vocab_size=VOCAB_SIZE, context=pick["seq_len"])
     config = TrainConfig(steps=pick["steps"], batch_size=pick["batch_size"], seq_len=pick["seq_len"],
-                         lr=pick["lr"], warmup_steps=pick["warmup"], eval_windows=pick["eval_windows"])
+                         lr=pick["lr"], warmup_steps=pick["warmup"], eval_windows=pick["eval_windows"],
+                         init=args.init)
     return shape, config, device
 
 
@@ -137,7 +141,7 @@ def markdown(report: dict) -> str:
         f"Convergence, {c['date']}, {c['device']}, torch {c['torch']}, Python {c['python']}; "
         f"d={c['shape']['d_model']}, {c['shape']['n_layers']} layers, head dim {c['shape']['head_dim']}, "
         f"{c['train']['steps']} steps x {c['train']['batch_size']} x {c['train']['seq_len']} byte tokens, "
-        f"seeds {c['seeds']}; data: {c['data']['source']} (Python {c['data'].get('python')}, "
+        f"seeds {c['seeds']}, init {c['train'].get('init', 'normal')}; data: {c['data']['source']} (Python {c['data'].get('python')}, "
         f"{c['data']['train_bytes']:,} train / {c['data']['heldout_bytes']:,} held-out bytes); "
         f"command: `{c['command']}`."
     )

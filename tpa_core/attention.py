@@ -238,7 +238,7 @@ class TPAAttention(FusedParams):
                              f"got {positions.dtype} {tuple(positions.shape)}")
         if self._rope is None:
             self._rope = Rope(self.config)
-        f = self.factors(x, self._rope.tables(positions.to(x.device)))
+        f = self.factors(x, self._rope.tables(positions.to(x.device), self.w_in.dtype))
         if self.form == "contextual":
             q = torch.matmul(f["aq"], f["bq"]) / self.q_rank  # [B, N, H, R_Q] @ [B, N, R_Q, D] -> [B, N, H, D]
         else:

@@ -289,3 +289,26 @@ def test_fixed_head_factors_are_refused_by_the_t6_format(tmp_path):
     with pytest.raises(TPAError, match="form in"):
         save_t6_checkpoint(model, tmp_path / "gqa")
     assert not (tmp_path / "gqa").exists()
+
+
+def test_official_init_bounds_and_zero_outputs():
+    from tpa_core.training.init import initialize
+
+    config = tpa_config(SMALL, "contextual", 4)
+    torch.manual_seed(0)
+    model = _small(config).build()
+    initialize(model, "official")
+    attn = model.layers[0].attn
+    d, H, D, R = config.d_model, config.n_heads, config.head_dim, config.k_rank
+    parts = dict(zip(attn.part_names, attn.w_in.detach().split(attn.part_sizes)))
+    bounds = {"aq": math.sqrt(6 / (H * 6 + d * 6)), "bq": math.sqrt(6 / (6 * D + d * D)),
+              "ak": math.sqrt(6 / (H * R + d * R)), "bv": math.sqrt(6 / (R * D + d * D))}
+    for name, bound in bounds.items():
+        assert bound * 0.9 < float(parts[name].abs().max()) <= bound, name
+    assert not attn.w_o.any() and not model.layers[0].mlp.w_down.any()
+    assert float(model.embed.weight.detach().abs().max()) <= 1 / math.sqrt(d)
+    fixed = _small(tpa_config(SMALL, "fixed", 8, 2)).build()
+    initialize(fixed, "official")
+    assert float(fixed.layers[0].attn.w_in.detach().abs().max()) <= 1 / math.sqrt(d)
+    with pytest.raises(ValueError, match="unknown init"):
+        initialize(model, "xavier")

@@ -24,6 +24,7 @@ import torch
 from tpa_core.errors import TPAError
 from tpa_core.training.data import VOCAB_SIZE, TokenData, byte_tokenizer, prepare
 from tpa_core.training.export import save_t6_checkpoint
+from tpa_core.training.init import INIT_SCHEMES
 from tpa_core.training.trainer import TrainConfig, Trainer
 from tpa_core.training.variants import VARIANTS, ModelShape, build_variant
 
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="default: 10%% of --steps")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default="normal", choices=INIT_SCHEMES, help="weight init (tpa_core.training.init)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--checkpoint", metavar="PATH", help="resumable checkpoint: resumed from if it exists")
     p.add_argument("--save-every", type=int, default=0, help="write --checkpoint every N steps (0: at the end)")
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         variant = build_variant(shape, args.variant)
         warmup = args.warmup if args.warmup is not None else args.steps // 10
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                             warmup_steps=warmup, eval_every=args.eval_every, seed=args.seed)
+                             warmup_steps=warmup, eval_every=args.eval_every, seed=args.seed, init=args.init)
         data = TokenData.load(args.data)
         checkpoint = Path(args.checkpoint) if args.checkpoint else None
         if checkpoint is not None and checkpoint.is_file():

@@ -3,7 +3,8 @@
     trainer = Trainer(variant, data, TrainConfig(steps=2000, batch_size=32, seq_len=512), device="cuda")
     trainer.train()                     # or train(until=1000), save(path), later Trainer.resume(path, data)
 
-On CUDA the forward and backward run under bf16 autocast over float32 parameters and optimizer state; on the CPU
+The model keeps its modules' init (normal, std 0.02) or takes the paper code's (`TrainConfig.init`,
+`tpa_core.training.init`). On CUDA the forward and backward run under bf16 autocast over float32 parameters and optimizer state; on the CPU
 everything is float32. A step's batch is a pure function of (seed, step) (`TokenData.train_batch`), the model is
 initialized from `seed`, and a checkpoint holds the parameters, the optimizer state and the step, so on the CPU a
 resumed run is bit-identical to an uninterrupted one.
@@ -27,6 +28,7 @@ from torch import nn
 from tpa_core.errors import TPAError
 from tpa_core.training import lm
 from tpa_core.training.data import BYTE_VOCAB, TokenData
+from tpa_core.training.init import INIT_SCHEMES, initialize
 from tpa_core.training.variants import Variant
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only where `train(until=...)` stops
     eval_windows: int = 64
     seed: int = 0
+    init: str = "normal"  # tpa_core.training.init.INIT_SCHEMES: the modules' own init, or the paper code's
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_windows"):
@@ -62,6 +65,8 @@ class TrainConfig:
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.grad_clip > 0 and self.weight_decay >= 0):
             raise TPAError("TrainConfig: lr and grad_clip must be positive, min_lr_ratio in [0, 1], "
                            "weight_decay >= 0")
+        if self.init not in INIT_SCHEMES:
+            raise TPAError(f"TrainConfig.init must be one of {INIT_SCHEMES}, got {self.init!r}")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
 
     def lr_at(self, step: int) -> float:
@@ -109,6 +114,7 @@ class Trainer:
         self.device = torch.device(device)
         torch.manual_seed(config.seed)
         self.model = variant.build(self.device).train()
+        initialize(self.model, config.init)
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, config.weight_decay), lr=config.lr,
                                            betas=config.betas, fused=self.device.type == "cuda")
         self.step = 0
