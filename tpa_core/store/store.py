@@ -24,9 +24,9 @@ from tpa_core.store import maintenance
 from tpa_core.store.db import bump, chunks, ensure_counters, insert_ignore
 from tpa_core.store.errors import PageCorrupt, StoreError
 from tpa_core.store.eviction import Budget, admits, evict, usage
-from tpa_core.store.maintenance import REF_COLUMNS, PageRef, StoreStats, VerifyReport
 from tpa_core.store.keys import FORMAT_VERSION, PAGE_TOKENS, ExtraValue, canonical_json, namespace_key, page_key
 from tpa_core.store.reconcile import ReconcileReport, drop_stale_pending, reconcile, writer_alive, writer_id
+from tpa_core.store.records import REF_COLUMNS, PageRef, StoreStats, VerifyReport
 from tpa_core.store.tables import (
     PENDING,
     READY,
@@ -262,7 +262,7 @@ class FactorStore:
         for ref in chain:
             try:
                 tensors = blobfmt.read_page(
-                    self.blobs_dir / ref.path, sha256=ref.sha256, layout=layout,
+                    self.blobs_dir / ref.path, sha256=ref.checksum, layout=layout,
                     expect=ref.expect(),
                 )
             except FileNotFoundError:  # evicted by another process since the lookup: a plain miss
@@ -362,7 +362,8 @@ class FactorStore:
         path = blobfmt.blob_relpath(namespace, key)
         now = time.time()
         row = {"key": key, "namespace": namespace, "parent": parent, "kind": kind, "start": start,
-               "n_tokens": n_tokens, "nbytes": len(data), "path": path, "sha256": hashlib.sha256(data).hexdigest(),
+               "n_tokens": n_tokens, "nbytes": len(data), "path": path,
+               "checksum": hashlib.sha256(data).hexdigest(),
                "state": PENDING, "writer": self._writer, "created": now, "last_access": now, "hits": 0,
                "pinned": False, "anchored": anchored}
         if not self._claim(row):
@@ -442,7 +443,7 @@ class FactorStore:
     def _quarantine(self, key: str, reason: str) -> None:
         """Move a bad page's file to quarantine/, drop its entry, record why, warn."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(Entry.namespace, Entry.path, Entry.sha256)
+            row = conn.execute(select(Entry.namespace, Entry.path, Entry.checksum)
                                .where(Entry.key == key, Entry.state == READY)).first()
         if row is None:
             return
@@ -454,7 +455,7 @@ class FactorStore:
         except FileNotFoundError:
             qrel = None
         with self.engine.begin() as conn:
-            conn.execute(delete(Entry).where(Entry.key == key, Entry.state == READY, Entry.sha256 == sha))
+            conn.execute(delete(Entry).where(Entry.key == key, Entry.state == READY, Entry.checksum == sha))
             conn.execute(Quarantined.__table__.insert().values(key=key, namespace=namespace, path=qrel,
                                                                reason=reason[:2000], at=time.time()))
         log.warning("store: page %s failed verification (%s); quarantined%s - it is treated as a miss and "
@@ -504,7 +505,11 @@ class FactorStore:
 
     def verify(self) -> VerifyReport:
         """Read and check every ready entry; bad ones are quarantined."""
-        return maintenance.verify_all(self)
+        def check(ref: PageRef) -> None:
+            blobfmt.read_page(self.blobs_dir / ref.path, sha256=ref.checksum, expect=ref.expect(),
+                              layout=self._layout(ref.namespace))
+
+        return maintenance.verify_all(self.engine, check, lambda ref, reason: self._quarantine(ref.key, reason))
 
     def purge_quarantine(self) -> int:
         """Delete quarantined files and their records. Returns how many."""
@@ -521,4 +526,6 @@ class FactorStore:
     def clear(self, *, include_pinned: bool = False) -> int:
         """Delete every ready entry (pinned ones and their links too with `include_pinned`, which also resets
         the counters). Returns the entries deleted."""
-        return maintenance.clear(self, include_pinned=include_pinned)
+        return maintenance.clear(self.engine, self.blobs_dir,
+                                 lambda key, path, pinned_ok: self._remove(key, path, pinned_ok=pinned_ok),
+                                 include_pinned=include_pinned)
