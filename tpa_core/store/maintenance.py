@@ -6,6 +6,7 @@ check a page, quarantine one, remove one), that operation as a callback: this mo
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -14,10 +15,13 @@ from pathlib import Path
 from sqlalchemy import Engine, delete, func, select, update
 
 from tpa_core.store.blobs import QUARANTINE_DIR
+from tpa_core.store.db import chunks
 from tpa_core.store.errors import PageCorrupt
 from tpa_core.store.eviction import Budget, usage
 from tpa_core.store.records import REF_COLUMNS, PageRef, StoreStats, VerifyReport
 from tpa_core.store.tables import COUNTERS, PENDING, READY, Counter, Entry, Link, Namespace, Quarantined
+
+log = logging.getLogger(__name__)
 
 
 def _count(conn, model, *where) -> int:  # noqa: ANN001 - a Connection and a mapped class
@@ -100,3 +104,30 @@ def clear(engine: Engine, blobs_dir: Path, remove: Callable[[str, str, bool], bo
             conn.execute(update(Counter).values(value=0))
         shutil.rmtree(blobs_dir / QUARANTINE_DIR, ignore_errors=True)
     return removed
+
+
+def drop_other_formats(engine: Engine, blobs_dir: Path, format_version: int) -> int:
+    """Delete the ready pages (rows, files, links) and the namespaces of every blob format other than
+    `format_version`: this version never reads them (their namespaces are not its own) and would only carry
+    their bytes. Logged once with the count. Returns the pages dropped."""
+    old = select(Namespace.key).where(Namespace.format_version != format_version)
+    with engine.connect() as conn:
+        rows = conn.execute(select(Entry.key, Entry.path, Entry.nbytes)
+                            .where(Entry.namespace.in_(old), Entry.state == READY)).all()
+        stale_namespaces = conn.execute(old).scalars().all()
+    if not rows and not stale_namespaces:
+        return 0
+    keys = [key for key, _, _ in rows]
+    with engine.begin() as conn:
+        for batch in chunks(keys):
+            conn.execute(delete(Link).where(Link.key.in_(batch)))
+            conn.execute(delete(Entry).where(Entry.key.in_(batch), Entry.state == READY))
+        left = select(Entry.namespace).distinct()
+        conn.execute(delete(Namespace).where(Namespace.format_version != format_version,
+                                             Namespace.key.not_in(left)))
+    for _, path, _ in rows:
+        (blobs_dir / path).unlink(missing_ok=True)
+    if rows:
+        log.warning("store: dropped %d cached pages (%d bytes) of an earlier blob format, which this version does "
+                    "not read; they are recomputed when next needed", len(rows), sum(n for _, _, n in rows))
+    return len(rows)
