@@ -109,7 +109,7 @@ def phase_cold(args) -> dict:
     for length in args.lengths:
         context, qa, _ = _prompts(loaded.tokenizer, length, _offset(args.lengths, length))
         ids = context + qa
-        runs = [_ttft(model, store, ns, ids) for _ in range(args.repeats)]
+        runs = [_ttft(model, store, ns, ids) for _ in range(args.cold_repeats or args.repeats)]
         assert all(r[1] == 0 for r in runs), "the cold runs found pages: the store was not empty"
         cache = model.new_cache(capacity=len(ids) + 64)
         from tpa_core.generate import prefill
@@ -192,6 +192,7 @@ def _conditions() -> dict:
 def _child(args, phase: str, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--phase", phase, "--data-dir", str(args.data_dir), "--model", args.model,
            "--store-dir", str(args.store_dir), "--repeats", str(args.repeats), "--threads", str(threads),
+           "--cold-repeats", str(args.cold_repeats),
            "--lengths", *map(str, args.lengths)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels")])})
@@ -223,6 +224,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cold-repeats", type=int, default=0, help="cold runs per length (default: --repeats)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="torch threads; each value runs its own cold and warm processes")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -244,7 +246,8 @@ def main() -> None:
         raise SystemExit("the floor needs `cat` and `sha256sum` on PATH")
 
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model,
-              "repeats": args.repeats, "conditions_before": _conditions(), "runs": {}}
+              "repeats": args.repeats, "cold_repeats": args.cold_repeats or args.repeats,
+              "conditions_before": _conditions(), "runs": {}}
     print(f"{'thr':>3} {'context':>7} {'cold s':>7} | {'warm s':>7} {'ratio':>6} {'reused':>6} | "
           f"{'new q s':>7} {'ratio':>6} | {'restore ms/1k':>13} {'MB/s':>6} | {'cat MB/s':>8} "
           f"{'sha256sum MB/s':>14} {'restore/floor':>13} | {'save s':>6} {'disk B/tok':>10}")

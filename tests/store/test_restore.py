@@ -22,7 +22,7 @@ from tpa_core.store.tables import Entry, Link, Namespace, Quarantined
 
 @pytest.fixture(params=[1, 3], ids=["one-reader", "three-readers"])
 def store(request, engine, blobs_dir) -> FactorStore:
-    return FactorStore.open(engine, blobs_dir, 10**9, read_threads=request.param)
+    return FactorStore.open(engine, blobs_dir, 10**9, io_threads=request.param)
 
 
 def _quarantined(store) -> list[str]:

@@ -12,6 +12,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,11 +95,11 @@ def _config_dict(config: Any) -> dict[str, Any]:
 class FactorStore:
     """The persisted factor-cache store. Make one with `FactorStore.open(engine, blobs_dir, budget_bytes)`."""
 
-    def __init__(self, engine: Engine, blobs_dir: Path, budget: Budget, *, read_threads: int | None = None) -> None:
+    def __init__(self, engine: Engine, blobs_dir: Path, budget: Budget, *, io_threads: int | None = None) -> None:
         self.engine = engine
         self.blobs_dir = Path(blobs_dir)
         self.budget = budget
-        self.read_threads = read_threads  # pages a restore reads at once; None: torch's thread count
+        self.io_threads = io_threads  # pages read or written at once; None: torch's thread count
         self.session = SessionCounters()
         self._writer = writer_id()
         self._layouts: dict[str, dict[str, list] | None] = {}
@@ -115,15 +116,15 @@ class FactorStore:
         low_watermark: float = 0.7,
         protected_share: float = 0.8,
         reconcile_on_open: bool = True,
-        read_threads: int | None = None,
+        io_threads: int | None = None,
     ) -> "FactorStore":
         """Open (and create where missing) the store: its tables on `engine`, its blobs under `blobs_dir`.
 
         Pages of an earlier blob format are dropped (they are recomputed when next needed), then the index is
-        reconciled with the folder (crashed writes, orphan files, missing files). `read_threads`: pages a
-        restore reads at once (default: as many as torch computes with)."""
+        reconciled with the folder (crashed writes, orphan files, missing files). `io_threads`: pages read
+        or written at once (default: as many as torch computes with)."""
         budget = Budget(int(budget_bytes), high_watermark, low_watermark, protected_share)
-        store = cls(engine, Path(blobs_dir), budget, read_threads=read_threads)
+        store = cls(engine, Path(blobs_dir), budget, io_threads=io_threads)
         store.blobs_dir.mkdir(parents=True, exist_ok=True)
         create_tables(engine)
         with engine.begin() as conn:
@@ -133,9 +134,9 @@ class FactorStore:
             store.reconcile()
         return store
 
-    def _read_threads(self) -> int:
-        if self.read_threads is not None:
-            return max(1, int(self.read_threads))
+    def _io_threads(self) -> int:
+        if self.io_threads is not None:
+            return max(1, int(self.io_threads))
         import torch
 
         return max(1, torch.get_num_threads())
@@ -260,7 +261,7 @@ class FactorStore:
         Returns the number of tokens restored, P: the cache then holds tokens [0, P) and the caller prefills
         `token_ids[P:]` (whatever the sequence held before is dropped, even when nothing is found). At most
         `limit` tokens are restored (default `len(token_ids) - 1`: the last token is always left to prefill,
-        since its logits are needed). Pages are read straight into the cache, `read_threads` at once, and
+        since its logits are needed). Pages are read straight into the cache, `io_threads` at once, and
         verified as they stream; the sequence's length covers a page only once all of it checked out. A bad
         page is quarantined (warning) and the restore stops before it - a miss, recomputed by the caller; a
         page evicted since the lookup is a plain miss.
@@ -275,7 +276,7 @@ class FactorStore:
         chain = self.lookup(namespace, ids, limit=limit, extras=extras) if layout is not None else []
         if chain:
             check_fits(cache, layout, namespace)
-        result = load_chain(self.blobs_dir, chain, layout or {}, cache, seq, limit, threads=self._read_threads())
+        result = load_chain(self.blobs_dir, chain, layout or {}, cache, seq, limit, threads=self._io_threads())
         if result.bad is not None:
             ref, reason = result.bad
             self.session.corrupt += 1
@@ -327,20 +328,25 @@ class FactorStore:
         with self.engine.connect() as conn:
             present = {k: a for batch in chunks([u[2] for u in units]) for k, a in conn.execute(
                 select(Entry.key, Entry.anchored).where(Entry.key.in_(batch), Entry.state == READY))}
-        written = 0
+        claimed: list[tuple[dict[str, Any], Mapping[str, "Tensor"], dict[str, Any]]] = []  # (row, tensors, meta)
+        covered: list[tuple[str | None, list[int], str]] = []  # (parent, tokens, key) of each unit kept
         for start, end, key, anchored in units:
             parent = pages[start // PAGE_TOKENS - 1] if start else None
             kind = "page" if end - start == PAGE_TOKENS else "tail"
             if key not in present:
-                outcome = self._write_page(namespace, key, parent, kind, start,
-                                           page_tensors(cache, seq, start, end), anchored=anchored)
-                if outcome == "rejected":
+                tensors = page_tensors(cache, seq, start, end)
+                claim = self._claim_page(namespace, key, parent, kind, start, tensors, anchored=anchored)
+                if claim == "rejected":
                     break
-                written += outcome == "written"
+                if claim != "exists":
+                    claimed.append((claim[0], tensors, claim[1]))
             elif anchored and not present[key]:
                 with self.engine.begin() as conn:
                     conn.execute(update(Entry).where(Entry.key == key).values(anchored=True))
-            self._supersede_tails(namespace, parent, ids[start:end], keep=key, extras=extras)
+            covered.append((parent, ids[start:end], key))
+        written = self._write_claimed(claimed)
+        for parent, tokens, key in covered:
+            self._supersede_tails(namespace, parent, tokens, keep=key, extras=extras)
         if present:
             with self.engine.begin() as conn:
                 for batch in chunks(sorted(present)):
@@ -348,10 +354,11 @@ class FactorStore:
         self.evict()
         return written
 
-    def _write_page(self, namespace: str, key: str, parent: str | None, kind: str, start: int,
-                    tensors: Mapping[str, "Tensor"], *, anchored: bool = False) -> str:
-        """Write one page atomically, streamed from `tensors` (views of the live cache). Returns "written",
-        "exists" (another writer has or is writing it) or "rejected" (admission control)."""
+    def _claim_page(self, namespace: str, key: str, parent: str | None, kind: str, start: int,
+                    tensors: Mapping[str, "Tensor"], *, anchored: bool = False
+                    ) -> tuple[dict[str, Any], dict[str, Any]] | str:
+        """Admit and claim one page: returns (its pending row, its header fields), or "exists" (another writer
+        has or is writing it) or "rejected" (admission control)."""
         self._check_layout(namespace, tensors)
         n_tokens = next(iter(tensors.values())).shape[0]
         meta = {"namespace": namespace, "key": key, "kind": kind, "start": start, "n_tokens": n_tokens,
@@ -363,23 +370,59 @@ class FactorStore:
                 bump(conn, {"rejected": 1})
             log.info("store: page %s not admitted (the budget is held by warm or pinned pages)", key[:16])
             return "rejected"
-        path = blobfmt.blob_relpath(namespace, key)
         now = time.time()
         row = {"key": key, "namespace": namespace, "parent": parent, "kind": kind, "start": start,
-               "n_tokens": n_tokens, "nbytes": nbytes, "path": path, "checksum": "", "state": PENDING,
-               "writer": self._writer, "created": now, "last_access": now, "hits": 0, "pinned": False,
-               "anchored": anchored}
-        if not self._claim(row):
-            return "exists"
+               "n_tokens": n_tokens, "nbytes": nbytes, "path": blobfmt.blob_relpath(namespace, key),
+               "checksum": "", "state": PENDING, "writer": self._writer, "created": now, "last_access": now,
+               "hits": 0, "pinned": False, "anchored": anchored}
+        return (row, meta) if self._claim(row) else "exists"
+
+    def _write_claimed(self, claimed: Sequence[tuple[dict[str, Any], Mapping[str, "Tensor"], dict[str, Any]]]
+                       ) -> int:
+        """Write the claimed pages' files, `io_threads` at once (writing, hashing and fsync release the GIL),
+        then mark each ready. A page whose write failed loses its claim; the first failure is raised once the
+        others are settled. Returns the pages this call made ready."""
+        def write(job: tuple[dict[str, Any], Mapping[str, "Tensor"], dict[str, Any]]) -> str | BaseException:
+            row, tensors, meta = job
+            try:
+                nbytes, checksum = blobfmt.write_page(self.blobs_dir / row["path"], tensors, meta)
+            except Exception as exc:  # noqa: BLE001 - settled below, then raised
+                return exc
+            if nbytes != row["nbytes"]:
+                return StoreError(f"page {row['key'][:16]}... came out at {nbytes} bytes, {row['nbytes']} were "
+                                  "planned")
+            return checksum
+
+        threads = min(self._io_threads(), len(claimed))
         try:
-            written, checksum = blobfmt.write_page(self.blobs_dir / path, tensors, meta)
-            if written != nbytes:
-                raise StoreError(f"page {key[:16]}... came out at {written} bytes, {nbytes} were planned")
-        except BaseException:
-            with self.engine.begin() as conn:
-                conn.execute(delete(Entry).where(Entry.key == key, Entry.state == PENDING,
-                                                 Entry.writer == self._writer))
-            raise
+            if threads > 1:
+                with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store-write") as pool:
+                    outcomes = list(pool.map(write, claimed))
+            else:
+                outcomes = [write(job) for job in claimed]
+        except BaseException as exc:  # interrupted: give every claim back, the files go with them
+            outcomes = [exc] * len(claimed)
+        written = 0
+        failure: BaseException | None = None
+        for (row, _, _), outcome in zip(claimed, outcomes):
+            if isinstance(outcome, BaseException):
+                failure = failure or outcome
+                self._release_claim(row)
+                continue
+            written += self._mark_ready(row["key"], outcome)
+        if failure is not None:
+            raise failure
+        return written
+
+    def _release_claim(self, row: dict[str, Any]) -> None:
+        """Drop our pending row of a page whose write failed, and whatever reached its final path."""
+        (self.blobs_dir / row["path"]).unlink(missing_ok=True)
+        with self.engine.begin() as conn:
+            conn.execute(delete(Entry).where(Entry.key == row["key"], Entry.state == PENDING,
+                                             Entry.writer == self._writer))
+
+    def _mark_ready(self, key: str, checksum: str) -> bool:
+        """Turn our pending row of a written page ready (pinned if a link already names it)."""
         has_link = exists().where(Link.key == Entry.key)
         with self.engine.begin() as conn:
             done = conn.execute(update(Entry).where(Entry.key == key, Entry.state == PENDING,
@@ -389,9 +432,9 @@ class FactorStore:
             bump(conn, {"pages_written": 1})
         if done.rowcount != 1:  # our claim was taken away (a reconciler thought us dead): the file is an orphan
             log.warning("store: the claim on page %s was lost during its write; it will be rewritten", key[:16])
-            return "exists"
+            return False
         self.session.pages_written += 1
-        return "written"
+        return True
 
     def _claim(self, row: dict[str, Any]) -> bool:
         """Insert the pending row; of several writers of one key exactly one gets it. A pending row left by a

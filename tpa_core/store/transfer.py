@@ -52,6 +52,20 @@ def check_fits(cache: "FactorCache", layout: Mapping[str, list], namespace: str)
                          f"dtype?): {sorted(mine.items())[:2]} vs {sorted(layout.items())[:2]}")
 
 
+def _storage_slices(cache: "FactorCache", seq: int, start: int, end: int) -> dict[str, memoryview]:
+    """The bytes of `live_views(cache, seq, start, end)` as writable memoryviews: slices of one byte view per
+    storage tensor (a CPU cache's storage is contiguous `[L, B, T_cap, ...]`), cheaper than a view per tensor."""
+    out: dict[str, memoryview] = {}
+    for name, storage in cache.storage.items():
+        whole = blobfmt.byte_view(storage)
+        token_bytes = storage[0, 0, 0].numel() * storage.element_size()
+        L, B, T = storage.shape[:3]
+        for i in range(L):
+            at = ((i * B + seq) * T + start) * token_bytes  # byte offset of [i, seq, start]
+            out[f"layers.{i}.{name}"] = whole[at:at + (end - start) * token_bytes]
+    return out
+
+
 @dataclass
 class Loaded:
     """What `load_chain` made live: `tokens` valid tokens, the pages `used`, and the page that failed
@@ -62,16 +76,23 @@ class Loaded:
     bad: tuple[PageRef, str] | None = None
 
 
-def _read_one(blobs_dir: Path, ref: PageRef, dest: Mapping[str, memoryview], layout: Mapping[str, list]) -> str | None:
-    """None when the page is verified in `dest`; "missing" when its file is gone; otherwise why it is bad."""
+def _read_one(blobs_dir: Path, ref: PageRef, dest: Mapping[str, memoryview], layout: Mapping[str, list],
+              ) -> tuple[str, str]:
+    """("ok", "") when the page is verified in `dest`; ("missing", "") when its file is gone; ("bad", why)."""
     try:
         blobfmt.read_page_into(blobs_dir / ref.path, dest, nbytes=ref.nbytes, checksum=ref.checksum,
                                expect=ref.expect(), layout=layout)
     except FileNotFoundError:
-        return "missing"
+        return "missing", ""
     except PageCorrupt as exc:
-        return str(exc) or "corrupt"
-    return None
+        return "bad", str(exc) or "corrupt"
+    return "ok", ""
+
+
+def reads_in_place(cache: "FactorCache") -> bool:
+    """Whether pages are read straight into the cache's storage (host memory) rather than through a staging
+    page copied to the device once verified."""
+    return cache.device.type == "cpu"
 
 
 def load_chain(blobs_dir: Path, chain: Sequence[PageRef], layout: Mapping[str, list], cache: "FactorCache",
@@ -87,14 +108,15 @@ def load_chain(blobs_dir: Path, chain: Sequence[PageRef], layout: Mapping[str, l
     if not chain:
         return out
     end = chain[-1].start + chain[-1].n_tokens
-    on_cpu = cache.device.type == "cpu"
+    in_place = reads_in_place(cache)
     with torch.inference_mode():
         cache.reserve(end)  # before taking views: growing replaces the storage tensors
-        if on_cpu:
-            pages = [live_views(cache, seq, ref.start, ref.start + ref.n_tokens) for ref in chain]
+        if in_place:
+            pages: list[dict[str, Tensor]] = []
+            dests = [_storage_slices(cache, seq, ref.start, ref.start + ref.n_tokens) for ref in chain]
         else:
             pages = [blobfmt.empty_page(layout, ref.n_tokens) for ref in chain]
-        dests = [{name: blobfmt.byte_view(t) for name, t in page.items()} for page in pages]
+            dests = [{name: blobfmt.byte_view(t) for name, t in page.items()} for page in pages]
         jobs = list(zip(chain, dests))
         if threads > 1 and len(jobs) > 1:
             with ThreadPoolExecutor(max_workers=min(threads, len(jobs)), thread_name_prefix="store-read") as pool:
@@ -103,17 +125,17 @@ def load_chain(blobs_dir: Path, chain: Sequence[PageRef], layout: Mapping[str, l
             results = []
             for ref, dest in jobs:  # one at a time: stop at the first page that is not there or not right
                 results.append(_read_one(blobs_dir, ref, dest, layout))
-                if results[-1] is not None:
+                if results[-1][0] != "ok":
                     break
-        for ref, page, result in zip(chain, pages, results):
-            if result == "missing":
+        for k, (ref, (outcome, reason)) in enumerate(zip(chain, results)):
+            if outcome == "missing":
                 break
-            if result is not None:
-                out.bad = (ref, result)
+            if outcome == "bad":
+                out.bad = (ref, reason)
                 break
-            if not on_cpu:
+            if not in_place:
                 for name, t in live_views(cache, seq, ref.start, ref.start + ref.n_tokens).items():
-                    t.copy_(page[name])
+                    t.copy_(pages[k][name])
             out.tokens = ref.start + min(ref.n_tokens, limit - ref.start)
             out.used.append(ref.key)
         if out.tokens < end and len(out.used) < len(chain):  # what did not become live goes back to zeros
