@@ -24,7 +24,7 @@ from typing import Any
 from tpa_core.store.errors import StoreError
 
 PAGE_TOKENS = 256  # tokens per page; a prefix is stored as full pages plus at most one partial "tail"
-FORMAT_VERSION = 1  # the blob layout; bumping it moves every model to a fresh namespace
+FORMAT_VERSION = 2  # the blob layout and checksum; bumping it moves every model to a fresh namespace
 KINDS = ("page", "tail")
 
 _MAX_TOKEN_ID = 2**32 - 1

@@ -27,7 +27,7 @@ def _dead_pid() -> int:
 def _pending_row(ns: str, key: str, writer: str) -> dict:
     now = time.time()
     return {"key": key, "namespace": ns, "parent": None, "kind": "tail", "start": 0, "n_tokens": 3, "nbytes": 10,
-            "path": blob_relpath(ns, key), "sha256": "0" * 64, "state": PENDING, "writer": writer,
+            "path": blob_relpath(ns, key), "checksum": "0" * 64, "state": PENDING, "writer": writer,
             "created": now, "last_access": now, "hits": 0, "pinned": False}
 
 
