@@ -1,9 +1,9 @@
 """The persisted factor-cache store: encode a context once, reuse it across questions, sessions and restarts.
 
-What it guarantees: docs/store.md. Prefix pages of PAGE_TOKENS (256) tokens, keyed by a chained sha256 under a namespace (model fingerprint, config,
-factor dtype, RoPE settings, blob format), stored one safetensors blob per page (the tensors of
-`FactorCache.export`), indexed in SQL tables on the app's engine (SQLite or PostgreSQL), written atomically,
-verified as they are read, evicted LRU under a byte budget.
+What it guarantees: docs/store.md. Prefix pages of PAGE_TOKENS (256) tokens, keyed by a chained sha256 under a
+namespace (model fingerprint, config, factor dtype, RoPE settings, blob format), stored one safetensors blob per
+page (the tensors of `FactorCache.export`), indexed in SQL tables on the app's engine (SQLite or PostgreSQL),
+written atomically, verified as they are read, evicted LRU under a byte budget.
 
 Use (the app's one entry point)::
 
