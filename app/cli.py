@@ -9,18 +9,10 @@ import sys
 from collections.abc import Sequence
 
 from app.commands import COMMAND_MODULES
-from app.errors import AppError
+from app.errors import user_error_types
 from app.settings import Settings
 
 log = logging.getLogger("tpa_rag")
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """The exception types whose message is shown to the user as is (no stack trace)."""
-    from retrieval.errors import RetrievalError
-    from tpa_core.errors import TPAError
-
-    return (AppError, TPAError, RetrievalError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,15 +19,27 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.context import ContextUnit, canonical, fit_prompt, render_context
+from app.asking import (
+    MAX_QUESTION_CHARS,
+    MAX_TOP_K,
+    AskOptions,
+    AskPlan,
+    QuestionError,
+    answer_metrics,
+    check_question,
+    follow_up_context,
+    plan_prompt,
+    resolve_options,
+)
+from app.context import ContextUnit, canonical, public_source
 from app.database import make_engine
 from app.errors import AppError
 from app.sessions import SessionInfo, SessionStore, Turn
-from app.tokens import REPEATS, encode_conversation, repeating
+from app.tokens import REPEATS, repeating
 from app.worker import ModelWorker, WorkerClosedError
 
 if TYPE_CHECKING:
@@ -35,25 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_QUESTION_CHARS = 8_000
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024**2
-MAX_TOP_K = 50
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what)
-
-
-class QuestionError(AppError):
-    """An empty or oversized question."""
-
-
-@dataclass(frozen=True)
-class AskOptions:
-    """Per-ask settings; None = the service's settings. `documents`: pinned mode's documents (None = the
-    session's selection, else the whole collection)."""
-
-    top_k: int | None = None
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    documents: tuple[str, ...] | None = None
+__all__ = ["MAX_QUESTION_CHARS", "MAX_TOP_K", "AskEvent", "AskOptions", "AskResult", "ChatService", "QuestionError"]
 
 
 @dataclass
@@ -72,7 +68,7 @@ class AskResult:
         return {
             "answer": self.answer,
             "session_id": self.session_id,
-            "sources": [{k: s.get(k) for k in ("path", "start_line", "end_line", "score")} for s in self.sources],
+            "sources": [public_source(s) for s in self.sources],
             "metrics": {k: self.metrics[k] for k in ("prompt_tokens", "reused_tokens", "ttft_ms",
                                                      "decode_tokens_per_s", "total_ms")},
             "left_out": list(self.left_out),
@@ -98,14 +94,11 @@ class _AskJob:
     session_id: str
     question: str
     mode: str
-    prompt_ids: list[int]
-    sources: list[dict]
-    left_out: list[str]
+    plan: AskPlan
     max_new_tokens: int
     temperature: float
     t_start: float  # when ask_stream was called
     context: list[dict] = field(default_factory=list)  # retrieval mode: the context as rendered, for follow-ups
-    boundaries: list[int] = field(default_factory=list)  # prefix lengths worth a cache entry of their own
     t_submit: float = 0.0  # when the job was handed to the worker (the wait for it is not the ask's latency)
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -222,36 +215,16 @@ class ChatService:
         return [d.path for d in self.corpus.list_documents(collection)]
 
     def ingest(self, collection: str, *, uploads: Sequence[str | Path] = (), local_path: str | None = None,
-               progress: ProgressFn | None = None) -> dict:
-        """Ingest uploaded files (copied into the data folder first) and/or a folder or repository on this
-        machine into `collection` (created if new). Returns the ingestion summary (`ingest --json` shape) plus
-        "rejected": uploads refused before ingestion (type or size), each with its reason."""
-        from retrieval.extract import supported
-
+               local_paths: Sequence[str | Path] = (), progress: ProgressFn | None = None) -> dict:
+        """Ingest uploaded files (copied into the data folder first) and/or folders, repositories or files on
+        this machine (`local_path`, `local_paths`) into `collection` (created if new). Returns the ingestion
+        summary (`ingest --json` shape) plus "rejected": uploads refused before ingestion (type or size), each
+        with its reason."""
         rejected: list[dict] = []
         targets: list[Path] = []
         if uploads:
-            from retrieval.api import check_collection_name
-
-            check_collection_name(collection)
-            for item in uploads:
-                source = Path(item)
-                name = source.name
-                reason = None
-                if not source.is_file():
-                    reason = "the upload is missing (expired or not a file)"
-                elif source.stat().st_size > self.max_upload_bytes:
-                    reason = (f"too large: {source.stat().st_size / 1024**2:.1f} MiB, the limit is "
-                              f"{self.max_upload_bytes / 1024**2:.0f} MiB")
-                elif not (supported(name) or name.lower().endswith(".zip")):
-                    reason = f"unsupported file type {Path(name).suffix or '(none)'}"
-                if reason:
-                    rejected.append({"path": name, "reason": reason})
-                    continue
-                with source.open("rb") as data:
-                    targets.append(self.corpus.save_upload(collection, name, data))
-        if local_path:
-            targets.append(Path(local_path).expanduser())
+            targets += self._save_uploads(collection, uploads, rejected)
+        targets += [Path(p).expanduser() for p in ([local_path] if local_path else []) + list(local_paths)]
         if not targets:
             if rejected:
                 raise AppError("nothing to ingest: " + "; ".join(f"{r['path']}: {r['reason']}" for r in rejected))
@@ -261,11 +234,39 @@ class ChatService:
             if progress is not None:
                 progress(p.files_done, p.files_total, p.path)
 
-        result = self.corpus.ingest(collection, [str(t) for t in targets], progress=report)
-        summary = result.to_json()
+        summary = self.corpus.ingest(collection, [str(t) for t in targets], progress=report).to_json()
         summary["rejected"] = rejected
         summary["skipped"] = rejected + summary["skipped"]
         return summary
+
+    def ingest_paths(self, collection: str, paths: Sequence[str], progress: ProgressFn | None = None) -> dict:
+        """`ingest` of files, folders or repositories on this machine."""
+        return self.ingest(collection, local_paths=paths, progress=progress)
+
+    def _save_uploads(self, collection: str, uploads: Sequence[str | Path], rejected: list[dict]) -> list[Path]:
+        """Copy the acceptable uploads into the collection's upload folder; the others go to `rejected`."""
+        from retrieval.api import check_collection_name
+        from retrieval.extract import supported
+
+        check_collection_name(collection)
+        saved: list[Path] = []
+        for item in uploads:
+            source = Path(item)
+            name = source.name
+            reason = None
+            if not source.is_file():
+                reason = "the upload is missing (expired or not a file)"
+            elif source.stat().st_size > self.max_upload_bytes:
+                reason = (f"too large: {source.stat().st_size / 1024**2:.1f} MiB, the limit is "
+                          f"{self.max_upload_bytes / 1024**2:.0f} MiB")
+            elif not (supported(name) or name.lower().endswith(".zip")):
+                reason = f"unsupported file type {Path(name).suffix or '(none)'}"
+            if reason:
+                rejected.append({"path": name, "reason": reason})
+                continue
+            with source.open("rb") as data:
+                saved.append(self.corpus.save_upload(collection, name, data))
+        return saved
 
     def ensure_demo_collection(self, name: str, paths: Sequence[str], progress: ProgressFn | None = None) -> bool:
         """Ingest `paths` as collection `name` unless it exists already. Returns whether it ingested."""
@@ -274,13 +275,6 @@ class ChatService:
         log.info("first run: indexing %s as the demo collection %r", " ".join(paths), name)
         self.ingest_paths(name, paths, progress)
         return True
-
-    def ingest_paths(self, collection: str, paths: Sequence[str], progress: ProgressFn | None = None) -> dict:
-        def report(p) -> None:
-            if progress is not None:
-                progress(p.files_done, p.files_total, p.path)
-
-        return self.corpus.ingest(collection, list(paths), progress=report).to_json()
 
     def delete_collection(self, name: str) -> None:
         """Delete the collection, its index and uploads, and its chat sessions (their pins released)."""
@@ -366,56 +360,34 @@ class ChatService:
         event, and nothing is changed by them.
         """
         t_start = time.perf_counter()
-        opts = options or AskOptions()
-        question = self._check_question(question)
+        question = check_question(question)
         info = self._sessions.get(session_id) if session_id else None
         if info is not None and info.collection != collection:
             raise AppError(f"session {session_id} belongs to collection {info.collection!r}, not {collection!r}; "
                            f"start a new session to ask about {collection!r}")
-        top_k = self._check_top_k(opts.top_k if opts.top_k is not None else self.settings.top_k)
-        max_new = int(opts.max_new_tokens if opts.max_new_tokens is not None else self.settings.max_new_tokens)
-        temperature = float(opts.temperature if opts.temperature is not None else self.settings.temperature)
-        if max_new < 1:
-            raise AppError(f"max new tokens must be at least 1, got {max_new}")
-        if not temperature >= 0:
-            raise AppError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         loaded = self.loaded
-        window = loaded.context_window
-        if max_new >= window:
-            raise AppError(f"max new tokens ({max_new}) must be below the model's context window ({window})")
-
+        opts = resolve_options(options or AskOptions(), self.settings, loaded.context_window)
         turns = self._sessions.turns(info.id) if info else []
         if pinned:
-            documents = opts.documents or (tuple(info.pinned_documents) if info else ()) or None
+            documents = (options.documents if options else None) or (
+                tuple(info.pinned_documents) if info else ()) or None
             units = canonical(self._pinned_units(collection, documents))
             hits: set = {u.sort_key for u in units}
         else:
-            retrieved = self._retrieved_units(collection, question, top_k)
+            retrieved = self._retrieved_units(collection, question, opts.top_k)
             hits = {u.sort_key for u in retrieved}
             earlier = turns[-1].context if turns and turns[-1].mode == "retrieval" else []
-            units = _follow_up_context([ContextUnit.from_dict(d) for d in earlier], retrieved)
-        tokenizer = loaded.tokenizer
-        fitted = fit_prompt(
-            units, [(t.question, t.answer) for t in turns], question,
-            count_tokens=lambda messages: len(tokenizer.encode_chat(messages)),
-            budget=window - max_new, pinned=pinned,
-        )
-        kept_turns = turns[len(turns) - len(fitted.history):] if fitted.history else []
-        prompt_ids = encode_conversation(tokenizer, fitted.messages,
-                                         {2 + 2 * i: t.answer_ids for i, t in enumerate(kept_turns)})
-        if len(prompt_ids) > window - max_new:  # a generated spelling can be longer than the canonical one
-            prompt_ids = tokenizer.encode_chat(fitted.messages)
+            units = follow_up_context([ContextUnit.from_dict(d) for d in earlier], retrieved)
+        plan = plan_prompt(loaded.tokenizer, units, turns, question, hits=hits,
+                           budget=loaded.context_window - opts.max_new_tokens, pinned=pinned)
         if info is None:
             info = self._sessions.create(collection)
-        boundaries = _context_end(tokenizer, fitted.messages, fitted.units, prompt_ids)
-        sources = [dict(u.source(), ref=number) for number, u in enumerate(fitted.units, start=1)
-                   if u.sort_key in hits]
         job = _AskJob(
-            session_id=info.id, question=question, mode="pinned" if pinned else "retrieval", prompt_ids=prompt_ids,
-            sources=sources, left_out=fitted.left_out, max_new_tokens=max_new, temperature=temperature,
-            t_start=t_start, context=[] if pinned else [u.to_dict() for u in fitted.units], boundaries=boundaries,
+            session_id=info.id, question=question, mode="pinned" if pinned else "retrieval", plan=plan,
+            max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, t_start=t_start,
+            context=[] if pinned else [u.to_dict() for u in plan.units],
         )
-        yield AskEvent("start", info.id, sources=job.sources, left_out=job.left_out)
+        yield AskEvent("start", info.id, sources=plan.sources, left_out=plan.left_out)
         job.t_submit = time.perf_counter()
         try:
             self._worker.submit(self._ask_job(job))
@@ -467,14 +439,15 @@ class ChatService:
         cache = self._cache
         cache.reset()
         queued_s = time.perf_counter() - job.t_submit  # waiting for other asks: not this ask's latency
-        reused = store.restore(namespace, job.prompt_ids, cache)
+        prompt_ids = job.plan.prompt_ids
+        reused = store.restore(namespace, prompt_ids, cache)
         config = GenerationConfig(max_new_tokens=job.max_new_tokens, temperature=job.temperature)
         answer_ids: list[int] = []
         parts: list[str] = []
         t_first = t_last = 0.0
         prefill_ms = None
         finish = ""
-        for event in generate(loaded.model, loaded.tokenizer, job.prompt_ids, config, cache=cache):
+        for event in generate(loaded.model, loaded.tokenizer, prompt_ids, config, cache=cache):
             t_last = time.perf_counter()
             if not answer_ids:
                 t_first = t_last
@@ -491,11 +464,11 @@ class ChatService:
                 break
         # The cache holds the prompt and the answer but its last token; the next question of the session starts
         # with exactly these tokens (its prompt spells this answer with these ids, see app.tokens).
-        seen = (job.prompt_ids + answer_ids)[:cache.length(0)]
+        seen = (prompt_ids + answer_ids)[:cache.length(0)]
         owner = _pin_owner(job.session_id)
         store.unpin(owner)
         store.pin(store.prefix_keys(namespace, seen), owner)
-        store.save(namespace, seen, cache, boundaries=[b for b in job.boundaries if b < len(seen)])
+        store.save(namespace, seen, cache, boundaries=[b for b in job.plan.boundaries if b < len(seen)])
         if not finish:
             log.info("ask in session %s cancelled after %d tokens", job.session_id, len(answer_ids))
             return
@@ -505,25 +478,18 @@ class ChatService:
         else:
             spelled = answer_ids[:-1] if finish == "eos" else answer_ids  # the end-of-turn token is the template's
             answer = "".join(parts)
-        n_new = len(answer_ids)
-        result_metrics = {
-            "prompt_tokens": len(job.prompt_ids),
-            "reused_tokens": int(reused),
-            "ttft_ms": round((t_first - job.t_start - queued_s) * 1e3, 1),
-            "decode_tokens_per_s": round((n_new - 1) / (t_last - t_first), 2) if n_new > 1 and t_last > t_first
-            else 0.0,
-            "total_ms": round((time.perf_counter() - job.t_start - queued_s) * 1e3, 1),
-            "new_tokens": n_new,
-            "prefill_ms": None if prefill_ms is None else round(prefill_ms, 1),
-            "queued_ms": round(queued_s * 1e3, 1),
-            "finish_reason": finish,
-        }
-        self._sessions.add_turn(job.session_id, job.question, answer, mode=job.mode, sources=job.sources,
-                                metrics=result_metrics, left_out=job.left_out, answer_ids=spelled,
+        result_metrics = answer_metrics(
+            prompt_tokens=len(prompt_ids), reused=reused, t_start=job.t_start, t_first=t_first, t_last=t_last,
+            t_end=time.perf_counter(), queued_s=queued_s, n_new=len(answer_ids), prefill_ms=prefill_ms,
+            finish=finish)
+        plan = job.plan
+        self._sessions.add_turn(job.session_id, job.question, answer, mode=job.mode, sources=plan.sources,
+                                metrics=result_metrics, left_out=plan.left_out, answer_ids=spelled,
                                 context=job.context)
-        result = AskResult(answer=answer, session_id=job.session_id, sources=job.sources, metrics=result_metrics,
-                           left_out=job.left_out, mode=job.mode, finish_reason=finish)
-        job.events.put(AskEvent("done", job.session_id, sources=job.sources, left_out=job.left_out, result=result))
+        result = AskResult(answer=answer, session_id=job.session_id, sources=plan.sources, metrics=result_metrics,
+                           left_out=plan.left_out, mode=job.mode, finish_reason=finish)
+        job.events.put(AskEvent("done", job.session_id, sources=plan.sources, left_out=plan.left_out,
+                                result=result))
 
     # ----- context -----------------------------------------------------------------------------------------------
     def _retrieved_units(self, collection: str, question: str, top_k: int) -> list[ContextUnit]:
@@ -551,22 +517,6 @@ class ChatService:
         if missing:
             raise AppError(f"collection {collection!r} has no document {', '.join(map(repr, missing[:5]))}")
 
-    @staticmethod
-    def _check_question(question: str) -> str:
-        question = (question or "").strip()
-        if not question:
-            raise QuestionError("the question is empty; type a question first")
-        if len(question) > MAX_QUESTION_CHARS:
-            raise QuestionError(f"the question is too long ({len(question):,} characters; at most "
-                                f"{MAX_QUESTION_CHARS:,}); shorten it, or ingest the text as a document")
-        return question
-
-    @staticmethod
-    def _check_top_k(top_k: Any) -> int:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
-            raise AppError(f"top-k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
-        return top_k
-
     # ----- lifecycle ---------------------------------------------------------------------------------------------
     def close(self) -> None:
         """Stop the worker (after the job in flight) and release the database connections."""
@@ -575,39 +525,6 @@ class ChatService:
         self._closed = True
         self._worker.close()
         self._engine.dispose()
-
-
-def _context_end(tokenizer: Any, messages: list[dict[str, str]], units: Sequence[ContextUnit],
-                 prompt_ids: list[int]) -> list[int]:
-    """[the number of prompt tokens up to the end of the context], or [] where that is not a token boundary.
-
-    The store keeps a tail entry there, so the next question on the same context (a new session) and a follow-up
-    that appends chunks to it reuse all of it, not only its full 256-token pages."""
-    if not units:
-        return []
-    full = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    block = render_context(units)
-    at = full.find(block)
-    if at < 0:
-        return []
-    head = tokenizer.encode(full[:at + len(block)], add_special_tokens=False)
-    return [len(head)] if prompt_ids[:len(head)] == head else []
-
-
-def _follow_up_context(earlier: list[ContextUnit], retrieved: list[ContextUnit]) -> list[ContextUnit]:
-    """The context of a question: the previous turn's context in place (its cached prefix stays valid), then the
-    newly retrieved chunks in canonical order. A session's first question gets its chunks in canonical order.
-
-    Ranks for the overflow policy: this question's chunks by score, above every chunk kept from earlier turns
-    (those leave from the end first, so the prefix that stays is the longest)."""
-    current = {u.sort_key: u.score or 0.0 for u in retrieved}
-    kept = [
-        replace(u, rank=2.0 + current[u.sort_key]) if u.sort_key in current else replace(u, rank=-1.0 - 1e-3 * i)
-        for i, u in enumerate(earlier)
-    ]
-    known = {u.sort_key for u in earlier}
-    fresh = canonical([replace(u, rank=2.0 + (u.score or 0.0)) for u in retrieved if u.sort_key not in known])
-    return kept + fresh
 
 
 def _pin_owner(session_id: str) -> str:

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from app import ui_render
-from app.errors import AppError
+from app.context import public_source
+from app.errors import AppError, user_error_types
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -31,13 +32,6 @@ CSS = """
 """
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from retrieval.errors import RetrievalError
-    from tpa_core.errors import TPAError
-
-    return (AppError, TPAError, RetrievalError)
-
-
 def _guard(fn: Callable) -> Callable:
     """Turn user mistakes into gr.Error messages and bugs into a short message (the traceback goes to the log)."""
     import functools
@@ -48,7 +42,7 @@ def _guard(fn: Callable) -> Callable:
     def translate(exc: BaseException) -> gr.Error:
         if isinstance(exc, gr.Error):
             return exc
-        if isinstance(exc, _user_errors()):
+        if isinstance(exc, user_error_types()):
             return gr.Error(str(exc), print_exception=False)
         log.exception("unexpected error in %s", fn.__name__)
         return gr.Error(f"internal error ({type(exc).__name__}); the server log has the details",
@@ -336,11 +330,6 @@ def build_app(service: ChatService) -> gr.Blocks:
 
         gr.api(ask, api_name="ask", concurrency_id=MODEL_QUEUE, concurrency_limit=1)
     return demo
-
-
-def public_source(source: dict) -> dict:
-    """A source as the JSON contract has it: path, line range and score (the text stays in the UI)."""
-    return {key: source.get(key) for key in ("path", "start_line", "end_line", "score")}
 
 
 def parse_auth(value: str | None) -> list[tuple[str, str]] | None:

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from app.context import public_source
 from app.errors import AppError
 
 if TYPE_CHECKING:
@@ -150,8 +151,7 @@ def cmd_sessions(args: argparse.Namespace, settings: Settings) -> int:
                 body = info.to_json()
                 body["turns_detail"] = [
                     {"question": t.question, "answer": t.answer, "mode": t.mode, "left_out": t.left_out,
-                     "sources": [{k: s.get(k) for k in ("path", "start_line", "end_line", "score")}
-                                 for s in t.sources],
+                     "sources": [public_source(s) for s in t.sources],
                      "metrics": t.metrics}
                     for t in turns
                 ]
