@@ -26,12 +26,14 @@ class QuestionError(AppError):
 @dataclass(frozen=True)
 class AskOptions:
     """Per-ask settings; None = the service's settings. `documents`: pinned mode's documents (None = the
-    session's selection, else the whole collection)."""
+    session's selection, else the whole collection). `chunk_reuse`: assemble the retrieved chunks from their
+    chunk caches (None = the settings' choice)."""
 
     top_k: int | None = None
     max_new_tokens: int | None = None
     temperature: float | None = None
     documents: tuple[str, ...] | None = None
+    chunk_reuse: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,15 @@ class ResolvedOptions:
     top_k: int
     max_new_tokens: int
     temperature: float
+    chunk_reuse: bool
 
 
 @dataclass
 class AskPlan:
     """The prompt of one ask, laid out and encoded: what the model worker runs.
 
-    `boundaries`: prompt lengths worth a cache entry of their own (the end of the context)."""
+    `boundaries`: prompt lengths worth a cache entry of their own (the end of the context). `spans`: the chunks
+    of the context as token ranges of `prompt_ids` (empty where the context does not tokenize piecewise)."""
 
     prompt_ids: list[int]
     units: list[ContextUnit]
@@ -55,6 +59,18 @@ class AskPlan:
     left_out: list[str]
     kept_turns: int
     boundaries: list[int] = field(default_factory=list)
+    spans: list[ChunkSpan] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChunkSpan:
+    """One context unit in the prompt's tokens: `prefix` tokens of shared system prompt come before every
+    context; the unit's cacheable tokens are `[start, end)` (its header less the citation number `[n]`, which
+    depends on the unit's place, and its text)."""
+
+    prefix: int
+    start: int
+    end: int
 
 
 def check_question(question: str) -> str:
@@ -85,7 +101,8 @@ def resolve_options(options: AskOptions, settings: Any, window: int) -> Resolved
         raise AppError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if max_new >= window:
         raise AppError(f"max new tokens ({max_new}) must be below the model's context window ({window})")
-    return ResolvedOptions(top_k, max_new, temperature)
+    reuse = options.chunk_reuse if options.chunk_reuse is not None else settings.chunk_reuse
+    return ResolvedOptions(top_k, max_new, temperature, bool(reuse))
 
 
 def plan_prompt(tokenizer: Any, units: Sequence[ContextUnit], turns: Sequence[Any], question: str, *,
@@ -106,7 +123,40 @@ def plan_prompt(tokenizer: Any, units: Sequence[ContextUnit], turns: Sequence[An
         prompt_ids = tokenizer.encode_chat(fitted.messages)
     sources = [dict(u.source(), ref=number) for number, u in enumerate(fitted.units, start=1) if u.sort_key in hits]
     return AskPlan(prompt_ids=prompt_ids, units=fitted.units, sources=sources, left_out=fitted.left_out,
-                   kept_turns=len(kept), boundaries=context_end(tokenizer, fitted.messages, fitted.units, prompt_ids))
+                   kept_turns=len(kept), boundaries=context_end(tokenizer, fitted.messages, fitted.units, prompt_ids),
+                   spans=[] if pinned else chunk_spans(tokenizer, fitted.messages, fitted.units, prompt_ids))
+
+
+def chunk_spans(tokenizer: Any, messages: list[dict[str, str]], units: Sequence[ContextUnit],
+                prompt_ids: list[int]) -> list[ChunkSpan]:
+    """Where each unit's cacheable tokens sit in `prompt_ids` ([] when any cut is not a token boundary: the
+    prompt is then prefilled as a whole)."""
+    if not units:
+        return []
+    full = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    at = full.find(render_context(units))
+    if at < 0:
+        return []
+
+    def tokens_to(char: int) -> int | None:
+        head = tokenizer.encode(full[:char], add_special_tokens=False)
+        return len(head) if prompt_ids[:len(head)] == head else None
+
+    # The shared prefix ends at the last token boundary before the context ("Context:\n\n" ends in one "\n\n"
+    # token alone, but in "\n" "\n" before the context's "[").
+    prefix = next((n for n in map(tokens_to, range(at, max(0, at - 8), -1)) if n is not None), None)
+    spans: list[ChunkSpan] = []
+    offset = at
+    for number, unit in enumerate(units, start=1):
+        piece = render_context([unit])  # "[1] label\ntext\n"; only the number differs from the real one
+        body = len(piece) - len("[1]")
+        offset += len(f"[{number}]")
+        start, end = tokens_to(offset), tokens_to(offset + body)
+        offset += body
+        if prefix is None or start is None or end is None or end <= start:
+            return []
+        spans.append(ChunkSpan(prefix, start, end))
+    return spans
 
 
 def context_end(tokenizer: Any, messages: list[dict[str, str]], units: Sequence[ContextUnit],
@@ -142,13 +192,14 @@ def follow_up_context(earlier: list[ContextUnit], retrieved: list[ContextUnit]) 
     return kept + fresh
 
 
-def answer_metrics(*, prompt_tokens: int, reused: int, t_start: float, t_first: float, t_last: float,
+def answer_metrics(*, prompt_tokens: int, reuse: dict[str, int], t_start: float, t_first: float, t_last: float,
                    t_end: float, queued_s: float, n_new: int, prefill_ms: float | None, finish: str) -> dict:
     """The metrics of one answer. Times are `time.perf_counter()` readings; `queued_s`, the wait for the model
-    worker, is not the ask's latency; `reused`: prompt tokens restored from the store."""
+    worker, is not the ask's latency. `reuse`: where the prompt's tokens came from (`app.chunk_reuse.Restored`:
+    reused_tokens from exact prefix pages, chunk_tokens from chunk caches, recomputed_tokens, prefilled_tokens)."""
     return {
         "prompt_tokens": prompt_tokens,
-        "reused_tokens": int(reused),
+        **reuse,
         "ttft_ms": round((t_first - t_start - queued_s) * 1e3, 1),
         "decode_tokens_per_s": round((n_new - 1) / (t_last - t_first), 2) if n_new > 1 and t_last > t_first
         else 0.0,

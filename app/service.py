@@ -35,6 +35,7 @@ from app.asking import (
     plan_prompt,
     resolve_options,
 )
+from app.chunk_reuse import ReuseSetting, restore_assembled, restore_exact
 from app.context import ContextUnit, canonical, public_source
 from app.database import make_engine
 from app.errors import AppError
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024**2
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what)
+# The metrics `ask --json` and /ask report: where the prompt's tokens came from, and the timings.
+PUBLIC_METRICS = ("prompt_tokens", "reused_tokens", "chunk_tokens", "recomputed_tokens", "prefilled_tokens",
+                  "ttft_ms", "decode_tokens_per_s", "total_ms")
 __all__ = ["MAX_QUESTION_CHARS", "MAX_TOP_K", "AskEvent", "AskOptions", "AskResult", "ChatService", "QuestionError"]
 
 
@@ -69,8 +73,7 @@ class AskResult:
             "answer": self.answer,
             "session_id": self.session_id,
             "sources": [public_source(s) for s in self.sources],
-            "metrics": {k: self.metrics[k] for k in ("prompt_tokens", "reused_tokens", "ttft_ms",
-                                                     "decode_tokens_per_s", "total_ms")},
+            "metrics": {k: self.metrics.get(k, 0) for k in PUBLIC_METRICS},
             "left_out": list(self.left_out),
         }
 
@@ -97,6 +100,7 @@ class _AskJob:
     plan: AskPlan
     max_new_tokens: int
     temperature: float
+    chunk_reuse: bool
     t_start: float  # when ask_stream was called
     context: list[dict] = field(default_factory=list)  # retrieval mode: the context as rendered, for follow-ups
     t_submit: float = 0.0  # when the job was handed to the worker (the wait for it is not the ask's latency)
@@ -315,8 +319,13 @@ class ChatService:
 
     # ----- the cache ----------------------------------------------------------------------------------------------
     def cache_stats(self) -> dict:
-        """entries, bytes, hit_rate (over the store's life), and what the store counts besides."""
-        return self.store.stats().to_dict()
+        """entries, bytes, hit_rate (over the store's life), and what the store counts besides; "chunk_caches":
+        the entries, bytes and pins of the chunk caches among them."""
+        from tpa_core.store.chunks import ChunkCaches
+
+        stats = self.store.stats().to_dict()
+        stats["chunk_caches"] = ChunkCaches(self.store).stats()
+        return stats
 
     def clear_cache(self) -> int:
         """Delete every cache page that no session pins. Runs on the model worker (after any ask in flight)."""
@@ -384,7 +393,8 @@ class ChatService:
             info = self._sessions.create(collection)
         job = _AskJob(
             session_id=info.id, question=question, mode="pinned" if pinned else "retrieval", plan=plan,
-            max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, t_start=t_start,
+            max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, chunk_reuse=opts.chunk_reuse,
+            t_start=t_start,
             context=[] if pinned else [u.to_dict() for u in plan.units],
         )
         yield AskEvent("start", info.id, sources=plan.sources, left_out=plan.left_out)
@@ -407,6 +417,10 @@ class ChatService:
         finally:
             if not finished:
                 job.cancelled.set()  # the consumer went away: stop generating, keep the cache pages
+
+    def reuse_setting(self) -> ReuseSetting:
+        """How retrieved chunks are joined when chunk reuse is on (the settings' boundary tokens and ratio)."""
+        return ReuseSetting(int(self.settings.chunk_boundary_tokens), float(self.settings.chunk_recompute_ratio))
 
     # ----- the model worker -----------------------------------------------------------------------------------------
     def _run_on_worker(self, fn: Callable[[], Any]) -> Any:
@@ -440,7 +454,13 @@ class ChatService:
         cache.reset()
         queued_s = time.perf_counter() - job.t_submit  # waiting for other asks: not this ask's latency
         prompt_ids = job.plan.prompt_ids
-        reused = store.restore(namespace, prompt_ids, cache)
+        owner = _pin_owner(job.session_id)
+        setting = self.reuse_setting()
+        if job.chunk_reuse and job.plan.spans:
+            restored = restore_assembled(loaded.model, store, namespace, prompt_ids, cache, job.plan.spans, setting,
+                                         owner)
+        else:
+            restored = restore_exact(store, namespace, prompt_ids, cache)
         config = GenerationConfig(max_new_tokens=job.max_new_tokens, temperature=job.temperature)
         answer_ids: list[int] = []
         parts: list[str] = []
@@ -464,11 +484,13 @@ class ChatService:
                 break
         # The cache holds the prompt and the answer but its last token; the next question of the session starts
         # with exactly these tokens (its prompt spells this answer with these ids, see app.tokens).
+        # An assembled cache is approximate: its pages go under extras that exact lookups never see.
         seen = (prompt_ids + answer_ids)[:cache.length(0)]
-        owner = _pin_owner(job.session_id)
+        extras = setting.extras() if restored.assembled else None
         store.unpin(owner)
-        store.pin(store.prefix_keys(namespace, seen), owner)
-        store.save(namespace, seen, cache, boundaries=[b for b in job.plan.boundaries if b < len(seen)])
+        store.pin(store.prefix_keys(namespace, seen, extras=extras) + restored.chunk_keys, owner)
+        store.save(namespace, seen, cache, boundaries=[b for b in job.plan.boundaries if b < len(seen)],
+                   extras=extras)
         if not finish:
             log.info("ask in session %s cancelled after %d tokens", job.session_id, len(answer_ids))
             return
@@ -479,7 +501,8 @@ class ChatService:
             spelled = answer_ids[:-1] if finish == "eos" else answer_ids  # the end-of-turn token is the template's
             answer = "".join(parts)
         result_metrics = answer_metrics(
-            prompt_tokens=len(prompt_ids), reused=reused, t_start=job.t_start, t_first=t_first, t_last=t_last,
+            prompt_tokens=len(prompt_ids), reuse=restored.metrics(len(prompt_ids)), t_start=job.t_start,
+            t_first=t_first, t_last=t_last,
             t_end=time.perf_counter(), queued_s=queued_s, n_new=len(answer_ids), prefill_ms=prefill_ms,
             finish=finish)
         plan = job.plan

@@ -32,6 +32,20 @@ def _number(env, name: str, kind: type, default):
         raise AppError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
 
 
+def _flag(env, name: str, default: bool) -> bool:
+    """A yes/no environment variable (1/0, true/false, yes/no, on/off); anything else is a user error."""
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    from app.errors import AppError
+
+    raise AppError(f"{name}={raw!r} is not a yes/no value (use 1 or 0)")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the app, the CLI and the services are configured with."""
@@ -46,6 +60,11 @@ class Settings:
     top_k: int = 5
     max_new_tokens: int = 256
     temperature: float = 0.0
+    # Retrieval mode: assemble retrieved chunks from their chunk caches, recomputing the first
+    # `chunk_boundary_tokens` of each and the `chunk_recompute_ratio` share that deviates most (README, "Chunk reuse").
+    chunk_reuse: bool = False
+    chunk_boundary_tokens: int = 16
+    chunk_recompute_ratio: float = 0.0
     verbose: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -92,6 +111,9 @@ class Settings:
             "top_k": _number(env, "TPA_RAG_TOP_K", int, cls.top_k),
             "max_new_tokens": _number(env, "TPA_RAG_MAX_NEW_TOKENS", int, cls.max_new_tokens),
             "temperature": _number(env, "TPA_RAG_TEMPERATURE", float, cls.temperature),
+            "chunk_reuse": _flag(env, "TPA_RAG_CHUNK_REUSE", cls.chunk_reuse),
+            "chunk_boundary_tokens": _number(env, "TPA_RAG_CHUNK_BOUNDARY_TOKENS", int, cls.chunk_boundary_tokens),
+            "chunk_recompute_ratio": _number(env, "TPA_RAG_CHUNK_RECOMPUTE_RATIO", float, cls.chunk_recompute_ratio),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["data_dir"] is None:

@@ -315,11 +315,14 @@ def build_app(service: ChatService) -> gr.Blocks:
 
         # ---- the named API endpoint (same object as `tpa-rag ask --json`) ---------------------------------
         @_guard
-        def ask(question: str, collection: str, session_id: str = "", pinned: bool = False) -> Iterator[dict]:
+        def ask(question: str, collection: str, session_id: str = "", pinned: bool = False,
+                chunk_reuse: bool | None = None) -> Iterator[dict]:
             """Ask a question about a collection. Streams partial objects (metrics null) and ends with the same
-            object as `tpa-rag ask --json`: {answer, session_id, sources, metrics, left_out}."""
+            object as `tpa-rag ask --json`: {answer, session_id, sources, metrics, left_out}. `chunk_reuse`:
+            assemble retrieved chunks from chunk caches (null = the server's setting)."""
             answer = ""
-            for event in service.ask_stream(question, collection, session_id, pinned=pinned):
+            options = service.options(chunk_reuse=None if chunk_reuse is None else bool(chunk_reuse))
+            for event in service.ask_stream(question, collection, session_id, pinned=pinned, options=options):
                 if event.kind == "done":
                     yield event.result.to_json()
                 else:

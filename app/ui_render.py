@@ -12,14 +12,18 @@ METRICS_CLASS = "tpa-metrics"
 
 
 def metrics_line(metrics: dict) -> str:
-    """One line under an answer: prompt and reused tokens, time to first token, decode speed, total time."""
+    """One line under an answer: prompt tokens, those reused from exact prefix pages (and, with chunk reuse, those
+    from chunk caches and those recomputed), time to first token, decode speed, total time."""
     if not metrics:
         return ""
     prompt = int(metrics.get("prompt_tokens", 0))
     reused = int(metrics.get("reused_tokens", 0))
     share = f" ({100 * reused / prompt:.0f}%)" if prompt else ""
+    chunks = int(metrics.get("chunk_tokens", 0))
+    recomputed = int(metrics.get("recomputed_tokens", 0))
+    assembled = f"chunk caches {chunks:,} · recomputed {recomputed:,} · " if chunks or recomputed else ""
     return (
-        f"prompt {prompt:,} tokens · reused {reused:,}{share} · "
+        f"prompt {prompt:,} tokens · reused {reused:,}{share} · {assembled}"
         f"TTFT {metrics.get('ttft_ms', 0):,.0f} ms · {metrics.get('decode_tokens_per_s', 0):.1f} tok/s · "
         f"total {metrics.get('total_ms', 0) / 1000:.2f} s"
     )

@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     serve.add_argument("--auth", help="user:password, or a file with one user:password per line")
+    _chunk_reuse_flag(serve, "for every ask of this server")
     serve.add_argument("--demo", nargs="+", metavar="PATH",
                        help=f"on first run, ingest these paths as the collection {DEMO_COLLECTION!r} before serving")
     serve.set_defaults(handler=cmd_serve)
@@ -38,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ask.add_argument("--top-k", type=int, help="retrieved chunks (default from the settings)")
     ask.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy, the default)")
     ask.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
+    _chunk_reuse_flag(ask, "for this ask")
     ask.add_argument("--json", action="store_true",
                      help='print {"answer", "session_id", "sources", "metrics", "left_out"} as one JSON object')
     ask.add_argument("question", nargs="+", help="the question")
@@ -59,6 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.set_defaults(handler=cmd_sessions)
 
 
+def _chunk_reuse_flag(parser: argparse.ArgumentParser, scope: str) -> None:
+    parser.add_argument("--chunk-reuse", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"retrieval mode: assemble the retrieved chunks from their chunk caches {scope} "
+                             "(approximate; default: TPA_RAG_CHUNK_REUSE, off unless set)")
+
+
 def _service(settings: Settings, *, with_model: bool = True):
     from app.service import ChatService
 
@@ -71,6 +79,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     auth = ui.parse_auth(args.auth)
     if not 1 <= args.port <= 65535:
         raise AppError(f"--port must be 1..65535, got {args.port}")
+    if args.chunk_reuse is not None:
+        settings = settings.with_(chunk_reuse=args.chunk_reuse)
     service = _service(settings)
     try:
         if args.demo and DEMO_COLLECTION not in service.collection_names():
@@ -106,7 +116,8 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
         service.warm_up()  # the model and the embedder load before the clock of the answer starts
         options = service.options(top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature,
-                                  documents=tuple(args.document) if args.document else None)
+                                  documents=tuple(args.document) if args.document else None,
+                                  chunk_reuse=args.chunk_reuse)
         result = None
         for event in service.ask_stream(question, args.collection, args.session, pinned=args.pinned,
                                         options=options):
