@@ -148,3 +148,66 @@ def _prefill(model: Any, cache: Any, ids: list[int]) -> None:
 
 def _length(tensors: dict) -> int:
     return next(iter(tensors.values())).shape[0]
+
+
+@dataclass
+class EncodePlan:
+    """What `encode_units` will do, known before it starts: chunks, those already cached, the bytes the rest
+    take against the cache budget."""
+
+    chunks: int
+    cached: int
+    to_encode: int
+    bytes_needed: int
+    budget_bytes: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"chunks": self.chunks, "cached": self.cached, "to_encode": self.to_encode,
+                "bytes_needed": self.bytes_needed, "budget_bytes": self.budget_bytes}
+
+
+def encode_units(model: Any, tokenizer: Any, store: Any, namespace: str, units: Sequence[Any], *,
+                 on_plan: Any = None, progress: Any = None, cancelled: Any = None) -> dict[str, int]:
+    """Encode and store the chunk caches of `units` (`app.context.ContextUnit`s of a collection) that the store
+    lacks, keyed exactly as an ask would look them up. Resumable: what is stored is skipped.
+
+    `on_plan(EncodePlan)` is called once before any work; `progress(done, total, path)` after each chunk;
+    `cancelled()` -> True stops between chunks. Returns the plan's numbers plus "encoded" and "rejected"."""
+    from app.asking import chunk_spans
+    from app.context import build_messages
+    from tpa_core.store.chunks import ChunkCaches, chunk_key
+
+    caches = ChunkCaches(store)
+    work: list[tuple[Any, str, list[int], int]] = []  # (unit, key, chunk ids, reference)
+    prefix_ids: list[int] = []
+    for unit in units:
+        messages = build_messages([unit], [], "?")
+        ids = tokenizer.encode_chat(messages)
+        spans = chunk_spans(tokenizer, messages, [unit], ids)
+        if not spans:
+            log.info("chunk %s #%d does not tokenize on its own; an ask prefills it", unit.path, unit.chunk_index)
+            continue
+        span = spans[0]
+        prefix_ids = ids[:span.prefix]
+        chunk_ids = ids[span.start:span.end]
+        work.append((unit, chunk_key(namespace, prefix_ids, chunk_ids, span.prefix), chunk_ids, span.prefix))
+    cached = caches.present(key for _, key, _, _ in work)
+    todo = [w for w in work if w[1] not in cached]
+    per_token = model.new_cache(capacity=1).nbytes_per_token()
+    plan = EncodePlan(len(units), len(work) - len(todo), len(todo), per_token * sum(len(w[2]) for w in todo),
+                      int(store.budget.budget_bytes))
+    if on_plan is not None:
+        on_plan(plan)
+    encoded = rejected = 0
+    encoder = _Encoder(model, prefix_ids)
+    for done, (unit, key, chunk_ids, reference) in enumerate(todo, start=1):
+        if cancelled is not None and cancelled():
+            break
+        outcome = caches.save(namespace, key, reference, encoder.encode(chunk_ids))
+        encoded += outcome == "written"
+        rejected += outcome == "rejected"
+        if progress is not None:
+            progress(done, len(todo), unit.path)
+    if encoded:
+        store.evict()
+    return {**plan.to_json(), "encoded": encoded, "rejected": rejected}

@@ -272,6 +272,21 @@ class ChatService:
                 saved.append(self.corpus.save_upload(collection, name, data))
         return saved
 
+    def encode_chunks(self, collection: str, progress: ProgressFn | None = None,
+                      on_plan: Callable[[Any], None] | None = None) -> dict:
+        """Encode the chunk caches of `collection`'s chunks that the store lacks (new or changed chunks), on the
+        model worker between asks. Resumable: stored caches are skipped. `on_plan(EncodePlan)` hears how many
+        chunks and bytes (against the cache budget) before any work. Returns `app.chunk_reuse.encode_units`'s
+        summary."""
+        from app.chunk_reuse import encode_units
+
+        units = [ContextUnit(collection, c.path, c.idx, c.text, c.start_line, c.end_line)
+                 for c in self.corpus.chunk_records(collection)]
+        loaded = self.loaded
+        namespace = self.namespace()
+        return self._run_on_worker(lambda: encode_units(loaded.model, loaded.tokenizer, self.store, namespace,
+                                                        units, on_plan=on_plan, progress=progress))
+
     def ensure_demo_collection(self, name: str, paths: Sequence[str], progress: ProgressFn | None = None) -> bool:
         """Ingest `paths` as collection `name` unless it exists already. Returns whether it ingested."""
         if name in self.collection_names():

@@ -106,6 +106,8 @@ def build_app(service: ChatService) -> gr.Blocks:
                     folder = gr.File(label="A folder", file_count="directory", height=120, elem_id="upload-folder")
                     local_path = gr.Textbox(label="Or a folder / git repository on this machine",
                                             placeholder="/path/to/repository", elem_id="local-path")
+                    encode = gr.Checkbox(label="Encode chunk caches too (for chunk reuse; takes a while)",
+                                         value=False, elem_id="ingest-encode")
                     ingest_button = gr.Button("Ingest", variant="primary", elem_id="ingest")
                 ingest_summary = gr.Markdown(elem_id="ingest-summary")
                 delete_collection = gr.Button("Delete collection", variant="stop", size="sm",
@@ -193,7 +195,7 @@ def build_app(service: ChatService) -> gr.Blocks:
 
         @_guard
         def on_ingest(coll: str | None, new_name: str, files: list[str] | None, folder_files: list[str] | None,
-                      path: str, progress: gr.Progress = gr.Progress()) -> tuple:
+                      path: str, encode_chunks: bool = False, progress: gr.Progress = gr.Progress()) -> tuple:
             name = (new_name or "").strip() or coll
             if not name:
                 raise AppError("name a new collection or pick one to add documents to")
@@ -208,12 +210,20 @@ def build_app(service: ChatService) -> gr.Blocks:
                                      progress=report)
             for item in summary.get("rejected", []):
                 gr.Warning(f"{item['path']}: {item['reason']}")
+            if encode_chunks:
+                def announce(plan) -> None:  # noqa: ANN001 - app.chunk_reuse.EncodePlan
+                    gr.Info(f"encoding {plan.to_encode} chunk caches: {plan.bytes_needed / 1024**2:,.1f} MiB of a "
+                            f"{plan.budget_bytes / 1024**2:,.0f} MiB cache budget")
+
+                summary["encode"] = service.encode_chunks(
+                    name, progress=lambda done, total, what: progress((done, max(total, 1)), desc=f"encoding {what}"),
+                    on_plan=announce)
             names = service.collection_names()
             return (ui_render.ingest_markdown(summary), gr.update(choices=names, value=name), "", None, None, "",
                     gr.update(choices=service.document_paths(name)))
 
         ingest_button.click(
-            on_ingest, [collection, new_collection, uploads, folder, local_path],
+            on_ingest, [collection, new_collection, uploads, folder, local_path, encode],
             [ingest_summary, collection, new_collection, uploads, folder, local_path, pinned_docs],
             concurrency_id=INGEST_QUEUE, concurrency_limit=1, api_name="ingest",
         )

@@ -111,6 +111,10 @@ def ingest_markdown(report: dict) -> str:
     if skipped:
         lines.append("")
         lines += [f"- skipped `{item['path']}`: {item['reason']}" for item in skipped]
+    if report.get("encode"):
+        enc = report["encode"]
+        lines += ["", f"Chunk caches: {enc['encoded']} encoded, {enc['cached']} already stored"
+                  + (f", {enc['rejected']} refused by the cache budget" if enc["rejected"] else "") + "."]
     return "\n".join(lines)
 
 

@@ -43,7 +43,7 @@ SETTINGS = {  # name -> (boundary tokens per chunk, recompute ratio)
 }
 TF_TOKENS = 64
 EQUAL_TOKENS = 32
-ANSWER_TOKENS = 48
+ANSWER_TOKENS = 32
 
 
 def correct(answer: str, must: list[str]) -> bool:
@@ -189,6 +189,8 @@ def main() -> None:
                 "answer": text,
             }
         rows.append(row)
+        if args.json:  # after every question, so a run cut short still leaves its rows
+            Path(args.json).write_text(json.dumps({"summary": summarize(rows, chosen), "rows": rows}, indent=1))
         print(f"[{n}/{len(questions)}] {len(ids)} tokens, full {row['full_ttft_s']:.2f} s " + " ".join(
             f"{s} x{row[s]['ratio']:.2f}/{row[s]['top1']:.2f}" for s in chosen), file=sys.stderr)
     summary = summarize(rows, chosen)

@@ -124,3 +124,16 @@ def test_cli_ask_json_reports_where_tokens_came_from(service, capsys):
     metrics = json.loads(capsys.readouterr().out)["metrics"]
     assert metrics["chunk_tokens"] > 0 and metrics["recomputed_tokens"] > 0
     assert {"reused_tokens", "prefilled_tokens"} <= set(metrics)
+
+
+def test_encode_at_ingestion_is_resumable_and_serves_asks(make_service, corpus_dir):
+    service = make_service()
+    service.ingest_paths("docs", [str(corpus_dir)])
+    plans = []
+    first = service.encode_chunks("docs", on_plan=plans.append)
+    assert plans[0].to_encode == first["encoded"] > 0 and first["cached"] == 0
+    assert plans[0].bytes_needed > 0 and plans[0].budget_bytes == service.settings.cache_budget_bytes
+    again = service.encode_chunks("docs")
+    assert again["encoded"] == 0 and again["cached"] == first["encoded"]  # resumable: nothing twice
+    result = service.ask(QUESTION, "docs", options=ON)
+    assert result.metrics["chunk_caches_loaded"] >= 1 and result.metrics["chunk_caches_encoded"] == 0
