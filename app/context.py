@@ -99,6 +99,14 @@ class ContextUnit:
         return len(self.text.splitlines())
 
 
+SOURCE_FIELDS = ("path", "start_line", "end_line", "score")  # what a source shows outside the app (JSON, API)
+
+
+def public_source(source: dict) -> dict:
+    """A source (`ContextUnit.source`) as the JSON contract has it: path, line range and score, no text."""
+    return {key: source.get(key) for key in SOURCE_FIELDS}
+
+
 def canonical(units: Sequence[ContextUnit]) -> list[ContextUnit]:
     """Units in (collection, path, chunk index) order, duplicates removed."""
     seen: dict[tuple[str, str, int], ContextUnit] = {}

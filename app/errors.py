@@ -1,5 +1,7 @@
 """Errors a user can act on in the app layer (unknown session, empty question...)."""
 
+from __future__ import annotations
+
 
 class AppError(Exception):
     """Base class of the app's user-facing errors."""

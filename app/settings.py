@@ -79,6 +79,11 @@ class Settings:
     max_new_tokens: int = 256
     temperature: float = 0.0
     max_ingest_chunks: int = 100_000  # chunks one ingestion may embed (retrieval.IngestLimits.max_chunks)
+    # Retrieval mode: assemble retrieved chunks from their chunk caches, recomputing the first
+    # `chunk_boundary_tokens` of each and the `chunk_recompute_ratio` share that deviates most (README, "Chunk reuse").
+    chunk_reuse: bool = False
+    chunk_boundary_tokens: int = 16
+    chunk_recompute_ratio: float = 0.0
     verbose: int = 0
     allowed_hosts: tuple[str, ...] = ()  # Host names the web server answers to besides loopback and --host
     use_server: bool = True  # `ask` answers through a server running on the same data folder, if there is one
@@ -146,6 +151,9 @@ class Settings:
             "ingest_roots": tuple(Path(p) for p in env.get("TPA_RAG_INGEST_ROOTS", "").split(os.pathsep) if p),
             "models": _names(env.get("TPA_RAG_MODELS", "")),
             "api_keys": _names(env.get("TPA_RAG_API_KEYS", "")) + _names(env.get("TPA_RAG_API_KEY", "")),
+            "chunk_reuse": _flag(env, "TPA_RAG_CHUNK_REUSE", cls.chunk_reuse),
+            "chunk_boundary_tokens": _number(env, "TPA_RAG_CHUNK_BOUNDARY_TOKENS", int, cls.chunk_boundary_tokens),
+            "chunk_recompute_ratio": _number(env, "TPA_RAG_CHUNK_RECOMPUTE_RATIO", float, cls.chunk_recompute_ratio),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["data_dir"] is None:

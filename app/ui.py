@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr  # at module level: Gradio resolves handlers' `gr.Request` annotations in these globals
 
 from app import ui_render
+from app.context import public_source as contract_source
 from app.errors import AppError, user_error_types
 from app.owners import owner_for
 
@@ -171,6 +172,8 @@ def build_app(service: ChatService) -> gr.Blocks:
                     local_path = gr.Textbox(label="Or a folder / git repository on the server, inside "
                                                   + " or ".join(roots), placeholder=roots[0] if roots else "",
                                             visible=bool(roots), elem_id="local-path")
+                    encode = gr.Checkbox(label="Encode chunk caches too (for chunk reuse; takes a while)",
+                                         value=False, elem_id="ingest-encode")
                     ingest_button = gr.Button("Ingest", variant="primary", elem_id="ingest")
                 ingest_summary = gr.Markdown(elem_id="ingest-summary")
                 delete_collection = gr.Button("Delete collection", variant="stop", size="sm",
@@ -265,7 +268,7 @@ def build_app(service: ChatService) -> gr.Blocks:
 
         @_guard(7)
         def on_ingest(coll: str | None, new_name: str, files: list[str] | None, folder_files: list[str] | None,
-                      path: str, progress: gr.Progress = gr.Progress()) -> tuple:
+                      path: str, encode_chunks: bool = False, progress: gr.Progress = gr.Progress()) -> tuple:
             name = (new_name or "").strip() or coll
             if not name:
                 raise AppError("name a new collection or pick one to add documents to")
@@ -281,12 +284,20 @@ def build_app(service: ChatService) -> gr.Blocks:
             discard_uploads(sources)  # saved: the page clears them; after an error they stay for a retry
             for item in summary.get("rejected", []):
                 gr.Warning(f"{item['path']}: {item['reason']}")
+            if encode_chunks:
+                def announce(plan) -> None:  # noqa: ANN001 - app.chunk_reuse.EncodePlan
+                    gr.Info(f"encoding {plan.to_encode} chunk caches: {plan.bytes_needed / 1024**2:,.1f} MiB of a "
+                            f"{plan.budget_bytes / 1024**2:,.0f} MiB cache budget")
+
+                summary["encode"] = service.encode_chunks(
+                    name, progress=lambda done, total, what: progress((done, max(total, 1)), desc=f"encoding {what}"),
+                    on_plan=announce)
             names = service.collection_names()
             return (ui_render.ingest_markdown(summary), gr.update(choices=names, value=name), "", None, None, "",
                     gr.update(choices=service.document_paths(name)))
 
         ingest_button.click(
-            on_ingest, [collection, new_collection, uploads, folder, local_path],
+            on_ingest, [collection, new_collection, uploads, folder, local_path, encode],
             [ingest_summary, collection, new_collection, uploads, folder, local_path, pinned_docs],
             concurrency_id=INGEST_QUEUE, concurrency_limit=1, api_name="ingest",
             show_progress_on=[ingest_summary],  # one progress bar, where the summary will appear
@@ -424,14 +435,17 @@ def build_app(service: ChatService) -> gr.Blocks:
         # ---- the named API endpoint (same object as `tpa-rag ask --json`) ---------------------------------
         @_guard(None)
         def ask(question: str, collection: str, session_id: str = "", pinned: bool = False,
-                request: gr.Request = None) -> Iterator[dict]:
+                chunk_reuse: bool | None = None, request: gr.Request = None) -> Iterator[dict]:
             """Ask a question about a collection. Streams partial objects (metrics null) and ends with the object
             of `tpa-rag ask --json`: {answer, session_id, sources, metrics, left_out}, where each source names its
             document under "file" (a "path" key would make gradio_client fetch it as a file). A session_id must
-            be one this client started (same login, or same cookie jar)."""
+            be one this client started (same login, or same cookie jar). `chunk_reuse`: assemble retrieved chunks
+            from chunk caches (null = the server's setting)."""
             answer = ""
             owner = _owner(request)
-            for event in service.ask_stream(question, collection, session_id, pinned=pinned, owner=owner):
+            options = service.options(chunk_reuse=None if chunk_reuse is None else bool(chunk_reuse))
+            for event in service.ask_stream(question, collection, session_id, pinned=pinned, options=options,
+                                            owner=owner):
                 if event.kind == "done":
                     result = event.result.to_json()
                     yield dict(result, sources=[public_source(s) for s in event.result.sources])
@@ -446,11 +460,9 @@ def build_app(service: ChatService) -> gr.Blocks:
 
 
 def public_source(source: dict) -> dict:
-    """A source as the `/ask` endpoint gives it: file, line range and score (the text stays in the UI)."""
-    return {"file": source.get("path"), "start_line": source.get("start_line"), "end_line": source.get("end_line"),
-            "score": source.get("score")}
-
-
+    """A source as the `/ask` endpoint gives it: the JSON contract's fields (`app.context.public_source`: line
+    range and score, the text stays in the UI), the path under "file"."""
+    return {("file" if key == "path" else key): value for key, value in contract_source(source).items()}
 def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
     """`user:password`, or the path of a file with one `user:password` per line (blank lines and # comments).
     The file is the safe form: a password on the command line shows in the process list."""

@@ -25,14 +25,18 @@ class TurnCost(NamedTuple):
 
 
 def metrics_line(metrics: dict) -> str:
-    """One line under an answer: prompt and reused tokens, time to first token, decode speed, total time."""
+    """One line under an answer: prompt tokens, those reused from exact prefix pages (and, with chunk reuse, those
+    from chunk caches and those recomputed), time to first token, decode speed, total time."""
     if not metrics:
         return ""
     prompt = int(metrics.get("prompt_tokens", 0))
     reused = int(metrics.get("reused_tokens", 0))
     share = f" ({100 * reused / prompt:.0f}%)" if prompt else ""
+    chunks = int(metrics.get("chunk_tokens", 0))
+    recomputed = int(metrics.get("recomputed_tokens", 0))
+    assembled = f"chunk caches {chunks:,} · recomputed {recomputed:,} · " if chunks or recomputed else ""
     return (
-        f"prompt {prompt:,} tokens · reused {reused:,}{share} · "
+        f"prompt {prompt:,} tokens · reused {reused:,}{share} · {assembled}"
         f"TTFT {metrics.get('ttft_ms', 0):,.0f} ms · {metrics.get('decode_tokens_per_s', 0):.1f} tok/s · "
         f"total {metrics.get('total_ms', 0) / 1000:.2f} s"
     )
@@ -117,6 +121,10 @@ def cache_markdown(stats: dict) -> str:
     rate = stats.get("hit_rate")
     rate_text = "n/a" if rate is None else f"{100 * rate:.0f}%"
     lines = [f"**{entries:,}** factor pages · **{human_bytes(size)}** on disk · hit rate **{rate_text}**"]
+    chunks = stats.get("chunk_caches") or {}
+    if chunks.get("entries"):
+        lines.append(f"{chunks['entries']:,} of them chunk caches ({human_bytes(chunks.get('bytes', 0))}), for "
+                     "chunk reuse")
     per_token = stats.get("bytes_per_token")
     if per_token:
         lines.append(f"{stats.get('tokens', 0):,} tokens cached, **{human_bytes(round(per_token))} per token** "
@@ -151,6 +159,10 @@ def ingest_markdown(report: dict) -> str:
     if skipped:
         lines.append("")
         lines += [f"- skipped `{item['path']}`: {item['reason']}" for item in skipped]
+    if report.get("encode"):
+        enc = report["encode"]
+        lines += ["", f"Chunk caches: {enc['encoded']} encoded, {enc['cached']} already stored"
+                  + (f", {enc['rejected']} refused by the cache budget" if enc["rejected"] else "") + "."]
     return "\n".join(lines)
 
 

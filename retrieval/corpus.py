@@ -221,6 +221,13 @@ class Corpus:
                 raise UnknownDocumentError(collection, missing)
         return [DocumentText(d.id, d.path, d.text, d.kind) for d in docs]
 
+    def chunk_records(self, collection: str) -> list:
+        """Every chunk of the collection (`retrieval.tables.ChunkRecord`: path, idx, text, line range), in
+        (path, idx) order."""
+        row = self.db.require_collection(check_collection_name(collection))
+        records = self.db.chunks(self.db.chunk_ids(row.id).tolist())
+        return sorted(records.values(), key=lambda r: (r.path, r.idx))
+
     # -- the vector index ----------------------------------------------------------------------------------------
 
     def _index_path(self, collection_id: int) -> Path:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from tpa_core.config import TPAConfig
+from tpa_core.errors import TPAError
 
 
 class RopeTables(NamedTuple):
@@ -129,6 +130,27 @@ class Rope:
         cos = torch.cat((cos, cos), dim=-1)  # [B, N, D]
         sin = torch.cat((-self._sign * sin, self._sign * sin), dim=-1)  # [B, N, D]
         return RopeTables(cos[:, :, None, :].to(dtype), sin[:, :, None, :].to(dtype))  # [B, N, 1, D]
+
+    def shift(self, x: Tensor, offset: int) -> Tensor:
+        """Move RoPE-rotated `x` `[T, K, D]` (a cached B_K) by `offset` positions (negative: back).
+
+        Exact up to rounding: rotations compose, R(p + offset) = R(offset) R(p), and a YaRN attention factor
+        already applied at p is not applied again. Dynamic NTK scaling picks its frequencies per call from the
+        longest position, so a cached factor cannot be moved: that raises `TPAError`."""
+        if self.dynamic:
+            raise TPAError("dynamic NTK RoPE scaling changes its frequencies with the context length; "
+                           "a cached key cannot be moved to another position (turn chunk reuse off)")
+        if offset == 0:
+            return x
+        freq = self._inv_freq.to(device=x.device, dtype=torch.float64)
+        angles = float(offset) * freq  # [D/2], float64 so the move adds no rounding of its own
+        cos, sin = angles.cos(), angles.sin()
+        cos = torch.cat((cos, cos))  # [D]
+        sin = torch.cat((-self._sign * sin, self._sign * sin))  # [D]
+        half = x.shape[-1] // 2
+        wide = x.to(torch.float64)
+        swapped = torch.cat((wide[..., half:], wide[..., :half]), dim=-1)  # [T, K, D]: (x2, x1)
+        return (wide * cos + swapped * sin).to(x.dtype)
 
 
 def apply_rope(x: Tensor, tables: RopeTables) -> Tensor:

@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from app.commands.progress import IngestProgressBar
+from app.context import public_source
 from app.errors import AppError
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--offer-model", action="append", default=[], metavar="MODEL",
                        help="a model visitors may switch to besides --model (repeatable; env TPA_RAG_MODELS, "
                             "comma-separated)")
+    _chunk_reuse_flag(serve, "for every ask of this server")
     serve.add_argument("--demo", nargs="+", metavar="PATH",
                        help=f"on first run, ingest these paths as the collection {DEMO_COLLECTION!r} before serving")
     serve.set_defaults(handler=cmd_serve)
@@ -56,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ask.add_argument("--top-k", type=int, help="retrieved chunks (default from the settings)")
     ask.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy, the default)")
     ask.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
+    _chunk_reuse_flag(ask, "for this ask")
     ask.add_argument("--json", action="store_true",
                      help='print {"answer", "session_id", "sources", "metrics", "left_out"} as one JSON object')
     ask.add_argument("--no-server", action="store_true",
@@ -78,6 +81,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for sub in (listing, show, rename, delete):
         sub.add_argument("--json", action="store_true", help="machine-readable output")
         sub.set_defaults(handler=cmd_sessions)
+
+
+def _chunk_reuse_flag(parser: argparse.ArgumentParser, scope: str) -> None:
+    parser.add_argument("--chunk-reuse", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"retrieval mode: assemble the retrieved chunks from their chunk caches {scope} "
+                             "(approximate; default: TPA_RAG_CHUNK_REUSE, off unless set)")
 
 
 def _service(settings: Settings, *, with_model: bool = True):
@@ -141,7 +150,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _serve_settings(args: argparse.Namespace, settings: Settings) -> Settings:
-    """The settings with serve's options added: allowed Host names, ingest roots (existing folders) and models."""
+    """The settings with serve's options added: allowed Host names, ingest roots (existing folders), models and
+    chunk reuse."""
     from pathlib import Path
 
     roots = list(settings.ingest_roots) + [Path(p).expanduser().resolve() for p in args.ingest_root]
@@ -150,7 +160,8 @@ def _serve_settings(args: argparse.Namespace, settings: Settings) -> Settings:
             raise AppError(f"ingest root {str(root)!r} is not a folder")
     return settings.with_(allowed_hosts=settings.allowed_hosts + tuple(args.allowed_host),
                           ingest_roots=tuple(dict.fromkeys(roots)),
-                          models=settings.models + tuple(m for m in args.offer_model if m.strip()))
+                          models=settings.models + tuple(m for m in args.offer_model if m.strip()),
+                          chunk_reuse=settings.chunk_reuse if args.chunk_reuse is None else args.chunk_reuse)
 
 
 def _is_loopback(host: str) -> bool:
@@ -168,7 +179,7 @@ def _is_loopback(host: str) -> bool:
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
     question = " ".join(args.question)
     options = {"top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-               "documents": tuple(args.document) if args.document else None}
+               "documents": tuple(args.document) if args.document else None, "chunk_reuse": args.chunk_reuse}
     if settings.use_server and not args.no_server:
         result = _ask_through_server(settings, question, args, options)
         if result is not None:
@@ -236,7 +247,7 @@ def _print_result(result: dict, as_json: bool) -> int:
     from app import ui_render
 
     if as_json:
-        public = [{k: s.get(k) for k in ("path", "start_line", "end_line", "score")} for s in result["sources"]]
+        public = [public_source(s) for s in result["sources"]]
         print(json.dumps({key: public if key == "sources" else value for key, value in result.items()},
                          ensure_ascii=False))
         return 0
@@ -269,8 +280,7 @@ def cmd_sessions(args: argparse.Namespace, settings: Settings) -> int:
                 body = info.to_json()
                 body["turns_detail"] = [
                     {"question": t.question, "answer": t.answer, "mode": t.mode, "left_out": t.left_out,
-                     "sources": [{k: s.get(k) for k in ("path", "start_line", "end_line", "score")}
-                                 for s in t.sources],
+                     "sources": [public_source(s) for s in t.sources],
                      "metrics": t.metrics}
                     for t in turns
                 ]

@@ -47,8 +47,8 @@ def test_ask_json_then_follow_up_and_sessions(cli):
     assert code == 0
     first = json.loads(out)
     assert set(first) == {"answer", "session_id", "sources", "metrics", "left_out"}
-    assert set(first["metrics"]) == {"prompt_tokens", "reused_tokens", "ttft_ms", "decode_tokens_per_s",
-                                     "total_ms"}
+    assert set(first["metrics"]) == {"prompt_tokens", "reused_tokens", "chunk_tokens", "recomputed_tokens",
+                                     "prefilled_tokens", "ttft_ms", "decode_tokens_per_s", "total_ms"}
     assert all(set(s) == {"path", "start_line", "end_line", "score"} for s in first["sources"])
     code, out, err = cli("ask", "--collection", "docs", "--session", first["session_id"], "--max-new-tokens", "5",
                          "--temperature", "0", "And", "the", "namespace?")

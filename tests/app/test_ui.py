@@ -49,6 +49,11 @@ def test_api_ask_streams_and_follow_up_reuses_the_cache(app_url):
     assert other["session_id"] != final["session_id"]
     assert [t.question for t in service.session(other["session_id"])[1]] == ["What is the capital of France?"]
     assert len(service.session(final["session_id"])[1]) == 2
+    # chunk_reuse on for one ask: the metrics say where its tokens came from (exact pages win where they cover).
+    m = c.predict("What is a page key?", "docs", "", False, True, api_name="/ask")["metrics"]
+    assert m["reused_tokens"] + m["chunk_tokens"] + m["recomputed_tokens"] + m["prefilled_tokens"] == \
+        m["prompt_tokens"]
+    assert m["prefilled_tokens"] > 0
 
 
 def test_api_errors_are_messages_and_change_nothing(app_url):

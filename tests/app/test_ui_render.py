@@ -54,6 +54,9 @@ def test_cache_panel_says_bytes_per_token_and_what_is_pinned():
         [{"session_id": "a", "name": "geography", "collection": "docs", "bytes": 2048, "tokens": 512}])
     assert listing == "- geography (docs): 2.0 KiB, 512 tokens"
     assert ui_render.pinned_sessions_markdown([]).startswith("None of your sessions")
+    with_chunks = ui_render.cache_markdown({**stats, "chunk_caches": {"entries": 12, "bytes": 3 * 1024**2}})
+    assert "12 of them chunk caches (3.0 MiB), for chunk reuse" in with_chunks
+    assert "chunk caches" not in ui_render.cache_markdown({**stats, "chunk_caches": {"entries": 0, "bytes": 0}})
 
 
 def test_cited_text_keeps_the_files_line_numbers():

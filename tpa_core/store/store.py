@@ -477,6 +477,37 @@ class FactorStore:
                 conn.execute(update(Entry).where(Entry.key == key).values(pinned=False))
             self._remove(key, path, pinned_ok=True)
 
+    # ----- entries of other kinds (`tpa_core.store.chunks`) --------------------------------------------------
+    def write_entry(self, namespace: str, key: str, kind: str, start: int, tensors: Mapping[str, Tensor]) -> str:
+        """Write one entry that is not a prefix page (`{name: [T, ...]}`, contiguous CPU tensors; no parent, so
+        always a leaf for eviction) through the pages' path: layout check, admission, claim, atomic write.
+        Returns "written", "exists" (another writer has or is writing it) or "rejected" (admission control)."""
+        claim = self._claim_page(namespace, key, None, kind, start, tensors)
+        if isinstance(claim, str):
+            return claim
+        return "written" if self._write_claimed([(claim[0], tensors, claim[1])]) else "exists"
+
+    def read_entry(self, ref: PageRef) -> dict[str, Tensor] | None:
+        """The verified tensors of ready entry `ref` (`{name: [n_tokens, ...]}` on the CPU), its hit counted;
+        None when its file is gone (evicted meanwhile) or it failed verification (then it is quarantined, with
+        a warning)."""
+        layout = self._layout(ref.namespace)
+        if layout is None:
+            return None
+        try:
+            tensors = blobfmt.read_page(self.blobs_dir / ref.path, nbytes=ref.nbytes, checksum=ref.checksum,
+                                        expect=ref.expect(), layout=layout)
+        except FileNotFoundError:
+            return None
+        except PageCorrupt as exc:
+            self.session.corrupt += 1
+            self._quarantine(ref.key, str(exc) or "corrupt", checksum=ref.checksum)
+            return None
+        with self.engine.begin() as conn:
+            conn.execute(update(Entry).where(Entry.key == ref.key)
+                         .values(hits=Entry.hits + 1, last_access=time.time()))
+        return tensors
+
     # ----- removal, quarantine, eviction ---------------------------------------------------------------------
     def _remove(self, key: str, path: str, *, pinned_ok: bool = False) -> bool:
         """Delete a ready entry, then its file (a crash in between leaves an orphan file: reconciled)."""
