@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 STORE = ROOT / "tpa_core" / "store"
 MODULES = sorted(p.stem for p in STORE.glob("*.py") if p.stem != "__init__")
 
