@@ -24,8 +24,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.context import (SYSTEM_PROMPT, ContextOverflowError, ContextUnit, bound_pinned, canonical, fit_prompt,
-                         render_context)
+from app.context import (
+    SYSTEM_PROMPT,
+    ContextOverflowError,
+    ContextUnit,
+    bound_pinned,
+    canonical,
+    fit_prompt,
+    render_context,
+)
 from app.database import make_engine
 from app.errors import AppError
 from app.sessions import SessionInfo, SessionStore, Turn
@@ -245,9 +252,8 @@ class ChatService:
         repository on this machine, which must lie inside one of `settings.ingest_roots`, into `collection`
         (created if new). Returns the ingestion summary (`ingest --json` shape) plus "rejected": uploads refused
         before ingestion (type or size), each with its reason."""
-        from retrieval.extract import supported
-
         from app.uploads import store_upload
+        from retrieval.extract import supported
 
         rejected: list[dict] = []
         targets: list[Path] = []
