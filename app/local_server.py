@@ -3,7 +3,8 @@
 A running `serve` writes `<data dir>/server.json` (mode 0600): its loopback URL, its process id, the model it
 runs and a random token. `ask` reads it, and if that process is alive, runs the same model and answers on the
 loopback address, it streams the answer from `POST /local/ask` (`app.local_api`; newline-delimited JSON events),
-authenticated by the token: whoever can read the data folder can read everything in it anyway, and nobody else gets the token.
+authenticated by the token: whoever can read the data folder can read everything in it anyway, and nobody else
+gets the token.
 The server answers as the CLI would (a local administrator: every session is visible). Any failure to reach it
 falls back to answering in-process; `ask --no-server` or `TPA_RAG_USE_SERVER=0` never tries.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.errors import AppError
+from tpa_core.store.reconcile import process_exists
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +74,10 @@ def _read(path: Path) -> LocalServer | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def find_server(data_dir: Path, model: str) -> LocalServer | None:
     """The live server on `data_dir` that runs `model`, or None."""
     server = _read(Path(data_dir) / SERVER_FILE)
-    if server is None or not _alive(server.pid) or server.model != model:
+    if server is None or not process_exists(server.pid) or server.model != model:
         return None
     if not server.url.startswith(("http://127.0.0.1:", "http://[::1]:", "http://localhost:")):
         return None

@@ -127,11 +127,11 @@ class Settings:
             raise AppError(f"TPA_RAG_MAX_INGEST_CHUNKS must be positive, got {self.max_ingest_chunks}")
         return IngestLimits(max_chunks=self.max_ingest_chunks)
 
-    def with_(self, **changes) -> "Settings":
+    def with_(self, **changes) -> Settings:
         return replace(self, **changes)
 
     @classmethod
-    def from_env(cls, environ: "os._Environ[str] | dict[str, str] | None" = None, **overrides) -> "Settings":
+    def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None, **overrides) -> Settings:
         """Settings from TPA_RAG_* environment variables; explicit overrides (CLI flags) win."""
         env = os.environ if environ is None else environ
         values: dict = {

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from app.logins import LoginGuard
-
     from app.service import ChatService
     from app.settings import Settings
 

@@ -141,7 +141,8 @@ def markdown(report: dict) -> str:
         f"Convergence, {c['date']}, {c['device']}, torch {c['torch']}, Python {c['python']}; "
         f"d={c['shape']['d_model']}, {c['shape']['n_layers']} layers, head dim {c['shape']['head_dim']}, "
         f"{c['train']['steps']} steps x {c['train']['batch_size']} x {c['train']['seq_len']} byte tokens, "
-        f"seeds {c['seeds']}, init {c['train'].get('init', 'normal')}; data: {c['data']['source']} (Python {c['data'].get('python')}, "
+        f"seeds {c['seeds']}, init {c['train'].get('init', 'normal')}; "
+        f"data: {c['data']['source']} (Python {c['data'].get('python')}, "
         f"{c['data']['train_bytes']:,} train / {c['data']['heldout_bytes']:,} held-out bytes); "
         f"command: `{c['command']}`."
     )

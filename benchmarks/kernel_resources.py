@@ -18,9 +18,9 @@ import dataclasses
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -105,7 +105,8 @@ def resources(compiled, options: dict, dump: Path | None, label: str) -> str:
         safe = "".join(c if c.isalnum() or c in "-_=" else "_" for c in label)
         (dump / f"{safe}.sass").write_text(sass)
         (dump / f"{safe}.ttgir").write_text(compiled.asm["ttgir"])
-    fields = dict(part.split(":") for part in next(l for l in usage.splitlines() if "REG:" in l).split() if ":" in part)
+    usage_row = next(row for row in usage.splitlines() if "REG:" in row)
+    fields = dict(part.split(":") for part in usage_row.split() if ":" in part)
     regs, stack = int(fields["REG"]), int(fields["STACK"])
     per_sm = 65536 // (options["num_warps"] * 32 * regs)
     ops = " ".join(f"{op}={sass.count(op)}" for op in SASS_OPS)
@@ -138,7 +139,8 @@ CASES = [
     ("decode t6 H=34 B=16 M=2^16", "decode", lambda: inputs(16, 1, 1 << 16, 34, 64, (6, 2, 2), "contextual"), {}),
     ("decode t6 H=78 B=1 M=2^18", "decode", lambda: inputs(1, 1, 1 << 18, 78, 64, (6, 2, 2), "contextual"), {}),
     ("decode gqa llama3-8b B=16 M=2^14", "decode", lambda: inputs(16, 1, 1 << 14, 32, 128, (0, 8, 8), "fixed"), {}),
-    ("prefill contextual (16,1,1) N=8192", "prefill", lambda: inputs(1, 8192, 8192, 32, 64, (16, 1, 1), "contextual"), {}),
+    ("prefill contextual (16,1,1) N=8192", "prefill",
+     lambda: inputs(1, 8192, 8192, 32, 64, (16, 1, 1), "contextual"), {}),
     ("prefill contextual (16,1,1) N=8192 128x64", "prefill",
      lambda: inputs(1, 8192, 8192, 32, 64, (16, 1, 1), "contextual"),
      {"block_n": 128, "block_t": 64, "num_warps": 8, "num_stages": 3}),

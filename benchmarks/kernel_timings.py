@@ -30,8 +30,8 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -386,8 +386,9 @@ def section_prefill(run: Runner, Ns: list[int], rows: list[dict]) -> None:
                 us, err = time_ours(run, functools.partial(tpa_inputs, run, 1, N, M, H, D, *ranks, form), 1 << 30)
                 r[f"{form}_us"], r[f"{form}_err"], r[f"{form}_ratio"] = us, err, us / sdpa
             rows.append(r)
-            print(f"prefill N={N:5d} M={M:5d}: SDPA causal {sdpa:9.1f} us ({be})  TPA(16,1,1) {r['contextual_us']:9.1f} "
-                  f"x{r['contextual_ratio']:.2f} err {fmt(r['contextual_err'], '.2e')}  MHA-as-TPA {r['fixed_us']:9.1f} "
+            print(f"prefill N={N:5d} M={M:5d}: SDPA causal {sdpa:9.1f} us ({be})  "
+                  f"TPA(16,1,1) {r['contextual_us']:9.1f} x{r['contextual_ratio']:.2f} "
+                  f"err {fmt(r['contextual_err'], '.2e')}  MHA-as-TPA {r['fixed_us']:9.1f} "
                   f"x{r['fixed_ratio']:.2f} err {fmt(r['fixed_err'], '.2e')}", flush=True)
 
 
@@ -647,7 +648,8 @@ TABLES: dict[str, tuple[list[str], Callable[[dict], list[str]]]] = {
                  lambda r: [r["H"], r["B"], _pow2(r["M"]), r["ranks"], f"{r['ours_us']:.1f}", fmt(r["ours_err"], ".1e"),
                             fmt(r["official_us"]), fmt(r["official_err"], ".1e"), fmt(r["speedup"], ".2f"),
                             fmt(r["anchor_us"]), f"{r['floor_us']:.1f}"]),
-    "prefill": (["N", "M", "SDPA causal us", "TPA (16,1,1) us", "ratio", "rel err", "MHA-as-TPA us", "ratio", "rel err"],
+    "prefill": (["N", "M", "SDPA causal us", "TPA (16,1,1) us", "ratio", "rel err", "MHA-as-TPA us", "ratio",
+                 "rel err"],
                 lambda r: [r["N"], r["M"], f"{r['sdpa_us']:.1f} ({r['sdpa_backend']})", f"{r['contextual_us']:.1f}",
                            f"{r['contextual_ratio']:.2f}", fmt(r["contextual_err"], ".1e"), f"{r['fixed_us']:.1f}",
                            f"{r['fixed_ratio']:.2f}", fmt(r["fixed_err"], ".1e")]),

@@ -31,10 +31,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
-import shutil
 import sysconfig
 import tempfile
 import time

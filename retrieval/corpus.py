@@ -24,15 +24,21 @@ import numpy as np
 from sqlalchemy import Engine
 
 from retrieval.chunking import ChunkingConfig
-from retrieval.tables import CollectionRow, CorpusDB
 from retrieval.embeddings import Embedder, SentenceTransformerEmbedder
-from retrieval.errors import (EmbeddingModelMismatchError, InvalidCollectionNameError, InvalidQueryError,
-                              SourceNotFoundError, UnknownCollectionError, UnknownDocumentError)
+from retrieval.errors import (
+    EmbeddingModelMismatchError,
+    InvalidCollectionNameError,
+    InvalidQueryError,
+    SourceNotFoundError,
+    UnknownCollectionError,
+    UnknownDocumentError,
+)
 from retrieval.index import IndexFileError, IndexParams, VectorIndex
 from retrieval.ingest import Ingestion
 from retrieval.records import CollectionInfo, DocumentInfo, DocumentText, Hit, IngestReport, ProgressCallback
 from retrieval.search import search as search_collection
 from retrieval.sources import IngestLimits, printable
+from retrieval.tables import CollectionRow, CorpusDB
 
 log = logging.getLogger(__name__)
 

@@ -223,7 +223,7 @@ class VectorIndex:
             os.close(dir_fd)
 
     @classmethod
-    def load(cls, path: Path, params: IndexParams = IndexParams()) -> "VectorIndex":
+    def load(cls, path: Path, params: IndexParams = IndexParams()) -> VectorIndex:
         """Read an index written by `save`; raises IndexFileError when the file is missing or damaged."""
         faiss = _faiss()
         try:

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.chunking import Chunk, ChunkingConfig, chunk_text, kind_for_path
-from retrieval.tables import CollectionRow, CorpusDB, KnownDocument, NewDocument
 from retrieval.embeddings import Embedder
 from retrieval.extract import Unextractable, extract
 from retrieval.index import VectorIndex
 from retrieval.records import IngestedDocument, IngestProgress, IngestReport, ProgressCallback
 from retrieval.sources import IngestLimits, Listing, Skipped, SourceFile, SourceReadError, list_source
+from retrieval.tables import CollectionRow, CorpusDB, KnownDocument, NewDocument
 
 log = logging.getLogger(__name__)
 

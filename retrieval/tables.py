@@ -17,8 +17,22 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import (BigInteger, Engine, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint,
-                        delete, func, insert, select, update)
+from sqlalchemy import (
+    BigInteger,
+    Engine,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 

@@ -26,7 +26,6 @@ from tpa_core.errors import TPAError
 from tpa_core.quant import PACKED_MAX_ROWS, Q4Weight
 from tpa_core.rope import Rope
 
-
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 

@@ -14,8 +14,16 @@ import torch
 import triton
 from torch import Tensor
 
-from flashtpa._launch import (LOG2E, TMA_MAX_ROW_BYTES, default_tma, fit_block_t, multiprocessors, next_pow2,
-                              pdl_supported, token_descriptors)
+from flashtpa._launch import (
+    LOG2E,
+    TMA_MAX_ROW_BYTES,
+    default_tma,
+    fit_block_t,
+    multiprocessors,
+    next_pow2,
+    pdl_supported,
+    token_descriptors,
+)
 from flashtpa.inputs import AttentionInputs
 from flashtpa.jit.decode import _decode_factor_kernel, _decode_gqa_kernel, _decode_merge_kernel
 

@@ -11,9 +11,10 @@ QUESTION = "How does the cache store key its entries?"
 
 
 def test_replicas_share_sessions_collections_and_cache(postgres_server, data_dir, corpus_dir, tiny_model):
+    from tiny import HashingEmbedder
+
     from app.service import ChatService
     from app.settings import Settings
-    from tiny import HashingEmbedder
 
     settings = Settings(data_dir=data_dir, database_url=postgres_server.create_database(), top_k=3,
                         max_new_tokens=12)
@@ -37,10 +38,10 @@ def test_replicas_share_sessions_collections_and_cache(postgres_server, data_dir
 
 def test_a_postgres_database_from_before_owners_migrates(postgres_server):
     from sqlalchemy import text
+    from test_owners import OLD_SCHEMA
 
     from app.database import make_engine
     from app.sessions import SessionStore
-    from test_owners import OLD_SCHEMA
 
     engine = make_engine(postgres_server.create_database())
     try:

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from browser_flow import CHROMIUM, run_flow
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -51,9 +50,8 @@ def test_upload_ask_cite_follow_up_in_chromium(empty_app, tmp_path):
 def test_sessions_resume_rename_new_delete_in_chromium(make_service, corpus_dir, serve_web):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing (Debian package 'chromium'; `make system-deps` installs it)")
-    from playwright.sync_api import sync_playwright
-
     from browser_flow import CHROMIUM_ARGS, wait_for_toast
+    from playwright.sync_api import sync_playwright
 
     from app.owners import OWNER_COOKIE
 
@@ -103,10 +101,18 @@ def test_the_page_reads_right_in_chromium(make_service, serve_web, tmp_path):
     points and axis titles, cited text that wraps with its file's line numbers, no label over the chat."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing (Debian package 'chromium'; `make system-deps` installs it)")
+    from browser_flow import (
+        CHART_JS,
+        CHROMIUM_ARGS,
+        ERROR_STATES_JS,
+        LABEL_OVERLAP_JS,
+        PROGRESS_JS,
+        SOURCE_JS,
+        ask,
+        chat_placeholder,
+        wait_for_toast,
+    )
     from playwright.sync_api import sync_playwright
-
-    from browser_flow import (CHART_JS, CHROMIUM_ARGS, ERROR_STATES_JS, LABEL_OVERLAP_JS, PROGRESS_JS, SOURCE_JS,
-                              ask, chat_placeholder, wait_for_toast)
     from tiny import SlowEmbedder
 
     service = make_service(embedder=SlowEmbedder(delay_s=0.4), max_new_tokens=8)

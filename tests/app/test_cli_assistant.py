@@ -15,8 +15,9 @@ QUESTION = "How does the cache store key its entries?"
 @pytest.fixture
 def cli(monkeypatch, data_dir, corpus_dir, tiny_model, capsys):
     """Run `tpa-rag ...` in process; its ChatService gets the tiny model and the hashing embedder injected."""
-    from app.service import ChatService
     from tiny import HashingEmbedder
+
+    from app.service import ChatService
 
     def service(settings, *, with_model=True):
         settings = settings.with_(top_k=3, max_new_tokens=12)

@@ -77,7 +77,7 @@ def test_every_command_and_option_is_documented_and_nothing_else() -> None:
 
 
 def test_global_options_are_documented() -> None:
-    line = next(l for l in README.read_text().splitlines() if l.startswith("Global options:"))
+    line = next(row for row in README.read_text().splitlines() if row.startswith("Global options:"))
     problems = _check_options("global", _option_groups(build_parser()), set(OPTION.findall(line)))
     assert not problems, "\n".join(problems)
 
@@ -86,7 +86,7 @@ def test_global_options_are_documented() -> None:
 def test_the_check_sees_drift(break_it: str, monkeypatch, tmp_path: Path) -> None:
     text = README.read_text()
     if break_it == "drop a row":
-        text = "\n".join(l for l in text.splitlines() if not l.startswith("| `search "))
+        text = "\n".join(row for row in text.splitlines() if not row.startswith("| `search "))
     else:
         text = text.replace("| `ingest --collection NAME", "| `ingest --collection NAME [--recursive]")
     fake = tmp_path / "README.md"

@@ -90,7 +90,6 @@ def test_ingest_endpoint_uploads_and_reports_skipped(app_url, tmp_path):
 
 def test_api_reports_what_was_left_out_and_refuses_what_cannot_fit(make_service, tmp_path, serve_web):
     from gradio_client.exceptions import AppError as ClientError
-
     from tiny import tiny_loaded_model
 
     service = make_service(model=tiny_loaded_model(window=512), max_new_tokens=32)

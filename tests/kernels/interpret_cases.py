@@ -13,10 +13,10 @@ import sys
 import traceback
 
 import torch
-
-from flashtpa.inputs import AttentionInputs
 from kernel_inputs import TOLERANCES, decode_config, make_inputs, prefill_config, rel_err
 from kernel_oracle import oracle_attention
+
+from flashtpa.inputs import AttentionInputs
 
 # form, B, H, D, T_cap, kv_lens, (R_Q, R_K, R_V), dtype, config fields (`kernel_inputs.decode_config`)
 DECODE_CASES = [
@@ -26,7 +26,8 @@ DECODE_CASES = [
     ("contextual", 1, 12, 16, 60, [53], (3, 3, 1), torch.float32, {"block_t": 16, "min_chunk": 16}),
     ("contextual", 2, 3, 16, 64, [5, 1], (2, 2, 2), torch.float32, {"block_t": 32, "min_chunk": 2}),
     ("contextual", 1, 6, 16, 97, [97], (6, 2, 2), torch.float32, {"block_t": 16, "min_chunk": 4, "num_splits": 7}),
-    ("contextual", 2, 5, 16, 70, [70, 33], (4, 3, 2), torch.float32, {"block_t": 16, "min_chunk": 8, "prefetch": False}),
+    ("contextual", 2, 5, 16, 70, [70, 33], (4, 3, 2), torch.float32,
+     {"block_t": 16, "min_chunk": 8, "prefetch": False}),
     ("contextual", 2, 10, 16, 50, [50, 29], (6, 2, 3), torch.float16, {"block_t": 16, "min_chunk": 8}),
     ("kv_only", 2, 9, 16, 40, [37, 1], (0, 2, 3), torch.float32, {"block_t": 16, "min_chunk": 8}),
     ("kv_only", 1, 3, 16, 29, [29], (0, 6, 6), torch.float32, {"block_t": 16, "min_chunk": 5}),

@@ -12,8 +12,10 @@ import torch
 from torch import Tensor
 
 
-def _layer_view(B: int, T_cap: int, tail: tuple[int, ...], dtype: torch.dtype, device: str, gen: torch.Generator) -> Tensor:
-    storage = torch.randn(2, B, T_cap, *tail, generator=gen, dtype=torch.float32).to(dtype).to(device)  # [L, B, T_cap, ...]
+def _layer_view(B: int, T_cap: int, tail: tuple[int, ...], dtype: torch.dtype, device: str,
+                gen: torch.Generator) -> Tensor:
+    # [L, B, T_cap, ...]
+    storage = torch.randn(2, B, T_cap, *tail, generator=gen, dtype=torch.float32).to(dtype).to(device)
     return storage[1]  # [B, T_cap, ...] view, B stride = T_cap * prod(tail)
 
 

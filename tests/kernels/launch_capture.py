@@ -9,8 +9,8 @@ descriptors and strides left out), which is what a change of the default launch 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 

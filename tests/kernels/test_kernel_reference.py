@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_inputs import TOLERANCES, make_inputs, rel_err
-from flashtpa.inputs import AttentionInputError, AttentionInputs
-from flashtpa.dispatch import attention
-from flashtpa.reference import FACTOR_SPACE_MAX_QUERIES, attention_reference
 from kernel_oracle import oracle_attention
+
+from flashtpa.dispatch import attention
+from flashtpa.inputs import AttentionInputError, AttentionInputs
+from flashtpa.reference import FACTOR_SPACE_MAX_QUERIES, attention_reference
 
 FORMS = ("contextual", "kv_only", "fixed")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from flashtpa.inputs import AttentionInputs
 from kernel_inputs import TOLERANCES, decode_config, make_inputs, prefill_config, rel_err
 from kernel_oracle import oracle_attention
+
+from flashtpa.inputs import AttentionInputs
 
 pytestmark = [
     pytest.mark.gpu,

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 import torch
+from launch_capture import meta_inputs
 
 from flashtpa.inputs import AttentionInputs
-from launch_capture import meta_inputs
 
 pytest.importorskip("triton")
 

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from launch_capture import decode_cases, prefill_cases, recorded_launches
 
 pytest.importorskip("triton")

@@ -9,13 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from retrieval_helpers import CountingEmbedder, write
 
 from retrieval import IndexParams, IngestLimits
-from retrieval.errors import (EmbeddingModelMismatchError, InvalidCollectionNameError, InvalidQueryError,
-                              SourceNotFoundError, UnknownCollectionError, UnknownDocumentError)
+from retrieval.errors import (
+    EmbeddingModelMismatchError,
+    InvalidCollectionNameError,
+    InvalidQueryError,
+    SourceNotFoundError,
+    UnknownCollectionError,
+    UnknownDocumentError,
+)
 from retrieval.index import VectorIndex
-
-from retrieval_helpers import CountingEmbedder, write
 
 COLORS = '''"""Colour conversions."""
 

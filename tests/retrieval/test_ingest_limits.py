@@ -8,9 +8,9 @@ import os
 import sys
 
 import pytest
+from retrieval_helpers import write
 
 from retrieval import IngestLimits
-from retrieval_helpers import write
 
 
 def skipped(report) -> dict[str, str]:

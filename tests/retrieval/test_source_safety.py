@@ -11,9 +11,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from retrieval_helpers import write
 
 from retrieval.sources import IngestLimits, SourceReadError, list_source
-from retrieval_helpers import write
 
 GIT = shutil.which("git")
 needs_git = pytest.mark.skipif(GIT is None, reason="git is not installed")

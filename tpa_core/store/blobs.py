@@ -57,19 +57,19 @@ def blob_relpath(namespace: str, key: str) -> str:
     return f"{namespace[:16]}/{key[:2]}/{key}{BLOB_SUFFIX}"
 
 
-def layout_of(tensors: Mapping[str, "Tensor"]) -> dict[str, list]:
+def layout_of(tensors: Mapping[str, Tensor]) -> dict[str, list]:
     """{name: [dtype, per-token shape]} of a page's tensors (the first dim is the token count)."""
     return {name: [str(t.dtype).removeprefix("torch."), list(t.shape[1:])] for name, t in sorted(tensors.items())}
 
 
-def new_checksum() -> "xxhash.xxh3_128":
+def new_checksum() -> xxhash.xxh3_128:
     """A running checksum of a blob's bytes (feed it with `update`, finish with `checksum_text`)."""
     import xxhash
 
     return xxhash.xxh3_128()
 
 
-def checksum_text(running: "xxhash.xxh3_128") -> str:
+def checksum_text(running: xxhash.xxh3_128) -> str:
     """The index's form of a checksum: "xxh3-128:<32 hex digits>"."""
     return f"{CHECKSUM}:{running.hexdigest()}"
 
@@ -81,7 +81,7 @@ def checksum_of(data: bytes | memoryview) -> str:
     return checksum_text(running)
 
 
-def byte_view(tensor: "Tensor") -> memoryview:
+def byte_view(tensor: Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor as a flat, writable memoryview of its own memory (no copy)."""
     import torch
 
@@ -92,7 +92,7 @@ def byte_view(tensor: "Tensor") -> memoryview:
 
 
 # ----- writing -------------------------------------------------------------------------------------------------
-def encode_header(tensors: Mapping[str, "Tensor"], meta: Mapping[str, Any]) -> tuple[bytes, list[str]]:
+def encode_header(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> tuple[bytes, list[str]]:
     """The safetensors prefix of a page (8-byte length, JSON header padded to 8 bytes) and the tensor names in
     the order their bytes follow it. `meta` is the page identity (namespace, key, kind, start, n_tokens,
     parent); the format and its version are added."""
@@ -113,7 +113,7 @@ def encode_header(tensors: Mapping[str, "Tensor"], meta: Mapping[str, Any]) -> t
     return struct.pack("<Q", len(text)) + text, order
 
 
-def page_nbytes(tensors: Mapping[str, "Tensor"], meta: Mapping[str, Any]) -> int:
+def page_nbytes(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> int:
     """The size of the blob `write_page` would write (known before writing, for admission control)."""
     prefix, _ = encode_header(tensors, meta)
     return len(prefix) + sum(t.numel() * t.element_size() for t in tensors.values())
@@ -170,7 +170,7 @@ def write_atomic(path: Path, pieces: Iterable[bytes | memoryview], *, durable: b
     return checksum_text(running)
 
 
-def write_page(path: Path, tensors: Mapping[str, "Tensor"], meta: Mapping[str, Any]) -> tuple[int, str]:
+def write_page(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> tuple[int, str]:
     """Write one page atomically from its tensors' own memory. Returns (bytes written, checksum).
 
     `tensors` are `{name: [T, ...]}`, contiguous and on the CPU (views of a live cache are fine: nothing is
@@ -202,7 +202,7 @@ def _parse_header(text: bytes) -> dict:
     return header
 
 
-def _read_exact(fd: int, into: memoryview, running: "xxhash.xxh3_128", what: str) -> None:
+def _read_exact(fd: int, into: memoryview, running: xxhash.xxh3_128, what: str) -> None:
     """Fill `into` from `fd`, hashing each piece as it arrives; a short file is corrupt."""
     for at in range(0, len(into), _PIECE):
         part = into[at:at + _PIECE]
@@ -326,7 +326,7 @@ def read_page_into(
         raise PageCorrupt(f"checksum mismatch: file has {found[:25]}..., the index says {checksum[:25]}...")
 
 
-def empty_page(layout: Mapping[str, list], n_tokens: int) -> dict[str, "Tensor"]:
+def empty_page(layout: Mapping[str, list], n_tokens: int) -> dict[str, Tensor]:
     """Fresh CPU tensors `{name: [n_tokens, *per-token shape]}` for a page of `layout` (a staging area)."""
     import torch
 
@@ -335,7 +335,7 @@ def empty_page(layout: Mapping[str, list], n_tokens: int) -> dict[str, "Tensor"]
 
 
 def read_page(path: Path, *, nbytes: int, checksum: str, expect: Mapping[str, Any],
-              layout: Mapping[str, list]) -> dict[str, "Tensor"]:
+              layout: Mapping[str, list]) -> dict[str, Tensor]:
     """`read_page_into` fresh tensors: returns the verified page `{name: [n_tokens, ...]}` on the CPU."""
     tensors = empty_page(layout, int(expect["n_tokens"]))
     read_page_into(path, {name: byte_view(t) for name, t in tensors.items()}, nbytes=nbytes, checksum=checksum,

@@ -117,7 +117,7 @@ class FactorStore:
         protected_share: float = 0.8,
         reconcile_on_open: bool = True,
         io_threads: int | None = None,
-    ) -> "FactorStore":
+    ) -> FactorStore:
         """Open (and create where missing) the store: its tables on `engine`, its blobs under `blobs_dir`.
 
         Pages of an earlier blob format are dropped (they are recomputed when next needed), then the index is
@@ -183,7 +183,7 @@ class FactorStore:
             self._layouts[namespace] = json.loads(row[0]) if row[0] else None
         return self._layouts[namespace]
 
-    def _check_layout(self, namespace: str, tensors: Mapping[str, "Tensor"]) -> None:
+    def _check_layout(self, namespace: str, tensors: Mapping[str, Tensor]) -> None:
         """The first page of a namespace fixes its layout; every later page must match it."""
         layout = blobfmt.layout_of(tensors)
         known = self._layout(namespace)
@@ -254,7 +254,7 @@ class FactorStore:
                 return ref
         return None
 
-    def restore(self, namespace: str, token_ids: Sequence[int], cache: "FactorCache", seq: int = 0, *,
+    def restore(self, namespace: str, token_ids: Sequence[int], cache: FactorCache, seq: int = 0, *,
                 limit: int | None = None, extras: Mapping[str, ExtraValue] | None = None) -> int:
         """Load the longest cached prefix of `token_ids` into sequence `seq` of `cache` at position 0.
 
@@ -296,7 +296,7 @@ class FactorStore:
         return loaded
 
     # ----- save ----------------------------------------------------------------------------------------------
-    def save(self, namespace: str, token_ids: Sequence[int], cache: "FactorCache", seq: int = 0, *,
+    def save(self, namespace: str, token_ids: Sequence[int], cache: FactorCache, seq: int = 0, *,
              boundaries: Iterable[int] = (), extras: Mapping[str, ExtraValue] | None = None) -> int:
         """Persist the pages of `token_ids` that `cache` (sequence `seq`) holds and the store lacks.
 
@@ -328,7 +328,7 @@ class FactorStore:
         with self.engine.connect() as conn:
             present = {k: a for batch in chunks([u[2] for u in units]) for k, a in conn.execute(
                 select(Entry.key, Entry.anchored).where(Entry.key.in_(batch), Entry.state == READY))}
-        claimed: list[tuple[dict[str, Any], Mapping[str, "Tensor"], dict[str, Any]]] = []  # (row, tensors, meta)
+        claimed: list[tuple[dict[str, Any], Mapping[str, Tensor], dict[str, Any]]] = []  # (row, tensors, meta)
         covered: list[tuple[str | None, list[int], str]] = []  # (parent, tokens, key) of each unit kept
         for start, end, key, anchored in units:
             parent = pages[start // PAGE_TOKENS - 1] if start else None
@@ -355,7 +355,7 @@ class FactorStore:
         return written
 
     def _claim_page(self, namespace: str, key: str, parent: str | None, kind: str, start: int,
-                    tensors: Mapping[str, "Tensor"], *, anchored: bool = False
+                    tensors: Mapping[str, Tensor], *, anchored: bool = False
                     ) -> tuple[dict[str, Any], dict[str, Any]] | str:
         """Admit and claim one page: returns (its pending row, its header fields), or "exists" (another writer
         has or is writing it) or "rejected" (admission control)."""
@@ -377,12 +377,12 @@ class FactorStore:
                "hits": 0, "pinned": False, "anchored": anchored}
         return (row, meta) if self._claim(row) else "exists"
 
-    def _write_claimed(self, claimed: Sequence[tuple[dict[str, Any], Mapping[str, "Tensor"], dict[str, Any]]]
+    def _write_claimed(self, claimed: Sequence[tuple[dict[str, Any], Mapping[str, Tensor], dict[str, Any]]]
                        ) -> int:
         """Write the claimed pages' files, `io_threads` at once (writing, hashing and fsync release the GIL),
         then mark each ready. A page whose write failed loses its claim; the first failure is raised once the
         others are settled. Returns the pages this call made ready."""
-        def write(job: tuple[dict[str, Any], Mapping[str, "Tensor"], dict[str, Any]]) -> str | BaseException:
+        def write(job: tuple[dict[str, Any], Mapping[str, Tensor], dict[str, Any]]) -> str | BaseException:
             row, tensors, meta = job
             try:
                 nbytes, checksum = blobfmt.write_page(self.blobs_dir / row["path"], tensors, meta)

@@ -29,14 +29,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def live_views(cache: "FactorCache", seq: int, start: int, end: int) -> dict[str, "Tensor"]:
+def live_views(cache: FactorCache, seq: int, start: int, end: int) -> dict[str, Tensor]:
     """Tokens `[start, end)` of sequence `seq` as `{"layers.{i}.{name}": [end - start, ...]}`: views of the
     cache's own storage, on its own device (contiguous: a slice of the token axis of `[T_cap, ...]`)."""
     return {f"layers.{i}.{name}": storage[i, seq, start:end]
             for i in range(cache.config.n_layers) for name, storage in cache.storage.items()}
 
 
-def page_tensors(cache: "FactorCache", seq: int, start: int, end: int) -> dict[str, "Tensor"]:
+def page_tensors(cache: FactorCache, seq: int, start: int, end: int) -> dict[str, Tensor]:
     """The tensors a save writes: `live_views` on the CPU (nothing copied), host copies
     (`FactorCache.export`) for a cache on another device."""
     if cache.device.type != "cpu":
@@ -44,7 +44,7 @@ def page_tensors(cache: "FactorCache", seq: int, start: int, end: int) -> dict[s
     return live_views(cache, seq, start, end)
 
 
-def check_fits(cache: "FactorCache", layout: Mapping[str, list], namespace: str) -> None:
+def check_fits(cache: FactorCache, layout: Mapping[str, list], namespace: str) -> None:
     """A cache restores from a namespace only if its factors have the namespace's names, dtypes and shapes."""
     mine = blobfmt.layout_of(live_views(cache, 0, 0, 1))
     if mine != dict(layout):
@@ -52,7 +52,7 @@ def check_fits(cache: "FactorCache", layout: Mapping[str, list], namespace: str)
                          f"dtype?): {sorted(mine.items())[:2]} vs {sorted(layout.items())[:2]}")
 
 
-def _storage_slices(cache: "FactorCache", seq: int, start: int, end: int) -> dict[str, memoryview]:
+def _storage_slices(cache: FactorCache, seq: int, start: int, end: int) -> dict[str, memoryview]:
     """The bytes of `live_views(cache, seq, start, end)` as writable memoryviews: slices of one byte view per
     storage tensor (a CPU cache's storage is contiguous `[L, B, T_cap, ...]`), cheaper than a view per tensor."""
     out: dict[str, memoryview] = {}
@@ -89,13 +89,13 @@ def _read_one(blobs_dir: Path, ref: PageRef, dest: Mapping[str, memoryview], lay
     return "ok", ""
 
 
-def reads_in_place(cache: "FactorCache") -> bool:
+def reads_in_place(cache: FactorCache) -> bool:
     """Whether pages are read straight into the cache's storage (host memory) rather than through a staging
     page copied to the device once verified."""
     return cache.device.type == "cpu"
 
 
-def load_chain(blobs_dir: Path, chain: Sequence[PageRef], layout: Mapping[str, list], cache: "FactorCache",
+def load_chain(blobs_dir: Path, chain: Sequence[PageRef], layout: Mapping[str, list], cache: FactorCache,
                seq: int, limit: int, threads: int = 1) -> Loaded:
     """Read the pages of `chain` (consecutive, from position 0) into sequence `seq` of `cache`, whose length
     must be 0, and make the longest verified run of them live, up to `limit` tokens.

@@ -4,10 +4,10 @@
     trainer.train()                     # or train(until=1000), save(path), later Trainer.resume(path, data)
 
 The model keeps its modules' init (normal, std 0.02) or takes the paper code's (`TrainConfig.init`,
-`tpa_core.training.init`). On CUDA the forward and backward run under bf16 autocast over float32 parameters and optimizer state; on the CPU
-everything is float32. A step's batch is a pure function of (seed, step) (`TokenData.train_batch`), the model is
-initialized from `seed`, and a checkpoint holds the parameters, the optimizer state and the step, so on the CPU a
-resumed run is bit-identical to an uninterrupted one.
+`tpa_core.training.init`). On CUDA the forward and backward run under bf16 autocast over float32 parameters and
+optimizer state; on the CPU everything is float32. A step's batch is a pure function of (seed, step)
+(`TokenData.train_batch`), the model is initialized from `seed`, and a checkpoint holds the parameters, the
+optimizer state and the step, so on the CPU a resumed run is bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations

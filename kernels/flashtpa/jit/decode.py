@@ -11,7 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from flashtpa.jit.common import dot as _dot, dot_probs, online_softmax, signal_dependents, token_rows, wait_for_primary
+from flashtpa.jit.common import dot as _dot
+from flashtpa.jit.common import dot_probs, online_softmax, signal_dependents, token_rows, wait_for_primary
 
 
 @triton.jit

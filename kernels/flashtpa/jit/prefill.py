@@ -11,7 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from flashtpa.jit.common import dot as _dot, dot_probs, token_rows
+from flashtpa.jit.common import dot as _dot
+from flashtpa.jit.common import dot_probs, token_rows
 
 
 @triton.jit

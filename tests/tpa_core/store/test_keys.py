@@ -39,7 +39,8 @@ def test_keys_are_the_same_in_another_process_with_another_hash_seed():
             "print(ns, page_key(ns, None, list(range(256))))")
     root = Path(__file__).resolve().parents[3]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True,
-                         env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join([str(root), str(root / "kernels")])})
+                         env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin",
+                              "PYTHONPATH": os.pathsep.join([str(root), str(root / "kernels")])})
     assert out.stdout.split() == [GOLDEN_NS, GOLDEN_PAGE]
 
 

@@ -36,7 +36,8 @@ def test_a_new_process_finds_every_page_the_last_one_wrote(db_url, blobs_dir, ti
 
     out = subprocess.run([sys.executable, str(WORKLOAD), "restore", db_url, str(blobs_dir), *map(str, seeds)],
                          capture_output=True, text=True, cwd=ROOT, timeout=120,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels")]), "PYTHONHASHSEED": "4242"})
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels")]),
+                              "PYTHONHASHSEED": "4242"})
     assert out.returncode == 0, out.stderr
     after = json.loads(out.stdout.strip().splitlines()[-1])
     assert after["prompts"] == before

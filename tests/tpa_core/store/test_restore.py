@@ -180,9 +180,10 @@ def test_the_restored_cache_equals_the_saved_one_bit_for_bit(store, tiny_config,
 
 
 def test_a_cache_of_another_shape_is_refused_before_anything_is_read(store, tiny_model):
+    from store_workload import make_config
+
     from tpa_core.cache import FactorCache
     from tpa_core.store import StoreError
-    from store_workload import make_config
 
     ns = namespace(store)
     ids = prompt(44, 600)
