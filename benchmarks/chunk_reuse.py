@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -146,7 +147,7 @@ def main() -> None:
         row = {"q": item["q"], "kind": item["kind"], "prompt_tokens": len(ids),
                "chunk_tokens_in_prompt": sum(s.end - s.start for s in plan.spans),
                "retrieved_file": any(u.path.endswith(item.get("file", "\0")) for u in units),
-               "exact_prefix": max((_common(ids, e) for e in earlier), default=0)}
+               "exact_prefix": max((len(os.path.commonprefix([ids, e])) for e in earlier), default=0)}
         earlier.append(ids)
         if not plan.spans:
             print(f"[{n}] spans unavailable; skipped", file=sys.stderr)
@@ -198,15 +199,6 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     service.close()
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def summarize(rows: list[dict], chosen: list[str]) -> dict:
