@@ -84,7 +84,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--models-dir", default=None, help="the model cache (default: the app's)")
     parser.add_argument("--stdlib", default=None, help="CPython's Lib/ (default: this interpreter's)")
-    parser.add_argument("--limit", type=int, default=0, help="first N extractive questions only (0 = all)")
+    parser.add_argument("--start", type=int, default=0, help="skip the first N extractive questions")
+    parser.add_argument("--limit", type=int, default=0, help="at most N extractive questions (0 = all)")
     parser.add_argument("--retrieval-questions", type=int, default=0,
                         help="also the first N questions of retrieval_questions.json (token metrics only)")
     parser.add_argument("--top-k", type=int, default=5)
@@ -112,8 +113,7 @@ def main() -> None:
     stdlib = Path(args.stdlib or sysconfig.get_paths()["stdlib"])
     spec = json.loads((HERE / "retrieval_questions.json").read_text())
     extractive = json.loads((HERE / "questions" / "cpython_extractive.json").read_text())["questions"]
-    if args.limit:
-        extractive = extractive[:args.limit]
+    extractive = extractive[args.start:args.start + args.limit if args.limit else None]
     questions = [dict(q, kind="extractive") for q in extractive]
     questions += [{"q": q["q"], "kind": "retrieval"} for q in spec["questions"][:args.retrieval_questions]]
     chosen = [s for s in args.settings.split(",") if s]
