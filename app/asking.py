@@ -161,30 +161,28 @@ def plan_prompt(tokenizer: Any, units: Sequence[ContextUnit], turns: Sequence[An
 
 def chunk_spans(tokenizer: Any, messages: list[dict[str, str]], units: Sequence[ContextUnit],
                 prompt_ids: list[int]) -> list[ChunkSpan]:
-    """Where each unit's cacheable tokens sit in `prompt_ids` ([] when any cut is not a token boundary: the
-    prompt is then prefilled as a whole)."""
+    """Where each unit's cacheable tokens sit in `prompt_ids` (`units` in rendered order); [] when any cut is not
+    a token boundary: the prompt is then prefilled as a whole."""
     if not units:
         return []
     full = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    at = full.find(render_context(units))
-    if at < 0:
-        return []
-
-    def tokens_to(char: int) -> int | None:
-        head = tokenizer.encode(full[:char], add_special_tokens=False)
-        return len(head) if prompt_ids[:len(head)] == head else None
-
-    # The shared prefix ends at the last token boundary before the context ("Context:\n\n" ends in one "\n\n"
-    # token alone, but in "\n" "\n" before the context's "[").
-    prefix = next((n for n in map(tokens_to, range(at, max(0, at - 8), -1)) if n is not None), None)
-    spans: list[ChunkSpan] = []
-    offset = at
+    tokens_to = _boundary_counter(tokenizer, full, prompt_ids)
+    pieces: list[tuple[int, int, int]] = []  # (piece start, body start, body end) in characters
+    offset = 0
     for number, unit in enumerate(units, start=1):
-        piece = render_context([unit])  # "[1] label\ntext\n"; only the number differs from the real one
-        body = len(piece) - len("[1]")
-        offset += len(f"[{number}]")
-        start, end = tokens_to(offset), tokens_to(offset + body)
-        offset += body
+        piece = render_context([unit], number)  # "[n] label\ntext\n"
+        at = full.find(piece, offset)
+        if at < 0:
+            return []
+        offset = at + len(piece)
+        pieces.append((at, at + len(f"[{number}]"), offset))
+    # The shared prefix ends at the last token boundary before the first unit ("Context:\n\n" ends in one
+    # "\n\n" token alone, but in "\n" "\n" before the context's "[").
+    first = pieces[0][0]
+    prefix = next((n for n in map(tokens_to, range(first, max(0, first - 8), -1)) if n is not None), None)
+    spans: list[ChunkSpan] = []
+    for _, body_start, body_end in pieces:
+        start, end = tokens_to(body_start), tokens_to(body_end)
         if prefix is None or start is None or end is None or end <= start:
             return []
         spans.append(ChunkSpan(prefix, start, end))
@@ -193,24 +191,34 @@ def chunk_spans(tokenizer: Any, messages: list[dict[str, str]], units: Sequence[
 
 def context_end(tokenizer: Any, messages: list[dict[str, str]], units: Sequence[ContextUnit],
                 prompt_ids: list[int]) -> list[int]:
-    """[the number of prompt tokens up to the end of the context], or [] where that is not a token boundary.
+    """[the number of prompt tokens up to the end of the system message's context], or [] where there is none or
+    it is not a token boundary.
 
-    The store keeps a tail entry there, so the next question on the same context (a new session) and a follow-up
-    that appends chunks to it reuse all of it, not only its full 256-token pages."""
-    if not units:
+    The store keeps a tail entry there, so the next question on the same context (a new session) reuses all of
+    it, not only its full 256-token pages."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+    if not units or "\n\nContext:\n\n" not in system:
         return []
     full = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    block = render_context(units)
-    at = full.find(block)
-    if at < 0:
-        return []
-    head = tokenizer.encode(full[:at + len(block)], add_special_tokens=False)
-    return [len(head)] if prompt_ids[:len(head)] == head else []
+    at = full.find(system)
+    end = _boundary_counter(tokenizer, full, prompt_ids)(at + len(system)) if at >= 0 else None
+    return [] if end is None else [end]
 
 
-def follow_up_context(earlier: list[ContextUnit], retrieved: list[ContextUnit]) -> list[ContextUnit]:
-    """The context of a question: the previous turn's context in place (its cached prefix stays valid), then the
-    newly retrieved chunks in canonical order. A session's first question gets its chunks in canonical order.
+def _boundary_counter(tokenizer: Any, full: str, prompt_ids: list[int]) -> Any:
+    """char -> the number of prompt tokens that spell `full[:char]`, or None where that is not a token boundary."""
+
+    def tokens_to(char: int) -> int | None:
+        head = tokenizer.encode(full[:char], add_special_tokens=False)
+        return len(head) if prompt_ids[:len(head)] == head else None
+
+    return tokens_to
+
+
+def follow_up_context(earlier: list[ContextUnit], retrieved: list[ContextUnit], turn: int = 0) -> list[ContextUnit]:
+    """The context of question number `turn` (0-based) of a session: the previous turn's context in place (its
+    cached prefix stays valid), then the newly retrieved chunks in canonical order, marked as this turn's (they go
+    with its question). A session's first question gets its chunks in canonical order, in the system message.
 
     Ranks for the overflow policy: this question's chunks by score, above every chunk kept from earlier turns
     (those leave from the end first, so the prefix that stays is the longest)."""
@@ -220,7 +228,8 @@ def follow_up_context(earlier: list[ContextUnit], retrieved: list[ContextUnit]) 
         for i, u in enumerate(earlier)
     ]
     known = {u.sort_key for u in earlier}
-    fresh = canonical([replace(u, rank=2.0 + (u.score or 0.0)) for u in retrieved if u.sort_key not in known])
+    fresh = canonical([replace(u, rank=2.0 + (u.score or 0.0), turn=turn) for u in retrieved
+                       if u.sort_key not in known])
     return kept + fresh
 
 

@@ -520,7 +520,7 @@ class ChatService:
             retrieved = self._retrieved_units(collection, question, opts.top_k)
             hits = {u.sort_key for u in retrieved}
             earlier = turns[-1].context if turns and turns[-1].mode == "retrieval" else []
-            units = follow_up_context([ContextUnit.from_dict(d) for d in earlier], retrieved)
+            units = follow_up_context([ContextUnit.from_dict(d) for d in earlier], retrieved, turn=len(turns))
         plan = plan_prompt(loaded.tokenizer, units, turns, question, hits=hits,
                            budget=window - opts.max_new_tokens, pinned=pinned, system=system_prompt(options))
         plan.left_out = plan.left_out + over_bound

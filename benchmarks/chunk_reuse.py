@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -83,7 +84,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--models-dir", default=None, help="the model cache (default: the app's)")
     parser.add_argument("--stdlib", default=None, help="CPython's Lib/ (default: this interpreter's)")
-    parser.add_argument("--limit", type=int, default=0, help="first N extractive questions only (0 = all)")
+    parser.add_argument("--start", type=int, default=0, help="skip the first N extractive questions")
+    parser.add_argument("--limit", type=int, default=0, help="at most N extractive questions (0 = all)")
     parser.add_argument("--retrieval-questions", type=int, default=0,
                         help="also the first N questions of retrieval_questions.json (token metrics only)")
     parser.add_argument("--top-k", type=int, default=5)
@@ -111,8 +113,7 @@ def main() -> None:
     stdlib = Path(args.stdlib or sysconfig.get_paths()["stdlib"])
     spec = json.loads((HERE / "retrieval_questions.json").read_text())
     extractive = json.loads((HERE / "questions" / "cpython_extractive.json").read_text())["questions"]
-    if args.limit:
-        extractive = extractive[:args.limit]
+    extractive = extractive[args.start:args.start + args.limit if args.limit else None]
     questions = [dict(q, kind="extractive") for q in extractive]
     questions += [{"q": q["q"], "kind": "retrieval"} for q in spec["questions"][:args.retrieval_questions]]
     chosen = [s for s in args.settings.split(",") if s]
@@ -146,7 +147,7 @@ def main() -> None:
         row = {"q": item["q"], "kind": item["kind"], "prompt_tokens": len(ids),
                "chunk_tokens_in_prompt": sum(s.end - s.start for s in plan.spans),
                "retrieved_file": any(u.path.endswith(item.get("file", "\0")) for u in units),
-               "exact_prefix": max((_common(ids, e) for e in earlier), default=0)}
+               "exact_prefix": max((len(os.path.commonprefix([ids, e])) for e in earlier), default=0)}
         earlier.append(ids)
         if not plan.spans:
             print(f"[{n}] spans unavailable; skipped", file=sys.stderr)
@@ -198,15 +199,6 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     service.close()
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def summarize(rows: list[dict], chosen: list[str]) -> dict:

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from flashtpa.dispatch import attention
 from tpa_core.attention import StepInfo, linear
 from tpa_core.cache import FactorCache
 from tpa_core.errors import TPAError
@@ -72,13 +72,39 @@ def _layer(model: TPAModel, i: int, x: Tensor, cache: FactorCache, seq: int, pos
     f = attn.factors(block.attn_norm.forward(x), step.rope)  # name -> [1, S, ...]
     for name in cache.names:
         cache.storage[name][i, seq, pos] = f[name][0]  # scatter the S tokens' factors to their places
-    buf = {name: store[i, seq][None].expand(S, *store.shape[2:]) for name, store in cache.storage.items()}
-    query = {k: f[k][0][:, None] for k in ("q", "aq", "bq") if k in f}  # [S, 1, ...]: one query per row
-    out = attention(**query, ak=buf.get("ak"), bk=buf["bk"], av=buf.get("av"), bv=buf["bv"],
-                    kv_lens=step.kv_lens, backend="torch")  # [S, 1, H, D]
-    out = out.reshape(1, S, attn.n_heads * attn.head_dim)  # [S, 1, H, D] -> [1, S, H*D]
+    T = int(pos[-1]) + 1
+    buf = {name: store[i, seq, :T] for name, store in cache.storage.items()}  # name -> [T, ...]
+    out = _scattered_attention(f, buf, pos)  # [S, H, D]
+    out = out.to(attn.w_o.dtype)
+    out = out.reshape(1, S, attn.n_heads * attn.head_dim)  # [S, H, D] -> [1, S, H*D]
     x = x + linear(out, attn.w_o)
     return x + block.mlp.forward(block.mlp_norm.forward(x))
+
+
+def _scattered_attention(f: dict[str, Tensor], buf: dict[str, Tensor], pos: Tensor) -> Tensor:
+    """Attention of S queries at positions `pos` `[S]` (ascending) over the cached factors `buf` (`[T, ...]`,
+    T = pos[-1] + 1), each reading the keys at or before its own position: `[S, H, D]`.
+
+    One SDPA call with a mask, on K and V built from the factors (the query rows are not contiguous positions,
+    which the factor-space kernels assume). Computes in float32 at least."""
+    dtype = torch.promote_types(f["bk"].dtype, torch.float32)
+    if "q" in f:
+        q = f["q"][0].to(dtype)  # [S, H, D]
+    else:
+        q = torch.matmul(f["aq"][0].to(dtype), f["bq"][0].to(dtype)) / f["aq"].shape[-1]  # [S, H, D]
+    bk, bv = buf["bk"].to(dtype), buf["bv"].to(dtype)  # [T, R, D]
+    if "ak" in buf:
+        k = torch.matmul(buf["ak"].to(dtype), bk) / bk.shape[1]  # [T, H, R_K] x [T, R_K, D] -> [T, H, D]
+        v = torch.matmul(buf["av"].to(dtype), bv) / bv.shape[1]  # [T, H, D]
+    else:
+        k, v = bk, bv  # fixed head factors: the G grouped heads, [T, G, D]
+    T = k.shape[0]
+    allowed = torch.arange(T, device=pos.device)[None, :] <= pos[:, None]  # [S, T]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],  # [1, H|G, S|T, D]
+        attn_mask=allowed[None, None], enable_gqa=k.shape[1] != q.shape[1],
+    )  # [1, H, S, D]
+    return out[0].transpose(0, 1)  # [S, H, D]
 
 
 @torch.inference_mode()

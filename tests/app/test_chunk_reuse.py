@@ -131,3 +131,17 @@ def test_encode_at_ingestion_is_resumable_and_serves_asks(make_service, corpus_d
     assert again["encoded"] == 0 and again["cached"] == first["encoded"]  # resumable: nothing twice
     result = service.ask(QUESTION, "docs", options=ON)
     assert result.metrics["chunk_caches_loaded"] >= 1 and result.metrics["chunk_caches_encoded"] == 0
+
+
+def test_a_follow_up_with_new_chunks_reuses_the_whole_previous_turn(make_service, corpus_dir):
+    """New chunks go with the new question, after the history: the previous prompt and answer stay an exact
+    prefix (exact pages only here: chunk reuse off)."""
+    service = make_service(top_k=1)
+    service.ingest_paths("docs", [str(corpus_dir)])
+    first = service.ask(QUESTION, "docs", options=OFF)
+    second = service.ask(OTHER, "docs", first.session_id, options=OFF)
+    assert {s["path"] for s in second.sources} - {s["path"] for s in first.sources}  # it retrieved a new chunk
+    seen = first.metrics["prompt_tokens"] + first.metrics["new_tokens"] - 1  # the cache held all but the last
+    assert second.metrics["reused_tokens"] >= seen
+    turns = service.session(first.session_id)[1]
+    assert [u["turn"] for u in turns[1].context] == [0, 1]  # the old chunk in the system message, the new one later

@@ -47,6 +47,7 @@ def test_stats_gc_and_clear(filled, data_dir, capsys):
     code, stats = _run(capsys, data_dir, "stats")
     assert code == 0 and stats["entries"] == 6 and stats["hits"] == 6 and stats["hit_rate"] == 1.0
     assert stats["bytes"] > 0 and stats["budget_bytes"] == 4 * 1024**3
+    assert stats["chunk_caches"] == {"entries": 0, "bytes": 0, "pinned": 0}  # prefix pages only here
 
     stray = filled.blobs_dir / "stray.safetensors"
     stray.write_bytes(b"orphan")
