@@ -71,7 +71,7 @@ def test_a_damaged_chunk_cache_is_quarantined_and_recomputed(service, make_servi
     assert reference.metrics["chunk_caches_loaded"] >= 1
     other.delete_session(reference.session_id)
     service.store.clear()  # drops the reference's assembled pages; the first session's pins keep the chunks
-    for key, path in _chunk_entries(service):
+    for _key, path in _chunk_entries(service):
         blob = service.settings.blobs_dir / path
         data = bytearray(blob.read_bytes())
         data[-5] ^= 0xFF

@@ -78,7 +78,8 @@ def test_auth_still_guards_the_page_and_the_api(make_service, serve_web):
         assert http.post("/login", data={"username": "ann", "password": "wrong"}).status_code == 400
     client = Client(url, auth=("ann", "s3cret-pass"), verbose=False, download_files=False)
     ask = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/ask"]
-    assert [p["parameter_name"] for p in ask["parameters"]] == ["question", "collection", "session_id", "pinned"]
+    assert [p["parameter_name"] for p in ask["parameters"]] == ["question", "collection", "session_id", "pinned",
+                                                                 "chunk_reuse"]
 
 
 def test_a_port_in_use_is_a_user_error():
