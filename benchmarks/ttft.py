@@ -1,7 +1,7 @@
 """Time to first token with the persisted factor cache: a cold prefill vs a restore from disk in a NEW process.
 
     .venv/bin/tpa-rag models fetch                       # once: the default model into the model cache
-    .venv/bin/python benchmarks/ttft.py [--data-dir DIR] [--model NAME] [--lengths 1024 4096 8192]
+    .venv/bin/python benchmarks/ttft.py [--data-dir DIR] [--model NAME] [--lengths 1024 4096 8000]
                                         [--threads 1 2] [--repeats 3] [--json OUT.json]
 
 For each context length L the prompt is L tokens of real text (Python standard-library sources, read in a fixed
@@ -222,7 +222,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=None, help="tpa-rag data dir holding models/ (default: settings)")
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8000])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cold-repeats", type=int, default=0, help="cold runs per length (default: --repeats)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],

@@ -217,3 +217,48 @@ def test_pages_of_an_earlier_format_are_dropped_at_open_with_a_log_line(db_url, 
     assert reopened.restore(ns2, ids, tiny_model.new_cache()) == 0
     assert reopened.save(ns2, ids, prefill_paged(tiny_model, ids)[0]) == 3
     assert reopened.restore(ns2, ids, tiny_model.new_cache()) == len(ids) - 1
+
+
+def test_the_staging_path_of_a_device_cache_gives_the_same_pages(store, tiny_model, monkeypatch):
+    """A cache off the CPU reads each page into a host staging page and copies it once verified; forced here on
+    a CPU cache, with a bad page among good ones."""
+    from tpa_core.store import transfer
+
+    ns = namespace(store)
+    ids = prompt(47, 1000)
+    cache, _ = prefill_paged(tiny_model, ids)
+    store.save(ns, ids, cache)
+    monkeypatch.setattr(transfer, "reads_in_place", lambda cache: False)
+    warm = tiny_model.new_cache()
+    assert store.restore(ns, ids, warm) == len(ids) - 1 and _exports_equal(cache, warm, len(ids) - 1)
+    bad = store.lookup(ns, ids)[2]
+    _flip(store.blobs_dir / bad.path, (store.blobs_dir / bad.path).read_bytes())
+    warm = tiny_model.new_cache()
+    assert store.restore(ns, ids, warm) == 2 * PAGE and _exports_equal(cache, warm, 2 * PAGE)
+    assert len(_quarantined(store)) == 1
+
+
+def test_a_failed_write_gives_its_claim_back_and_keeps_the_other_pages(store, tiny_model, monkeypatch):
+    ns = namespace(store)
+    ids = prompt(48, 1000)
+    cache, _ = prefill_paged(tiny_model, ids)
+    write_page = blobs.write_page
+
+    def disk_full_on_the_second_page(path, tensors, meta):
+        if meta["start"] == PAGE and meta["kind"] == "page":
+            raise OSError(28, "No space left on device")
+        return write_page(path, tensors, meta)
+
+    monkeypatch.setattr(blobs, "write_page", disk_full_on_the_second_page)
+    with pytest.raises(OSError, match="No space left"):
+        store.save(ns, ids, cache)
+    with store.engine.connect() as conn:
+        rows = dict(conn.execute(select(Entry.start, Entry.state).where(Entry.kind == "page")).all())
+        paths = set(conn.execute(select(Entry.path)).scalars())
+    assert rows == {0: "ready", 2 * PAGE: "ready"}  # the others were written; no pending row is left behind
+    on_disk = {p.relative_to(store.blobs_dir).as_posix() for p in store.blobs_dir.rglob("*") if p.is_file()}
+    assert on_disk == paths
+    monkeypatch.undo()
+    assert store.save(ns, ids, cache) == 1
+    warm = tiny_model.new_cache()
+    assert store.restore(ns, ids, warm) == len(ids) - 1 and _exports_equal(cache, warm, len(ids) - 1)
