@@ -580,7 +580,7 @@ class ChatService:
         def run() -> None:
             try:
                 self._run_ask(job)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer of the stream
+            except BaseException as exc:  # handed to the consumer of the stream
                 if not isinstance(exc, AppError):
                     log.exception("ask in session %s failed", job.session_id)
                 job.events.put(exc)

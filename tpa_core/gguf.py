@@ -102,7 +102,7 @@ class GGUFFile:
         try:
             self._reader = GGUFReader(str(self.path), "r")
             self.metadata: dict[str, Any] = {name: field.contents() for name, field in self._reader.fields.items()}
-        except Exception as exc:  # the reader raises ValueError/IndexError/struct.error on damaged files
+        except Exception as exc:  # noqa: BLE001 - the reader raises many kinds on a damaged file
             raise TPAError(f"{self.path} is not a readable GGUF file ({type(exc).__name__}: {exc}); "
                            f"delete it and fetch or convert it again") from None
         self._tensors = {t.name: t for t in self._reader.tensors}
@@ -134,7 +134,7 @@ class GGUFFile:
         except NotImplementedError:
             raise TPAError(f"{self.path}: tensor {name} has the GGML type {info.tensor_type.name}, "
                            f"which the gguf package cannot dequantize") from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to decode means a damaged file
             raise TPAError(f"{self.path}: tensor {name} could not be read ({type(exc).__name__}: {exc}); "
                            f"the file looks damaged") from None
         shape = tuple(int(n) for n in reversed(info.shape))  # GGUF dims are innermost first
