@@ -41,6 +41,7 @@ class Restored:
 
     reused_tokens: int = 0  # exact prefix pages
     chunk_tokens: int = 0  # chunk caches, or an assembled prefix of an earlier turn
+    encoded_tokens: int = 0  # of chunk_tokens, those whose chunk cache this ask encoded (not reused)
     recomputed_tokens: int = 0  # chunk tokens computed again against the assembled cache
     chunks_loaded: int = 0
     chunks_encoded: int = 0
@@ -55,7 +56,8 @@ class Restored:
         prefilled = prompt_tokens - self.reused_tokens - self.chunk_tokens - self.recomputed_tokens
         return {"reused_tokens": self.reused_tokens, "chunk_tokens": self.chunk_tokens,
                 "recomputed_tokens": self.recomputed_tokens, "prefilled_tokens": prefilled,
-                "chunk_caches_loaded": self.chunks_loaded, "chunk_caches_encoded": self.chunks_encoded}
+                "chunk_caches_loaded": self.chunks_loaded, "chunk_caches_encoded": self.chunks_encoded,
+                "chunk_tokens_encoded": self.encoded_tokens}
 
 
 def restore_exact(store: Any, namespace: str, prompt_ids: list[int], cache: Any) -> Restored:
@@ -91,6 +93,7 @@ def restore_assembled(model: Any, store: Any, namespace: str, prompt_ids: list[i
     done.chunk_keys = keys
     encoder = _Encoder(model, prompt_ids[:todo[0].prefix])
     placed: list[int] = []
+    fresh: list[range] = []  # placed positions whose chunk cache this ask encoded
     wrote = False
     for span, key in zip(todo, keys):
         k = min(setting.boundary_tokens, span.end - span.start)
@@ -99,17 +102,19 @@ def restore_assembled(model: Any, store: Any, namespace: str, prompt_ids: list[i
         if k == span.end - span.start:
             continue
         tensors = caches.load(namespace, key)
+        at = span.start + k
         if tensors is None or _length(tensors) != span.end - span.start:
             tensors = encoder.encode(prompt_ids[span.start:span.end])
             wrote = caches.save(namespace, key, span.prefix, tensors) == "written" or wrote
             done.chunks_encoded += 1
+            fresh.append(range(at, span.end))
         else:
             done.chunks_loaded += 1
         rest = {name: t[k:] for name, t in tensors.items()}  # [T - k, ...]
-        at = span.start + k
         cache.import_(place(model, rest, at - (span.prefix + k)), 0, at)
         placed += range(at, span.end)
         done.chunk_tokens += span.end - at
+    done.encoded_tokens = sum(map(len, fresh))
     if wrote:
         store.evict()
     if setting.recompute_ratio > 0 and placed:
@@ -118,6 +123,7 @@ def restore_assembled(model: Any, store: Any, namespace: str, prompt_ids: list[i
         recompute(model, cache, [prompt_ids[p] for p in chosen], chosen, first_layer_states=states)
         done.recomputed_tokens += len(chosen)
         done.chunk_tokens -= len(chosen)
+        done.encoded_tokens -= sum(any(p in r for r in fresh) for p in chosen)
     return done
 
 

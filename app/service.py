@@ -124,7 +124,7 @@ class _AskJob:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    chunk_reuse: bool = False
+    chunk_reuse: bool = False  # assemble from chunk caches (retrieval mode; the ask's resolved option)
     context: list[dict] = field(default_factory=list)  # retrieval mode: the context as rendered, for follow-ups
     t_submit: float = 0.0  # when the job was handed to the worker (the wait for it is not the ask's latency)
     events: queue.Queue = field(default_factory=queue.Queue)
@@ -699,7 +699,9 @@ class ChatService:
         loaded = self.loaded
         store, namespace = self.store, self.namespace()
         prompt_ids = job.plan.prompt_ids
-        if job.chunk_reuse and job.plan.spans:
+        # With chunk reuse, a retrieval ask also looks for the assembled pages of an earlier turn, even when its
+        # own chunks could not be cut out of the prompt (spans empty): else a follow-up would reuse nothing.
+        if job.chunk_reuse and job.mode == "retrieval":
             restored = restore_assembled(loaded.model, store, namespace, prompt_ids, cache, job.plan.spans, setting,
                                          owner)
         else:

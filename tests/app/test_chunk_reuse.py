@@ -145,3 +145,20 @@ def test_a_follow_up_with_new_chunks_reuses_the_whole_previous_turn(make_service
     assert second.metrics["reused_tokens"] >= seen
     turns = service.session(first.session_id)[1]
     assert [u["turn"] for u in turns[1].context] == [0, 1]  # the old chunk in the system message, the new one later
+
+
+def test_by_default_a_follow_up_reuses_its_past_and_takes_new_chunks_from_chunk_caches(make_service, corpus_dir):
+    """Chunk reuse on (the default): the previous turn comes back as its assembled pages, and the new chunk, which
+    sits after the history (after an answer spelled with its generated ids), is cut out and taken from a chunk
+    cache, not prefilled."""
+    service = make_service(top_k=1)
+    service.ingest_paths("docs", [str(corpus_dir)])
+    service.encode_chunks("docs")
+    first = service.ask(QUESTION, "docs")
+    second = service.ask(OTHER, "docs", first.session_id)
+    assert {s["path"] for s in second.sources} - {s["path"] for s in first.sources}  # it retrieved a new chunk
+    m = second.metrics
+    seen = first.metrics["prompt_tokens"] + first.metrics["new_tokens"] - 1
+    assert m["reused_tokens"] + m["chunk_tokens"] + m["recomputed_tokens"] >= seen
+    assert m["chunk_caches_loaded"] == 1 and m["chunk_caches_encoded"] == 0
+    assert m["prefilled_tokens"] < 0.1 * m["prompt_tokens"]
