@@ -60,8 +60,9 @@ class ResolvedOptions:
 class AskPlan:
     """The prompt of one ask, laid out and encoded: what the model worker runs.
 
-    `boundaries`: prompt lengths worth a cache entry of their own (the end of the context). `spans`: the chunks
-    of the context as token ranges of `prompt_ids` (empty where the context does not tokenize piecewise)."""
+    `boundaries`: prompt lengths worth a cache entry of their own (the ends of the shared system prompt and of
+    the context). `spans`: the chunks of the context as token ranges of `prompt_ids` (empty where the context
+    does not tokenize piecewise)."""
 
     prompt_ids: list[int]
     units: list[ContextUnit]
@@ -154,9 +155,13 @@ def plan_prompt(tokenizer: Any, units: Sequence[ContextUnit], turns: Sequence[An
     if len(prompt_ids) > budget:  # a generated spelling can be longer than the canonical one
         prompt_ids = tokenizer.encode_chat(fitted.messages)
     sources = [dict(u.source(), ref=number) for number, u in enumerate(fitted.units, start=1) if u.sort_key in hits]
+    spans = [] if pinned else chunk_spans(tokenizer, fitted.messages, fitted.units, prompt_ids)
+    # Entries of their own at the end of the shared system prompt (every new question starts with it) and at the
+    # end of the context.
+    boundaries = sorted({s.prefix for s in spans[:1]} | set(context_end(tokenizer, fitted.messages, fitted.units,
+                                                                         prompt_ids)))
     return AskPlan(prompt_ids=prompt_ids, units=fitted.units, sources=sources, left_out=fitted.left_out,
-                   kept_turns=len(kept), boundaries=context_end(tokenizer, fitted.messages, fitted.units, prompt_ids),
-                   spans=[] if pinned else chunk_spans(tokenizer, fitted.messages, fitted.units, prompt_ids))
+                   kept_turns=len(kept), boundaries=boundaries, spans=spans)
 
 
 def chunk_spans(tokenizer: Any, messages: list[dict[str, str]], units: Sequence[ContextUnit],

@@ -41,7 +41,7 @@ from app.asking import (
     resolve_options,
     system_prompt,
 )
-from app.chunk_reuse import Restored, ReuseSetting, restore_assembled, restore_exact
+from app.chunk_reuse import Restored, ReuseSetting, restore_assembled, restore_exact, save_exact_lead
 from app.context import ContextOverflowError, ContextUnit, bound_pinned, canonical, public_source
 from app.database import make_engine
 from app.errors import AppError
@@ -392,10 +392,11 @@ class ChatService:
         return info
 
     def ttft_history(self, session_id: str, owner: str | None = None) -> list[TurnCost]:
-        """What each turn of the session cost (time to first token, prompt and reused tokens): the cache
-        panel's chart."""
+        """What each turn of the session cost (time to first token, prompt tokens and where they came from): the
+        cache panel's chart."""
         return [TurnCost(t.position + 1, float(t.metrics["ttft_ms"]), int(t.metrics.get("prompt_tokens", 0)),
-                         int(t.metrics.get("reused_tokens", 0)))
+                         int(t.metrics.get("reused_tokens", 0)), int(t.metrics.get("chunk_tokens", 0)),
+                         int(t.metrics.get("recomputed_tokens", 0)))
                 for t in self._sessions.turns(session_id, owner) if "ttft_ms" in t.metrics]
 
     # ----- the cache ----------------------------------------------------------------------------------------------
@@ -739,6 +740,7 @@ class ChatService:
             store.pin(store.prefix_keys(namespace, seen, extras=extras) + restored.chunk_keys, owner)
         store.save(namespace, seen, cache, boundaries=[b for b in job.plan.boundaries if b < len(seen)],
                    extras=extras)
+        save_exact_lead(store, namespace, seen, cache, restored, job.plan.boundaries)
         return _Generated(restored, answer_ids, parts, finish, period, t_first, t_last, prefill_ms)
 
     # ----- context -----------------------------------------------------------------------------------------------

@@ -162,3 +162,26 @@ def test_by_default_a_follow_up_reuses_its_past_and_takes_new_chunks_from_chunk_
     assert m["reused_tokens"] + m["chunk_tokens"] + m["recomputed_tokens"] >= seen
     assert m["chunk_caches_loaded"] == 1 and m["chunk_caches_encoded"] == 0
     assert m["prefilled_tokens"] < 0.1 * m["prompt_tokens"]
+
+
+def test_a_new_question_on_other_chunks_restores_the_system_prompt_exactly(make_service, corpus_dir):
+    """The shared system prompt is kept as an exact entry of its own - by `encode_chunks`, by an assembled ask
+    (its exact lead) and by an exact one (a boundary) - so a question whose chunks differ from every earlier
+    question's still restores it instead of prefilling it."""
+    service = make_service(top_k=1)
+    service.ingest_paths("docs", [str(corpus_dir)])
+    tokenizer = service.loaded.tokenizer
+    service.encode_chunks("docs")
+    first = service.ask(QUESTION, "docs")  # nothing asked before: the system prompt came from encode_chunks
+    system = first.metrics["reused_tokens"]
+    assert system > 0 and system < len(tokenizer.encode_chat(
+        [{"role": "system", "content": "x" * 2000}])), "the system prompt, not more"
+    for options in (ON, OFF):
+        for session in service.sessions():  # an empty store: nothing pinned, nothing kept
+            service.delete_session(session.id)
+        service.clear_cache()
+        cold = service.ask(QUESTION, "docs", options=options)  # stores it again, assembled or exact
+        assert cold.metrics["reused_tokens"] == 0
+        other = service.ask(OTHER, "docs", options=options)  # another chunk, a new session
+        assert {s["path"] for s in other.sources}.isdisjoint({s["path"] for s in first.sources})
+        assert other.metrics["reused_tokens"] == system
