@@ -60,8 +60,9 @@ class ResolvedOptions:
 class AskPlan:
     """The prompt of one ask, laid out and encoded: what the model worker runs.
 
-    `boundaries`: prompt lengths worth a cache entry of their own (the end of the context). `spans`: the chunks
-    of the context as token ranges of `prompt_ids` (empty where the context does not tokenize piecewise)."""
+    `boundaries`: prompt lengths worth a cache entry of their own (the ends of the shared system prompt and of
+    the context). `spans`: the chunks of the context as token ranges of `prompt_ids` (empty where the context
+    does not tokenize piecewise)."""
 
     prompt_ids: list[int]
     units: list[ContextUnit]
@@ -154,15 +155,19 @@ def plan_prompt(tokenizer: Any, units: Sequence[ContextUnit], turns: Sequence[An
     if len(prompt_ids) > budget:  # a generated spelling can be longer than the canonical one
         prompt_ids = tokenizer.encode_chat(fitted.messages)
     sources = [dict(u.source(), ref=number) for number, u in enumerate(fitted.units, start=1) if u.sort_key in hits]
+    spans = [] if pinned else chunk_spans(tokenizer, fitted.messages, fitted.units, prompt_ids)
+    # Entries of their own at the end of the shared system prompt (every new question starts with it) and at the
+    # end of the context.
+    boundaries = sorted({s.prefix for s in spans[:1]} | set(context_end(tokenizer, fitted.messages, fitted.units,
+                                                                         prompt_ids)))
     return AskPlan(prompt_ids=prompt_ids, units=fitted.units, sources=sources, left_out=fitted.left_out,
-                   kept_turns=len(kept), boundaries=context_end(tokenizer, fitted.messages, fitted.units, prompt_ids),
-                   spans=[] if pinned else chunk_spans(tokenizer, fitted.messages, fitted.units, prompt_ids))
+                   kept_turns=len(kept), boundaries=boundaries, spans=spans)
 
 
 def chunk_spans(tokenizer: Any, messages: list[dict[str, str]], units: Sequence[ContextUnit],
                 prompt_ids: list[int]) -> list[ChunkSpan]:
-    """Where each unit's cacheable tokens sit in `prompt_ids` (`units` in rendered order); [] when any cut is not
-    a token boundary: the prompt is then prefilled as a whole."""
+    """Where each unit's cacheable tokens sit in `prompt_ids` (`units` in rendered order). A unit whose cuts are
+    not token boundaries is left out (its tokens are prefilled); [] when the shared prefix's end is not one."""
     if not units:
         return []
     full = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -180,12 +185,13 @@ def chunk_spans(tokenizer: Any, messages: list[dict[str, str]], units: Sequence[
     # "\n\n" token alone, but in "\n" "\n" before the context's "[").
     first = pieces[0][0]
     prefix = next((n for n in map(tokens_to, range(first, max(0, first - 8), -1)) if n is not None), None)
+    if prefix is None:
+        return []
     spans: list[ChunkSpan] = []
     for _, body_start, body_end in pieces:
         start, end = tokens_to(body_start), tokens_to(body_end)
-        if prefix is None or start is None or end is None or end <= start:
-            return []
-        spans.append(ChunkSpan(prefix, start, end))
+        if start is not None and end is not None and end > start:
+            spans.append(ChunkSpan(prefix, start, end))
     return spans
 
 
@@ -206,11 +212,17 @@ def context_end(tokenizer: Any, messages: list[dict[str, str]], units: Sequence[
 
 
 def _boundary_counter(tokenizer: Any, full: str, prompt_ids: list[int]) -> Any:
-    """char -> the number of prompt tokens that spell `full[:char]`, or None where that is not a token boundary."""
+    """char -> the number of prompt tokens that spell `full[:char]`, or None where that is not a token boundary.
+
+    `prompt_ids` spell `full`, earlier answers possibly with their generated ids (`app.tokens`), so a cut after
+    such an answer is found from the end: the ids that follow it are then the canonical tokens of the rest."""
 
     def tokens_to(char: int) -> int | None:
         head = tokenizer.encode(full[:char], add_special_tokens=False)
-        return len(head) if prompt_ids[:len(head)] == head else None
+        if prompt_ids[:len(head)] == head:
+            return len(head)
+        tail = tokenizer.encode(full[char:], add_special_tokens=False)
+        return len(prompt_ids) - len(tail) if tail and prompt_ids[-len(tail):] == tail else None
 
     return tokens_to
 

@@ -2,9 +2,9 @@
 
 Runs on the model worker (`app.service`). The order of preference, token by token: exact prefix pages (bit-exact,
 cheapest); an assembled prefix an earlier turn of the session saved (its follow-up reuses all of it); chunk caches
-of the retrieved chunks, moved into place (`tpa_core.assembly.place`), each chunk's first `boundary_tokens`
-computed against what comes before it and, with `recompute_ratio`, the share of chunk tokens whose factors
-deviate most recomputed layer by layer. Whatever is left (headers between chunks, the question) is prefilled.
+of the retrieved chunks, moved into place (`tpa_core.assembly.place`), the headers between them and each chunk's
+first `boundary_tokens` computed against the assembled cache and, with `recompute_ratio`, the share of chunk
+tokens whose factors deviate most recomputed layer by layer. The caller prefills the rest (the question).
 
 A cache assembled from chunk caches is approximate: the store keeps its pages under extras that name the
 setting (`ReuseSetting.extras`), a key family exact lookups never see.
@@ -40,7 +40,9 @@ class Restored:
     """Where the cached part of a prompt came from (token counts) and the chunk caches it used."""
 
     reused_tokens: int = 0  # exact prefix pages
+    exact_tokens: int = 0  # the cache's leading tokens computed exactly (exact pages or a plain prefill)
     chunk_tokens: int = 0  # chunk caches, or an assembled prefix of an earlier turn
+    encoded_tokens: int = 0  # of chunk_tokens, those whose chunk cache this ask encoded (not reused)
     recomputed_tokens: int = 0  # chunk tokens computed again against the assembled cache
     chunks_loaded: int = 0
     chunks_encoded: int = 0
@@ -55,7 +57,8 @@ class Restored:
         prefilled = prompt_tokens - self.reused_tokens - self.chunk_tokens - self.recomputed_tokens
         return {"reused_tokens": self.reused_tokens, "chunk_tokens": self.chunk_tokens,
                 "recomputed_tokens": self.recomputed_tokens, "prefilled_tokens": prefilled,
-                "chunk_caches_loaded": self.chunks_loaded, "chunk_caches_encoded": self.chunks_encoded}
+                "chunk_caches_loaded": self.chunks_loaded, "chunk_caches_encoded": self.chunks_encoded,
+                "chunk_tokens_encoded": self.encoded_tokens}
 
 
 def restore_exact(store: Any, namespace: str, prompt_ids: list[int], cache: Any) -> Restored:
@@ -67,11 +70,17 @@ def restore_assembled(model: Any, store: Any, namespace: str, prompt_ids: list[i
                       spans: Sequence[ChunkSpan], setting: ReuseSetting, owner: str) -> Restored:
     """Fill `cache` (sequence 0) with as much of `prompt_ids` as exact pages, an earlier assembled prefix and
     the chunk caches of `spans` give; the caller prefills the rest. Chunk caches this ask uses are pinned to
-    `owner` before any is written, so the writes' eviction cannot drop them."""
+    `owner` before any is written, so the writes' eviction cannot drop them.
+
+    The shared system prompt is prefilled when the store lacks it (`Restored.exact_tokens`: worth saving as
+    exact pages). Every chunk is then placed, and the tokens between them (headers, each chunk's first
+    `boundary_tokens`) are computed in one pass against the assembled cache (`tpa_core.assembly.recompute`): one
+    forward for all of them, not one per chunk."""
     from tpa_core.assembly import place, recompute, select_deviating
     from tpa_core.store.chunks import ChunkCaches, chunk_key
 
     done = Restored(reused_tokens=store.restore(namespace, prompt_ids, cache))
+    done.exact_tokens = done.reused_tokens
     limit = len(prompt_ids) - 1
     extras = setting.extras()
     chain = store.lookup(namespace, prompt_ids, limit=limit, extras=extras)
@@ -89,13 +98,24 @@ def restore_assembled(model: Any, store: Any, namespace: str, prompt_ids: list[i
     keys = [chunk_key(namespace, prompt_ids[:s.prefix], prompt_ids[s.start:s.end], s.prefix) for s in todo]
     store.pin(keys, owner)
     done.chunk_keys = keys
-    encoder = _Encoder(model, prompt_ids[:todo[0].prefix])
+    first = todo[0]
+    if cache.length(0) < first.prefix:  # a plain prefill, as `encode_units` does: the same bits as its pages
+        _prefill(model, cache, prompt_ids[cache.length(0):first.prefix])
+        done.exact_tokens = first.prefix
+    encoder = _Encoder(model, prompt_ids[:first.prefix])
+    between: list[int] = []  # positions computed against the assembled cache: headers, boundary tokens
     placed: list[int] = []
+    fresh: list[range] = []  # placed positions whose chunk cache this ask encoded
     wrote = False
     for span, key in zip(todo, keys):
         k = min(setting.boundary_tokens, span.end - span.start)
-        _prefill(model, cache, prompt_ids[cache.length(0):span.start + k])
+        at = span.start + k
         done.recomputed_tokens += k
+        gap = at - cache.length(0)
+        if gap > 0:  # counted now, written by the pass below before anything reads them
+            between += range(cache.length(0), at)
+            cache.reserve(at)
+            cache.advance(gap, rows=slice(0, 1))
         if k == span.end - span.start:
             continue
         tensors = caches.load(namespace, key)
@@ -103,22 +123,34 @@ def restore_assembled(model: Any, store: Any, namespace: str, prompt_ids: list[i
             tensors = encoder.encode(prompt_ids[span.start:span.end])
             wrote = caches.save(namespace, key, span.prefix, tensors) == "written" or wrote
             done.chunks_encoded += 1
+            fresh.append(range(at, span.end))
         else:
             done.chunks_loaded += 1
         rest = {name: t[k:] for name, t in tensors.items()}  # [T - k, ...]
-        at = span.start + k
         cache.import_(place(model, rest, at - (span.prefix + k)), 0, at)
         placed += range(at, span.end)
         done.chunk_tokens += span.end - at
+    done.encoded_tokens = sum(map(len, fresh))
     if wrote:
         store.evict()
+    recompute(model, cache, [prompt_ids[p] for p in between], between)
     if setting.recompute_ratio > 0 and placed:
         ids = [prompt_ids[p] for p in placed]
         chosen, states = select_deviating(model, cache, ids, placed, setting.recompute_ratio)
         recompute(model, cache, [prompt_ids[p] for p in chosen], chosen, first_layer_states=states)
         done.recomputed_tokens += len(chosen)
         done.chunk_tokens -= len(chosen)
+        done.encoded_tokens -= sum(any(p in r for r in fresh) for p in chosen)
     return done
+
+
+def save_exact_lead(store: Any, namespace: str, token_ids: list[int], cache: Any, restored: Restored,
+                    boundaries: Sequence[int]) -> None:
+    """Save the exact lead of an assembled cache (the shared system prompt `restore_assembled` prefilled) as
+    exact pages, anchored at `boundaries`, so the next new question restores it instead of prefilling it."""
+    if restored.assembled and restored.exact_tokens > restored.reused_tokens:
+        lead = token_ids[:restored.exact_tokens]
+        store.save(namespace, lead, cache, boundaries=[b for b in boundaries if b < len(lead)])
 
 
 class _Encoder:
@@ -208,6 +240,8 @@ def encode_units(model: Any, tokenizer: Any, store: Any, namespace: str, units: 
         rejected += outcome == "rejected"
         if progress is not None:
             progress(done, len(todo), unit.path)
+    if encoder.scratch is not None:  # the shared system prompt, prefilled exactly: every ask starts with it
+        store.save(namespace, prefix_ids, encoder.scratch, boundaries=[len(prefix_ids)])
     if encoded:
         store.evict()
     return {**plan.to_json(), "encoded": encoded, "rejected": rejected}

@@ -259,10 +259,14 @@ def completion_id() -> str:
 
 
 def usage(metrics: dict) -> dict:
-    """OpenAI's usage object from an ask's metrics; cached tokens = tokens restored from the factor cache."""
+    """OpenAI's usage object from an ask's metrics; cached tokens = tokens restored from the factor cache (exact
+    prefix pages, and with chunk reuse chunk caches or an earlier turn's assembled pages), not computed for this
+    request (a chunk cache encoded on first use is not one)."""
     prompt, completion = int(metrics["prompt_tokens"]), int(metrics.get("new_tokens", 0))
+    cached = sum(int(metrics.get(name, 0)) for name in ("reused_tokens", "chunk_tokens"))
+    cached -= int(metrics.get("chunk_tokens_encoded", 0))
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": int(metrics.get("reused_tokens", 0))}}
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def public_sources(sources: list[dict]) -> list[dict]:

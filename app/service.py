@@ -40,7 +40,7 @@ from app.asking import (
     resolve_options,
     system_prompt,
 )
-from app.chunk_reuse import Restored, ReuseSetting, restore_assembled, restore_exact
+from app.chunk_reuse import Restored, ReuseSetting, restore_assembled, restore_exact, save_exact_lead
 from app.context import ContextOverflowError, ContextUnit, bound_pinned, canonical, public_source
 from app.database import make_engine
 from app.errors import AppError
@@ -120,7 +120,7 @@ class _AskJob:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    chunk_reuse: bool = False
+    chunk_reuse: bool = False  # assemble from chunk caches (retrieval mode; the ask's resolved option)
     context: list[dict] = field(default_factory=list)  # retrieval mode: the context as rendered, for follow-ups
     t_submit: float = 0.0  # when the job was handed to the worker (the wait for it is not the ask's latency)
     events: queue.Queue = field(default_factory=queue.Queue)
@@ -338,10 +338,11 @@ class ChatService:
         return info
 
     def ttft_history(self, session_id: str, owner: str | None = None) -> list[TurnCost]:
-        """What each turn of the session cost (time to first token, prompt and reused tokens): the cache
-        panel's chart."""
+        """What each turn of the session cost (time to first token, prompt tokens and where they came from): the
+        cache panel's chart."""
         return [TurnCost(t.position + 1, float(t.metrics["ttft_ms"]), int(t.metrics.get("prompt_tokens", 0)),
-                         int(t.metrics.get("reused_tokens", 0)))
+                         int(t.metrics.get("reused_tokens", 0)), int(t.metrics.get("chunk_tokens", 0)),
+                         int(t.metrics.get("recomputed_tokens", 0)))
                 for t in self._sessions.turns(session_id, owner) if "ttft_ms" in t.metrics]
 
     # ----- the cache ----------------------------------------------------------------------------------------------
@@ -645,7 +646,9 @@ class ChatService:
         loaded = self.loaded
         store, namespace = self.store, self.namespace()
         prompt_ids = job.plan.prompt_ids
-        if job.chunk_reuse and job.plan.spans:
+        # With chunk reuse, a retrieval ask also looks for the assembled pages of an earlier turn, even when its
+        # own chunks could not be cut out of the prompt (spans empty): else a follow-up would reuse nothing.
+        if job.chunk_reuse and job.mode == "retrieval":
             restored = restore_assembled(loaded.model, store, namespace, prompt_ids, cache, job.plan.spans, setting,
                                          owner)
         else:
@@ -683,6 +686,7 @@ class ChatService:
             store.pin(store.prefix_keys(namespace, seen, extras=extras) + restored.chunk_keys, owner)
         store.save(namespace, seen, cache, boundaries=[b for b in job.plan.boundaries if b < len(seen)],
                    extras=extras)
+        save_exact_lead(store, namespace, seen, cache, restored, job.plan.boundaries)
         return _Generated(restored, answer_ids, parts, finish, period, t_first, t_last, prefill_ms)
 
     # ----- context -----------------------------------------------------------------------------------------------

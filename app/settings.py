@@ -80,8 +80,9 @@ class Settings:
     temperature: float = 0.0
     max_ingest_chunks: int = 100_000  # chunks one ingestion may embed (retrieval.IngestLimits.max_chunks)
     # Retrieval mode: assemble retrieved chunks from their chunk caches, recomputing the first
-    # `chunk_boundary_tokens` of each and the `chunk_recompute_ratio` share that deviates most (README, "Chunk reuse").
-    chunk_reuse: bool = False
+    # `chunk_boundary_tokens` of each and the `chunk_recompute_ratio` share that deviates most (README, "Chunk reuse":
+    # on by default because it met issue 17's bar there; False = exact prefix reuse only).
+    chunk_reuse: bool = True
     chunk_boundary_tokens: int = 16
     chunk_recompute_ratio: float = 0.0
     verbose: int = 0

@@ -21,22 +21,29 @@ class TurnCost(NamedTuple):
     turn: int  # 1, 2, ... in the session
     ttft_ms: float
     prompt_tokens: int
-    reused_tokens: int  # restored from the cache instead of prefilled
+    reused_tokens: int  # restored from exact prefix pages instead of prefilled
+    chunk_tokens: int = 0  # taken from chunk caches or an earlier turn's assembled pages (chunk reuse)
+    recomputed_tokens: int = 0  # chunk tokens computed again against the assembled cache
 
 
 def metrics_line(metrics: dict) -> str:
     """One line under an answer: prompt tokens, those reused from exact prefix pages (and, with chunk reuse, those
-    from chunk caches and those recomputed), time to first token, decode speed, total time."""
+    from chunk caches and those recomputed), the share that came from the store (chunk caches this ask encoded
+    do not count), time to first token, decode speed, total time."""
     if not metrics:
         return ""
     prompt = int(metrics.get("prompt_tokens", 0))
     reused = int(metrics.get("reused_tokens", 0))
-    share = f" ({100 * reused / prompt:.0f}%)" if prompt else ""
     chunks = int(metrics.get("chunk_tokens", 0))
     recomputed = int(metrics.get("recomputed_tokens", 0))
-    assembled = f"chunk caches {chunks:,} · recomputed {recomputed:,} · " if chunks or recomputed else ""
+    stored = reused + chunks - int(metrics.get("chunk_tokens_encoded", 0))
+    share = f" ({100 * stored / prompt:.0f}%)" if prompt else ""
+    if chunks or recomputed:
+        sources = f"reused {reused:,} · chunk caches {chunks:,}{share} · recomputed {recomputed:,} · "
+    else:
+        sources = f"reused {reused:,}{share} · "
     return (
-        f"prompt {prompt:,} tokens · reused {reused:,}{share} · {assembled}"
+        f"prompt {prompt:,} tokens · {sources}"
         f"TTFT {metrics.get('ttft_ms', 0):,.0f} ms · {metrics.get('decode_tokens_per_s', 0):.1f} tok/s · "
         f"total {metrics.get('total_ms', 0) / 1000:.2f} s"
     )
@@ -182,6 +189,7 @@ _TTFT_TOP, _TTFT_H = 26, 86  # top panel: time to first token
 _TOK_TOP, _TOK_H = 146, 70  # bottom panel: prompt tokens, reused and prefilled stacked
 _H = 262
 REUSED_COLOR, PREFILLED_COLOR, LINE_COLOR = "#2f9e6e", "#e8a23a", "#4f5bd5"
+CHUNK_COLOR, RECOMPUTED_COLOR = "#8fd1b3", "#c9b458"
 
 
 def _nice_ceiling(value: float) -> float:
@@ -198,7 +206,8 @@ def _tokens_label(n: float) -> str:
 
 def ttft_chart_html(rows: Sequence[TurnCost]) -> str:
     """An inline SVG chart of a session's turns: time to first token (points joined by a line, seconds) above
-    the prompt's tokens as stacked bars (reused from the cache, prefilled), on one axis of whole turn numbers."""
+    the prompt's tokens as stacked bars (reused from exact pages, from chunk caches, recomputed, prefilled), on
+    one axis of whole turn numbers."""
     if not rows:
         return (f'<div id="{CHART_ID}" class="tpa-chart-empty">Each turn of the session shows here: its time to '
                 "first token, and how much of its prompt came from the cache.</div>")
@@ -237,13 +246,18 @@ def ttft_chart_html(rows: Sequence[TurnCost]) -> str:
     for x, r in zip(x_of, rows):
         seconds = r.ttft_ms / 1000
         reused = min(r.reused_tokens, r.prompt_tokens)
-        prefilled = r.prompt_tokens - reused
+        chunks = min(r.chunk_tokens, r.prompt_tokens - reused)
+        recomputed = min(r.recomputed_tokens, r.prompt_tokens - reused - chunks)
+        prefilled = r.prompt_tokens - reused - chunks - recomputed
+        assembled = f"{chunks:,} from chunk caches, {recomputed:,} recomputed, " if chunks or recomputed else ""
         tip = (f"turn {r.turn}: TTFT {seconds:.2f} s; prompt {r.prompt_tokens:,} tokens, {reused:,} reused, "
-               f"{prefilled:,} prefilled")
+               f"{assembled}{prefilled:,} prefilled")
         parts.append(f'<circle class="ttft-point" data-turn="{r.turn}" data-ttft-s="{seconds:.3f}" cx="{x:.1f}" '
                      f'cy="{y_ttft(seconds):.1f}" r="4" fill="{LINE_COLOR}"><title>{tip}</title></circle>')
         for value, base, color, kind in ((reused, 0, REUSED_COLOR, "reused"),
-                                         (prefilled, reused, PREFILLED_COLOR, "prefilled")):
+                                         (chunks, reused, CHUNK_COLOR, "chunk"),
+                                         (recomputed, reused + chunks, RECOMPUTED_COLOR, "recomputed"),
+                                         (prefilled, reused + chunks + recomputed, PREFILLED_COLOR, "prefilled")):
             if value:
                 top, bottom = y_tok(base + value), y_tok(base)
                 parts.append(f'<rect class="bar-{kind}" data-turn="{r.turn}" data-tokens="{value}" '
@@ -255,7 +269,12 @@ def ttft_chart_html(rows: Sequence[TurnCost]) -> str:
     parts.append(f'<text class="axis-title" x="{(_LEFT + _W - _RIGHT) / 2}" y="{_TOK_TOP + _TOK_H + 27}" '
                  'text-anchor="middle" fill="#333">turn</text>')
     legend_y = _TOK_TOP - 12
-    for offset, color, label in ((0, REUSED_COLOR, "reused"), (70, PREFILLED_COLOR, "prefilled")):
+    legend = [(REUSED_COLOR, "reused", 48)]  # (color, label, px to the next)
+    if any(r.chunk_tokens or r.recomputed_tokens for r in rows):
+        legend += [(CHUNK_COLOR, "chunk caches", 74), (RECOMPUTED_COLOR, "recomputed", 68)]
+    legend.append((PREFILLED_COLOR, "prefilled", 0))
+    offsets = [sum(width for _, _, width in legend[:i]) for i in range(len(legend))]
+    for offset, (color, label, _) in zip(offsets, legend):
         parts.append(f'<rect x="{_LEFT + offset}" y="{legend_y - 8}" width="9" height="9" fill="{color}"/>'
                      f'<text x="{_LEFT + offset + 13}" y="{legend_y}" fill="#333">{label}</text>')
     parts.append("</svg>")

@@ -8,8 +8,9 @@ modules listed in retrieval_questions.json (this interpreter's Lib/), the app la
 
 - full: a plain prefill of the whole prompt (the reference);
 - each setting: the prompt's chunks assembled from chunk caches (encoded beforehand, untimed: "the chunks of the
-  collection are already encoded"), the first k tokens of each chunk recomputed and/or the share r of chunk
-  tokens that deviate most (CacheBlend-like), then the rest prefilled.
+  collection are already encoded"; as in the app, that first assembly also keeps the shared system prompt as an
+  exact entry, which `ingest --encode` stores too), the first k tokens of each chunk recomputed and/or the share
+  r of chunk tokens that deviate most (CacheBlend-like), then the rest prefilled.
 
 Per setting: time to first token (the median ratio to full prefill's, measured side by side in one process),
 top-1 agreement and mean KL(full || setting) of the next-token distributions over the full-prefill greedy answer
@@ -104,7 +105,7 @@ def main() -> None:
     import sysconfig
 
     from app.asking import plan_prompt
-    from app.chunk_reuse import ReuseSetting, restore_assembled
+    from app.chunk_reuse import ReuseSetting, restore_assembled, save_exact_lead
     from app.context import canonical
     from app.service import ChatService
     from app.settings import Settings
@@ -165,7 +166,8 @@ def main() -> None:
         row["full_correct"] = correct(text, item["must_contain"]) if item["kind"] == "extractive" else None
         # Encode this prompt's chunk caches once, untimed (a setting with no recompute loads every one).
         warm = model.new_cache(capacity=len(ids))
-        restore_assembled(model, store, namespace, ids, warm, plan.spans, ReuseSetting(0, 0.0), "bench")
+        encoded = restore_assembled(model, store, namespace, ids, warm, plan.spans, ReuseSetting(0, 0.0), "bench")
+        save_exact_lead(store, namespace, ids, warm, encoded, plan.boundaries)
         for name in chosen:
             k, ratio = SETTINGS[name]
             cache.reset()
@@ -186,7 +188,8 @@ def main() -> None:
                 "kl": float(kl.mean()),
                 "equal32": mine[:EQUAL_TOKENS] == answer[:EQUAL_TOKENS],
                 "correct": correct(text, item["must_contain"]) if item["kind"] == "extractive" else None,
-                "chunk_tokens": done.chunk_tokens, "recomputed_tokens": done.recomputed_tokens,
+                "reused_tokens": done.reused_tokens, "chunk_tokens": done.chunk_tokens,
+                "recomputed_tokens": done.recomputed_tokens,
                 "answer": text,
             }
         rows.append(row)

@@ -15,13 +15,14 @@ from pathlib import Path
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update"]
-METRICS = re.compile(r"prompt ([\d,]+) tokens · reused ([\d,]+)")
+METRICS = re.compile(r"prompt ([\d,]+) tokens · reused ([\d,]+)(?: \(\d+%\))?(?: · chunk caches ([\d,]+))?")
 
 
 @dataclass
 class FlowResult:
     answers: list[str] = field(default_factory=list)
-    metrics: list[tuple[int, int]] = field(default_factory=list)  # (prompt tokens, reused tokens) per answer
+    # (prompt tokens, reused tokens from exact pages, tokens from chunk caches or assembled pages) per answer
+    metrics: list[tuple[int, int, int]] = field(default_factory=list)
     citation: str = ""
     citation_text: str = ""
     toasts: list[str] = field(default_factory=list)
@@ -97,7 +98,7 @@ def run_flow(url: str, screenshot: Path, *, upload: list[Path] | None = None, co
             for line in page.locator("#chat .tpa-metrics").all_inner_texts():
                 m = METRICS.search(line)
                 if m:
-                    result.metrics.append((int(m[1].replace(",", "")), int(m[2].replace(",", ""))))
+                    result.metrics.append(tuple(int((g or "0").replace(",", "")) for g in m.groups()))
             result.answers = page.locator("#chat .message-row.bot-row, #chat [data-testid='bot']").all_inner_texts()
             for close in page.locator("[data-testid='toast-close']").all():
                 if close.is_visible():
@@ -134,6 +135,7 @@ CHART_JS = """() => {
         titles: [...svg.querySelectorAll('text.axis-title')].map(t => t.textContent),
         labels: [...svg.querySelectorAll('text.turn-label')].map(t => t.textContent),
         reused: [...svg.querySelectorAll('rect.bar-reused')].map(r => +r.getAttribute('data-tokens')),
+        chunk: [...svg.querySelectorAll('rect.bar-chunk')].map(r => +r.getAttribute('data-tokens')),
     };
 }"""
 

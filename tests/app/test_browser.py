@@ -39,9 +39,10 @@ def test_upload_ask_cite_follow_up_in_chromium(empty_app, tmp_path):
     assert re.match(r"\[1\] [0-9a-f]{10}/guide\.md lines 1-", flow.citation), flow.citation
     assert "chained sha256" in flow.citation_text
     assert len(flow.metrics) == 2
-    (prompt1, reused1), (prompt2, reused2) = flow.metrics
+    (prompt1, reused1, _), (prompt2, reused2, chunks2) = flow.metrics
     assert reused1 == 0 and prompt2 > prompt1
-    assert reused2 > 0  # the follow-up restored the first turn's prefix from the cache
+    # The follow-up restored the first turn from the cache: with chunk reuse on (the default), its assembled pages.
+    assert chunks2 > 0 and reused2 + chunks2 >= prompt1
     sessions = service.sessions()
     assert len(sessions) == 1 and sessions[0].n_turns == 2  # the refused empty question changed nothing
     assert shot.is_file() and shot.stat().st_size > 10_000
@@ -156,7 +157,7 @@ def test_the_page_reads_right_in_chromium(make_service, serve_web, tmp_path):
         chart = page.evaluate(CHART_JS)
         assert chart["turns"] == ["1", "2"] and chart["labels"] == ["1", "2"] and all(chart["visible"])
         assert set(chart["titles"]) == {"TTFT (s)", "prompt tokens", "turn"}
-        assert chart["reused"] and chart["reused"][-1] > 0  # the follow-up's reused tokens are drawn
+        assert chart["chunk"] and chart["chunk"][-1] > 0  # the follow-up's tokens from the (assembled) cache
         page.screenshot(path=str(ARTIFACTS / "ui-two-turns.png"), full_page=True)
 
         page.locator("#chat .thought-group .title:has-text('Sources')").first.click()

@@ -145,3 +145,43 @@ def test_a_follow_up_with_new_chunks_reuses_the_whole_previous_turn(make_service
     assert second.metrics["reused_tokens"] >= seen
     turns = service.session(first.session_id)[1]
     assert [u["turn"] for u in turns[1].context] == [0, 1]  # the old chunk in the system message, the new one later
+
+
+def test_by_default_a_follow_up_reuses_its_past_and_takes_new_chunks_from_chunk_caches(make_service, corpus_dir):
+    """Chunk reuse on (the default): the previous turn comes back as its assembled pages, and the new chunk, which
+    sits after the history (after an answer spelled with its generated ids), is cut out and taken from a chunk
+    cache, not prefilled."""
+    service = make_service(top_k=1)
+    service.ingest_paths("docs", [str(corpus_dir)])
+    service.encode_chunks("docs")
+    first = service.ask(QUESTION, "docs")
+    second = service.ask(OTHER, "docs", first.session_id)
+    assert {s["path"] for s in second.sources} - {s["path"] for s in first.sources}  # it retrieved a new chunk
+    m = second.metrics
+    seen = first.metrics["prompt_tokens"] + first.metrics["new_tokens"] - 1
+    assert m["reused_tokens"] + m["chunk_tokens"] + m["recomputed_tokens"] >= seen
+    assert m["chunk_caches_loaded"] == 1 and m["chunk_caches_encoded"] == 0
+    assert m["prefilled_tokens"] < 0.1 * m["prompt_tokens"]
+
+
+def test_a_new_question_on_other_chunks_restores_the_system_prompt_exactly(make_service, corpus_dir):
+    """The shared system prompt is kept as an exact entry of its own - by `encode_chunks`, by an assembled ask
+    (its exact lead) and by an exact one (a boundary) - so a question whose chunks differ from every earlier
+    question's still restores it instead of prefilling it."""
+    service = make_service(top_k=1)
+    service.ingest_paths("docs", [str(corpus_dir)])
+    tokenizer = service.loaded.tokenizer
+    service.encode_chunks("docs")
+    first = service.ask(QUESTION, "docs")  # nothing asked before: the system prompt came from encode_chunks
+    system = first.metrics["reused_tokens"]
+    assert system > 0 and system < len(tokenizer.encode_chat(
+        [{"role": "system", "content": "x" * 2000}])), "the system prompt, not more"
+    for options in (ON, OFF):
+        for session in service.sessions():  # an empty store: nothing pinned, nothing kept
+            service.delete_session(session.id)
+        service.clear_cache()
+        cold = service.ask(QUESTION, "docs", options=options)  # stores it again, assembled or exact
+        assert cold.metrics["reused_tokens"] == 0
+        other = service.ask(OTHER, "docs", options=options)  # another chunk, a new session
+        assert {s["path"] for s in other.sources}.isdisjoint({s["path"] for s in first.sources})
+        assert other.metrics["reused_tokens"] == system

@@ -51,7 +51,10 @@ def test_ask_streams_from_the_running_server(served, capsys):
     code, out, err = cli(capsys, service, "ask", "--json", "--collection", "docs", "--session", session.id,
                          "And the namespace?")
     result = json.loads(out)
-    assert code == 0 and result["session_id"] == session.id and result["metrics"]["reused_tokens"] > 0
+    metrics = result["metrics"]  # chunk reuse is on by default: the first turn comes back as assembled pages
+    assert code == 0 and result["session_id"] == session.id and metrics["chunk_tokens"] > 0
+    first = service.session(session.id)[1][0]
+    assert metrics["reused_tokens"] + metrics["chunk_tokens"] >= first.metrics["prompt_tokens"]
     assert set(result) == {"answer", "session_id", "sources", "metrics", "left_out"}
     assert set(result["sources"][0]) == {"path", "start_line", "end_line", "score"}
 

@@ -8,11 +8,24 @@ import pytest
 
 from app.context import ContextOverflowError
 from app.errors import AppError
-from app.service import QuestionError
+from app.service import AskOptions, QuestionError
 from app.sessions import UnknownSessionError
 from retrieval.errors import RetrievalError
 
 QUESTION = "How does the cache store key its entries?"
+EXACT = AskOptions(chunk_reuse=False)  # exact prefix pages only
+# The default (chunk reuse on: an earlier turn's cache comes back as assembled pages) and exact reuse only.
+BOTH_MODES = pytest.mark.parametrize("reuse", [None, False], ids=["default", "exact"])
+
+
+def cached(metrics: dict) -> int:
+    """Prompt tokens that came from the store: exact prefix pages plus chunk caches or assembled pages."""
+    return metrics["reused_tokens"] + metrics["chunk_tokens"]
+
+
+def check_mode(metrics: dict, reuse: bool | None) -> None:
+    """The default assembles from chunk caches (whose pages an exact ask never reads); exact reuse never does."""
+    assert (metrics["chunk_tokens"] > 0) == (reuse is None)
 
 
 def collect(service, question, collection="docs", session_id="", **kwargs):
@@ -46,18 +59,21 @@ def test_ask_streams_cites_and_persists(service):
     assert turns[0].sources == result.sources and turns[0].metrics == result.metrics
 
 
-def test_follow_up_reuses_the_cached_prefix(service):
-    first = service.ask(QUESTION, "docs")
-    second = service.ask(QUESTION + " Explain again.", "docs", first.session_id)
+@BOTH_MODES
+def test_follow_up_reuses_the_cached_prefix(service, reuse):
+    options = AskOptions(chunk_reuse=reuse)
+    first = service.ask(QUESTION, "docs", options=options)
+    second = service.ask(QUESTION + " Explain again.", "docs", first.session_id, options=options)
     assert second.session_id == first.session_id
     assert second.metrics["prompt_tokens"] > first.metrics["prompt_tokens"]  # the first turn is in the prompt
-    assert second.metrics["reused_tokens"] >= 256  # at least the context's first page came from the store
+    check_mode(second.metrics, reuse)
+    assert cached(second.metrics) >= 256  # at least the context's first page came from the store
     assert len(service.session(first.session_id)[1]) == 2
 
 
 def test_reused_prefix_gives_the_same_answer_as_a_fresh_prefill(service):
-    cold = service.ask(QUESTION, "docs")
-    warm = service.ask(QUESTION, "docs")  # a new session: same context and question, now from the cache
+    cold = service.ask(QUESTION, "docs", options=EXACT)
+    warm = service.ask(QUESTION, "docs", options=EXACT)  # a new session: same context and question, now cached
     assert warm.metrics["reused_tokens"] > 0 and cold.metrics["reused_tokens"] == 0
     assert warm.answer == cold.answer
     entries = service.cache_stats()["entries"]
@@ -67,7 +83,7 @@ def test_reused_prefix_gives_the_same_answer_as_a_fresh_prefill(service):
     service.delete_session(cold.session_id)
     service.delete_session(warm.session_id)
     assert service.clear_cache() == len(kept) and service.cache_stats()["entries"] == 0
-    again = service.ask(QUESTION, "docs")
+    again = service.ask(QUESTION, "docs", options=EXACT)
     assert again.metrics["reused_tokens"] == 0 and again.answer == cold.answer
 
 
@@ -81,7 +97,7 @@ def test_sessions_are_isolated(service):
     assert [t.question for t in service.session(a.session_id)[1]] == ["What is the capital of France?",
                                                                        "And the tower?"]
     assert [t.question for t in service.session(b.session_id)[1]] == [QUESTION, "And the namespace?"]
-    assert b2.metrics["reused_tokens"] > 0 and a2.metrics["reused_tokens"] > 0
+    assert cached(b2.metrics) > 0 and cached(a2.metrics) > 0
 
 
 def test_concurrent_asks_are_serialized_and_complete(service):
@@ -113,7 +129,7 @@ def test_resume_after_restart_reuses_the_cache(make_service, corpus_dir):
     info, turns = restarted.session(first.session_id)
     assert len(turns) == 1 and turns[0].answer == first.answer
     follow = restarted.ask("And what is the namespace?", "docs", first.session_id)
-    assert follow.metrics["reused_tokens"] >= 256
+    assert cached(follow.metrics) >= 256 and follow.metrics["chunk_tokens"] > 0  # the assembled turn's pages
 
 
 def test_bad_input_is_refused_and_nothing_is_lost(service):
@@ -219,12 +235,14 @@ def _all_entry_keys(store):
         return list(conn.execute(select(Entry.key)).scalars())
 
 
-def test_follow_up_keeps_the_earlier_context_in_place(make_service, corpus_dir):
+@BOTH_MODES
+def test_follow_up_keeps_the_earlier_context_in_place(make_service, corpus_dir, reuse):
     service = make_service(top_k=1)
     service.ingest_paths("docs", [str(corpus_dir)])
-    first = service.ask(QUESTION, "docs")
+    options = AskOptions(chunk_reuse=reuse)
+    first = service.ask(QUESTION, "docs", options=options)
     assert [s["path"] for s in first.sources] == ["corpus/cache.md"]
-    follow = service.ask("What is the capital of France? Paris?", "docs", first.session_id)
+    follow = service.ask("What is the capital of France? Paris?", "docs", first.session_id, options=options)
     # Cited: what this question retrieved, numbered as it appears in the context (after the kept chunk).
     assert [(s["path"], s["ref"]) for s in follow.sources] == [("corpus/notes.txt", 2)]
     turns = service.session(first.session_id)[1]
@@ -234,8 +252,9 @@ def test_follow_up_keeps_the_earlier_context_in_place(make_service, corpus_dir):
     tokenizer = service.loaded.tokenizer
     system = tokenizer.apply_chat_template([{"role": "system", "content": "s"}], add_generation_prompt=False)
     first_prompt = first.metrics["prompt_tokens"]
-    assert follow.metrics["reused_tokens"] % 256 != 0
-    assert follow.metrics["reused_tokens"] > first_prompt - len(tokenizer.encode(system)) - 40
+    check_mode(follow.metrics, reuse)
+    assert cached(follow.metrics) % 256 != 0
+    assert cached(follow.metrics) > first_prompt - len(tokenizer.encode(system)) - 40
 
 
 def test_repetition_detector():
@@ -249,15 +268,18 @@ def test_repetition_detector():
     assert repeating([7] * 7) == 0
 
 
-def test_a_new_question_on_the_same_context_reuses_all_of_it(service):
-    first = service.ask(QUESTION, "docs")
-    other = service.ask("How is the key of an entry made?", "docs")  # another session, same three chunks
+@BOTH_MODES
+def test_a_new_question_on_the_same_context_reuses_all_of_it(service, reuse):
+    options = AskOptions(chunk_reuse=reuse)
+    first = service.ask(QUESTION, "docs", options=options)
+    other = service.ask("How is the key of an entry made?", "docs", options=options)  # another session, same chunks
     assert sorted(s["path"] for s in other.sources) == sorted(s["path"] for s in first.sources)
     tokenizer = service.loaded.tokenizer
     system_end = len(tokenizer.encode(tokenizer.apply_chat_template(
         [{"role": "system", "content": "x"}], add_generation_prompt=False), add_special_tokens=False))
-    assert other.metrics["reused_tokens"] % 256 != 0  # a tail (the context's end) was reused, not pages only
-    assert other.metrics["reused_tokens"] > system_end
+    check_mode(other.metrics, reuse)
+    assert cached(other.metrics) % 256 != 0  # a tail (the context's end) was reused, not pages only
+    assert cached(other.metrics) > system_end
 
 
 def test_local_path_ingest_and_collection_delete(make_service, corpus_dir, tmp_path):

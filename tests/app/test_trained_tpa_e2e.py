@@ -47,7 +47,7 @@ def trained_checkpoint(tmp_path_factory):
 
 
 def _ask_twice_and_check(checkpoint, data_dir, corpus_dir, device: str, backend: str, tol: float) -> None:
-    from app.service import ChatService
+    from app.service import AskOptions, ChatService
     from app.settings import Settings
 
     service = ChatService(Settings(data_dir=data_dir, model=str(checkpoint), device=device,
@@ -67,8 +67,9 @@ def _ask_twice_and_check(checkpoint, data_dir, corpus_dir, device: str, backend:
 
         store.restore = spy
         service.ingest_paths("docs", [str(corpus_dir)])
-        first = service.ask(QUESTION, "docs")
-        second = service.ask(FOLLOW_UP, "docs", first.session_id)
+        exact = AskOptions(chunk_reuse=False)  # exact prefix pages: restored factors equal a fresh prefill's
+        first = service.ask(QUESTION, "docs", options=exact)
+        second = service.ask(FOLLOW_UP, "docs", first.session_id, options=exact)
         assert first.metrics["reused_tokens"] == 0 and restores[0][1] == 0
         prompt, reused, restored = restores[1]
         assert second.metrics["reused_tokens"] == reused >= 256 and reused < len(prompt)

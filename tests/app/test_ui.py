@@ -43,7 +43,9 @@ def test_api_ask_streams_and_follow_up_reuses_the_cache(app_url):
     assert final["metrics"]["reused_tokens"] == 0 and final["metrics"]["prompt_tokens"] > 0
     follow = c.predict("And what is the namespace?", "docs", final["session_id"], False, api_name="/ask")
     assert follow["session_id"] == final["session_id"]
-    assert follow["metrics"]["reused_tokens"] > 0
+    # Chunk reuse is on by default: the first turn comes back as its assembled pages.
+    assert follow["metrics"]["chunk_tokens"] > 0
+    assert follow["metrics"]["reused_tokens"] + follow["metrics"]["chunk_tokens"] >= final["metrics"]["prompt_tokens"]
     # A second browser session starts its own chat session and never sees the first one's turns.
     other = client(url).predict("What is the capital of France?", "docs", api_name="/ask")
     assert other["session_id"] != final["session_id"]
@@ -54,6 +56,9 @@ def test_api_ask_streams_and_follow_up_reuses_the_cache(app_url):
     assert m["reused_tokens"] + m["chunk_tokens"] + m["recomputed_tokens"] + m["prefilled_tokens"] == \
         m["prompt_tokens"]
     assert m["prefilled_tokens"] > 0
+    # chunk_reuse off for one ask: exact prefix pages only, never the assembled ones.
+    m = c.predict("What is a page key?", "docs", "", False, False, api_name="/ask")["metrics"]
+    assert m["chunk_tokens"] == 0 and m["recomputed_tokens"] == 0
 
 
 def test_api_errors_are_messages_and_change_nothing(app_url):

@@ -75,6 +75,21 @@ def test_ttft_chart_has_whole_turns_points_bars_and_axis_titles():
     assert 'class="bar-prefilled" data-turn="2" data-tokens="22"' in svg
     assert "bar-reused" not in svg.split('data-turn="2"')[0]  # turn 1 reused nothing: no reused bar
     assert "Each turn of the session shows here" in ui_render.ttft_chart_html([])
+    assert "chunk caches" not in svg  # no chunk reuse in these turns: no legend entry for it
+
+
+def test_metrics_line_and_chart_tell_apart_exact_pages_chunk_caches_recomputed_and_prefilled():
+    metrics = {"prompt_tokens": 428, "reused_tokens": 10, "chunk_tokens": 364, "recomputed_tokens": 16,
+               "ttft_ms": 120.0, "decode_tokens_per_s": 9.0, "total_ms": 1500}
+    line = ui_render.metrics_line(metrics)
+    assert line.startswith("prompt 428 tokens · reused 10 · chunk caches 364 (87%) · recomputed 16 · TTFT 120 ms")
+    svg = ui_render.ttft_chart_html([ui_render.TurnCost(1, 900.0, 300, 0, 150, 16),
+                                     ui_render.TurnCost(2, 120.0, 428, 10, 364, 16)])
+    for kind, tokens in (("reused", 10), ("chunk", 364), ("recomputed", 16), ("prefilled", 38)):
+        assert f'class="bar-{kind}" data-turn="2" data-tokens="{tokens}"' in svg
+    assert 'class="bar-prefilled" data-turn="1" data-tokens="134"' in svg
+    assert ">chunk caches</text>" in svg and ">recomputed</text>" in svg
+    assert "364 from chunk caches, 16 recomputed, 38 prefilled" in svg
 
 
 def test_chart_axis_maxima_are_round_numbers():
