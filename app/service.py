@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 from app.context import ContextUnit, canonical, fit_prompt, render_context
 from app.database import make_engine
 from app.errors import AppError
+from app.grounding import ungrounded_terms
+from app.retrieval_plan import RetrievalPlan, choose_plan, within_budget
 from app.sessions import SessionInfo, SessionStore, Turn
 from app.tokens import REPEATS, encode_conversation, repeating
 from app.worker import ModelWorker, WorkerClosedError
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 MAX_QUESTION_CHARS = 8_000
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024**2
 MAX_TOP_K = 50
+CONTEXT_ORDERS = ("canonical", "relevance")
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what)
 
 
@@ -59,6 +62,9 @@ class AskOptions:
     max_new_tokens: int | None = None
     temperature: float | None = None
     documents: tuple[str, ...] | None = None
+    context_tokens: int | None = None  # a token budget for the retrieved chunks (app.retrieval_plan)
+    context_order: str | None = None  # "canonical" (default: exact prefix reuse) | "relevance" (best chunk last)
+    hybrid: bool | None = None  # dense + full-text retrieval (None = the settings')
 
 
 @dataclass
@@ -81,6 +87,7 @@ class AskResult:
             "metrics": {k: self.metrics[k] for k in ("prompt_tokens", "reused_tokens", "ttft_ms",
                                                      "decode_tokens_per_s", "total_ms")},
             "left_out": list(self.left_out),
+            "ungrounded_terms": list(self.metrics.get("ungrounded_terms", [])),
         }
 
 
@@ -401,7 +408,12 @@ class ChatService:
         if info is not None and info.collection != collection:
             raise AppError(f"session {session_id} belongs to collection {info.collection!r}, not {collection!r}; "
                            f"start a new session to ask about {collection!r}")
-        top_k = self._check_top_k(opts.top_k if opts.top_k is not None else self.settings.top_k)
+        top_k = opts.top_k if opts.top_k is not None else self.settings.top_k
+        if top_k is not None:
+            top_k = self._check_top_k(top_k)
+        order = opts.context_order or self.settings.context_order
+        if order not in CONTEXT_ORDERS:
+            raise AppError(f"context order must be one of {', '.join(CONTEXT_ORDERS)}, got {order!r}")
         max_new = int(opts.max_new_tokens if opts.max_new_tokens is not None else self.settings.max_new_tokens)
         temperature = float(opts.temperature if opts.temperature is not None else self.settings.temperature)
         if max_new < 1:
@@ -410,6 +422,7 @@ class ChatService:
             raise AppError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         loaded = self.loaded
         window = loaded.context_window
+        plan = self.retrieval_plan(top_k, opts.context_tokens)
         if max_new >= window:
             raise AppError(f"max new tokens ({max_new}) must be below the model's context window ({window})")
 
@@ -419,10 +432,16 @@ class ChatService:
             units = canonical(self._pinned_units(collection, documents))
             hits: set = {u.sort_key for u in units}
         else:
-            retrieved = self._retrieved_units(collection, question, top_k)
+            hybrid = opts.hybrid if opts.hybrid is not None else self.settings.hybrid
+            retrieved = self._retrieved_units(collection, question, plan.top_k, hybrid)
+            if plan.context_tokens is not None:
+                retrieved = within_budget(retrieved, lambda u: len(loaded.tokenizer.encode(u.text)),
+                                          plan.context_tokens)
             hits = {u.sort_key for u in retrieved}
             earlier = turns[-1].context if turns and turns[-1].mode == "retrieval" else []
             units = _follow_up_context([ContextUnit.from_dict(d) for d in earlier], retrieved)
+            if order == "relevance" and not earlier:
+                units = _best_last(units)
         tokenizer = loaded.tokenizer
         fitted = fit_prompt(
             units, [(t.question, t.answer) for t in turns], question,
@@ -546,6 +565,7 @@ class ChatService:
             "prefill_ms": None if prefill_ms is None else round(prefill_ms, 1),
             "queued_ms": round(queued_s * 1e3, 1),
             "finish_reason": finish,
+            "ungrounded_terms": ungrounded_terms(answer, job.sources, job.question),
         }
         self._sessions.add_turn(job.session_id, job.question, answer, mode=job.mode, sources=job.sources,
                                 metrics=result_metrics, left_out=job.left_out, answer_ids=spelled,
@@ -555,8 +575,9 @@ class ChatService:
         job.events.put(AskEvent("done", job.session_id, sources=job.sources, left_out=job.left_out, result=result))
 
     # ----- context -----------------------------------------------------------------------------------------------
-    def _retrieved_units(self, collection: str, question: str, top_k: int) -> list[ContextUnit]:
-        hits = self.corpus.search(collection, question, k=top_k)[0]
+    def _retrieved_units(self, collection: str, question: str, top_k: int, hybrid: bool = False
+                         ) -> list[ContextUnit]:
+        hits = self.corpus.search(collection, question, k=top_k, hybrid=hybrid)[0]
         return [
             ContextUnit(collection, h.path, h.chunk_index, h.text, h.start_line, h.end_line, float(h.score))
             for h in hits
@@ -589,6 +610,19 @@ class ChatService:
             raise QuestionError(f"the question is too long ({len(question):,} characters; at most "
                                 f"{MAX_QUESTION_CHARS:,}); shorten it, or ingest the text as a document")
         return question
+
+    def retrieval_plan(self, top_k: int | None = None, context_tokens: int | None = None) -> RetrievalPlan:
+        """How much context an ask gets: an explicit top-k wins (the argument's, then the settings'), then a context
+        token budget (likewise), then the loaded model's default (app.retrieval_plan)."""
+        k = top_k if top_k is not None else self.settings.top_k
+        budget = context_tokens if context_tokens is not None else self.settings.context_tokens
+        try:
+            return choose_plan(self._n_params(), k, budget)
+        except ValueError as exc:
+            raise AppError(str(exc)) from None
+
+    def _n_params(self) -> int:
+        return sum(p.numel() for p in self.loaded.model.parameters())  # ~100 tensors: cheap per ask
 
     @staticmethod
     def _check_top_k(top_k: Any) -> int:
@@ -637,6 +671,12 @@ def _follow_up_context(earlier: list[ContextUnit], retrieved: list[ContextUnit])
     known = {u.sort_key for u in earlier}
     fresh = canonical([replace(u, rank=2.0 + (u.score or 0.0)) for u in retrieved if u.sort_key not in known])
     return kept + fresh
+
+
+def _best_last(units: list[ContextUnit]) -> list[ContextUnit]:
+    """A first question's context in relevance order, the best chunk last (nearest the question). Costs prefix
+    reuse: the same chunks retrieved in another order give another prefix."""
+    return sorted(units, key=lambda u: (u.score or 0.0))
 
 
 def _pin_owner(session_id: str) -> str:

@@ -48,7 +48,10 @@ class Settings:
     attention_backend: str = "auto"  # auto | torch | triton
     cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES
     embedding_model: str = ""  # "" = the offline all-MiniLM-L6-v2 package
-    top_k: int = 5
+    top_k: int | None = None  # None = chosen for the model (app.retrieval_plan); a number always wins
+    context_tokens: int | None = None  # a token budget for retrieved chunks instead of the model's default
+    context_order: str = "canonical"  # canonical | relevance (app.service.CONTEXT_ORDERS)
+    hybrid: bool = False  # retrieval: dense only, or dense + full text
     max_new_tokens: int = 256
     temperature: float = 0.0
     verbose: int = 0
@@ -97,7 +100,9 @@ class Settings:
             "attention_backend": env.get("TPA_RAG_ATTENTION_BACKEND", "auto"),
             "cache_budget_bytes": _number(env, "TPA_RAG_CACHE_BUDGET_BYTES", int, DEFAULT_CACHE_BUDGET_BYTES),
             "embedding_model": env.get("TPA_RAG_EMBEDDING_MODEL", ""),
-            "top_k": _number(env, "TPA_RAG_TOP_K", int, cls.top_k),
+            "top_k": _number(env, "TPA_RAG_TOP_K", int, None),
+            "context_tokens": _number(env, "TPA_RAG_CONTEXT_TOKENS", int, None),
+            "context_order": env.get("TPA_RAG_CONTEXT_ORDER", "canonical"),
             "max_new_tokens": _number(env, "TPA_RAG_MAX_NEW_TOKENS", int, cls.max_new_tokens),
             "temperature": _number(env, "TPA_RAG_TEMPERATURE", float, cls.temperature),
             "allowed_hosts": _names(env.get("TPA_RAG_ALLOWED_HOSTS", "")),

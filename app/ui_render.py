@@ -8,6 +8,8 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
+from app.grounding import grounding_note
+
 METRICS_CLASS = "tpa-metrics"
 
 
@@ -18,11 +20,13 @@ def metrics_line(metrics: dict) -> str:
     prompt = int(metrics.get("prompt_tokens", 0))
     reused = int(metrics.get("reused_tokens", 0))
     share = f" ({100 * reused / prompt:.0f}%)" if prompt else ""
-    return (
+    line = (
         f"prompt {prompt:,} tokens · reused {reused:,}{share} · "
         f"TTFT {metrics.get('ttft_ms', 0):,.0f} ms · {metrics.get('decode_tokens_per_s', 0):.1f} tok/s · "
         f"total {metrics.get('total_ms', 0) / 1000:.2f} s"
     )
+    note = grounding_note(metrics.get("ungrounded_terms") or [])
+    return f"{line} · {note}" if note else line
 
 
 def left_out_text(items: Sequence[str], limit: int = 8) -> str:

@@ -43,11 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="pinned mode: whole documents as the context (default: retrieved chunks)")
     ask.add_argument("--document", action="append", default=None, metavar="PATH",
                      help="with --pinned: this document only (repeatable; default: the whole collection)")
-    ask.add_argument("--top-k", type=int, help="retrieved chunks (default from the settings)")
+    ask.add_argument("--top-k", type=int, help="retrieved chunks (default: TPA_RAG_TOP_K, else chosen for the model: "
+                                                       "a context token budget for small models)")
     ask.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy, the default)")
     ask.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
     ask.add_argument("--json", action="store_true",
-                     help='print {"answer", "session_id", "sources", "metrics", "left_out"} as one JSON object')
+                     help='print {"answer", "session_id", "sources", "metrics", "left_out", "ungrounded_terms"} '
+                          'as one JSON object')
     ask.add_argument("question", nargs="+", help="the question")
     ask.set_defaults(handler=cmd_ask)
 

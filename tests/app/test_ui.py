@@ -36,7 +36,7 @@ def test_api_ask_streams_and_follow_up_reuses_the_cache(app_url):
     outputs = list(job)
     final = job.result()
     assert final == outputs[-1]
-    assert set(final) == {"answer", "session_id", "sources", "metrics", "left_out"}
+    assert set(final) == {"answer", "session_id", "sources", "metrics", "left_out", "ungrounded_terms"}
     assert len(outputs) >= 2 and all(o["metrics"] is None for o in outputs[:-1])  # streamed, then the result
     assert any(s["path"].endswith("cache.md") for s in final["sources"])
     assert final["metrics"]["reused_tokens"] == 0 and final["metrics"]["prompt_tokens"] > 0
