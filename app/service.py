@@ -64,7 +64,7 @@ class AskOptions:
     documents: tuple[str, ...] | None = None
     context_tokens: int | None = None  # a token budget for the retrieved chunks (app.retrieval_plan)
     context_order: str | None = None  # "canonical" (default: exact prefix reuse) | "relevance" (best chunk last)
-    hybrid: bool | None = None  # dense + full-text retrieval (None = the settings')
+    hybrid: bool | None = None  # dense + full-text retrieval (None = dense only)
 
 
 @dataclass
@@ -432,8 +432,7 @@ class ChatService:
             units = canonical(self._pinned_units(collection, documents))
             hits: set = {u.sort_key for u in units}
         else:
-            hybrid = opts.hybrid if opts.hybrid is not None else self.settings.hybrid
-            retrieved = self._retrieved_units(collection, question, plan.top_k, hybrid)
+            retrieved = self._retrieved_units(collection, question, plan.top_k, bool(opts.hybrid))
             if plan.context_tokens is not None:
                 retrieved = within_budget(retrieved, lambda u: len(loaded.tokenizer.encode(u.text)),
                                           plan.context_tokens)

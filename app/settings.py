@@ -51,7 +51,6 @@ class Settings:
     top_k: int | None = None  # None = chosen for the model (app.retrieval_plan); a number always wins
     context_tokens: int | None = None  # a token budget for retrieved chunks instead of the model's default
     context_order: str = "canonical"  # canonical | relevance (app.service.CONTEXT_ORDERS)
-    hybrid: bool = False  # retrieval: dense only, or dense + full text
     max_new_tokens: int = 256
     temperature: float = 0.0
     verbose: int = 0
