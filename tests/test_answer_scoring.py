@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import sysconfig
 from pathlib import Path
@@ -9,11 +10,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from answer_scoring import (  # noqa: E402 - benchmarks/ is not a package
-    PARTIAL, RIGHT, WRONG, check_set, contains, holds_answer, load_set, normalize, score, split, wilson,
-)
+
+def _load_scoring():
+    """benchmarks/answer_scoring.py by its path: benchmarks/ on sys.path would shadow the `retrieval` package."""
+    spec = importlib.util.spec_from_file_location("answer_scoring", ROOT / "benchmarks" / "answer_scoring.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_scoring = _load_scoring()
+PARTIAL, RIGHT, WRONG = _scoring.PARTIAL, _scoring.RIGHT, _scoring.WRONG
+check_set, contains, holds_answer = _scoring.check_set, _scoring.contains, _scoring.holds_answer
+load_set, normalize, score, split, wilson = (_scoring.load_set, _scoring.normalize, _scoring.score, _scoring.split,
+                                             _scoring.wilson)
 
 
 def test_normalize_ignores_case_quotes_backticks_and_whitespace():

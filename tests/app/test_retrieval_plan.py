@@ -6,15 +6,14 @@ import pytest
 
 from app.errors import AppError
 from app.retrieval_plan import (
-    BUDGET_CANDIDATES, LARGE_MODEL_TOP_K, SMALL_MODEL_CONTEXT_TOKENS, RetrievalPlan, choose_plan, model_default,
-    within_budget,
+    BUDGET_CANDIDATES, DEFAULT_TOP_K, RetrievalPlan, choose_plan, model_default, within_budget,
 )
 from app.settings import Settings
 
 
-def test_small_models_get_a_context_budget_and_large_ones_a_fixed_count():
-    assert model_default(135_000_000) == RetrievalPlan(BUDGET_CANDIDATES, SMALL_MODEL_CONTEXT_TOKENS, "model")
-    assert model_default(7_000_000_000) == RetrievalPlan(LARGE_MODEL_TOP_K, None, "model")
+def test_every_model_size_gets_the_measured_default():
+    assert model_default(135_000_000) == RetrievalPlan(DEFAULT_TOP_K, None, "model")
+    assert model_default(7_000_000_000) == RetrievalPlan(DEFAULT_TOP_K, None, "model")
 
 
 def test_an_explicit_top_k_wins_over_the_model_and_the_budget():
@@ -49,12 +48,12 @@ def _long_corpus(folder, n=8):
 def test_the_service_uses_the_model_default_and_top_k_overrides_it(make_service, tmp_path):
     service = make_service(top_k=None)
     service.ingest_paths("long", [str(_long_corpus(tmp_path / "long"))])
-    plan = service.retrieval_plan()
-    assert plan.source == "model" and plan.context_tokens == SMALL_MODEL_CONTEXT_TOKENS  # the tiny model is small
+    assert service.retrieval_plan() == RetrievalPlan(DEFAULT_TOP_K, None, "model")
+    assert len(service.ask("What does the factor cache store?", "long").sources) == DEFAULT_TOP_K
     tokens = service.loaded.tokenizer.encode
-    by_default = service.ask("What does the factor cache store?", "long")
-    assert 1 <= len(by_default.sources) < BUDGET_CANDIDATES
-    assert sum(len(tokens(s["text"])) for s in by_default.sources[1:]) <= SMALL_MODEL_CONTEXT_TOKENS
+    budget = service.ask("What does the factor cache store?", "long", options=service.options(context_tokens=200))
+    assert 1 <= len(budget.sources) < BUDGET_CANDIDATES
+    assert sum(len(tokens(s["text"])) for s in budget.sources[1:]) <= 200
     explicit = service.ask("What does the factor cache store?", "long", options=service.options(top_k=6))
     assert len(explicit.sources) == 6
     tight = service.ask("What does the factor cache store?", "long", options=service.options(context_tokens=1))
