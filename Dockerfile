@@ -32,5 +32,6 @@ VOLUME ["/data"]
 EXPOSE 7860
 # Fetch the default model into the data volume (idempotent), index this project's own README, docs and source
 # as the demo collection on first start, then serve. Inside a container the app must bind to all interfaces;
-# the compose file publishes the port on 127.0.0.1 of the host only.
-CMD ["sh", "-c", "tpa-rag models fetch && exec tpa-rag serve --host 0.0.0.0 --port 7860 --demo README.md docs app tpa_core kernels retrieval"]
+# the compose file publishes the port on 127.0.0.1 of the host only, hence --allow-unprotected (publishing it
+# wider needs --auth and --api-key instead).
+CMD ["sh", "-c", "tpa-rag models fetch && exec tpa-rag serve --host 0.0.0.0 --port 7860 --allow-unprotected --demo README.md docs app tpa_core kernels retrieval"]

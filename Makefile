@@ -44,6 +44,7 @@ run: setup
 	$(BIN)/tpa-rag serve --demo $(DEMO_PATHS)
 
 test: setup system-deps
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from app.logins import LoginGuard
     from app.service import ChatService
     from app.settings import Settings
 
@@ -120,7 +121,11 @@ class HostAllowlist:
 
 class OwnerCookie:
     """ASGI middleware: a request without a valid owner cookie (`app.owners`) gets a fresh token, seen by the
-    handlers of this very request (added to its Cookie header) and kept by the browser (Set-Cookie)."""
+    handlers of this very request (added to its Cookie header) and kept by the browser (Set-Cookie).
+
+    A cross-site request (a link to the app followed from another site) never carries a SameSite=Strict cookie
+    even when the browser has one, so it gets no Set-Cookie: that would replace the browser's token and lose its
+    sessions. The page's own requests that follow are same-origin and carry the cookie."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -140,10 +145,11 @@ class OwnerCookie:
         token = owners.new_token()
         cookie = f"{raw}; {owners.OWNER_COOKIE}={token}" if raw else f"{owners.OWNER_COOKIE}={token}"
         headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"cookie"]
+        cross_site = (b"sec-fetch-site", b"cross-site") in headers
         scope = dict(scope, headers=[*headers, (b"cookie", cookie.encode("latin-1"))])
 
         async def send_with_cookie(message: dict) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and not cross_site:
                 extra = (b"set-cookie", owners.set_cookie_value(token).encode("latin-1"))
                 message = dict(message, headers=[*message.get("headers", ()), extra])
             await send(message)
@@ -152,13 +158,21 @@ class OwnerCookie:
 
 
 def build_web_app(service: ChatService, settings: Settings, *, host: str = "127.0.0.1", port: int = 7860,
-                  auth: list[tuple[str, str]] | None = None) -> FastAPI:
+                  auth: list[tuple[str, str]] | LoginGuard | None = None, local_token: str | None = None,
+                  api_options: dict[str, Any] | None = None) -> FastAPI:
     """The whole server as one ASGI application: API routers, then the Gradio page at `/`, all behind the
-    Host allowlist (`settings.allowed_hosts` adds names to the loopback names and `host`)."""
+    Host allowlist (`settings.allowed_hosts` adds names to the loopback names and `host`). `auth`: the users
+    (their failed logins are throttled by a `LoginGuard`), or a guard. With `local_token`, `tpa-rag ask` on this
+    machine may answer through the server (`app.local_server`). `api_options`: keyword arguments of
+    `app.openai_api.openai_router` (its limits)."""
     import gradio as gr
     from fastapi import FastAPI
 
     from app import ui
+    from app.logins import LoginGuard
+
+    guard = LoginGuard(auth) if isinstance(auth, list) else auth
+    from app.openai_api import openai_router
 
     if host not in LOOPBACK_NAMES and not auth:
         log.warning("serving on %s without --auth: anyone who can reach this address can use the app", host)
@@ -166,10 +180,15 @@ def build_web_app(service: ChatService, settings: Settings, *, host: str = "127.
     web.add_middleware(OwnerCookie)
     web.add_middleware(HostAllowlist, policy=HostPolicy.for_server(host, settings.allowed_hosts))  # outermost
     # API routers are included here, above the page: the mount at `/` takes every path that reaches it.
+    web.include_router(openai_router(service, settings, **(api_options or {})))
+    if local_token:
+        from app.local_api import local_router
+
+        web.include_router(local_router(service, local_token))
     demo = ui.build_app(service)
     demo.queue(default_concurrency_limit=DEFAULT_CONCURRENCY, max_size=QUEUE_MAX_SIZE)
     gr.mount_gradio_app(
-        web, demo, path="/", server_name=host, server_port=port, auth=auth,
+        web, demo, path="/", server_name=host, server_port=port, auth=guard.check if guard else None,
         max_file_size=service.max_upload_bytes, allowed_paths=[], show_error=True,
         theme=gr.themes.Soft(), css=ui.CSS, footer_links=["api"], ssr_mode=False,
     )
@@ -187,11 +206,15 @@ def serve_forever(web: FastAPI, *, host: str, port: int) -> None:
     """Run `web` on host:port until Ctrl+C."""
     import uvicorn
 
-    server = uvicorn.Server(_uvicorn_config(web, host, port))
-    server.run()
-    if not server.started:
-        from app.errors import AppError
+    from app.errors import AppError
 
+    server = uvicorn.Server(_uvicorn_config(web, host, port))
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind
+        if server.started:
+            raise
+    if not server.started:
         raise AppError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
 
 

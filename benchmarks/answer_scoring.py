@@ -3,6 +3,8 @@
 A question set is a JSON list of {"id", "question", "answers", "file"}. `answers` lists alternatives, any one of
 which makes an answer right; an alternative is a string, or a list of strings that must all occur (an answer with
 some but not all of them is partially right). Every expected string occurs literally in `file` (`check_set`).
+The chunk-reuse benchmark's form, {"questions": [{"q", "file", "must_contain", ...}]}, is read too: its
+`must_contain` is one all-of alternative, and its ids are the positions (`<prefix>-001`, ...).
 
 Matching ignores case, quotes and backticks, and runs of whitespace; an expected string must stand on its own
 (an expected "2" is not found in "127", "nlargest" is found in "heapq.nlargest(n, data)", "_COMPLETE" in
@@ -56,11 +58,15 @@ def holds_answer(text: str, answers: list) -> bool:
     return any(all(part in text for part in parts) for parts in _alternatives(answers))
 
 
-def load_set(path: str | Path) -> list[dict]:
-    """A question set, each entry checked for its keys; ids must be unique."""
+def load_set(path: str | Path, prefix: str = "q") -> list[dict]:
+    """A question set, each entry checked for its keys; ids must be unique. `prefix` names the ids of a set in the
+    chunk-reuse benchmark's form."""
     items = json.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(items, dict) and isinstance(items.get("questions"), list):
+        items = [_from_must_contain(item, f"{prefix}-{position:03d}", path)
+                 for position, item in enumerate(items["questions"], start=1)]
     if not isinstance(items, list):
-        raise ValueError(f"{path}: a question set is a JSON list")
+        raise ValueError(f"{path}: a question set is a JSON list, or an object with a 'questions' list")
     seen: set[str] = set()
     for item in items:
         missing = {"id", "question", "answers", "file"} - set(item)
@@ -70,6 +76,13 @@ def load_set(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}: duplicate id {item['id']!r}")
         seen.add(item["id"])
     return items
+
+
+def _from_must_contain(item: dict, question_id: str, path: str | Path) -> dict:
+    missing = {"q", "file", "must_contain"} - set(item)
+    if missing:
+        raise ValueError(f"{path}: question {question_id} lacks {sorted(missing)}")
+    return {"id": question_id, "question": item["q"], "answers": [list(item["must_contain"])], "file": item["file"]}
 
 
 def check_set(items: list[dict], root: str | Path) -> list[str]:

@@ -156,7 +156,7 @@ def main() -> int:
         service.warm_up()
         for name in args.sets:
             path, root, files = _sets()[name]
-            questions = load_set(path)
+            questions = load_set(path, prefix=name)
             collection = f"answers-{name}"
             if collection not in service.collection_names():
                 names = files or sorted({q["file"] for q in questions})

@@ -99,3 +99,16 @@ def test_question_sets_hold_their_answers(name, root):
     items = load_set(ROOT / "benchmarks" / "questions" / f"{name}.json")
     assert len(items) >= 30
     assert check_set(items, root) == []
+
+
+def test_load_set_reads_the_chunk_reuse_form(tmp_path):
+    path = tmp_path / "set.json"
+    path.write_text('{"description": "d", "questions": [{"q": "Width?", "file": "m.py", "must_contain": ["70"]},'
+                    ' {"q": "Both?", "file": "m.py", "must_contain": ["match", "case"], "evidence": "e"}]}')
+    items = load_set(path, prefix="cpy")
+    assert items == [{"id": "cpy-001", "question": "Width?", "answers": [["70"]], "file": "m.py"},
+                     {"id": "cpy-002", "question": "Both?", "answers": [["match", "case"]], "file": "m.py"}]
+    assert score("It is match.", items[1]["answers"]) == PARTIAL
+    path.write_text('{"questions": [{"q": "Width?", "file": "m.py"}]}')
+    with pytest.raises(ValueError, match="must_contain"):
+        load_set(path)

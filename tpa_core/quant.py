@@ -7,10 +7,9 @@ GEMM (`aten._weight_int4pack_mm_for_cpu`, torch 2.13) computes with `w = (q - 8)
     scale = d,    zero = m + 8 d.
 
 The codes are packed unchanged (`aten._convert_weight_to_int4pack_for_cpu`, `[N, K]` int32 -> `[N, K/2]` uint8).
-What the kernel cannot hold exactly: measured on torch 2.13 (AVX-512 CPU), only its bfloat16 form is fast (one
-decode GEMV of SmolLM2's `[3072, 576]` gate/up weight: 48 us in bfloat16 against 2.5 ms with float32 inputs and
-95 us for a float32 F.linear), and that form takes bfloat16 activations, bfloat16 scales and zeros, and returns
-bfloat16. So the codes are exact, while d (11 significant bits) and m + 8 d are rounded to bfloat16 (8 bits):
+What the kernel cannot hold exactly: on torch 2.13 only its bfloat16 form is fast (benchmarks/NOTES.md, "CPU
+engine"), and that form takes bfloat16 activations, bfloat16 scales and zeros, and returns bfloat16. So the codes
+are exact, while d (11 significant bits) and m + 8 d are rounded to bfloat16 (8 bits):
 a weight moves by at most 2^-9 of |scale| * 8 + |zero|, a small fraction of one quantization step. Logits differ
 from the float32 path accordingly: this is an opt-in decode mode, like float16.
 

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from browser_flow import CHROMIUM, run_flow
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -51,9 +50,8 @@ def test_upload_ask_cite_follow_up_in_chromium(empty_app, tmp_path):
 def test_sessions_resume_rename_new_delete_in_chromium(make_service, corpus_dir, serve_web):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing (Debian package 'chromium'; `make system-deps` installs it)")
-    from playwright.sync_api import sync_playwright
-
     from browser_flow import CHROMIUM_ARGS, wait_for_toast
+    from playwright.sync_api import sync_playwright
 
     from app.owners import OWNER_COOKIE
 
@@ -95,3 +93,78 @@ def test_sessions_resume_rename_new_delete_in_chromium(make_service, corpus_dir,
     assert service.session(first.session_id)[0].name == "geography"
     assert [s.id for s in service.sessions()] == [foreign.session_id, first.session_id]
     assert second.session_id not in {s.id for s in service.sessions()}
+
+
+def test_the_page_reads_right_in_chromium(make_service, serve_web, tmp_path):
+    """What a person sees (each check failed before its fix): a true empty state, one progress bar during an
+    ingest, a refused question that leaves no component in an error state, a chart of whole turns with its
+    points and axis titles, cited text that wraps with its file's line numbers, no label over the chat."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (Debian package 'chromium'; `make system-deps` installs it)")
+    from browser_flow import (
+        CHART_JS,
+        CHROMIUM_ARGS,
+        ERROR_STATES_JS,
+        LABEL_OVERLAP_JS,
+        PROGRESS_JS,
+        SOURCE_JS,
+        ask,
+        chat_placeholder,
+        wait_for_toast,
+    )
+    from playwright.sync_api import sync_playwright
+    from tiny import SlowEmbedder
+
+    service = make_service(embedder=SlowEmbedder(delay_s=0.4), max_new_tokens=8)
+    files = []
+    for i in range(3):
+        doc = tmp_path / f"store{i}.md"
+        doc.write_text(f"# Store part {i}\n\nThe store keys its entries by a chained sha256 over the namespace.\n"
+                       + "A long line of the design that a reader must be able to read to its end " * 8 + "\n")
+        files.append(str(doc))
+    url = serve_web(service)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.goto(url)
+        page.wait_for_selector("#question textarea", timeout=30_000)
+        assert chat_placeholder(page).startswith("No collection yet")
+
+        page.fill("#new-collection textarea", "guides")
+        page.set_input_files("#upload input[type=file]", files)
+        page.wait_for_function("document.querySelectorAll('#upload tbody tr').length >= 3", timeout=30_000)
+        page.click("#ingest")
+        showing = set()
+        while not page.locator("#ingest-summary :text('indexed')").count():
+            trackers = page.evaluate(PROGRESS_JS)
+            assert len(trackers) <= 1, f"several progress overlays at once: {trackers}"
+            showing.update(trackers)
+            page.wait_for_timeout(100)
+        assert showing <= {"ingest-summary"}, showing
+        page.wait_for_function("document.querySelector('#collection input').value === 'guides'")
+        page.wait_for_timeout(500)
+        assert chat_placeholder(page).startswith("Ask a question about guides")
+
+        page.click("#ask")
+        wait_for_toast(page, "the question is empty", 30_000)
+        assert page.evaluate(ERROR_STATES_JS) == []
+        ask(page, "How does the store key its entries?", 1, 60_000)
+        ask(page, "And what is the namespace?", 2, 60_000)
+        assert page.evaluate(ERROR_STATES_JS) == []
+        page.wait_for_function("document.querySelectorAll('#ttft-plot circle.ttft-point').length === 2")
+        chart = page.evaluate(CHART_JS)
+        assert chart["turns"] == ["1", "2"] and chart["labels"] == ["1", "2"] and all(chart["visible"])
+        assert set(chart["titles"]) == {"TTFT (s)", "prompt tokens", "turn"}
+        assert chart["reused"] and chart["reused"][-1] > 0  # the follow-up's reused tokens are drawn
+        page.screenshot(path=str(ARTIFACTS / "ui-two-turns.png"), full_page=True)
+
+        page.locator("#chat .thought-group .title:has-text('Sources')").first.click()
+        page.locator("#chat details summary").first.click()
+        page.wait_for_selector("#chat details[open] .tpa-source")
+        source = page.evaluate(SOURCE_JS)
+        assert source["clipped"] == 0 and source["first_line"] == "1" and source["width"] > 100
+        assert page.evaluate(LABEL_OVERLAP_JS) == 0
+        page.locator("#chat details[open]").first.scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "ui-source-expanded.png"), full_page=True)
+        browser.close()

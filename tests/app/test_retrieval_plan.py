@@ -6,7 +6,12 @@ import pytest
 
 from app.errors import AppError
 from app.retrieval_plan import (
-    BUDGET_CANDIDATES, DEFAULT_TOP_K, RetrievalPlan, choose_plan, model_default, within_budget,
+    BUDGET_CANDIDATES,
+    DEFAULT_TOP_K,
+    RetrievalPlan,
+    choose_plan,
+    model_default,
+    within_budget,
 )
 from app.settings import Settings
 

@@ -38,7 +38,8 @@ def test_ask_streams_cites_and_persists(service):
     body = result.to_json()
     assert set(body) == {"answer", "session_id", "sources", "metrics", "left_out", "ungrounded_terms"}
     assert set(body["sources"][0]) == {"path", "start_line", "end_line", "score"}
-    assert set(body["metrics"]) == {"prompt_tokens", "reused_tokens", "ttft_ms", "decode_tokens_per_s", "total_ms"}
+    assert set(body["metrics"]) == {"prompt_tokens", "reused_tokens", "chunk_tokens", "recomputed_tokens",
+                                    "prefilled_tokens", "ttft_ms", "decode_tokens_per_s", "total_ms"}
     info, turns = service.session(result.session_id)
     assert info.collection == "docs" and len(turns) == 1
     assert turns[0].question == QUESTION and turns[0].answer == result.answer

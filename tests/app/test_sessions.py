@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from app.database import make_engine
-from app.sessions import SessionStore, UnknownSessionError
 from app.errors import AppError
+from app.sessions import SessionStore, UnknownSessionError
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ def app_url(make_service, corpus_dir, serve_web):
 def client(url):
     from gradio_client import Client
 
-    return Client(url, verbose=False, download_files=False)
+    return Client(url, verbose=False)  # gradio_client's defaults, downloading files included
 
 
 def test_api_ask_streams_and_follow_up_reuses_the_cache(app_url):
@@ -38,7 +38,8 @@ def test_api_ask_streams_and_follow_up_reuses_the_cache(app_url):
     assert final == outputs[-1]
     assert set(final) == {"answer", "session_id", "sources", "metrics", "left_out", "ungrounded_terms"}
     assert len(outputs) >= 2 and all(o["metrics"] is None for o in outputs[:-1])  # streamed, then the result
-    assert any(s["path"].endswith("cache.md") for s in final["sources"])
+    assert any(s["file"].endswith("cache.md") for s in final["sources"])
+    assert all(set(s) == {"file", "start_line", "end_line", "score"} for s in final["sources"])
     assert final["metrics"]["reused_tokens"] == 0 and final["metrics"]["prompt_tokens"] > 0
     follow = c.predict("And what is the namespace?", "docs", final["session_id"], False, api_name="/ask")
     assert follow["session_id"] == final["session_id"]
@@ -48,6 +49,11 @@ def test_api_ask_streams_and_follow_up_reuses_the_cache(app_url):
     assert other["session_id"] != final["session_id"]
     assert [t.question for t in service.session(other["session_id"])[1]] == ["What is the capital of France?"]
     assert len(service.session(final["session_id"])[1]) == 2
+    # chunk_reuse on for one ask: the metrics say where its tokens came from (exact pages win where they cover).
+    m = c.predict("What is a page key?", "docs", "", False, True, api_name="/ask")["metrics"]
+    assert m["reused_tokens"] + m["chunk_tokens"] + m["recomputed_tokens"] + m["prefilled_tokens"] == \
+        m["prompt_tokens"]
+    assert m["prefilled_tokens"] > 0
 
 
 def test_api_errors_are_messages_and_change_nothing(app_url):
@@ -79,12 +85,11 @@ def test_ingest_endpoint_uploads_and_reports_skipped(app_url, tmp_path):
     assert "**guides**: 1 file indexed" in summary
     assert "guides" in service.collection_names()
     answer = client(url).predict("What does the guide say?", "guides", api_name="/ask")
-    assert [s["path"].split("/")[-1] for s in answer["sources"]] == ["guide.md"]  # in its upload's folder
+    assert [s["file"].split("/")[-1] for s in answer["sources"]] == ["guide.md"]  # in its upload's folder
 
 
 def test_api_reports_what_was_left_out_and_refuses_what_cannot_fit(make_service, tmp_path, serve_web):
     from gradio_client.exceptions import AppError as ClientError
-
     from tiny import tiny_loaded_model
 
     service = make_service(model=tiny_loaded_model(window=512), max_new_tokens=32)

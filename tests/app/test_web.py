@@ -77,4 +77,21 @@ def test_auth_still_guards_the_page_and_the_api(make_service, serve_web):
         assert http.get("/config").status_code == 401
         assert http.post("/login", data={"username": "ann", "password": "wrong"}).status_code == 400
     client = Client(url, auth=("ann", "s3cret-pass"), verbose=False, download_files=False)
-    assert client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/ask"]
+    ask = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/ask"]
+    assert [p["parameter_name"] for p in ask["parameters"]] == ["question", "collection", "session_id", "pinned",
+                                                                 "chunk_reuse"]
+
+
+def test_a_port_in_use_is_a_user_error():
+    import socket
+
+    from fastapi import FastAPI
+
+    from app.errors import AppError
+    from app.web import serve_forever
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(AppError, match="could not listen on 127.0.0.1:"):
+            serve_forever(FastAPI(), host="127.0.0.1", port=taken.getsockname()[1])

@@ -27,8 +27,16 @@ from tpa_core import registry
 from tpa_core.errors import TPAError
 from tpa_core.generate import GenerationConfig, generate, prefill
 from tpa_core.loading import load_model
-from tpa_core.quant import (GROUP_SIZE, attach_q4, dequantize_q4_1, dequantize_q8_0, pack_q4, pack_q8_0,
-                            split_q4_1, split_q8_0)
+from tpa_core.quant import (
+    GROUP_SIZE,
+    attach_q4,
+    dequantize_q4_1,
+    dequantize_q8_0,
+    pack_q4,
+    pack_q8_0,
+    split_q4_1,
+    split_q8_0,
+)
 
 gguf = pytest.importorskip("gguf")
 
