@@ -41,10 +41,11 @@ def key_terms(answer: str, question: str = "") -> list[str]:
 
 
 def ungrounded_terms(answer: str, sources: Sequence[dict] | Iterable[str], question: str = "") -> list[str]:
-    """The answer's key terms that occur in none of `sources` (source dicts with "text", or plain strings).
+    """The answer's key terms that occur in none of `sources` (source dicts with "text" and "path", or plain
+    strings). A source's path counts as its text: an answer naming the cited file is grounded.
 
     Identifiers and strings must occur as written; a number must occur as a whole number (7 is not in 70)."""
-    texts = [s if isinstance(s, str) else str(s.get("text") or "") for s in sources]
+    texts = [s if isinstance(s, str) else f"{s.get('path') or ''}\n{s.get('text') or ''}" for s in sources]
     missing = []
     for term in key_terms(answer, question):
         if term[0].isdigit() and _NUMBER.fullmatch(term):

@@ -24,6 +24,11 @@ def test_an_answer_with_key_terms_in_no_source_is_flagged():
     assert ungrounded_terms("The width is 70.", []) == ["70"]  # no sources: nothing is grounded
 
 
+def test_the_cited_path_grounds_a_file_name_but_not_another_file():
+    assert ungrounded_terms("It is in textwrap.py [1].", [SOURCE]) == []
+    assert ungrounded_terms("It is in wrapper.py [1].", [SOURCE]) == ["wrapper.py"]
+
+
 def test_the_note_and_the_metrics_line():
     assert grounding_note([]) == ""
     assert grounding_note(["80"]) == "not found in the cited sources: 80"
