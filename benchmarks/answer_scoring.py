@@ -8,7 +8,9 @@ The chunk-reuse benchmark's form, {"questions": [{"q", "file", "must_contain", .
 
 Matching ignores case, quotes and backticks, and runs of whitespace; an expected string must stand on its own
 (an expected "2" is not found in "127", "nlargest" is found in "heapq.nlargest(n, data)", "_COMPLETE" in
-"_FOO_COMPLETE": letters and digits only count as a word's inside).
+"_FOO_COMPLETE": letters and digits only count as a word's inside). An expected string of punctuation alone
+(",", ", ", "...") occurs in almost any sentence, so it counts only where the answer sets it apart: quoted,
+backticked, bracketed or between spaces ("the delimiter is ','", not "a, b").
 """
 
 from __future__ import annotations
@@ -27,11 +29,19 @@ def normalize(text: str) -> str:
     return " ".join(text.translate(_QUOTES).casefold().split())
 
 
+_SET_APART_LEFT = r"(?:^|(?<=[\s'\"`(\[\u2018\u201c]))"
+_SET_APART_RIGHT = r"(?=$|[\s'\"`)\]\u2019\u201d])"
+
+
 def contains(answer: str, expected: str) -> bool:
-    """Whether normalized `expected` occurs in normalized `answer`, not inside a longer word or number."""
+    """Whether normalized `expected` occurs in normalized `answer`, not inside a longer word or number (an
+    expected string of punctuation alone: set apart in the answer as written, see the module docstring)."""
     needle = normalize(expected)
     if not needle:
         return False
+    if not any(ch.isalnum() for ch in expected):
+        pattern = _SET_APART_LEFT + re.escape(expected.casefold()) + _SET_APART_RIGHT
+        return re.search(pattern, answer.casefold()) is not None
     left = r"(?<![^\W_])" if re.match(r"[^\W_]", needle) else ""
     right = r"(?![^\W_])" if re.search(r"[^\W_]$", needle) else ""
     return re.search(left + re.escape(needle) + right, normalize(answer)) is not None

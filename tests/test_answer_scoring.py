@@ -44,6 +44,12 @@ def test_normalize_ignores_case_quotes_backticks_and_whitespace():
     ("No idea.", [["match", "case"]], WRONG),
     ("It is max_size=0", ["max_size=0", "0"], RIGHT),  # any alternative suffices
     ("The separator is a comma.", ["item_separator"], WRONG),
+    ("The item separator is ', ' [1].", [", "], RIGHT),  # punctuation alone counts only where set apart
+    ("It uses a comma, by default.", [","], WRONG),
+    ("The delimiter is `,`.", [","], RIGHT),
+    ("Comment prefixes are # and ; by default.", [["#", ";"]], RIGHT),
+    ("The placeholder is [...]", ["[...]"], RIGHT),
+    ("It shows a placeholder...", ["..."], WRONG),
 ])
 def test_score_on_fixed_answers(answer, expected, verdict):
     assert score(answer, expected) == verdict
