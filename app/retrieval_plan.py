@@ -1,9 +1,9 @@
 """How much retrieved context an ask gets: the per-model default and the user's explicit choice.
 
-A small model is easily distracted by context it does not need, so the default is a token budget for the
-retrieved chunks chosen from the model's size (`benchmarks/answers.py` measures the effect on answer accuracy;
-the README has the table). An explicit top-k (`--top-k`, `TPA_RAG_TOP_K`, the UI's slider) always wins: a fixed
-number of chunks, no budget. An explicit context budget (`TPA_RAG_CONTEXT_TOKENS`) replaces the model's.
+The default is chosen from the model's size by what `benchmarks/answers.py` measured on answer accuracy (the
+README has the table): a model size class gets another amount of context only where a setting beat 5 chunks on
+the held-out questions. An explicit top-k (`--top-k`, `TPA_RAG_TOP_K`, the UI's slider) always wins: a fixed
+number of chunks, no budget. An explicit context budget (`TPA_RAG_CONTEXT_TOKENS`) replaces the model's default.
 """
 
 from __future__ import annotations
@@ -12,11 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-# The measured candidate for small models (under SMALL_MODEL_PARAMS, e.g. SmolLM2-135M): the best chunks within
-# SMALL_MODEL_CONTEXT_TOKENS. It did not beat 5 chunks on the held-out questions of both sets (benchmarks/RESULTS.md),
-# so every model keeps DEFAULT_TOP_K until a setting does; the budget stays available (TPA_RAG_CONTEXT_TOKENS).
-SMALL_MODEL_PARAMS = 500_000_000
-SMALL_MODEL_CONTEXT_TOKENS = 320
+# For small models (SmolLM2-135M) a 320-token budget and 1, 2 or 3 chunks were measured; none beat 5 chunks on
+# both sets (benchmarks/RESULTS.md), so every model keeps DEFAULT_TOP_K until a setting does.
 BUDGET_CANDIDATES = 8  # chunks retrieved before a budget picks among them
 DEFAULT_TOP_K = 5
 
@@ -34,7 +31,7 @@ class RetrievalPlan:
 
 def model_default(n_params: int) -> RetrievalPlan:
     """The default for a model of `n_params` parameters: the setting measured best for its size class. Today that is
-    5 chunks for every size (the small-model budget lost on one of the two held-out sets)."""
+    5 chunks for every size (no smaller context beat it for the 135M default model)."""
     del n_params  # every size class measured so far has the same best setting
     return RetrievalPlan(DEFAULT_TOP_K, None, "model")
 

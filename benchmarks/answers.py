@@ -86,9 +86,12 @@ def parse_setting(spec: str) -> dict:
 
 
 def run_setting(service, collection: str, questions: list[dict], options: dict, follow_ups: int = 0) -> list[dict]:
-    """Ask every question in a new session; one record per question (with its follow-up's reuse where asked)."""
+    """Ask every question in a new session; one record per question (with its follow-up's reuse where asked).
+    Each session is deleted after its question, so its pins do not fill the store for the questions after it."""
     from app.service import AskOptions
 
+    for info in service.sessions(collection):  # the benchmark's own sessions of an earlier run
+        service.delete_session(info.id)
     service.clear_cache()
     records = []
     for position, item in enumerate(questions):
@@ -100,6 +103,7 @@ def run_setting(service, collection: str, questions: list[dict], options: dict, 
                                  options=AskOptions(max_new_tokens=1, temperature=0.0, **options))
             follow_up = {"follow_up_prompt_tokens": second.metrics["prompt_tokens"],
                          "follow_up_reused_tokens": second.metrics["reused_tokens"]}
+        service.delete_session(result.session_id)
         verdict = score(result.answer, item["answers"])
         records.append({
             "id": item["id"], "verdict": verdict, "answer": result.answer,
