@@ -18,6 +18,7 @@ from app.tokens import encode_conversation
 
 MAX_QUESTION_CHARS = 8_000
 MAX_TOP_K = 50
+CONTEXT_ORDERS = ("canonical", "relevance")
 
 
 class QuestionError(AppError):
@@ -30,7 +31,10 @@ class AskOptions:
     session's selection, else the whole collection). `top_p`, `seed`, `stop`: sampling and stop strings as in
     `tpa_core.generate.GenerationConfig`. `instructions`: the caller's own instructions, appended to the
     system prompt of a collection chat. `chunk_reuse`: assemble the retrieved chunks from their chunk caches
-    (None = the settings' choice)."""
+    (None = the settings' choice). `top_k` None (and none in the settings): the model's default amount of context
+    (`app.retrieval_plan`); `context_tokens`: a token budget for the retrieved chunks instead; `context_order`:
+    "canonical" (document order, exact prefix reuse) or "relevance" (the best chunk last, nearest the question);
+    `hybrid`: dense and full-text retrieval."""
 
     top_k: int | None = None
     max_new_tokens: int | None = None
@@ -41,19 +45,26 @@ class AskOptions:
     stop: tuple[str, ...] = ()
     instructions: str = ""
     chunk_reuse: bool | None = None
+    context_tokens: int | None = None
+    context_order: str | None = None
+    hybrid: bool = False
 
 
 @dataclass(frozen=True)
 class ResolvedOptions:
-    """`AskOptions` with every value decided and checked."""
+    """`AskOptions` with every value decided and checked. `top_k` and `context_tokens` None: the model decides
+    (`ChatService.retrieval_plan`, which needs the loaded model)."""
 
-    top_k: int
+    top_k: int | None
     max_new_tokens: int
     temperature: float
     top_p: float
     seed: int | None
     stop: tuple[str, ...]
     chunk_reuse: bool
+    context_tokens: int | None = None
+    context_order: str = "canonical"
+    hybrid: bool = False
 
 
 @dataclass
@@ -101,6 +112,12 @@ def check_top_k(top_k: Any) -> int:
     return top_k
 
 
+def check_context_tokens(budget: Any) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise AppError(f"the context token budget must be a positive integer, got {budget!r}")
+    return budget
+
+
 def check_sampling(options: AskOptions, settings: Any) -> tuple[int, float]:
     """(max new tokens, temperature) of `options` or the settings; top-p and stop strings checked too."""
     max_new = int(options.max_new_tokens if options.max_new_tokens is not None else settings.max_new_tokens)
@@ -118,11 +135,17 @@ def check_sampling(options: AskOptions, settings: Any) -> tuple[int, float]:
 
 def resolve_options(options: AskOptions, settings: Any) -> ResolvedOptions:
     """Per-ask options over the settings' defaults, checked (no model needed: `check_window` comes later)."""
-    top_k = check_top_k(options.top_k if options.top_k is not None else settings.top_k)
+    top_k = options.top_k if options.top_k is not None else settings.top_k
+    budget = options.context_tokens if options.context_tokens is not None else settings.context_tokens
+    order = options.context_order or settings.context_order
+    if order not in CONTEXT_ORDERS:
+        raise AppError(f"the context order must be one of {', '.join(CONTEXT_ORDERS)}, got {order!r}")
     max_new, temperature = check_sampling(options, settings)
     reuse = options.chunk_reuse if options.chunk_reuse is not None else settings.chunk_reuse
-    return ResolvedOptions(top_k, max_new, temperature, options.top_p if options.top_p is not None else 1.0,
-                           options.seed, tuple(options.stop), bool(reuse))
+    return ResolvedOptions(None if top_k is None else check_top_k(top_k), max_new, temperature,
+                           options.top_p if options.top_p is not None else 1.0, options.seed, tuple(options.stop),
+                           bool(reuse), None if budget is None else check_context_tokens(budget), order,
+                           bool(options.hybrid))
 
 
 def check_window(max_new_tokens: int, window: int) -> None:
@@ -243,6 +266,12 @@ def follow_up_context(earlier: list[ContextUnit], retrieved: list[ContextUnit], 
     fresh = canonical([replace(u, rank=2.0 + (u.score or 0.0), turn=turn) for u in retrieved
                        if u.sort_key not in known])
     return kept + fresh
+
+
+def relevance_order(units: Sequence[ContextUnit]) -> list[ContextUnit]:
+    """A first question's context in relevance order, the best chunk last (nearest the question). Costs exact
+    prefix reuse across sessions: the same chunks retrieved in another order give another prefix."""
+    return sorted(units, key=lambda u: u.score or 0.0)
 
 
 def answer_metrics(*, prompt_tokens: int, reuse: dict[str, int], t_start: float, t_first: float, t_last: float,

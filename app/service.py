@@ -33,10 +33,10 @@ from app.asking import (
     answer_metrics,
     check_question,
     check_sampling,
-    check_top_k,
     check_window,
     follow_up_context,
     plan_prompt,
+    relevance_order,
     resolve_options,
     system_prompt,
 )
@@ -44,7 +44,9 @@ from app.chunk_reuse import Restored, ReuseSetting, restore_assembled, restore_e
 from app.context import ContextOverflowError, ContextUnit, bound_pinned, canonical, public_source
 from app.database import make_engine
 from app.errors import AppError
+from app.grounding import ungrounded_terms
 from app.intake import NotAllowedError, accept_uploads, check_server_path
+from app.retrieval_plan import RetrievalPlan, choose_plan, within_budget
 from app.sessions import SessionInfo, SessionStore, Turn
 from app.spellings import AnswerSpellings
 from app.tokens import REPEATS, encode_conversation, repeating
@@ -88,6 +90,7 @@ class AskResult:
             "sources": [public_source(s) for s in self.sources],
             "metrics": {k: self.metrics.get(k, 0) for k in PUBLIC_METRICS},
             "left_out": list(self.left_out),
+            "ungrounded_terms": list(self.metrics.get("ungrounded_terms", [])),
         }
 
 
@@ -421,7 +424,7 @@ class ChatService:
             self._sessions.get(session_id, owner)
         if pinned and opts.documents:
             self._check_documents(collection, opts.documents)
-        check_top_k(opts.top_k if opts.top_k is not None else self.settings.top_k)
+        resolve_options(opts, self.settings)
 
     def ask_stream(self, question: str, collection: str, session_id: str = "", *, pinned: bool = False,
                    options: AskOptions | None = None, owner: str | None = None,
@@ -464,10 +467,16 @@ class ChatService:
                                              window * PINNED_CHARS_PER_TOKEN)
             hits: set = {u.sort_key for u in units}
         else:
-            retrieved = self._retrieved_units(collection, question, opts.top_k)
+            amount = self.retrieval_plan(opts.top_k, opts.context_tokens)
+            retrieved = self._retrieved_units(collection, question, amount.top_k, opts.hybrid)
+            if amount.context_tokens is not None:
+                retrieved = within_budget(retrieved, lambda u: len(loaded.tokenizer.encode(u.text)),
+                                          amount.context_tokens)
             hits = {u.sort_key for u in retrieved}
             earlier = turns[-1].context if turns and turns[-1].mode == "retrieval" else []
             units = follow_up_context([ContextUnit.from_dict(d) for d in earlier], retrieved, turn=len(turns))
+            if opts.context_order == "relevance" and not earlier:
+                units = relevance_order(units)
         plan = plan_prompt(loaded.tokenizer, units, turns, question, hits=hits,
                            budget=window - opts.max_new_tokens, pinned=pinned, system=system_prompt(options))
         plan.left_out = plan.left_out + over_bound
@@ -623,6 +632,7 @@ class ChatService:
             prompt_tokens=n_prompt, reuse=done.restored.metrics(n_prompt), t_start=job.t_start,
             t_first=done.t_first, t_last=done.t_last, t_end=time.perf_counter(), queued_s=queued_s,
             n_new=len(answer_ids), prefill_ms=done.prefill_ms, finish=finish)
+        result_metrics["ungrounded_terms"] = ungrounded_terms(answer, job.plan.sources, job.question)
         plan = job.plan
         if job.session_id:
             self._sessions.add_turn(job.session_id, job.question, answer, mode=job.mode, sources=plan.sources,
@@ -690,8 +700,9 @@ class ChatService:
         return _Generated(restored, answer_ids, parts, finish, period, t_first, t_last, prefill_ms)
 
     # ----- context -----------------------------------------------------------------------------------------------
-    def _retrieved_units(self, collection: str, question: str, top_k: int) -> list[ContextUnit]:
-        hits = self.corpus.search(collection, question, k=top_k)[0]
+    def _retrieved_units(self, collection: str, question: str, top_k: int, hybrid: bool = False
+                         ) -> list[ContextUnit]:
+        hits = self.corpus.search(collection, question, k=top_k, hybrid=hybrid)[0]
         return [
             ContextUnit(collection, h.path, h.chunk_index, h.text, h.start_line, h.end_line, float(h.score))
             for h in hits
@@ -714,6 +725,19 @@ class ChatService:
         missing = [p for p in paths if p not in known]
         if missing:
             raise AppError(f"collection {collection!r} has no document {', '.join(map(repr, missing[:5]))}")
+
+    def retrieval_plan(self, top_k: int | None = None, context_tokens: int | None = None) -> RetrievalPlan:
+        """How much context an ask gets: an explicit top-k wins (the argument's, then the settings'), then a context
+        token budget (likewise), then the loaded model's default (app.retrieval_plan)."""
+        k = top_k if top_k is not None else self.settings.top_k
+        budget = context_tokens if context_tokens is not None else self.settings.context_tokens
+        try:
+            return choose_plan(self._n_params(), k, budget)
+        except ValueError as exc:
+            raise AppError(str(exc)) from None
+
+    def _n_params(self) -> int:
+        return sum(p.numel() for p in self.loaded.model.parameters())  # ~100 tensors: cheap per ask
 
     def _client_turns(self, history: Sequence[tuple[str, str]], collection: str) -> list[Turn]:
         """A stateless ask's earlier turns as the client sent them, each answer with its generated ids and the

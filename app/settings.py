@@ -75,7 +75,9 @@ class Settings:
     attention_backend: str = "auto"  # auto | torch | triton
     cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES
     embedding_model: str = ""  # "" = the offline all-MiniLM-L6-v2 package
-    top_k: int = 5
+    top_k: int | None = None  # None = chosen for the model (app.retrieval_plan); a number always wins
+    context_tokens: int | None = None  # a token budget for retrieved chunks instead of the model's default
+    context_order: str = "canonical"  # canonical | relevance (app.asking.CONTEXT_ORDERS)
     max_new_tokens: int = 256
     temperature: float = 0.0
     max_ingest_chunks: int = 100_000  # chunks one ingestion may embed (retrieval.IngestLimits.max_chunks)
@@ -143,7 +145,9 @@ class Settings:
             "attention_backend": env.get("TPA_RAG_ATTENTION_BACKEND", "auto"),
             "cache_budget_bytes": _number(env, "TPA_RAG_CACHE_BUDGET_BYTES", int, DEFAULT_CACHE_BUDGET_BYTES),
             "embedding_model": env.get("TPA_RAG_EMBEDDING_MODEL", ""),
-            "top_k": _number(env, "TPA_RAG_TOP_K", int, cls.top_k),
+            "top_k": _number(env, "TPA_RAG_TOP_K", int, None),
+            "context_tokens": _number(env, "TPA_RAG_CONTEXT_TOKENS", int, None),
+            "context_order": env.get("TPA_RAG_CONTEXT_ORDER", "canonical"),
             "max_new_tokens": _number(env, "TPA_RAG_MAX_NEW_TOKENS", int, cls.max_new_tokens),
             "temperature": _number(env, "TPA_RAG_TEMPERATURE", float, cls.temperature),
             "max_ingest_chunks": _number(env, "TPA_RAG_MAX_INGEST_CHUNKS", int, cls.max_ingest_chunks),

@@ -218,8 +218,8 @@ def build_app(service: ChatService) -> gr.Blocks:
                 with gr.Accordion("Settings", open=False):
                     model = gr.Dropdown(service.model_choices(), value=service.model_name, label="Model",
                                         elem_id="model")
-                    top_k = gr.Slider(1, max(20, settings.top_k), value=settings.top_k, step=1,
-                                      label="Retrieval top-k")
+                    top_k = gr.Slider(0, max(20, settings.top_k or 0), value=settings.top_k or 0, step=1,
+                                      label="Retrieval top-k (0 = chosen for the model)")
                     max_new_tokens = gr.Slider(1, max(1024, settings.max_new_tokens), value=settings.max_new_tokens,
                                                step=1, label="Max new tokens")
                     temperature = gr.Slider(0.0, max(2.0, settings.temperature), value=settings.temperature,
@@ -234,7 +234,7 @@ def build_app(service: ChatService) -> gr.Blocks:
             owner = _owner(request)
             events = service.ask_stream(
                 text, coll, sid, pinned=ctx_mode == "pinned",
-                options=service.options(top_k=int(k), max_new_tokens=int(max_new), temperature=float(temp),
+                options=service.options(top_k=int(k) or None, max_new_tokens=int(max_new), temperature=float(temp),
                                         documents=tuple(docs or ()) or None),
                 owner=owner,
             )
@@ -437,10 +437,10 @@ def build_app(service: ChatService) -> gr.Blocks:
         def ask(question: str, collection: str, session_id: str = "", pinned: bool = False,
                 chunk_reuse: bool | None = None, request: gr.Request = None) -> Iterator[dict]:
             """Ask a question about a collection. Streams partial objects (metrics null) and ends with the object
-            of `tpa-rag ask --json`: {answer, session_id, sources, metrics, left_out}, where each source names its
-            document under "file" (a "path" key would make gradio_client fetch it as a file). A session_id must
-            be one this client started (same login, or same cookie jar). `chunk_reuse`: assemble retrieved chunks
-            from chunk caches (null = the server's setting)."""
+            of `tpa-rag ask --json`: {answer, session_id, sources, metrics, left_out, ungrounded_terms}, where
+            each source names its document under "file" (a "path" key would make gradio_client fetch it as a
+            file). A session_id must be one this client started (same login, or same cookie jar). `chunk_reuse`:
+            assemble retrieved chunks from chunk caches (null = the server's setting)."""
             answer = ""
             owner = _owner(request)
             options = service.options(chunk_reuse=None if chunk_reuse is None else bool(chunk_reuse))
@@ -453,7 +453,7 @@ def build_app(service: ChatService) -> gr.Blocks:
                     answer += event.text
                     yield {"answer": answer, "session_id": event.session_id,
                            "sources": [public_source(s) for s in event.sources], "metrics": None,
-                           "left_out": list(event.left_out)}
+                           "left_out": list(event.left_out), "ungrounded_terms": []}
 
         gr.api(ask, api_name="ask", concurrency_id=MODEL_QUEUE, concurrency_limit=1)
     return demo

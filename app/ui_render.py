@@ -10,6 +10,8 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from app.grounding import grounding_note
+
 METRICS_CLASS = "tpa-metrics"
 SOURCE_CLASS = "tpa-source"
 CHART_ID = "ttft-chart"
@@ -42,11 +44,13 @@ def metrics_line(metrics: dict) -> str:
         sources = f"reused {reused:,} · chunk caches {chunks:,}{share} · recomputed {recomputed:,} · "
     else:
         sources = f"reused {reused:,}{share} · "
-    return (
+    line = (
         f"prompt {prompt:,} tokens · {sources}"
         f"TTFT {metrics.get('ttft_ms', 0):,.0f} ms · {metrics.get('decode_tokens_per_s', 0):.1f} tok/s · "
         f"total {metrics.get('total_ms', 0) / 1000:.2f} s"
     )
+    note = grounding_note(metrics.get("ungrounded_terms") or [])
+    return f"{line} · {note}" if note else line
 
 
 def left_out_text(items: Sequence[str], limit: int = 8) -> str:

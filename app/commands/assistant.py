@@ -55,12 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="pinned mode: whole documents as the context (default: retrieved chunks)")
     ask.add_argument("--document", action="append", default=None, metavar="PATH",
                      help="with --pinned: this document only (repeatable; default: the whole collection)")
-    ask.add_argument("--top-k", type=int, help="retrieved chunks (default from the settings)")
+    ask.add_argument("--top-k", type=int, help="retrieved chunks (default: TPA_RAG_TOP_K, else chosen for the model)")
     ask.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy, the default)")
     ask.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
     _chunk_reuse_flag(ask, "for this ask")
     ask.add_argument("--json", action="store_true",
-                     help='print {"answer", "session_id", "sources", "metrics", "left_out"} as one JSON object')
+                     help='print {"answer", "session_id", "sources", "metrics", "left_out", "ungrounded_terms"} '
+                          'as one JSON object')
     ask.add_argument("--no-server", action="store_true",
                      help="answer in this process even when a `tpa-rag serve` runs on the same data folder (by "
                           "default such a server answers, which saves loading the model; env TPA_RAG_USE_SERVER=0)")
@@ -255,7 +256,8 @@ def _print_result(result: dict, as_json: bool) -> int:
     print()
     for number, source in enumerate(result["sources"], start=1):
         print(f"[{source.get('ref', number)}] {ui_render.source_label(source)}", file=sys.stderr)
-    print(ui_render.metrics_line(result["metrics"]), file=sys.stderr)
+    print(ui_render.metrics_line({**result["metrics"], "ungrounded_terms": result.get("ungrounded_terms", [])}),
+          file=sys.stderr)
     session = result["session_id"]
     print(f"session: {session} (continue with --session {session})", file=sys.stderr)
     return 0

@@ -149,9 +149,12 @@ def _encode_chunks(collection: str, settings: Settings, *, quiet: bool) -> dict:
     return summary
 
 
+DEFAULT_SEARCH_K = 5
+
+
 def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     corpus = make_corpus(settings)
-    k = args.k if args.k is not None else settings.top_k
+    k = args.k if args.k is not None else (settings.top_k or DEFAULT_SEARCH_K)
     started = time.perf_counter()
     results = corpus.search(args.collection, args.queries, k=k, hybrid=args.hybrid)
     if args.json:

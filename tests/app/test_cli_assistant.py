@@ -47,7 +47,7 @@ def test_ask_json_then_follow_up_and_sessions(cli):
     code, out, _ = cli("ask", "--collection", "docs", "--json", QUESTION)
     assert code == 0
     first = json.loads(out)
-    assert set(first) == {"answer", "session_id", "sources", "metrics", "left_out"}
+    assert set(first) == {"answer", "session_id", "sources", "metrics", "left_out", "ungrounded_terms"}
     assert set(first["metrics"]) == {"prompt_tokens", "reused_tokens", "chunk_tokens", "recomputed_tokens",
                                      "prefilled_tokens", "ttft_ms", "decode_tokens_per_s", "total_ms"}
     assert all(set(s) == {"path", "start_line", "end_line", "score"} for s in first["sources"])

@@ -55,7 +55,7 @@ def test_ask_streams_from_the_running_server(served, capsys):
     assert code == 0 and result["session_id"] == session.id and metrics["chunk_tokens"] > 0
     first = service.session(session.id)[1][0]
     assert metrics["reused_tokens"] + metrics["chunk_tokens"] >= first.metrics["prompt_tokens"]
-    assert set(result) == {"answer", "session_id", "sources", "metrics", "left_out"}
+    assert set(result) == {"answer", "session_id", "sources", "metrics", "left_out", "ungrounded_terms"}
     assert set(result["sources"][0]) == {"path", "start_line", "end_line", "score"}
 
 

@@ -49,7 +49,7 @@ def test_ask_streams_cites_and_persists(service):
     assert metrics["prompt_tokens"] > 100 and metrics["reused_tokens"] == 0  # a fresh data dir: nothing cached
     assert metrics["ttft_ms"] > 0 and metrics["total_ms"] >= metrics["ttft_ms"]
     body = result.to_json()
-    assert set(body) == {"answer", "session_id", "sources", "metrics", "left_out"}
+    assert set(body) == {"answer", "session_id", "sources", "metrics", "left_out", "ungrounded_terms"}
     assert set(body["sources"][0]) == {"path", "start_line", "end_line", "score"}
     assert set(body["metrics"]) == {"prompt_tokens", "reused_tokens", "chunk_tokens", "recomputed_tokens",
                                     "prefilled_tokens", "ttft_ms", "decode_tokens_per_s", "total_ms"}

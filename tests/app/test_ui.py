@@ -36,7 +36,7 @@ def test_api_ask_streams_and_follow_up_reuses_the_cache(app_url):
     outputs = list(job)
     final = job.result()
     assert final == outputs[-1]
-    assert set(final) == {"answer", "session_id", "sources", "metrics", "left_out"}
+    assert set(final) == {"answer", "session_id", "sources", "metrics", "left_out", "ungrounded_terms"}
     assert len(outputs) >= 2 and all(o["metrics"] is None for o in outputs[:-1])  # streamed, then the result
     assert any(s["file"].endswith("cache.md") for s in final["sources"])
     assert all(set(s) == {"file", "start_line", "end_line", "score"} for s in final["sources"])
