@@ -93,14 +93,16 @@ class GGUFFile:
     float32 tensor in PyTorch's row-major shape (`[rows, cols]` for a matrix: GGUF lists dims innermost first).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, writable_map: bool = False) -> None:
+        """writable_map: map the file copy-on-write, so that `raw` tensors are writable views (torch warns on
+        read-only ones); nothing is ever written back to the file."""
         self.path = Path(path)
         if not self.path.is_file():
             raise TPAError(f"GGUF file not found: {self.path}")
         from gguf import GGUFReader
 
         try:
-            self._reader = GGUFReader(str(self.path), "r")
+            self._reader = GGUFReader(str(self.path), "c" if writable_map else "r")
             self.metadata: dict[str, Any] = {name: field.contents() for name, field in self._reader.fields.items()}
         except Exception as exc:  # the reader raises ValueError/IndexError/struct.error on damaged files
             raise TPAError(f"{self.path} is not a readable GGUF file ({type(exc).__name__}: {exc}); "
@@ -122,6 +124,22 @@ class GGUFFile:
     def tensor_type(self, name: str) -> str:
         """The GGML storage type of a tensor (`"Q4_1"`, `"F32"`...)."""
         return self._get(name).tensor_type.name
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's PyTorch shape (`[rows, cols]` for a matrix)."""
+        return tuple(int(n) for n in reversed(self._get(name).shape))  # GGUF dims are innermost first
+
+    def raw(self, name: str) -> torch.Tensor:
+        """A matrix's bytes as stored, `[rows, row_bytes]` uint8, viewing the mapped file (no copy)."""
+        import numpy as np
+
+        info = self._get(name)
+        rows = int(np.prod(self.shape(name)[:-1]))
+        data = info.data.view(np.uint8)
+        if data.size != int(info.n_bytes) or data.size % max(rows, 1):
+            raise TPAError(f"{self.path}: tensor {name} holds {data.size} bytes, which do not split into {rows} rows; "
+                           f"the file looks damaged")
+        return torch.from_numpy(data.reshape(rows, -1))
 
     def tensor(self, name: str) -> torch.Tensor:
         """Tensor `name` dequantized to float32, shape `[rows, cols]` (or `[n]`)."""
