@@ -36,14 +36,18 @@ def _scratch_buffer(values: int) -> Tensor:
 
 class QuantMatrix:
     """One weight matrix `[rows, cols]` in GGUF blocks (`fmt` set, `data` uint8 `[rows, row_bytes]`) or in
-    float32 (`fmt` None, `data` float32 `[rows, cols]`)."""
+    float32 (`fmt` None, `data` float32 `[rows, cols]`). `order` (int64 `[rows]`, optional): row i of the matrix is
+    stored row `order[i]` (llama.cpp's permuted Q/K rows, left in place: outputs are reordered instead)."""
 
-    def __init__(self, data: Tensor, fmt: BlockFormat | None, rows: int, cols: int) -> None:
+    def __init__(self, data: Tensor, fmt: BlockFormat | None, rows: int, cols: int,
+                 order: Tensor | None = None) -> None:
         expected = (rows, cols if fmt is None else fmt.row_bytes(cols))
         if tuple(data.shape) != expected or data.dtype != (torch.float32 if fmt is None else torch.uint8):
             raise ValueError(f"a {fmt.name if fmt else 'F32'} matrix [{rows}, {cols}] needs data {expected}, "
                              f"got {tuple(data.shape)} {data.dtype}")
-        self.data, self.fmt, self.rows, self.cols = data, fmt, rows, cols
+        if order is not None and tuple(order.shape) != (rows,):
+            raise ValueError(f"a row order for {rows} rows has shape {tuple(order.shape)}")
+        self.data, self.fmt, self.rows, self.cols, self.order = data, fmt, rows, cols, order
 
     @property
     def type_name(self) -> str:
@@ -56,16 +60,19 @@ class QuantMatrix:
     def matmul(self, x: Tensor) -> Tensor:
         """x `[M, cols]` float32 (M small) -> `[M, rows]` float32 through the integer op (or float32 GEMV)."""
         if self.fmt is None:
-            return x @ self.data.t()  # [M, rows]
-        return ops.matmul(x, self.data, self.fmt.type_id, self.cols)
+            y = x @ self.data.t()  # [M, rows]
+        else:
+            y = ops.matmul(x, self.data, self.fmt.type_id, self.cols)  # [M, rows] in stored order
+        return y if self.order is None else y.index_select(1, self.order)
 
     def dequantize_rows(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         """Rows [start, stop) as float32 `[stop - start, cols]` (into `out` when given)."""
+        stored = self.data[start:stop] if self.order is None else self.data.index_select(0, self.order[start:stop])
         if self.fmt is None:
-            return self.data[start:stop]
+            return stored
         if out is None:
             out = torch.empty(stop - start, self.cols, dtype=torch.float32)
-        return ops.dequantize_into(self.data[start:stop], self.fmt.type_id, self.cols, out)
+        return ops.dequantize_into(stored, self.fmt.type_id, self.cols, out)
 
     def dequantize(self) -> Tensor:
         """The whole matrix as float32 `[rows, cols]` (tests and diagnostics; the model never holds one)."""
@@ -111,7 +118,7 @@ class QuantLinear:
             for start in range(0, part.rows, chunk):
                 stop = min(part.rows, start + chunk)
                 if part.fmt is None:
-                    w = part.data[start:stop]
+                    w = part.dequantize_rows(start, stop)
                 else:
                     buf = _scratch_buffer((stop - start) * self.in_features).view(stop - start, self.in_features)
                     w = part.dequantize_rows(start, stop, buf)  # [n, K]

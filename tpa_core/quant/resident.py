@@ -1,8 +1,8 @@
 """A TPAModel whose matrices stay in their GGUF blocks, built straight from the memory-mapped file.
 
-No float32 copy of the model is made: each matrix is a view of the mapped file (`QuantMatrix`), except the rows
-of `attn_q` / `attn_k` that llama.cpp permuted (un-permuted as whole rows of blocks, so the codes are unchanged)
-and matrices of types the op does not compute with (dequantized to float32 one at a time, with a log line).
+No float32 copy of the model is made: each matrix is a view of the mapped file (`QuantMatrix`); the rows of
+`attn_q` / `attn_k` that llama.cpp permuted stay where they are and the product's outputs are reordered instead.
+Matrices of types the op does not compute with are dequantized to float32 one at a time, with a log line.
 Norm weights and biases are float32. The float32 parameters of the matrices become placeholders (`placeholder`)
 and the model computes through `QuantLinear` / `QuantEmbedding`.
 """
@@ -43,9 +43,10 @@ def matrix(gguf: GGUFFile, name: str, heads: int | None = None) -> QuantMatrix:
             logger.info("%s: %s is %s, which stays resident as float32 (no integer kernel for it)",
                         gguf.path.name, name, type_name)
         fmt, data = None, gguf.tensor(name)  # [rows, cols] float32
+    order = None
     if heads is not None and gguf.architecture in PERMUTED_ARCHITECTURES:
-        data = unpermute_rows(data, heads).contiguous()  # whole rows move: the blocks stay as they were
-    return QuantMatrix(data, fmt, rows, cols)
+        order = unpermute_rows(torch.arange(rows), heads)  # row i of the HF matrix is stored row order[i]
+    return QuantMatrix(data, fmt, rows, cols, order)
 
 
 def resident_nbytes(gguf: GGUFFile) -> int:
@@ -55,7 +56,7 @@ def resident_nbytes(gguf: GGUFFile) -> int:
         shape = gguf.shape(name)
         type_name = gguf.tensor_type(name)
         if type_name in FORMATS and len(shape) == 2:
-            total += int(gguf._get(name).n_bytes)
+            total += gguf.nbytes(name)
         else:
             total += 4 * int(torch.Size(shape).numel())
     return total
