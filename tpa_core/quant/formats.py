@@ -5,9 +5,11 @@ for the bit layouts). The resident form is those bytes, unchanged: the codes, th
 exactly the file's. What is rounded is the arithmetic:
 
 - decode (few rows): every 32 activations are rounded to int8 with one float32 scale (as llama.cpp's decode
-  does), the integer dot products are exact, the scale products are float32. A product's error is therefore
-  the activation rounding only: at most half an int8 step of each 32-block, |x| max / 254, times the weights'
-  absolute sum over that block (`activation_error_bound`).
+  does), and the rounding error once more to int8 at 1/256 of that scale; the integer dot products are exact,
+  the scale products float32. A product's error is the activation rounding: at most one step of the second
+  level, |x| max of the 32-block / (127 * 256), times the weights' absolute sum over that block
+  (`activation_error_bound`). One int8 level alone (llama.cpp's) agreed with float32 on 190 of 196 teacher-forced
+  positions of the default model; two levels are needed for 99%.
 - F16 / BF16 matrices multiply float32 activations directly: float32 rounding only.
 - prefill (many rows): chunks of rows are dequantized to float32 (bit-identical to gguf's `dequantize`) and
   multiplied by a float32 GEMM: the same as the float32 model up to the GEMM's summation order.
@@ -53,13 +55,13 @@ ACTIVATION_BLOCK = 32  # activations are quantized per this many values
 
 
 def activation_error_bound(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Worst-case |y - x @ w^T| of the int8-activation product, before float32 summation error.
+    """Worst-case |y - x @ w^T| of the two-level int8 activation product, before float32 summation error.
 
     weight `[N, K]` (dequantized), x `[M, K]` -> `[M, N]`: per 32-block, activation rounding moves each x by at
-    most amax / 254, so a block adds at most that times the sum of |w| over the block.
+    most one step of the second level, amax / (127 * 256), so a block adds at most that times the sum of |w|.
     """
     M, K = x.shape
-    step = x.view(M, K // ACTIVATION_BLOCK, ACTIVATION_BLOCK).abs().amax(-1) / 254.0  # [M, K/32]
+    step = x.view(M, K // ACTIVATION_BLOCK, ACTIVATION_BLOCK).abs().amax(-1) / (127.0 * 256.0)  # [M, K/32]
     w_abs = weight.abs().view(weight.shape[0], K // ACTIVATION_BLOCK, ACTIVATION_BLOCK).sum(-1)  # [N, K/32]
     return step @ w_abs.t()  # [M, N]
 
