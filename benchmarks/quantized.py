@@ -8,6 +8,10 @@ Speed (`speed`): for each GGUF file and thread count, one fresh process per engi
 - decode: `--new` greedy single-token steps after that prompt, tokens/s;
 - peak RSS of the process (`ru_maxrss`), and the file size.
 
+Rates are given per wall-clock second and per CPU second of the process (`time.process_time`): on a shared
+machine a descheduled process loses wall time but not CPU time, so with one thread the CPU-time rates are the
+steadier comparison (with two, CPU time adds up both threads, so it says nothing about parallel speed).
+
 llama.cpp runs through llama-cpp-python installed in its own environment (`--llama-python`, built from its PyPI
 source: `pip install --no-binary llama-cpp-python llama-cpp-python`), never in CI. Both engines get the same
 thread count (torch.set_num_threads / n_threads and n_threads_batch).
@@ -51,16 +55,22 @@ start = time.perf_counter()
 llm = Llama(model_path=path, n_ctx=len(ids) + new + 16, n_batch=len(ids), n_ubatch=len(ids), n_threads=threads,
             n_threads_batch=threads, verbose=False)
 load = time.perf_counter() - start
-start = time.perf_counter()
+vocab = llm.n_vocab()
+
+def last_token():  # greedy: the argmax of the last position's logits, as our side does
+    return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
+
+start, cpu = time.perf_counter(), time.process_time()
 llm.eval(ids)
-prefill = time.perf_counter() - start
-token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-start = time.perf_counter()
+prefill, prefill_cpu = time.perf_counter() - start, time.process_time() - cpu
+token = last_token()
+start, cpu = time.perf_counter(), time.process_time()
 for _ in range(new):
     llm.eval([token])
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-decode = time.perf_counter() - start
+    token = last_token()
+decode, decode_cpu = time.perf_counter() - start, time.process_time() - cpu
 print(json.dumps({"load_s": load, "prefill_tok_s": len(ids) / prefill, "decode_tok_s": new / decode,
+                  "prefill_tok_per_cpu_s": len(ids) / prefill_cpu, "decode_tok_per_cpu_s": new / decode_cpu,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -77,24 +87,33 @@ def ours_child(path: str, threads: int, ids: list[int], new: int, models_dir: st
     load = time.perf_counter() - start
     model = loaded.model
     cache = model.new_cache(capacity=len(ids) + new + 16)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     logits = model(torch.tensor([ids]), cache, last_only=True)  # [1, 1, V]
-    prefill = time.perf_counter() - start
+    prefill, prefill_cpu = time.perf_counter() - start, time.process_time() - cpu
     token = int(logits[0, -1].argmax())
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(new):
         token = int(model(torch.tensor([[token]]), cache)[0, -1].argmax())
-    decode = time.perf_counter() - start
+    decode, decode_cpu = time.perf_counter() - start, time.process_time() - cpu
     return {"load_s": load, "prefill_tok_s": len(ids) / prefill, "decode_tok_s": new / decode,
+            "prefill_tok_per_cpu_s": len(ids) / prefill_cpu, "decode_tok_per_cpu_s": new / decode_cpu,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _run_json(command: list[str]) -> dict:
-    result = subprocess.run(command, capture_output=True, text=True, check=False,
-                            env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'kernels'}"})
+def _run_json(command: list[str], env: dict[str, str] | None = None) -> dict:
+    env = env or {"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'kernels'}"}
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env={**os.environ, **env})
     if result.returncode != 0:
         raise RuntimeError(f"{command[:3]} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def llama_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of a llama.cpp child: `--llama-package DIR` runs the llama_cpp package in DIR with the
+    shared libraries in DIR/lib (a build tree used as is) instead of the environment's installed one."""
+    if args.llama_package is None:
+        return {}
+    return {"PYTHONPATH": str(args.llama_package), "LLAMA_CPP_LIB_PATH": str(args.llama_package / "lib")}
 
 
 def prompt_ids(path: Path, n: int) -> list[int]:
@@ -116,10 +135,10 @@ def speed(args: argparse.Namespace) -> dict:
         for threads in (int(t) for t in args.threads.split(",")):
             ours = _run_json([*ours_cmd, "--threads", str(threads)])
             llama = _run_json([str(args.llama_python), "-c", LLAMA_CHILD, str(file), str(threads), json.dumps(ids),
-                               str(args.new)])
+                               str(args.new)], llama_env(args))
             row = {"file": file.name, "file_mb": file.stat().st_size / 2**20, "threads": threads, "ours": ours,
                    "llama.cpp": llama, "load_avg": os.getloadavg()[0]}
-            for key in ("prefill_tok_s", "decode_tok_s"):
+            for key in ("prefill_tok_s", "decode_tok_s", "prefill_tok_per_cpu_s", "decode_tok_per_cpu_s"):
                 row[f"{key}_ratio"] = ours[key] / llama[key]
             row["load_ratio"] = ours["load_s"] / llama["load_s"]
             rows.append(row)
@@ -141,7 +160,7 @@ def quality(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for qtype in args.types.split(","):
             target = Path(tmp) / f"smollm2-{qtype.lower()}.gguf"
-            _requantize(args.llama_python, source, target, qtype)
+            _requantize(args.llama_python, llama_env(args), source, target, qtype)
             quantized = load_model(target, Path(tmp) / "models", device="cpu", weights="quantized")
             floating = load_model(target, Path(tmp) / "models", device="cpu", weights="float")
             types = sorted({p.type_name for b in quantized.model.layers for layer in
@@ -166,11 +185,12 @@ def quality(args: argparse.Namespace) -> dict:
     return {"rows": out}
 
 
-def _requantize(llama_python: Path, source: Path, target: Path, qtype: str) -> None:
+def _requantize(llama_python: Path, env: dict[str, str], source: Path, target: Path, qtype: str) -> None:
     code = ("import sys, llama_cpp as l; p = l.llama_model_quantize_default_params(); "
             f"p.ftype = l.LLAMA_FTYPE_MOSTLY_{qtype}; p.allow_requantize = True; "
             "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
-    subprocess.run([str(llama_python), "-c", code, str(source), str(target)], check=True, capture_output=True)
+    subprocess.run([str(llama_python), "-c", code, str(source), str(target)], check=True, capture_output=True,
+                   env={**os.environ, **env})
 
 
 def conditions() -> dict:
@@ -195,10 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--new", type=int, default=64)
     sp.add_argument("--models-dir", type=Path, default=BENCH_MODELS_DIR)
     sp.add_argument("--llama-python", type=Path, default=LLAMA_PYTHON)
+    sp.add_argument("--llama-package", type=Path, default=None)
     qp = sub.add_parser("quality")
     qp.add_argument("--types", default="Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q4_K_M,Q5_K_M,Q6_K")
     qp.add_argument("--default-models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     qp.add_argument("--llama-python", type=Path, default=LLAMA_PYTHON)
+    qp.add_argument("--llama-package", type=Path, default=None)
     child = sub.add_parser("ours-child")
     child.add_argument("file")
     child.add_argument("--threads", type=int, required=True)

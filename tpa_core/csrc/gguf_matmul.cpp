@@ -195,28 +195,32 @@ struct XBlock {
   int8_t r[32];
 };
 
-void quantize_activations(const float* x, int64_t k, XBlock* out) {
-  for (int64_t b = 0; b < k / 32; ++b) {
-    const float* v = x + 32 * b;
+// `group` blocks of 32 share one scale: 8 for the K-quants (one per 256-value super-block, so that their kernels
+// sum the sub-blocks' integer products before converting to float), 1 for the other types.
+void quantize_activations(const float* x, int64_t k, int64_t group, XBlock* out) {
+  for (int64_t g = 0; g < k / (32 * group); ++g) {
     float amax = 0.0f;
-    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
+    for (int64_t i = 0; i < 32 * group; ++i) amax = std::max(amax, std::fabs(x[32 * group * g + i]));
     const float d1 = amax / 127.0f;
     const float id1 = d1 > 0.0f ? 1.0f / d1 : 0.0f;
     const float id2 = 256.0f * id1;
-    int sums[2] = {0, 0};
-    for (int i = 0; i < 32; ++i) {
-      const int q = static_cast<int>(std::nearbyint(v[i] * id1));
-      const float rest = v[i] - d1 * static_cast<float>(q);
-      const int r = std::max(-127, std::min(127, static_cast<int>(std::nearbyint(rest * id2))));
-      out[b].q[i] = static_cast<int8_t>(q);
-      out[b].r[i] = static_cast<int8_t>(r);
-      sums[i / 16] += 256 * q + r;
-    }
     const float d = d1 / 256.0f;
-    out[b].d = d;
-    out[b].dsum16[0] = d * static_cast<float>(sums[0]);
-    out[b].dsum16[1] = d * static_cast<float>(sums[1]);
-    out[b].dsum = d * static_cast<float>(sums[0] + sums[1]);
+    for (int64_t b = group * g; b < group * (g + 1); ++b) {
+      const float* v = x + 32 * b;
+      int sums[2] = {0, 0};
+      for (int i = 0; i < 32; ++i) {
+        const int q = static_cast<int>(std::nearbyint(v[i] * id1));
+        const float rest = v[i] - d1 * static_cast<float>(q);
+        const int r = std::max(-127, std::min(127, static_cast<int>(std::nearbyint(rest * id2))));
+        out[b].q[i] = static_cast<int8_t>(q);
+        out[b].r[i] = static_cast<int8_t>(r);
+        sums[i / 16] += 256 * q + r;
+      }
+      out[b].d = d;
+      out[b].dsum16[0] = d * static_cast<float>(sums[0]);
+      out[b].dsum16[1] = d * static_cast<float>(sums[1]);
+      out[b].dsum = d * static_cast<float>(sums[0] + sums[1]);
+    }
   }
 }
 
@@ -270,53 +274,79 @@ inline __m256i fifth_bits(const uint8_t* p) {
   return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
 }
 
+// Sum over n blocks of scale_b * (8 int32 lanes p_b) + term_b, where block(b, p, scale, term) fills in block b's
+// values. Two accumulators, even and odd blocks: one chain of float adds (4-cycle latency) per block would
+// otherwise bound the loop, whose integer work per block takes fewer cycles than that.
+template <typename Block>
+inline float sum_blocks(int64_t n, Block block) {
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  float terms[2] = {0.0f, 0.0f};
+  int64_t b = 0;
+  for (; b + 2 <= n; b += 2) {
+    for (int i = 0; i < 2; ++i) {
+      __m256i p;
+      float scale, term;
+      block(b + i, p, scale, term);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale), acc[i]);
+      terms[i] += term;
+    }
+  }
+  if (b < n) {
+    __m256i p;
+    float scale, term;
+    block(b, p, scale, term);
+    acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale), acc[0]);
+    terms[0] += term;
+  }
+  return hsum(_mm256_add_ps(acc[0], acc[1])) + terms[0] + terms[1];
+}
+
 float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
-  __m256 acc = _mm256_setzero_ps();
-  float mins = 0.0f;  // the min terms: + m d_x sum(q_x) (Q4_1, Q5_1), - dmin mn d_x sum(q_x) (Q4_K, Q5_K)
+  // Per 32-block: p = the integer dot products of the codes with x's two levels, scale = d_w d_x, and term the
+  // min or offset: + m d_x sum(x) (Q4_1, Q5_1), - 8 d_w d_x sum(x) (Q4_0), - 16 ... (Q5_0).
   switch (type) {
     case Q4_0:
-      for (int64_t b = 0; b < k / 32; ++b) {
+      return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
         const uint8_t* blk = row + 18 * b;
         const float d = half_at(blk);
-        const __m256i p = dot2_unsigned(nibbles_16(blk + 2), x[b]);  // the offset -8 goes to mins
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x[b].d), acc);
-        mins -= 8.0f * d * x[b].dsum;
-      }
-      break;
+        p = dot2_unsigned(nibbles_16(blk + 2), x[b]);
+        scale = d * x[b].d;
+        term = -8.0f * d * x[b].dsum;
+      });
     case Q4_1:
-      for (int64_t b = 0; b < k / 32; ++b) {
+      return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
         const uint8_t* blk = row + 20 * b;
-        const __m256i p = dot2_unsigned(nibbles_16(blk + 4), x[b]);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_at(blk) * x[b].d), acc);
-        mins += half_at(blk + 2) * x[b].dsum;
-      }
-      break;
+        p = dot2_unsigned(nibbles_16(blk + 4), x[b]);
+        scale = half_at(blk) * x[b].d;
+        term = half_at(blk + 2) * x[b].dsum;
+      });
     case Q5_0:
-      for (int64_t b = 0; b < k / 32; ++b) {
+      return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
         const uint8_t* blk = row + 22 * b;
         const float d = half_at(blk);
-        const __m256i q = _mm256_or_si256(nibbles_16(blk + 6), fifth_bits(blk + 2));
-        const __m256i p = dot2_unsigned(q, x[b]);  // the offset -16 goes to mins
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x[b].d), acc);
-        mins -= 16.0f * d * x[b].dsum;
-      }
-      break;
+        p = dot2_unsigned(_mm256_or_si256(nibbles_16(blk + 6), fifth_bits(blk + 2)), x[b]);
+        scale = d * x[b].d;
+        term = -16.0f * d * x[b].dsum;
+      });
     case Q5_1:
-      for (int64_t b = 0; b < k / 32; ++b) {
+      return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
         const uint8_t* blk = row + 24 * b;
-        const __m256i q = _mm256_or_si256(nibbles_16(blk + 8), fifth_bits(blk + 4));
-        const __m256i p = dot2_unsigned(q, x[b]);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_at(blk) * x[b].d), acc);
-        mins += half_at(blk + 2) * x[b].dsum;
-      }
-      break;
+        p = dot2_unsigned(_mm256_or_si256(nibbles_16(blk + 8), fifth_bits(blk + 4)), x[b]);
+        scale = half_at(blk) * x[b].d;
+        term = half_at(blk + 2) * x[b].dsum;
+      });
     case Q8_0:
-      for (int64_t b = 0; b < k / 32; ++b) {
+      return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
         const uint8_t* blk = row + 34 * b;
-        const __m256i p = dot2_signed(load32(blk + 2), x[b]);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_at(blk) * x[b].d), acc);
-      }
-      break;
+        p = dot2_signed(load32(blk + 2), x[b]);
+        scale = half_at(blk) * x[b].d;
+        term = 0.0f;
+      });
+    default: break;
+  }
+  __m256 acc = _mm256_setzero_ps();
+  float mins = 0.0f;  // the K-quants' min / offset terms, one addition per super-block
+  switch (type) {
     case Q4_K: case Q5_K: {
       const bool five = type == Q5_K;
       const int64_t bytes = five ? 176 : 144;
@@ -329,6 +359,10 @@ float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
         const XBlock* xb = x + 8 * b;
         int sc[8], mn[8];
         for (int j = 0; j < 8; ++j) k_scale_min(blk + 4, j, &sc[j], &mn[j]);
+        // x's scale is shared by the super-block: sum sc_j (q_j . x_j) in integers, one level each
+        // (per lane <= 8 * 2 * 2 * 31 * 127 * 63: no overflow), then two float multiply-adds.
+        __m256i acc_hi = _mm256_setzero_si256(), acc_lo = _mm256_setzero_si256();
+        float block_mins = 0.0f;
         for (int c = 0; c < 4; ++c) {
           const __m256i raw = load32(qs + 32 * c);
           for (int half = 0; half < 2; ++half) {
@@ -338,12 +372,16 @@ float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
               const __m256i bit = _mm256_and_si256(_mm256_srli_epi16(qh, j), _mm256_set1_epi8(1));
               q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
             }
-            const __m256i p = dot2_unsigned(q, xb[j]);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * static_cast<float>(sc[j]) * xb[j].d),
-                                  acc);
-            mins -= dmin * static_cast<float>(mn[j]) * xb[j].dsum;
+            const __m256i scale = _mm256_set1_epi16(static_cast<int16_t>(sc[j]));
+            acc_hi = _mm256_add_epi32(acc_hi, _mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xb[j].q)), scale));
+            acc_lo = _mm256_add_epi32(acc_lo, _mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xb[j].r)), scale));
+            block_mins += static_cast<float>(mn[j]) * xb[j].dsum;
           }
         }
+        mins -= dmin * block_mins;
+        const float dx = d * xb[0].d;
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_hi), _mm256_set1_ps(256.0f * dx), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_lo), _mm256_set1_ps(dx), acc);
       }
       break;
     }
@@ -354,6 +392,9 @@ float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
         const int8_t* scales = reinterpret_cast<const int8_t*>(blk + 192);
         const float d = half_at(blk + 208);
         const XBlock* xb = x + 8 * b;
+        // as for Q4_K: integer sums over the super-block (per lane <= 8 * 2 * 2 * 63 * 127 * 128), one level each
+        __m256i acc_hi = _mm256_setzero_si256(), acc_lo = _mm256_setzero_si256();
+        float block_offset = 0.0f;
         for (int h = 0; h < 2; ++h) {
           const __m256i hb = load32(blk + 128 + 32 * h);
           for (int t = 0; t < 4; ++t) {
@@ -364,14 +405,16 @@ float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
             const XBlock& xj = xb[4 * h + t];
             const int s = 8 * h + 2 * t;  // the scales of values [0, 16) and [16, 32) of this chunk
             const __m256i sc = _mm256_set_m128i(_mm_set1_epi16(scales[s + 1]), _mm_set1_epi16(scales[s]));
-            // per lane |.| <= 2 * 63 * 127 * 128 per level: 256 times that still fits an int32
-            const __m256i p = two_levels(_mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xj.q)), sc),
-                                         _mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xj.r)), sc));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xj.d), acc);
-            mins -= 32.0f * d * (static_cast<float>(scales[s]) * xj.dsum16[0] +
-                                 static_cast<float>(scales[s + 1]) * xj.dsum16[1]);
+            acc_hi = _mm256_add_epi32(acc_hi, _mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xj.q)), sc));
+            acc_lo = _mm256_add_epi32(acc_lo, _mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xj.r)), sc));
+            block_offset += static_cast<float>(scales[s]) * xj.dsum16[0] +
+                            static_cast<float>(scales[s + 1]) * xj.dsum16[1];
           }
         }
+        mins -= 32.0f * d * block_offset;
+        const float dx = d * xb[0].d;
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_hi), _mm256_set1_ps(256.0f * dx), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_lo), _mm256_set1_ps(dx), acc);
       }
       break;
     }
@@ -443,9 +486,10 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   std::vector<XBlock> xq(is_float ? 0 : m_rows * (k / 32));
+  const int64_t group = layout_of(type).values / 32;  // K-quants: x shares a scale per 256-value super-block
   if (!is_float) {
     at::parallel_for(0, m_rows, 1, [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) quantize_activations(xp + m * k, k, xq.data() + m * (k / 32));
+      for (int64_t m = m0; m < m1; ++m) quantize_activations(xp + m * k, k, group, xq.data() + m * (k / 32));
     });
   }
   at::parallel_for(0, n_rows, 16, [&](int64_t n0, int64_t n1) {

@@ -4,10 +4,11 @@ A GGUF matrix `[N, K]` is N rows of K / `values` blocks of `bytes` bytes each (s
 for the bit layouts). The resident form is those bytes, unchanged: the codes, the block scales and mins are
 exactly the file's. What is rounded is the arithmetic:
 
-- decode (few rows): every 32 activations are rounded to int8 with one float32 scale (as llama.cpp's decode
-  does), and the rounding error once more to int8 at 1/256 of that scale; the integer dot products are exact,
+- decode (few rows): every 32 activations (256 for the K-quants, as llama.cpp's Q8_K) are rounded to int8
+  with one float32 scale (as llama.cpp's decode does), and the rounding error once more to int8 at 1/256 of that
+  scale; the integer dot products are exact,
   the scale products float32. A product's error is the activation rounding: at most one step of the second
-  level, |x| max of the 32-block / (127 * 256), times the weights' absolute sum over that block
+  level, |x| max of the group / (127 * 256), times the weights' absolute sum over that block
   (`activation_error_bound`). One int8 level alone (llama.cpp's) agreed with float32 on 190 of 196 teacher-forced
   positions of the default model; two levels are needed for 99%.
 - F16 / BF16 matrices multiply float32 activations directly: float32 rounding only.
@@ -37,6 +38,12 @@ class BlockFormat:
     def row_bytes(self, cols: int) -> int:
         return cols // self.values * self.bytes
 
+    @property
+    def activation_group(self) -> int:
+        """Activations sharing one scale in the decode product: a K-quant's 256-value super-block (its kernel
+        sums the sub-blocks in integers), else 32."""
+        return max(self.values, ACTIVATION_BLOCK)
+
 
 # The types the compiled op computes with; F32 stays a float tensor run by torch.
 FORMATS = {f.name: f for f in (
@@ -54,15 +61,16 @@ FORMATS = {f.name: f for f in (
 ACTIVATION_BLOCK = 32  # activations are quantized per this many values
 
 
-def activation_error_bound(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def activation_error_bound(weight: torch.Tensor, x: torch.Tensor, group: int = ACTIVATION_BLOCK) -> torch.Tensor:
     """Worst-case |y - x @ w^T| of the two-level int8 activation product, before float32 summation error.
 
-    weight `[N, K]` (dequantized), x `[M, K]` -> `[M, N]`: per 32-block, activation rounding moves each x by at
-    most one step of the second level, amax / (127 * 256), so a block adds at most that times the sum of |w|.
+    weight `[N, K]` (dequantized), x `[M, K]` -> `[M, N]`; `group`: activations sharing a scale
+    (`BlockFormat.activation_group`). Rounding moves each x by at most one step of the second level, the group's
+    max |x| / (127 * 256), so a group adds at most that times the sum of |w| over it.
     """
     M, K = x.shape
-    step = x.view(M, K // ACTIVATION_BLOCK, ACTIVATION_BLOCK).abs().amax(-1) / (127.0 * 256.0)  # [M, K/32]
-    w_abs = weight.abs().view(weight.shape[0], K // ACTIVATION_BLOCK, ACTIVATION_BLOCK).sum(-1)  # [N, K/32]
+    step = x.view(M, K // group, group).abs().amax(-1) / (127.0 * 256.0)  # [M, K/group]
+    w_abs = weight.abs().view(weight.shape[0], K // group, group).sum(-1)  # [N, K/group]
     return step @ w_abs.t()  # [M, N]
 
 
