@@ -19,7 +19,9 @@ thread count (torch.set_num_threads / n_threads and n_threads_batch).
 Quality (`quality`): for the default model's GGUF re-quantized by llama.cpp into each type (`llama_model_quantize`
 from the same environment; types it cannot use for a tensor's shape fall back as llama.cpp decides), the
 quantized engine's top-1 token against the float32 engine on the same file (gguf's exact dequantization),
-teacher-forced over every position of the default-model parity prompts; and the largest logit difference.
+teacher-forced over every position of the default-model parity prompts and their 24-token float32 greedy
+continuations; and the largest logit difference over the logit range. (The file's own type, Q4_1 with a Q8_0
+embedding, is asserted in tests/tpa_core/test_quant.py on the same sequences.)
 
     .venv/bin/python benchmarks/quantized.py speed FILE.gguf... [--threads 1,2] [--prompt 512] [--new 64]
     .venv/bin/python benchmarks/quantized.py quality [--types Q4_0,...]
@@ -152,9 +154,6 @@ def quality(args: argparse.Namespace) -> dict:
     from tpa_core import registry
     from tpa_core.loading import load_model
 
-    sys.path.insert(0, str(ROOT / "tests" / "tpa_core"))
-    from test_default_model import RAW_PROMPTS  # the parity prompts
-
     source = registry.download_path("smollm2-135m-instruct", args.default_models_dir)
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,8 +166,8 @@ def quality(args: argparse.Namespace) -> dict:
                             (*b.attn.packed.values(), *b.mlp.packed.values()) for p in layer.parts})
             agree = total = 0
             worst = 0.0
-            for text in RAW_PROMPTS:
-                ids = torch.tensor([quantized.tokenizer.encode(text)])
+            for ids in sequences(floating):
+                ids = torch.tensor([ids])
                 # one token at a time: every position runs the decode (int8) path, the one that rounds most
                 cache_q, cache_f = quantized.model.new_cache(capacity=ids.shape[1]), \
                     floating.model.new_cache(capacity=ids.shape[1])
@@ -183,6 +182,21 @@ def quality(args: argparse.Namespace) -> dict:
             print(json.dumps(row), flush=True)
             out.append(row)
     return {"rows": out}
+
+
+def sequences(floating) -> list[list[int]]:
+    """The default-model parity prompts (tests/tpa_core/test_default_model.py), each followed by the float32
+    model's 24 greedy tokens: the sequences tests/tpa_core/test_quant.py teacher-forces too."""
+    from tpa_core.generate import GenerationConfig, generate
+
+    sys.path.insert(0, str(ROOT / "tests" / "tpa_core"))
+    from test_default_model import CONVERSATIONS, RAW_PROMPTS
+
+    tokenizer = floating.tokenizer
+    prompts = [tokenizer.encode(text) for text in RAW_PROMPTS] + [tokenizer.encode_chat(t) for t in CONVERSATIONS]
+    config = GenerationConfig(max_new_tokens=24, temperature=0.0)
+    return [ids + [t for e in generate(floating.model, tokenizer, ids, config) for t in e.token_ids]
+            for ids in prompts]
 
 
 def _requantize(llama_python: Path, env: dict[str, str], source: Path, target: Path, qtype: str) -> None:
@@ -217,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--llama-python", type=Path, default=LLAMA_PYTHON)
     sp.add_argument("--llama-package", type=Path, default=None)
     qp = sub.add_parser("quality")
-    qp.add_argument("--types", default="Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q4_K_M,Q5_K_M,Q6_K")
+    qp.add_argument("--types", default="Q4_0,Q5_0,Q5_1,Q8_0,Q4_K_M,Q5_K_M,Q6_K")
     qp.add_argument("--default-models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     qp.add_argument("--llama-python", type=Path, default=LLAMA_PYTHON)
     qp.add_argument("--llama-package", type=Path, default=None)
