@@ -19,18 +19,19 @@ WORKDIR /opt/tpa-rag
 
 # torch first, alone, from the chosen index, so that no other package pulls a different build.
 RUN pip install torch==2.13.0 --index-url "${TORCH_INDEX}"
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY app ./app
 COPY tpa_core ./tpa_core
 COPY kernels ./kernels
 COPY retrieval ./retrieval
 COPY docs ./docs
-RUN pip install ".[postgres]"
+RUN pip install -c requirements.lock ".[postgres]"
 
 USER tpa
 VOLUME ["/data"]
 EXPOSE 7860
 # Fetch the default model into the data volume (idempotent), index this project's own README, docs and source
 # as the demo collection on first start, then serve. Inside a container the app must bind to all interfaces;
-# the compose file publishes the port on 127.0.0.1 of the host only.
-CMD ["sh", "-c", "tpa-rag models fetch && exec tpa-rag serve --host 0.0.0.0 --port 7860 --demo README.md docs app tpa_core kernels retrieval"]
+# the compose file publishes the port on 127.0.0.1 of the host only, hence --allow-unprotected (publishing it
+# wider needs --auth and --api-key instead).
+CMD ["sh", "-c", "tpa-rag models fetch && exec tpa-rag serve --host 0.0.0.0 --port 7860 --allow-unprotected --demo README.md docs app tpa_core kernels retrieval"]

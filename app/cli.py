@@ -9,18 +9,34 @@ import sys
 from collections.abc import Sequence
 
 from app.commands import COMMAND_MODULES
-from app.errors import AppError
+from app.errors import AppError, user_error_types
 from app.settings import Settings
 
 log = logging.getLogger("tpa_rag")
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """The exception types whose message is shown to the user as is (no stack trace)."""
-    from retrieval.errors import RetrievalError
-    from tpa_core.errors import TPAError
+def _check_device(device: str) -> None:
+    """`--device cuda` needs a GPU that PyTorch can use; say so before anything loads."""
+    if device != "cuda":
+        return
+    import torch
 
-    return (AppError, TPAError, RetrievalError)
+    if not torch.cuda.is_available():
+        reason = "this PyTorch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise AppError(f"--device cuda: {reason}; use --device cpu (or auto)")
+
+
+def _database_error(exc: BaseException, settings: Settings | None) -> str | None:
+    """A message for a database that cannot be reached or opened; None for any other exception."""
+    from sqlalchemy.exc import OperationalError
+
+    if not isinstance(exc, OperationalError):
+        return None
+    from sqlalchemy.engine import make_url
+
+    where = make_url(settings.db_url).render_as_string(hide_password=True) if settings else "the database"
+    reason = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc).__name__
+    return f"cannot use the database {where}: {reason}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,11 +70,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    settings = None
     try:
         settings = Settings.from_env(data_dir=args.data_dir, model=args.model, device=args.device, verbose=args.verbose)
+        _check_device(settings.device)
         return int(args.handler(args, settings) or 0)
     except user_error_types() as exc:
         print(f"tpa-rag: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        message = _database_error(exc, settings)
+        if message is None:
+            raise
+        print(f"tpa-rag: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

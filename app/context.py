@@ -3,8 +3,9 @@
 The prompt is `system (instructions + context), earlier turns, question`. The context is rendered in the order the
 caller gives, never with scores or dates. The service gives the canonical order (collection, document path, chunk
 index) for a session's first question and for pinned documents, so the same set of chunks always gives the same
-token prefix; a follow-up keeps the previous turn's context in place and appends its new chunks, so the
-session's cached prefix stays valid (see `app.service`).
+token prefix. A unit belongs to the turn that brought it (`ContextUnit.turn`): the first turn's units sit in the
+system message, a follow-up's new units in its own user message after the question, so everything the previous
+prompt and answer held stays an exact prefix of the next prompt (see `app.service`).
 
 Overflow policy (when the prompt and the answer budget do not fit the model's window), in this order:
 1. earlier turns are left out, the oldest first, down to the latest one;
@@ -55,6 +56,7 @@ class ContextUnit:
     end_line: int | None = None
     score: float | None = None  # retrieval score; None for pinned documents (never rendered into the prompt)
     rank: float | None = None  # what the overflow policy keeps longest (default: the score); never rendered
+    turn: int = 0  # the session turn (0-based) whose message holds it; 0 = the system message
 
     @property
     def priority(self) -> float:
@@ -82,12 +84,13 @@ class ContextUnit:
     def to_dict(self) -> dict:
         """What a turn records of its context, to rebuild it for the next question (`from_dict`)."""
         return {"collection": self.collection, "path": self.path, "chunk_index": self.chunk_index,
-                "text": self.text, "start_line": self.start_line, "end_line": self.end_line, "score": self.score}
+                "text": self.text, "start_line": self.start_line, "end_line": self.end_line, "score": self.score,
+                "turn": self.turn}
 
     @classmethod
     def from_dict(cls, data: dict) -> ContextUnit:
         return cls(data["collection"], data["path"], int(data["chunk_index"]), data["text"], data.get("start_line"),
-                   data.get("end_line"), data.get("score"))
+                   data.get("end_line"), data.get("score"), turn=int(data.get("turn") or 0))
 
     def head(self, n_lines: int) -> ContextUnit:
         """The first `n_lines` lines of this unit (the line range follows)."""
@@ -99,6 +102,14 @@ class ContextUnit:
         return len(self.text.splitlines())
 
 
+SOURCE_FIELDS = ("path", "start_line", "end_line", "score")  # what a source shows outside the app (JSON, API)
+
+
+def public_source(source: dict) -> dict:
+    """A source (`ContextUnit.source`) as the JSON contract has it: path, line range and score, no text."""
+    return {key: source.get(key) for key in SOURCE_FIELDS}
+
+
 def canonical(units: Sequence[ContextUnit]) -> list[ContextUnit]:
     """Units in (collection, path, chunk index) order, duplicates removed."""
     seen: dict[tuple[str, str, int], ContextUnit] = {}
@@ -107,28 +118,50 @@ def canonical(units: Sequence[ContextUnit]) -> list[ContextUnit]:
     return [seen[key] for key in sorted(seen)]
 
 
-def render_context(units: Sequence[ContextUnit]) -> str:
-    """The numbered context block, in the order given (numbers follow it).
+def render_context(units: Sequence[ContextUnit], first: int = 1) -> str:
+    """The numbered context block, in the order given (numbers follow it, from `first`).
 
     Each unit ends with one newline and the next starts with "[": byte-level BPE never merges across that
     boundary, so the tokens of a context are a prefix of the tokens of the same context with units appended
     (a blank line between units would become one "\n\n" token once something follows it)."""
-    return "".join(f"[{number}] {unit.label()}\n{unit.text.rstrip()}\n" for number, unit in enumerate(units, 1))
+    return "".join(f"[{number}] {unit.label()}\n{unit.text.rstrip()}\n" for number, unit in enumerate(units, first))
 
 
 def build_messages(
-    units: Sequence[ContextUnit], history: Sequence[tuple[str, str]], question: str, system: str = SYSTEM_PROMPT
+    units: Sequence[ContextUnit], history: Sequence[tuple[str, str]], question: str, system: str = SYSTEM_PROMPT,
+    first_turn: int = 0,
 ) -> MessageList:
-    """Chat messages: system (instructions + context, in the order given), earlier (question, answer) turns, the
-    new question."""
+    """Chat messages: system (instructions + context), earlier (question, answer) turns, the new question.
+
+    `history` holds the session's turns `first_turn ..` (earlier ones were left out); the new question is turn
+    `first_turn + len(history)`. A unit goes with the user message of its `turn` when that turn is a follow-up in
+    the prompt (after the question: "question\n\nContext:\n\n[n] ..."), else into the system message. Units keep
+    the order given within each message, and numbers run on through the messages."""
+    current = first_turn + len(history)
+    by_turn: dict[int, list[ContextUnit]] = {}
+    for unit in units:
+        by_turn.setdefault(_message_turn(unit, first_turn, current), []).append(unit)
+    numbered = [1]
+
+    def block(turn: int) -> str:
+        chunk = by_turn.get(turn, [])
+        text = render_context(chunk, numbered[0])
+        numbered[0] += len(chunk)
+        return text
+
     content = system
-    if units:
-        content += "\n\nContext:\n\n" + render_context(units)
+    if by_turn.get(0):
+        content += "\n\nContext:\n\n" + block(0)
     messages: MessageList = [{"role": "system", "content": content}]
-    for asked, answered in history:
-        messages.append({"role": "user", "content": asked})
+
+    def user(turn: int, asked: str) -> dict[str, str]:
+        extra = block(turn) if turn and by_turn.get(turn) else ""
+        return {"role": "user", "content": asked + ("\n\nContext:\n\n" + extra if extra else "")}
+
+    for offset, (asked, answered) in enumerate(history):
+        messages.append(user(first_turn + offset, asked))
         messages.append({"role": "assistant", "content": answered})
-    messages.append({"role": "user", "content": question})
+    messages.append(user(current, question))
     return messages
 
 
@@ -137,10 +170,21 @@ class FittedPrompt:
     """What goes into the prompt after the overflow policy, and what was left out (as text for the user)."""
 
     messages: MessageList
-    units: list[ContextUnit]  # as rendered (the order given, less what was left out)
+    units: list[ContextUnit]  # as rendered and numbered (`rendered_order`), less what was left out
     history: list[tuple[str, str]]
     prompt_tokens: int
     left_out: list[str] = field(default_factory=list)
+
+
+def _message_turn(unit: ContextUnit, first_turn: int, current: int) -> int:
+    """The turn whose user message holds `unit` (0: the system message, also for a turn left out)."""
+    return unit.turn if max(first_turn, 1) <= unit.turn <= current else 0
+
+
+def rendered_order(units: Sequence[ContextUnit], first_turn: int, n_history: int) -> list[ContextUnit]:
+    """`units` in the order `build_messages` numbers them: the system message's, then each turn's."""
+    current = first_turn + n_history
+    return sorted(units, key=lambda u: _message_turn(u, first_turn, current))
 
 
 def fit_prompt(
@@ -174,12 +218,15 @@ def fit_prompt(
     kept = list(order) if pinned else sorted(order, key=lambda u: (-u.priority, position[u.sort_key]))
     turns = list(history)
 
+    def messages_for(with_units: Sequence[ContextUnit], with_turns: Sequence[tuple[str, str]]) -> MessageList:
+        return build_messages(presented(with_units), with_turns, question, system, len(history) - len(with_turns))
+
     def size(with_units: Sequence[ContextUnit], with_turns: Sequence[tuple[str, str]]) -> int:
-        return count_tokens(build_messages(presented(with_units), with_turns, question, system))
+        return count_tokens(messages_for(with_units, with_turns))
 
     total = size(kept, turns)
     if total <= budget:
-        return FittedPrompt(build_messages(order, turns, question, system), order, turns, total)
+        return FittedPrompt(messages_for(order, turns), rendered_order(order, 0, len(turns)), turns, total)
 
     dropped_turns = 0
     while len(turns) > 1 and size(kept, turns) > budget:
@@ -231,7 +278,8 @@ def fit_prompt(
     left_out += [u.label() for u in presented(dropped) if u.sort_key not in kept_keys]
     left_out += cut_notes
     final = presented(kept)
-    messages = build_messages(final, turns, question, system)
+    messages = messages_for(final, turns)
+    final = rendered_order(final, len(history) - len(turns), len(turns))
     return FittedPrompt(messages, final, turns, count_tokens(messages), left_out)
 
 
@@ -245,3 +293,34 @@ def _max_lines_that_fit(unit: ContextUnit, fits: Callable[[ContextUnit], bool]) 
         else:
             hi = mid - 1
     return lo
+
+
+def bound_pinned(units: Sequence[ContextUnit], max_chars: int) -> tuple[list[ContextUnit], list[str]]:
+    """At most `max_chars` characters of pinned units (in their order), so an ask never tokenizes more text than
+    could fit the window: whole units while they fit, then the first that does not cut at a line boundary, and
+    the rest left out. Returns the units kept and a note for each part left out."""
+    kept: list[ContextUnit] = []
+    left_out: list[str] = []
+    room = max_chars
+    why = f"past the {max_chars:,}-character bound on pinned text"
+    for unit in units:
+        if room >= len(unit.text):
+            kept.append(unit)
+            room -= len(unit.text)
+            continue
+        n_lines = 0
+        if room > 0:
+            used = 0
+            for line in unit.text.splitlines(keepends=True):
+                if used + len(line) > room:
+                    break
+                used += len(line)
+                n_lines += 1
+        if n_lines:
+            part = unit.head(n_lines)
+            kept.append(part)
+            left_out.append(f"{unit.path} lines {part.end_line + 1}-{unit.end_line or unit.n_lines()} ({why})")
+        else:
+            left_out.append(f"{unit.label()} ({why})")
+        room = 0
+    return kept, left_out

@@ -8,12 +8,34 @@ from __future__ import annotations
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from app.errors import AppError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+
+
+class DatabaseURLError(AppError):
+    """A database URL that is malformed or names a database tpa-rag does not support."""
+
+
+def check_url(url: str) -> None:
+    """Refuse a malformed URL or one for another database (the message never repeats a password)."""
+    try:
+        backend = make_url(url).get_backend_name()
+    except (ArgumentError, ValueError):
+        raise DatabaseURLError("TPA_RAG_DATABASE_URL is not a database URL; leave it empty for SQLite in the data "
+                               "folder, or give postgresql://USER:PASSWORD@HOST:PORT/DATABASE") from None
+    if backend not in SUPPORTED_BACKENDS:
+        raise DatabaseURLError(f"TPA_RAG_DATABASE_URL names a {backend!r} database; tpa-rag keeps its data in "
+                               "SQLite (leave it empty) or PostgreSQL (postgresql://...)")
 
 
 def make_engine(url: str) -> Engine:
     """Create an engine for `url`. SQLite gets WAL, a busy timeout and foreign keys on every connection."""
+    check_url(url)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":

@@ -1,6 +1,6 @@
 """`ChatService`: the one place where retrieval, the engine and the factor-cache store meet.
 
-The ask flow (architecture.md): retrieve the top-k chunks (or take the pinned documents) -> canonical context
+The ask flow: retrieve the top-k chunks (or take the pinned documents) -> canonical context
 order -> chat template (system + context, earlier turns, question) -> tokenize -> restore the longest cached
 prefix from the store -> prefill only the rest -> stream the answer -> save the new pages, pin the session's
 prefix, persist the turn with its sources and metrics.
@@ -14,20 +14,41 @@ is built only from its own session's turns, and the live cache is restored from 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.context import ContextUnit, canonical, fit_prompt, render_context
+from app.asking import (
+    MAX_QUESTION_CHARS,
+    MAX_TOP_K,
+    AskOptions,
+    AskPlan,
+    QuestionError,
+    answer_metrics,
+    check_question,
+    check_sampling,
+    check_top_k,
+    check_window,
+    follow_up_context,
+    plan_prompt,
+    resolve_options,
+    system_prompt,
+)
+from app.chunk_reuse import Restored, ReuseSetting, restore_assembled, restore_exact
+from app.context import ContextOverflowError, ContextUnit, bound_pinned, canonical, public_source
 from app.database import make_engine
 from app.errors import AppError
 from app.sessions import SessionInfo, SessionStore, Turn
+from app.spellings import AnswerSpellings
 from app.tokens import REPEATS, encode_conversation, repeating
+from app.ui_render import TurnCost
 from app.worker import ModelWorker, WorkerClosedError
 
 if TYPE_CHECKING:
@@ -35,25 +56,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_QUESTION_CHARS = 8_000
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024**2
-MAX_TOP_K = 50
+# A token rarely spans more characters than this: pinned text past window x this cannot fit, so it is never
+# tokenized (a pinned ask on a huge collection stays as cheap as one on a window's worth of text).
+PINNED_CHARS_PER_TOKEN = 16
+HEARTBEAT_S = 5.0  # a "waiting" event comes after this long without another (a job waiting for the worker)
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what)
+# The metrics `ask --json` and /ask report: where the prompt's tokens came from, and the timings.
+PUBLIC_METRICS = ("prompt_tokens", "reused_tokens", "chunk_tokens", "recomputed_tokens", "prefilled_tokens",
+                  "ttft_ms", "decode_tokens_per_s", "total_ms")
+__all__ = ["MAX_QUESTION_CHARS", "MAX_TOP_K", "AskEvent", "AskOptions", "AskResult", "ChatService", "NotAllowedError",
+           "QuestionError"]
 
 
-class QuestionError(AppError):
-    """An empty or oversized question."""
-
-
-@dataclass(frozen=True)
-class AskOptions:
-    """Per-ask settings; None = the service's settings. `documents`: pinned mode's documents (None = the
-    session's selection, else the whole collection)."""
-
-    top_k: int | None = None
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    documents: tuple[str, ...] | None = None
+class NotAllowedError(AppError):
+    """A web visitor asked for something the operator did not allow (a server path, a model)."""
 
 
 @dataclass
@@ -72,16 +89,17 @@ class AskResult:
         return {
             "answer": self.answer,
             "session_id": self.session_id,
-            "sources": [{k: s.get(k) for k in ("path", "start_line", "end_line", "score")} for s in self.sources],
-            "metrics": {k: self.metrics[k] for k in ("prompt_tokens", "reused_tokens", "ttft_ms",
-                                                     "decode_tokens_per_s", "total_ms")},
+            "sources": [public_source(s) for s in self.sources],
+            "metrics": {k: self.metrics.get(k, 0) for k in PUBLIC_METRICS},
             "left_out": list(self.left_out),
         }
 
 
 @dataclass
 class AskEvent:
-    """One step of `ask_stream`: "start" (sources chosen, prompt built), "delta" (answer text), "done"."""
+    """One step of `ask_stream`: "start" (sources chosen, prompt built), "delta" (answer text), "done"; and
+    "waiting" (nothing new for `HEARTBEAT_S`, e.g. other asks have the model: a server keeps its connection
+    alive with it, everyone else ignores it)."""
 
     kind: str
     session_id: str
@@ -93,22 +111,38 @@ class AskEvent:
 
 @dataclass
 class _AskJob:
-    """What the model worker needs for one ask, built in the caller's thread."""
+    """What the model worker needs for one ask, built in the caller's thread. `session_id` "": a stateless
+    ask (the OpenAI-compatible API): no session turn is saved, the answer's spelling is recorded instead."""
 
     session_id: str
     question: str
     mode: str
-    prompt_ids: list[int]
-    sources: list[dict]
-    left_out: list[str]
+    plan: AskPlan
     max_new_tokens: int
     temperature: float
     t_start: float  # when ask_stream was called
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    chunk_reuse: bool = False
     context: list[dict] = field(default_factory=list)  # retrieval mode: the context as rendered, for follow-ups
-    boundaries: list[int] = field(default_factory=list)  # prefix lengths worth a cache entry of their own
     t_submit: float = 0.0  # when the job was handed to the worker (the wait for it is not the ask's latency)
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Generated:
+    """What one ask's generation produced on the worker (`ChatService._generate`)."""
+
+    restored: Restored  # where the prompt's cached tokens came from
+    answer_ids: list[int]
+    parts: list[str]  # the answer's text as it streamed
+    finish: str  # "" = cancelled
+    period: int  # the repeated stretch's length, for finish "repetition"
+    t_first: float
+    t_last: float
+    prefill_ms: float | None
 
 
 _DONE = object()
@@ -128,6 +162,7 @@ class ChatService:
         self.max_upload_bytes = int(max_upload_bytes)
         self._engine = make_engine(settings.db_url)
         self._sessions = SessionStore(self._engine)
+        self._spellings = AnswerSpellings(self._engine)
         self._embedder = embedder
         self._loaded = model
         self._may_load = load_model
@@ -148,7 +183,7 @@ class ChatService:
                 from retrieval import Corpus
 
                 self._corpus = Corpus(self._engine, self.settings.indexes_dir, self.settings.uploads_dir,
-                                      embedder=self._embedder_instance())
+                                      embedder=self._embedder_instance(), limits=self.settings.ingest_limits())
             return self._corpus
 
     def _embedder_instance(self):
@@ -193,15 +228,8 @@ class ChatService:
         return self._model_name
 
     def model_choices(self) -> list[str]:
-        """The known model names and the models already in the model cache, the current one first."""
-        names = [self._model_name]
-        try:
-            from tpa_core.registry import known_names
-
-            names += known_names()
-        except ImportError:
-            pass
-        return list(dict.fromkeys(names))
+        """The models web visitors may switch to: the current one first, the configured one, the listed ones."""
+        return list(dict.fromkeys([self._model_name, self.settings.model, *self.settings.models]))
 
     def namespace(self) -> str:
         if self._namespace is None:
@@ -224,64 +252,111 @@ class ChatService:
 
     def ingest(self, collection: str, *, uploads: Sequence[str | Path] = (), local_path: str | None = None,
                progress: ProgressFn | None = None) -> dict:
-        """Ingest uploaded files (copied into the data folder first) and/or a folder or repository on this
-        machine into `collection` (created if new). Returns the ingestion summary (`ingest --json` shape) plus
-        "rejected": uploads refused before ingestion (type or size), each with its reason."""
-        from retrieval.extract import supported
-
+        """Ingest uploaded files (copied into the data folder first, see `app.uploads`) and/or a folder or
+        repository on this machine, which must lie inside one of `settings.ingest_roots`, into `collection`
+        (created if new). Returns the ingestion summary (`ingest --json` shape) plus "rejected": uploads refused
+        before ingestion (type or size), each with its reason."""
         rejected: list[dict] = []
         targets: list[Path] = []
         if uploads:
-            from retrieval.api import check_collection_name
-
-            check_collection_name(collection)
-            for item in uploads:
-                source = Path(item)
-                name = source.name
-                reason = None
-                if not source.is_file():
-                    reason = "the upload is missing (expired or not a file)"
-                elif source.stat().st_size > self.max_upload_bytes:
-                    reason = (f"too large: {source.stat().st_size / 1024**2:.1f} MiB, the limit is "
-                              f"{self.max_upload_bytes / 1024**2:.0f} MiB")
-                elif not (supported(name) or name.lower().endswith(".zip")):
-                    reason = f"unsupported file type {Path(name).suffix or '(none)'}"
-                if reason:
-                    rejected.append({"path": name, "reason": reason})
-                    continue
-                with source.open("rb") as data:
-                    targets.append(self.corpus.save_upload(collection, name, data))
+            targets += self._save_uploads(collection, uploads, rejected)
         if local_path:
-            targets.append(Path(local_path).expanduser())
+            targets.append(self._check_server_path(local_path))
         if not targets:
             if rejected:
                 raise AppError("nothing to ingest: " + "; ".join(f"{r['path']}: {r['reason']}" for r in rejected))
             raise AppError("nothing to ingest: give files, a .zip, a folder or a repository path")
-
-        def report(p) -> None:  # retrieval.records.IngestProgress
-            if progress is not None:
-                progress(p.files_done, p.files_total, p.path)
-
-        result = self.corpus.ingest(collection, [str(t) for t in targets], progress=report)
-        summary = result.to_json()
+        summary = self._ingest_targets(collection, targets, progress)
         summary["rejected"] = rejected
         summary["skipped"] = rejected + summary["skipped"]
         return summary
 
-    def ensure_demo_collection(self, name: str, paths: Sequence[str], progress: ProgressFn | None = None) -> bool:
-        """Ingest `paths` as collection `name` unless it exists already. Returns whether it ingested."""
-        if name in self.collection_names():
-            return False
-        log.info("first run: indexing %s as the demo collection %r", " ".join(paths), name)
-        self.ingest_paths(name, paths, progress)
-        return True
+    def ingest_paths(self, collection: str, paths: Sequence[str | Path], progress: ProgressFn | None = None) -> dict:
+        """`ingest` of files, folders or repositories on this machine, for its local administrator (the CLI,
+        tests): no ingest-root check, unlike a web visitor's `local_path`."""
+        return self._ingest_targets(collection, [Path(p).expanduser() for p in paths], progress)
 
-    def ingest_paths(self, collection: str, paths: Sequence[str], progress: ProgressFn | None = None) -> dict:
-        def report(p) -> None:
+    def _ingest_targets(self, collection: str, targets: Sequence[Path], progress: ProgressFn | None) -> dict:
+        """Ingest checked paths into `collection`; the summary in the `ingest --json` shape."""
+        def report(p) -> None:  # retrieval.records.IngestProgress
             if progress is not None:
                 progress(p.files_done, p.files_total, p.path)
 
-        return self.corpus.ingest(collection, list(paths), progress=report).to_json()
+        return self.corpus.ingest(collection, [str(t) for t in targets], progress=report).to_json()
+
+    def _save_uploads(self, collection: str, uploads: Sequence[str | Path], rejected: list[dict]) -> list[Path]:
+        """Copy the acceptable uploads into folders of their own under the collection's upload folder
+        (`app.uploads`); the others go to `rejected`. Returns what to ingest: each .zip, each other file's
+        folder."""
+        from app.uploads import store_upload
+        from retrieval.corpus import check_collection_name
+        from retrieval.extract import supported
+
+        check_collection_name(collection)
+        targets: list[Path] = []
+        for item in uploads:
+            source = Path(item)
+            name = source.name
+            reason = None
+            if not source.is_file():
+                reason = "the upload is missing (expired or not a file)"
+            elif source.stat().st_size > self.max_upload_bytes:
+                reason = (f"too large: {source.stat().st_size / 1024**2:.1f} MiB, the limit is "
+                          f"{self.max_upload_bytes / 1024**2:.0f} MiB")
+            elif not (supported(name) or name.lower().endswith(".zip")):
+                reason = f"unsupported file type {Path(name).suffix or '(none)'}"
+            if reason:
+                rejected.append({"path": name, "reason": reason})
+                continue
+            with source.open("rb") as data:
+                saved = store_upload(self.settings.uploads_dir / collection, name, data)
+            targets.append(saved if saved.suffix.lower() == ".zip" else saved.parent)
+        return targets
+
+    def encode_chunks(self, collection: str, progress: ProgressFn | None = None,
+                      on_plan: Callable[[Any], None] | None = None) -> dict:
+        """Encode the chunk caches of `collection`'s chunks that the store lacks (new or changed chunks), on the
+        model worker between asks. Resumable: stored caches are skipped. `on_plan(EncodePlan)` hears how many
+        chunks and bytes (against the cache budget) before any work. Returns `app.chunk_reuse.encode_units`'s
+        summary."""
+        from app.chunk_reuse import encode_units
+
+        units = [ContextUnit(collection, c.path, c.idx, c.text, c.start_line, c.end_line)
+                 for c in self.corpus.chunk_records(collection)]
+        loaded = self.loaded
+        namespace = self.namespace()
+        return self._run_on_worker(lambda: encode_units(loaded.model, loaded.tokenizer, self.store, namespace,
+                                                        units, on_plan=on_plan, progress=progress))
+
+    def _check_server_path(self, given: str) -> Path:
+        """`given` resolved (links followed) if it lies inside an ingest root; the same refusal otherwise,
+        whether or not it exists, so a visitor learns nothing about the rest of the machine."""
+        roots = self.settings.ingest_roots
+        if not roots:
+            raise NotAllowedError("this server takes uploads only: paths on the server are turned off (its "
+                                  "operator can allow folders with `tpa-rag serve --ingest-root DIR`)")
+        try:
+            raw = Path(given.strip())
+            resolved = Path(os.path.realpath(raw if raw.is_absolute() else roots[0] / raw))
+        except (ValueError, OSError):  # a NUL byte, a name too long
+            resolved = None
+        data_dir = os.path.realpath(self.settings.data_dir)  # the database, the caches, other visitors' uploads
+        for root in roots:
+            if resolved is not None and resolved.is_relative_to(os.path.realpath(root)) \
+                    and not resolved.is_relative_to(data_dir):
+                return resolved
+        raise NotAllowedError(f"{given!r} is not inside a folder this server may ingest "
+                              f"({', '.join(str(r) for r in roots)})")
+
+    def ensure_demo_collection(self, name: str, paths: Sequence[str], progress: Callable[[Any], None] | None = None
+                               ) -> bool:
+        """Ingest `paths` as collection `name` unless it exists already. `progress` receives the ingestion's
+        `retrieval.IngestProgress` events (files and chunks done). Returns whether it ingested."""
+        if name in self.collection_names():
+            return False
+        log.info("first run: indexing %s as the demo collection %r", " ".join(paths), name)
+        self.corpus.ingest(name, list(paths), progress=progress)
+        return True
 
     def delete_collection(self, name: str) -> None:
         """Delete the collection, its index and uploads, and its chat sessions (their pins released)."""
@@ -291,39 +366,67 @@ class ChatService:
         shutil.rmtree(self.settings.uploads_dir / name, ignore_errors=True)
 
     # ----- sessions ----------------------------------------------------------------------------------------------
-    def new_session(self, collection: str, name: str = "") -> SessionInfo:
+    # `owner` (app.owners) is the web visitor a call is made for: they reach their own sessions only, and another's
+    # id is answered like an unknown one. None = the local administrator (CLI), who reaches every session.
+    def new_session(self, collection: str, name: str = "", owner: str | None = None) -> SessionInfo:
         self.corpus.list_documents(collection)  # raises for an unknown collection
-        return self._sessions.create(collection, name)
+        return self._sessions.create(collection, name, owner=owner)
 
-    def sessions(self, collection: str | None = None) -> list[SessionInfo]:
-        return self._sessions.list(collection)
+    def sessions(self, collection: str | None = None, owner: str | None = None) -> list[SessionInfo]:
+        return self._sessions.list(collection, owner=owner)
 
-    def session(self, session_id: str) -> tuple[SessionInfo, list[Turn]]:
-        return self._sessions.get(session_id), self._sessions.turns(session_id)
+    def session(self, session_id: str, owner: str | None = None) -> tuple[SessionInfo, list[Turn]]:
+        return self._sessions.get(session_id, owner), self._sessions.turns(session_id, owner)
 
-    def rename_session(self, session_id: str, name: str) -> SessionInfo:
-        return self._sessions.rename(session_id, name)
+    def rename_session(self, session_id: str, name: str, owner: str | None = None) -> SessionInfo:
+        return self._sessions.rename(session_id, name, owner)
 
-    def set_pinned_documents(self, session_id: str, paths: Sequence[str]) -> SessionInfo:
-        info = self._sessions.get(session_id)
+    def set_pinned_documents(self, session_id: str, paths: Sequence[str], owner: str | None = None) -> SessionInfo:
+        info = self._sessions.get(session_id, owner)
         self._check_documents(info.collection, paths)
-        return self._sessions.set_pinned_documents(session_id, paths)
+        return self._sessions.set_pinned_documents(session_id, paths, owner)
 
-    def delete_session(self, session_id: str) -> SessionInfo:
+    def delete_session(self, session_id: str, owner: str | None = None) -> SessionInfo:
         """Delete a session and its turns and release its cache pins (its pages become evictable)."""
-        info = self._sessions.delete(session_id)
+        info = self._sessions.delete(session_id, owner)
         self.store.unpin(_pin_owner(session_id))
         return info
 
-    def ttft_history(self, session_id: str) -> list[tuple[int, float, int]]:
-        """(turn number, TTFT ms, reused tokens) rows for the cache panel's plot."""
-        return [(t.position + 1, float(t.metrics["ttft_ms"]), int(t.metrics.get("reused_tokens", 0)))
-                for t in self._sessions.turns(session_id) if "ttft_ms" in t.metrics]
+    def ttft_history(self, session_id: str, owner: str | None = None) -> list[TurnCost]:
+        """What each turn of the session cost (time to first token, prompt and reused tokens): the cache
+        panel's chart."""
+        return [TurnCost(t.position + 1, float(t.metrics["ttft_ms"]), int(t.metrics.get("prompt_tokens", 0)),
+                         int(t.metrics.get("reused_tokens", 0)))
+                for t in self._sessions.turns(session_id, owner) if "ttft_ms" in t.metrics]
 
     # ----- the cache ----------------------------------------------------------------------------------------------
     def cache_stats(self) -> dict:
-        """entries, bytes, hit_rate (over the store's life), and what the store counts besides."""
-        return self.store.stats().to_dict()
+        """entries, bytes, hit_rate (over the store's life), and what the store counts besides; "chunk_caches":
+        the entries, bytes and pins of the chunk caches among them."""
+        from tpa_core.store.chunks import ChunkCaches
+
+        stats = self.store.stats().to_dict()
+        stats["chunk_caches"] = ChunkCaches(self.store).stats()
+        return stats
+
+    def cache_usage(self, sessions: Sequence[SessionInfo]) -> dict:
+        """The cache panel's words: the store's statistics, tokens stored and bytes per token, and which of
+        `sessions` (the ones the asker may see) pin how much (largest first)."""
+        from tpa_core.store.usage import pinned_by_owner, stored_tokens
+
+        stats = self.cache_stats()
+        tokens = stored_tokens(self.store.engine)
+        by_owner = {u.owner: u for u in pinned_by_owner(self.store.engine, prefix=_pin_owner(""))}
+        pinned = [(info, by_owner[_pin_owner(info.id)]) for info in sessions if _pin_owner(info.id) in by_owner]
+        pinned.sort(key=lambda item: -item[1].bytes)
+        return {**stats, "tokens": tokens, "bytes_per_token": stats["bytes"] / tokens if tokens else None,
+                "sessions": [{"session_id": info.id, "name": info.name, "collection": info.collection,
+                              "bytes": usage.bytes, "tokens": usage.tokens} for info, usage in pinned]}
+
+    def unpin_session(self, session_id: str, owner: str | None = None) -> int:
+        """Release a session's cache pins (its pages become evictable; the chat stays). Returns links removed."""
+        self._sessions.get(session_id, owner)  # raises for an unknown (or another owner's) session
+        return self._run_on_worker(lambda: self.store.unpin(_pin_owner(session_id)))
 
     def clear_cache(self) -> int:
         """Delete every cache page that no session pins. Runs on the model worker (after any ask in flight)."""
@@ -336,6 +439,10 @@ class ChatService:
             raise AppError("name a model (a known name, a local folder or a .gguf file)")
         if name == self._model_name and self._loaded is not None:
             return
+        if name not in self.model_choices():  # never touches the file system: says nothing about paths
+            raise NotAllowedError(f"this server does not offer the model {name!r}; it offers "
+                                  f"{', '.join(self.model_choices())} (its operator lists more with "
+                                  f"TPA_RAG_MODELS or `tpa-rag serve --offer-model`)")
 
         def swap() -> None:
             loaded = self._load(name)
@@ -348,75 +455,146 @@ class ChatService:
         return AskOptions(**values)
 
     def ask(self, question: str, collection: str, session_id: str = "", *, pinned: bool = False,
-            options: AskOptions | None = None) -> AskResult:
+            options: AskOptions | None = None, owner: str | None = None) -> AskResult:
         """`ask_stream` run to the end."""
         result = None
-        for event in self.ask_stream(question, collection, session_id, pinned=pinned, options=options):
+        for event in self.ask_stream(question, collection, session_id, pinned=pinned, options=options, owner=owner):
             if event.kind == "done":
                 result = event.result
         assert result is not None
         return result
 
-    def ask_stream(self, question: str, collection: str, session_id: str = "", *, pinned: bool = False,
-                   options: AskOptions | None = None) -> Iterator[AskEvent]:
-        """Answer `question` about `collection` in session `session_id` ("" = a new session).
+    def check_ask(self, question: str, collection: str, session_id: str = "", *, pinned: bool = False,
+                  options: AskOptions | None = None, owner: str | None = None) -> None:
+        """The checks of an ask that need no model (question, collection, session, documents, top-k), so a
+        command can refuse a mistake before it loads or fetches the model. `ask_stream` checks again."""
+        opts = options or AskOptions()
+        check_question(question)
+        self.document_paths(collection)  # raises for an unknown collection
+        if session_id:
+            self._sessions.get(session_id, owner)
+        if pinned and opts.documents:
+            self._check_documents(collection, opts.documents)
+        check_top_k(opts.top_k if opts.top_k is not None else self.settings.top_k)
 
-        Yields a "start" event (the session id, the sources and what was left out to fit the window), "delta"
-        events with the answer text, and a "done" event with the `AskResult`. User mistakes (empty or oversized
-        question, unknown collection, session or document, a question that cannot fit) raise before the start
-        event, and nothing is changed by them.
+    def ask_stream(self, question: str, collection: str, session_id: str = "", *, pinned: bool = False,
+                   options: AskOptions | None = None, owner: str | None = None,
+                   history: Sequence[tuple[str, str]] | None = None) -> Iterator[AskEvent]:
+        """Answer `question` about `collection` in session `session_id` ("" = a new session owned by `owner`;
+        an existing one must be `owner`'s, see the sessions section).
+
+        Returns an iterator of a "start" event (the session id, the sources and what was left out to fit the
+        window), "delta" events with the answer text, and a "done" event with the `AskResult`; the answer is
+        generated as it is consumed. User mistakes (empty or oversized question, unknown collection, session or
+        document, a question that cannot fit) raise at the call, and nothing is changed by them.
+
+        `history` (earlier (question, answer) turns, given by the caller) makes a stateless ask instead: no
+        session is created or continued (the result's session id is ""), and an earlier answer this service
+        generated is spelled with its generated ids and keeps its retrieval context in place (`app.spellings`).
         """
         t_start = time.perf_counter()
-        opts = options or AskOptions()
-        question = self._check_question(question)
-        info = self._sessions.get(session_id) if session_id else None
+        options = options or AskOptions()
+        question = check_question(question)
+        if history is not None and session_id:
+            raise AppError("give either a session to continue or the earlier turns, not both")
+        info = self._sessions.get(session_id, owner) if session_id else None
         if info is not None and info.collection != collection:
             raise AppError(f"session {session_id} belongs to collection {info.collection!r}, not {collection!r}; "
                            f"start a new session to ask about {collection!r}")
-        top_k = self._check_top_k(opts.top_k if opts.top_k is not None else self.settings.top_k)
-        max_new = int(opts.max_new_tokens if opts.max_new_tokens is not None else self.settings.max_new_tokens)
-        temperature = float(opts.temperature if opts.temperature is not None else self.settings.temperature)
-        if max_new < 1:
-            raise AppError(f"max new tokens must be at least 1, got {max_new}")
-        if not temperature >= 0:
-            raise AppError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        opts = resolve_options(options, self.settings)
         loaded = self.loaded
         window = loaded.context_window
-        if max_new >= window:
-            raise AppError(f"max new tokens ({max_new}) must be below the model's context window ({window})")
+        check_window(opts.max_new_tokens, window)
 
-        turns = self._sessions.turns(info.id) if info else []
+        if history is not None:
+            self.corpus.list_documents(collection)  # raises for an unknown collection
+            turns = self._client_turns(history, collection)
+        else:
+            turns = self._sessions.turns(info.id) if info else []
+        over_bound: list[str] = []
         if pinned:
-            documents = opts.documents or (tuple(info.pinned_documents) if info else ()) or None
-            units = canonical(self._pinned_units(collection, documents))
+            documents = options.documents or (tuple(info.pinned_documents) if info else ()) or None
+            units, over_bound = bound_pinned(canonical(self._pinned_units(collection, documents)),
+                                             window * PINNED_CHARS_PER_TOKEN)
             hits: set = {u.sort_key for u in units}
         else:
-            retrieved = self._retrieved_units(collection, question, top_k)
+            retrieved = self._retrieved_units(collection, question, opts.top_k)
             hits = {u.sort_key for u in retrieved}
             earlier = turns[-1].context if turns and turns[-1].mode == "retrieval" else []
-            units = _follow_up_context([ContextUnit.from_dict(d) for d in earlier], retrieved)
-        tokenizer = loaded.tokenizer
-        fitted = fit_prompt(
-            units, [(t.question, t.answer) for t in turns], question,
-            count_tokens=lambda messages: len(tokenizer.encode_chat(messages)),
-            budget=window - max_new, pinned=pinned,
-        )
-        kept_turns = turns[len(turns) - len(fitted.history):] if fitted.history else []
-        prompt_ids = encode_conversation(tokenizer, fitted.messages,
-                                         {2 + 2 * i: t.answer_ids for i, t in enumerate(kept_turns)})
-        if len(prompt_ids) > window - max_new:  # a generated spelling can be longer than the canonical one
-            prompt_ids = tokenizer.encode_chat(fitted.messages)
-        if info is None:
-            info = self._sessions.create(collection)
-        boundaries = _context_end(tokenizer, fitted.messages, fitted.units, prompt_ids)
-        sources = [dict(u.source(), ref=number) for number, u in enumerate(fitted.units, start=1)
-                   if u.sort_key in hits]
+            units = follow_up_context([ContextUnit.from_dict(d) for d in earlier], retrieved, turn=len(turns))
+        plan = plan_prompt(loaded.tokenizer, units, turns, question, hits=hits,
+                           budget=window - opts.max_new_tokens, pinned=pinned, system=system_prompt(options))
+        plan.left_out = plan.left_out + over_bound
+        if history is not None:  # a client that drops or edits our answer still reuses this whole prompt
+            plan.boundaries.append(len(plan.prompt_ids))
+        if info is None and history is None:
+            info = self._sessions.create(collection, owner=owner)
         job = _AskJob(
-            session_id=info.id, question=question, mode="pinned" if pinned else "retrieval", prompt_ids=prompt_ids,
-            sources=sources, left_out=fitted.left_out, max_new_tokens=max_new, temperature=temperature,
-            t_start=t_start, context=[] if pinned else [u.to_dict() for u in fitted.units], boundaries=boundaries,
+            session_id=info.id if info else "", question=question, mode="pinned" if pinned else "retrieval",
+            plan=plan, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, t_start=t_start,
+            top_p=opts.top_p, seed=opts.seed, stop=opts.stop, chunk_reuse=opts.chunk_reuse,
+            context=[] if pinned else [u.to_dict() for u in plan.units],
         )
-        yield AskEvent("start", info.id, sources=job.sources, left_out=job.left_out)
+        return self._stream(job)
+
+    def chat_stream(self, messages: Sequence[dict[str, str]], options: AskOptions | None = None
+                    ) -> Iterator[AskEvent]:
+        """A plain chat with the model over `messages` (role "system", "user" or "assistant", text content):
+        no collection, no session. Same events as `ask_stream` (no sources); the result's session id is "".
+
+        The prompt goes through the same restore -> prefill the rest -> save path as an ask, so a client that
+        sends a growing conversation reuses its cached prefix turn after turn; an assistant message this service
+        generated is spelled with its generated ids (`app.spellings`). Without an explicit `max_new_tokens` the
+        settings' value is cut to what the context window leaves. Raises before the start event for a bad
+        conversation or one that does not fit.
+        """
+        t_start = time.perf_counter()
+        opts = options or AskOptions()
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if not messages:
+            raise AppError("the conversation is empty; send at least one message")
+        for index, message in enumerate(messages):
+            if message["role"] not in ("system", "user", "assistant") or not isinstance(message["content"], str):
+                raise AppError(f"message {index} must have the role system, user or assistant and text content")
+        max_new, temperature = check_sampling(opts, self.settings)
+        loaded = self.loaded
+        tokenizer, window = loaded.tokenizer, loaded.context_window
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        found = self._spellings.find(self.namespace(), answers) if answers else {}
+        prompt_ids = encode_conversation(tokenizer, messages, {
+            i: found[m["content"]].token_ids for i, m in enumerate(messages)
+            if m["role"] == "assistant" and m["content"] in found})
+        room = window - len(prompt_ids)
+        if opts.max_new_tokens is None:
+            max_new = min(max_new, room)
+        if room < 1 or max_new > room:
+            raise ContextOverflowError(
+                f"the conversation does not fit the model's context window: the prompt has {len(prompt_ids)} "
+                f"tokens, {max_new if max_new > 0 else 1} more are asked for the answer and the window holds "
+                f"{window}; shorten the conversation or ask for fewer tokens")
+        boundaries = [len(prompt_ids)]
+        if messages[0]["role"] == "system":  # a new conversation with the same system prompt reuses it
+            from tpa_core.errors import TPAError
+
+            try:
+                head = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=False)
+            except TPAError:  # a template that wants a user message after the system prompt: no boundary
+                head = None
+            head_ids = tokenizer.encode(head, add_special_tokens=False) if head else []
+            if head_ids and prompt_ids[:len(head_ids)] == head_ids:
+                boundaries.append(len(head_ids))
+        plan = AskPlan(prompt_ids=prompt_ids, units=[], sources=[], left_out=[], kept_turns=0,
+                       boundaries=sorted(boundaries))
+        job = _AskJob(
+            session_id="", question="", mode="chat", plan=plan, max_new_tokens=max_new, temperature=temperature,
+            t_start=t_start, top_p=opts.top_p if opts.top_p is not None else 1.0, seed=opts.seed,
+            stop=tuple(opts.stop),
+        )
+        return self._stream(job)
+
+    def _stream(self, job: _AskJob) -> Iterator[AskEvent]:
+        """The start event, then the worker's events for `job`. The job goes to the worker when the start event
+        is taken, so jobs reach it in the order their start events are taken."""
         job.t_submit = time.perf_counter()
         try:
             self._worker.submit(self._ask_job(job))
@@ -424,8 +602,13 @@ class ChatService:
             raise AppError("the service is closed") from None
         finished = False
         try:
+            yield AskEvent("start", job.session_id, sources=job.plan.sources, left_out=job.plan.left_out)
             while True:
-                item = job.events.get()
+                try:
+                    item = job.events.get(timeout=HEARTBEAT_S)
+                except queue.Empty:
+                    yield AskEvent("waiting", job.session_id)
+                    continue
                 if item is _DONE:
                     finished = True
                     return
@@ -436,6 +619,10 @@ class ChatService:
         finally:
             if not finished:
                 job.cancelled.set()  # the consumer went away: stop generating, keep the cache pages
+
+    def reuse_setting(self) -> ReuseSetting:
+        """How retrieved chunks are joined when chunk reuse is on (the settings' boundary tokens and ratio)."""
+        return ReuseSetting(int(self.settings.chunk_boundary_tokens), float(self.settings.chunk_recompute_ratio))
 
     # ----- the model worker -----------------------------------------------------------------------------------------
     def _run_on_worker(self, fn: Callable[[], Any]) -> Any:
@@ -459,8 +646,8 @@ class ChatService:
 
     def _run_ask(self, job: _AskJob) -> None:
         """Restore -> prefill the rest -> stream -> save pages, pin, persist the turn. Runs on the worker."""
-        from tpa_core.generate import GenerationConfig, generate
-
+        if job.cancelled.is_set():  # the client went away while the job waited for its turn
+            return
         loaded = self.loaded
         store, namespace = self.store, self.namespace()
         if self._cache is None:
@@ -468,14 +655,65 @@ class ChatService:
         cache = self._cache
         cache.reset()
         queued_s = time.perf_counter() - job.t_submit  # waiting for other asks: not this ask's latency
-        reused = store.restore(namespace, job.prompt_ids, cache)
-        config = GenerationConfig(max_new_tokens=job.max_new_tokens, temperature=job.temperature)
+        # A stateless ask pins under an owner of its own while it runs (chunk caches it uses, pages it saves).
+        owner = _pin_owner(job.session_id) if job.session_id else f"ask:{uuid.uuid4().hex}"
+        try:
+            done = self._generate(job, cache, self.reuse_setting(), owner)
+        finally:
+            if not job.session_id:
+                store.unpin(owner)
+        answer_ids, parts, finish = done.answer_ids, done.parts, done.finish
+        if not finish:
+            log.info("ask in session %s cancelled after %d tokens", job.session_id, len(answer_ids))
+            return
+        if finish == "repetition":  # keep one copy of the repeated text
+            spelled = answer_ids[:len(answer_ids) - (REPEATS - 1) * done.period]
+            answer = loaded.tokenizer.decode(spelled)
+        else:
+            spelled = answer_ids[:-1] if finish == "eos" else answer_ids  # the end-of-turn token is the template's
+            answer = "".join(parts)
+        n_prompt = len(job.plan.prompt_ids)
+        result_metrics = answer_metrics(
+            prompt_tokens=n_prompt, reuse=done.restored.metrics(n_prompt), t_start=job.t_start,
+            t_first=done.t_first, t_last=done.t_last, t_end=time.perf_counter(), queued_s=queued_s,
+            n_new=len(answer_ids), prefill_ms=done.prefill_ms, finish=finish)
+        plan = job.plan
+        if job.session_id:
+            self._sessions.add_turn(job.session_id, job.question, answer, mode=job.mode, sources=plan.sources,
+                                    metrics=result_metrics, left_out=plan.left_out, answer_ids=spelled,
+                                    context=job.context)
+        else:  # the client sends the answer back as text, the non-streamed one or the streamed deltas joined
+            streamed = answer_ids[:-1] if finish == "eos" else answer_ids
+            for text, ids in {answer: spelled, "".join(parts): streamed}.items():
+                if loaded.tokenizer.decode(ids) == text:
+                    self._spellings.record(namespace, text, ids, context=job.context)
+        result = AskResult(answer=answer, session_id=job.session_id, sources=plan.sources, metrics=result_metrics,
+                           left_out=plan.left_out, mode=job.mode, finish_reason=finish)
+        job.events.put(AskEvent("done", job.session_id, sources=plan.sources, left_out=plan.left_out,
+                                result=result))
+
+    def _generate(self, job: _AskJob, cache: Any, setting: ReuseSetting, owner: str) -> _Generated:
+        """Restore the prompt's cache (exact pages, or assembled from chunk caches), generate, save the new pages
+        (pinned to `owner` for a session). Runs on the worker."""
+        from tpa_core.generate import GenerationConfig, generate
+
+        loaded = self.loaded
+        store, namespace = self.store, self.namespace()
+        prompt_ids = job.plan.prompt_ids
+        if job.chunk_reuse and job.plan.spans:
+            restored = restore_assembled(loaded.model, store, namespace, prompt_ids, cache, job.plan.spans, setting,
+                                         owner)
+        else:
+            restored = restore_exact(store, namespace, prompt_ids, cache)
+        config = GenerationConfig(max_new_tokens=job.max_new_tokens, temperature=job.temperature, top_p=job.top_p,
+                                  seed=job.seed, stop_strings=job.stop)
         answer_ids: list[int] = []
         parts: list[str] = []
         t_first = t_last = 0.0
         prefill_ms = None
         finish = ""
-        for event in generate(loaded.model, loaded.tokenizer, job.prompt_ids, config, cache=cache):
+        period = 0
+        for event in generate(loaded.model, loaded.tokenizer, prompt_ids, config, cache=cache):
             t_last = time.perf_counter()
             if not answer_ids:
                 t_first = t_last
@@ -492,39 +730,15 @@ class ChatService:
                 break
         # The cache holds the prompt and the answer but its last token; the next question of the session starts
         # with exactly these tokens (its prompt spells this answer with these ids, see app.tokens).
-        seen = (job.prompt_ids + answer_ids)[:cache.length(0)]
-        owner = _pin_owner(job.session_id)
-        store.unpin(owner)
-        store.pin(store.prefix_keys(namespace, seen), owner)
-        store.save(namespace, seen, cache, boundaries=[b for b in job.boundaries if b < len(seen)])
-        if not finish:
-            log.info("ask in session %s cancelled after %d tokens", job.session_id, len(answer_ids))
-            return
-        if finish == "repetition":  # keep one copy of the repeated text
-            spelled = answer_ids[:len(answer_ids) - (REPEATS - 1) * period]
-            answer = loaded.tokenizer.decode(spelled)
-        else:
-            spelled = answer_ids[:-1] if finish == "eos" else answer_ids  # the end-of-turn token is the template's
-            answer = "".join(parts)
-        n_new = len(answer_ids)
-        result_metrics = {
-            "prompt_tokens": len(job.prompt_ids),
-            "reused_tokens": int(reused),
-            "ttft_ms": round((t_first - job.t_start - queued_s) * 1e3, 1),
-            "decode_tokens_per_s": round((n_new - 1) / (t_last - t_first), 2) if n_new > 1 and t_last > t_first
-            else 0.0,
-            "total_ms": round((time.perf_counter() - job.t_start - queued_s) * 1e3, 1),
-            "new_tokens": n_new,
-            "prefill_ms": None if prefill_ms is None else round(prefill_ms, 1),
-            "queued_ms": round(queued_s * 1e3, 1),
-            "finish_reason": finish,
-        }
-        self._sessions.add_turn(job.session_id, job.question, answer, mode=job.mode, sources=job.sources,
-                                metrics=result_metrics, left_out=job.left_out, answer_ids=spelled,
-                                context=job.context)
-        result = AskResult(answer=answer, session_id=job.session_id, sources=job.sources, metrics=result_metrics,
-                           left_out=job.left_out, mode=job.mode, finish_reason=finish)
-        job.events.put(AskEvent("done", job.session_id, sources=job.sources, left_out=job.left_out, result=result))
+        # An assembled cache is approximate: its pages go under extras that exact lookups never see.
+        seen = (prompt_ids + answer_ids)[:cache.length(0)]
+        extras = setting.extras() if restored.assembled else None
+        if job.session_id:  # the session's pins: this prompt and answer, and the chunk caches they used
+            store.unpin(owner)
+            store.pin(store.prefix_keys(namespace, seen, extras=extras) + restored.chunk_keys, owner)
+        store.save(namespace, seen, cache, boundaries=[b for b in job.plan.boundaries if b < len(seen)],
+                   extras=extras)
+        return _Generated(restored, answer_ids, parts, finish, period, t_first, t_last, prefill_ms)
 
     # ----- context -----------------------------------------------------------------------------------------------
     def _retrieved_units(self, collection: str, question: str, top_k: int) -> list[ContextUnit]:
@@ -552,21 +766,19 @@ class ChatService:
         if missing:
             raise AppError(f"collection {collection!r} has no document {', '.join(map(repr, missing[:5]))}")
 
-    @staticmethod
-    def _check_question(question: str) -> str:
-        question = (question or "").strip()
-        if not question:
-            raise QuestionError("the question is empty; type a question first")
-        if len(question) > MAX_QUESTION_CHARS:
-            raise QuestionError(f"the question is too long ({len(question):,} characters; at most "
-                                f"{MAX_QUESTION_CHARS:,}); shorten it, or ingest the text as a document")
-        return question
-
-    @staticmethod
-    def _check_top_k(top_k: Any) -> int:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
-            raise AppError(f"top-k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
-        return top_k
+    def _client_turns(self, history: Sequence[tuple[str, str]], collection: str) -> list[Turn]:
+        """A stateless ask's earlier turns as the client sent them, each answer with its generated ids and the
+        retrieval context it had where this service generated it (for this collection)."""
+        found = self._spellings.find(self.namespace(), [answer for _, answer in history])
+        turns = []
+        for position, (question, answer) in enumerate(history):
+            spelling = found.get(answer)
+            context = spelling.context if spelling else []
+            if any(unit.get("collection") != collection for unit in context):
+                context = []
+            turns.append(Turn(position=position, question=question, answer=answer, mode="retrieval",
+                              answer_ids=spelling.token_ids if spelling else [], context=context))
+        return turns
 
     # ----- lifecycle ---------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -576,39 +788,6 @@ class ChatService:
         self._closed = True
         self._worker.close()
         self._engine.dispose()
-
-
-def _context_end(tokenizer: Any, messages: list[dict[str, str]], units: Sequence[ContextUnit],
-                 prompt_ids: list[int]) -> list[int]:
-    """[the number of prompt tokens up to the end of the context], or [] where that is not a token boundary.
-
-    The store keeps a tail entry there, so the next question on the same context (a new session) and a follow-up
-    that appends chunks to it reuse all of it, not only its full 256-token pages."""
-    if not units:
-        return []
-    full = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    block = render_context(units)
-    at = full.find(block)
-    if at < 0:
-        return []
-    head = tokenizer.encode(full[:at + len(block)], add_special_tokens=False)
-    return [len(head)] if prompt_ids[:len(head)] == head else []
-
-
-def _follow_up_context(earlier: list[ContextUnit], retrieved: list[ContextUnit]) -> list[ContextUnit]:
-    """The context of a question: the previous turn's context in place (its cached prefix stays valid), then the
-    newly retrieved chunks in canonical order. A session's first question gets its chunks in canonical order.
-
-    Ranks for the overflow policy: this question's chunks by score, above every chunk kept from earlier turns
-    (those leave from the end first, so the prefix that stays is the longest)."""
-    current = {u.sort_key: u.score or 0.0 for u in retrieved}
-    kept = [
-        replace(u, rank=2.0 + current[u.sort_key]) if u.sort_key in current else replace(u, rank=-1.0 - 1e-3 * i)
-        for i, u in enumerate(earlier)
-    ]
-    known = {u.sort_key for u in earlier}
-    fresh = canonical([replace(u, rank=2.0 + (u.score or 0.0)) for u in retrieved if u.sort_key not in known])
-    return kept + fresh
 
 
 def _pin_owner(session_id: str) -> str:

@@ -3,10 +3,10 @@
     python benchmarks/kernel_resources.py [--arch 90] [--sms 132] [--dump DIR] [--only TEXT]
 
 No GPU needed: Triton compiles for a named GPU target, and the cuobjdump bundled with Triton reads the cubin.
-The launchers run on CPU tensors with their real default (or given) launch parameters, their kernel launch is
-intercepted, and the captured arguments are specialised the way Triton's JIT does (integers equal to 1 become
-constants, multiples of 16 and tensor pointers get divisibility 16), so the build matches what the GPU would
-compile with this Triton version. What it answers: does a configuration spill, how many programs fit on an SM
+The launchers run on CPU tensors with their default launch config (or the case's fields replaced), their kernel
+launch is intercepted, and the captured arguments are specialised the way Triton's JIT does (integers equal to 1
+become constants, multiples of 16 and tensor pointers get divisibility 16), so the build matches what the GPU
+would compile with this Triton version. What it answers: does a configuration spill, how many programs fit on an SM
 (65,536 registers / (warps x 32 x registers)), are the matrix instructions wgmma (HGMMA). It does not time
 anything; the device's Triton may allocate registers a little differently.
 """
@@ -14,12 +14,13 @@ anything; the device's Triton may allocate registers a little differently.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -104,7 +105,8 @@ def resources(compiled, options: dict, dump: Path | None, label: str) -> str:
         safe = "".join(c if c.isalnum() or c in "-_=" else "_" for c in label)
         (dump / f"{safe}.sass").write_text(sass)
         (dump / f"{safe}.ttgir").write_text(compiled.asm["ttgir"])
-    fields = dict(part.split(":") for part in next(l for l in usage.splitlines() if "REG:" in l).split() if ":" in part)
+    usage_row = next(row for row in usage.splitlines() if "REG:" in row)
+    fields = dict(part.split(":") for part in usage_row.split() if ":" in part)
     regs, stack = int(fields["REG"]), int(fields["STACK"])
     per_sm = 65536 // (options["num_warps"] * 32 * regs)
     ops = " ".join(f"{op}={sass.count(op)}" for op in SASS_OPS)
@@ -125,7 +127,7 @@ def inputs(B: int, N: int, M: int, H: int, D: int, ranks: tuple[int, int, int], 
     return bench.tpa_inputs(bench.Runner(torch.device("cpu"), "torch", 1), B, N, M, H, D, *ranks, form)
 
 
-# (label, "decode" | "prefill", inputs, launch knobs)
+# (label, "decode" | "prefill", inputs, config fields replaced in the default config)
 CASES = [
     ("decode paper B=1 M=2^19", "decode", lambda: inputs(1, 1, 1 << 19, 32, 64, (16, 1, 1), "contextual"), {}),
     ("decode paper B=1 M=2^19 block_t=64", "decode", lambda: inputs(1, 1, 1 << 19, 32, 64, (16, 1, 1), "contextual"),
@@ -137,7 +139,8 @@ CASES = [
     ("decode t6 H=34 B=16 M=2^16", "decode", lambda: inputs(16, 1, 1 << 16, 34, 64, (6, 2, 2), "contextual"), {}),
     ("decode t6 H=78 B=1 M=2^18", "decode", lambda: inputs(1, 1, 1 << 18, 78, 64, (6, 2, 2), "contextual"), {}),
     ("decode gqa llama3-8b B=16 M=2^14", "decode", lambda: inputs(16, 1, 1 << 14, 32, 128, (0, 8, 8), "fixed"), {}),
-    ("prefill contextual (16,1,1) N=8192", "prefill", lambda: inputs(1, 8192, 8192, 32, 64, (16, 1, 1), "contextual"), {}),
+    ("prefill contextual (16,1,1) N=8192", "prefill",
+     lambda: inputs(1, 8192, 8192, 32, 64, (16, 1, 1), "contextual"), {}),
     ("prefill contextual (16,1,1) N=8192 128x64", "prefill",
      lambda: inputs(1, 8192, 8192, 32, 64, (16, 1, 1), "contextual"),
      {"block_n": 128, "block_t": 64, "num_warps": 8, "num_stages": 3}),
@@ -155,18 +158,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="only the cases whose label contains this text")
     args = p.parse_args(argv)
     from flashtpa import triton_decode, triton_prefill
+    from flashtpa.inputs import AttentionInputs
 
-    for label, kind, make, knobs in CASES:
+    for label, kind, make, fields in CASES:
         if args.only not in label:
             continue
-        module, name, launcher = ((triton_decode, "_decode_factor_kernel", triton_decode.decode_attention)
-                                  if kind == "decode" else
-                                  (triton_prefill, "_prefill_kernel", triton_prefill.prefill_attention))
-        inputs = make()
-        if kind == "decode" and inputs["ak"] is None:
+        if kind == "decode":
+            module, name, launcher, default = (triton_decode, "_decode_factor_kernel", triton_decode.decode_attention,
+                                               triton_decode.default_decode_config)
+        else:
+            module, name, launcher, default = (triton_prefill, "_prefill_kernel", triton_prefill.prefill_attention,
+                                               triton_prefill.default_prefill_config)
+        x = AttentionInputs(**make())
+        if kind == "decode" and x.ak is None:
             name = "_decode_gqa_kernel"
         with captured_launch(module, name, args.sms) as box:
-            launcher(**inputs, scale=inputs["bk"].shape[-1] ** -0.5, **knobs)
+            launcher(x, x.bk.shape[-1] ** -0.5, dataclasses.replace(default(x), **fields))
         compiled, options = build(box, args.arch)
         print(resources(compiled, options, args.dump, label), flush=True)
     return 0

@@ -16,21 +16,22 @@ The official TPA decode kernel is not part of this repository: --official points
 tensorgi/TPA's decode/flashtpa_decode_triton_multi_kvrank.py, and its split decode is then timed at the same
 shapes in the same run (Triton 3.9 refuses that file at import because its reduce kernel's autotune key names
 "D", not an argument of that kernel: the copy used for RESULTS.md drops that key, nothing else); the paper-shape
-table also quotes the anchor timings of ../shared/design/tpa-reference.md.
+table also quotes the official kernel's published anchor timings (OFFICIAL_ANCHORS).
 --smoke runs tiny sizes on any device (torch backend on the CPU) to check this script's plumbing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +39,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]  # this checkout's packages first, installed or not
 
-from flashtpa.dispatch import attention  # noqa: E402
-from flashtpa.reference import attention_reference  # noqa: E402
+from flashtpa.dispatch import attention  # noqa: E402 - after the checkout's folders are on the path
+from flashtpa.inputs import AttentionInputs  # noqa: E402 - same
+from flashtpa.reference import attention_reference  # noqa: E402 - same
 
-# (B, M) -> official TPA kernel, us (tpa-reference.md, H200, CUDA-graph replay; H=32, D=64, ranks (16,1,1)).
+# (B, M) -> the official TPA decode kernel, us, as measured before this project (H200, CUDA-graph replay; H=32,
+# D=64, ranks (16,1,1)); the same-run figures come from --official.
 OFFICIAL_ANCHORS = {(1, 1 << 16): 16.9, (1, 1 << 19): 144.6, (4, 1 << 19): 383.2, (16, 1 << 16): 143.7,
                     (16, 1 << 18): 636.8}
 L2_BYTES = 256 << 20  # rotate input sets until one graph touches at least this much
@@ -151,7 +154,7 @@ def rel_err_vs_reference(run: Runner, args: dict, out: torch.Tensor) -> float | 
     if copy_elems > CHECK_MAX_ELEMS or B * N * H * M > CHECK_MAX_ELEMS // 4 or materialised > CHECK_MAX_ELEMS // 2:
         return None
     a64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in args.items()}
-    ref = attention_reference(**a64)
+    ref = attention_reference(AttentionInputs(**a64))
     err = float((out.double() - ref).norm() / ref.norm())
     del a64, ref
     run.free()
@@ -173,10 +176,9 @@ def time_ours(run: Runner, make: Callable[[], dict], set_bytes: int, check: bool
 
 
 class PendingCheck:
-    """One configuration's error against float64, computed after all timing: a check timed first (GBs of float64
-    for the large shapes) left the kernel timed right after it 14-21% slower on the H200 (2026-11-28, 23:10 vs
-    23:17 UTC; benchmarks/RESULTS.md), and even a check right after a configuration's own timing slows the next
-    configuration's. Prints as "pending" until `resolve_checks` replaces it by the error."""
+    """One configuration's error against float64, computed after all timing: a check (GBs of float64 for the large
+    shapes) slows the configuration timed right after it (benchmarks/NOTES.md, "Timing before checking"). Prints
+    as "pending" until `resolve_checks` replaces it by the error."""
 
     def __init__(self, run: Runner, make: Callable[[], dict], launcher: Callable | None, knobs: dict) -> None:
         self.run, self.make, self.launcher, self.knobs = run, make, launcher, knobs
@@ -204,16 +206,32 @@ def resolve_checks(node):
 
 
 def _our_calls(run: Runner, sets: list[dict], launcher: Callable | None, knobs: dict) -> list[Callable[[], object]]:
-    """One call of ours per input set: through a launcher with explicit launch parameters (tuning), else the
-    dispatcher with the run's backend."""
+    """One call of ours per input set: through a launcher with its default config, some fields changed (tuning),
+    else the dispatcher with the run's backend."""
     if not knobs and launcher is None:
         return [lambda s=s: attention(**s, backend=run.backend) for s in sets]
     first = sets[0]
-    if launcher is None:
-        N = (first["q"] if first["q"] is not None else first["aq"]).shape[1]
-        launcher = _launcher("decode" if N == 1 else "prefill")
+    N = (first["q"] if first["q"] is not None else first["aq"]).shape[1]
+    section = "decode" if N == 1 else "prefill"
+    launcher = launcher or _launcher(section)
     scale = first["bk"].shape[-1] ** -0.5
-    return [lambda s=s: launcher(**s, scale=scale, **knobs) for s in sets]
+    inputs = [AttentionInputs(**s) for s in sets]
+    configs = [launch_config(section, x, knobs) for x in inputs]
+    return [lambda x=x, c=c: launcher(x, scale, c) for x, c in zip(inputs, configs)]
+
+
+def launch_config(section: str, x: AttentionInputs, knobs: dict):
+    """The launcher's default config for x with the knobs' fields changed; min_chunk, head_tile and waves go to
+    the decode default function (the other decode fields follow from them)."""
+    if section == "decode":
+        from flashtpa.triton_decode import default_decode_config
+
+        pins = {k: v for k, v in knobs.items() if k in ("min_chunk", "head_tile", "waves")}
+        rest = {k: v for k, v in knobs.items() if k not in pins}
+        return dataclasses.replace(default_decode_config(x, **pins), **rest)
+    from flashtpa.triton_prefill import default_prefill_config
+
+    return dataclasses.replace(default_prefill_config(x), **knobs)
 
 
 def checked_error(run: Runner, args: dict, call: Callable[[], torch.Tensor]) -> float | None:
@@ -368,8 +386,9 @@ def section_prefill(run: Runner, Ns: list[int], rows: list[dict]) -> None:
                 us, err = time_ours(run, functools.partial(tpa_inputs, run, 1, N, M, H, D, *ranks, form), 1 << 30)
                 r[f"{form}_us"], r[f"{form}_err"], r[f"{form}_ratio"] = us, err, us / sdpa
             rows.append(r)
-            print(f"prefill N={N:5d} M={M:5d}: SDPA causal {sdpa:9.1f} us ({be})  TPA(16,1,1) {r['contextual_us']:9.1f} "
-                  f"x{r['contextual_ratio']:.2f} err {fmt(r['contextual_err'], '.2e')}  MHA-as-TPA {r['fixed_us']:9.1f} "
+            print(f"prefill N={N:5d} M={M:5d}: SDPA causal {sdpa:9.1f} us ({be})  "
+                  f"TPA(16,1,1) {r['contextual_us']:9.1f} x{r['contextual_ratio']:.2f} "
+                  f"err {fmt(r['contextual_err'], '.2e')}  MHA-as-TPA {r['fixed_us']:9.1f} "
                   f"x{r['fixed_ratio']:.2f} err {fmt(r['fixed_err'], '.2e')}", flush=True)
 
 
@@ -384,7 +403,7 @@ def sweep(run: Runner, rows: list[dict]) -> None:
     for name, B, M, H, D, R_Q, R_K, R_V, form in shapes:
         res = []
         cfgs = [dict(c) for c in base] + [dict(waves=w) for w in (2, 8, 16)]
-        if form == "contextual":
+        if form == "contextual" and R_K == R_V == 1:
             cfgs += [dict(prefetch=False), dict(prefetch=False, waves=8)]
         for cfg in cfgs:
             try:
@@ -419,26 +438,21 @@ def sweep(run: Runner, rows: list[dict]) -> None:
         print(f"sweep prefill {form} 8192: " + "; ".join(f"{u:.1f}us {c}" for u, c in res[:5]), flush=True)
 
 
-# Decode launch variants: (label, knobs). "default" = the launcher's own defaults; "split_p": the probabilities
-# enter the value product as hi + lo terms (flashtpa._jit_common.dot_probs); "tma=off": token factors through
-# per-thread pointer loads instead of TMA descriptors; "pdl=off": the merge launched the usual way, not as a
-# programmatic dependent. Variants measured once and dropped are in benchmarks/RESULTS.md.
-PAPER_VARIANTS = [("default", {}), ("tma=off", dict(tma=False)), ("pdl=off", dict(pdl=False)),
-                  ("split_p", dict(split_p=True))]
+# Decode launch variants: (label, config fields changed, `launch_config`). "default" = the launcher's default
+# config; "tma=off": token factors through per-thread pointer loads instead of TMA descriptors; "pdl=off": the merge
+# launched the usual way, not as a programmatic dependent. Variants measured and dropped are in benchmarks/NOTES.md.
+PAPER_VARIANTS = [("default", {}), ("tma=off", dict(tma=False)), ("pdl=off", dict(pdl=False))]
 T6_VARIANTS = [("default", {}), ("tma=off", dict(tma=False)), ("min_chunk=32", dict(min_chunk=32)),
                ("head_tile=all", dict(head_tile=128))]
 # "group-major": the same kernel over SDPA's layout (each KV head's tokens contiguous), not the cache's.
 GQA_VARIANTS = [("default", {}), ("waves=2", dict(waves=2)), ("waves=4", dict(waves=4)),
                 ("group-major", dict(group_major=True)), ("stages=4", dict(num_stages=4)),
                 ("block_t=64,stages=3", dict(block_t=64, num_stages=3)), ("warps=8", dict(num_warps=8)),
-                ("split_p", dict(split_p=True)), ("pdl=on", dict(pdl=True)), ("tma=off", dict(tma=False))]
+                ("pdl=on", dict(pdl=True)), ("tma=off", dict(tma=False))]
 # "prebuild=off": factored queries rebuilt in every (query tile, head) program instead of by their own kernel before.
-# "heavy_first=off": query tiles launched first to last.
 PREFILL_VARIANTS = [("default", {}), ("tma=off", dict(tma=False)), ("prebuild=off", dict(prebuild_queries=False)),
-                    ("heavy_first=off", dict(heavy_first=False)), ("stages=2", dict(num_stages=2)),
-                    ("split_p", dict(split_p=True))]
-MHA_PREFILL_VARIANTS = [("default", {}), ("tma=on", dict(tma=True)), ("heavy_first=off", dict(heavy_first=False)),
-                        ("split_p", dict(split_p=True))]
+                    ("stages=2", dict(num_stages=2))]
+MHA_PREFILL_VARIANTS = [("default", {}), ("tma=on", dict(tma=True))]
 WAVES_VARIANTS = [("default", {}), ("waves=2", dict(waves=2)), ("waves=4", dict(waves=4))]
 
 # (section, name, B, N, M, H, D, (R_Q, R_K, R_V), form, variants)
@@ -514,8 +528,8 @@ def _launcher(section: str) -> Callable:
     return prefill_attention
 
 
-# The official kernel at these shapes (H, B, M, R_Q): the paper shape where tpa-reference.md has anchor timings
-# (a check that this harness reproduces them), then T6 shapes.
+# The official kernel at these shapes (H, B, M, R_Q): the paper shape where OFFICIAL_ANCHORS has timings (a check
+# that this harness reproduces them), then T6 shapes.
 OFFICIAL_SHAPES = [(32, B, M, 16) for B, M in OFFICIAL_ANCHORS] + [
     (H, B, M, 6) for H in (34, 78) for B in (1, 16) for M in (1 << 14, 1 << 16, 1 << 18)] + [
     (47, 4, 1 << 16, 6), (61, 4, 1 << 16, 6)]
@@ -559,7 +573,7 @@ def official_time(run: Runner, mod, make: Callable[[], dict], set_bytes: int, R_
 def section_official(run: Runner, bw: float, folder: Path, rows: list[dict]) -> None:
     """Ours and the official kernel at the same shapes in the same run, each on its own fresh random inputs of the
     same distribution: time (CUDA graph) and error vs float64. Every shape is timed before any float64 check runs
-    (a large check slowed the kernel timed right after it, benchmarks/RESULTS.md)."""
+    (a large check slowed the kernel timed right after it, benchmarks/NOTES.md)."""
     mod = load_official(folder)
     D = 64
     unpadded_tried = False
@@ -597,7 +611,7 @@ def section_official(run: Runner, bw: float, folder: Path, rows: list[dict]) -> 
 
 
 def official_unpadded(mod, s: dict, H: int, B: int, M: int, R_Q: int) -> dict:
-    """Whether the official kernel runs with R_Q below 16 as given (defect 3 of tpa-reference.md)."""
+    """Whether the official kernel runs with R_Q below 16 as given (its tl.dot needs 16: docs/kernels.md)."""
     try:
         official_call(mod, s, R_Q, R_Q)()
         note = "ran"
@@ -634,7 +648,8 @@ TABLES: dict[str, tuple[list[str], Callable[[dict], list[str]]]] = {
                  lambda r: [r["H"], r["B"], _pow2(r["M"]), r["ranks"], f"{r['ours_us']:.1f}", fmt(r["ours_err"], ".1e"),
                             fmt(r["official_us"]), fmt(r["official_err"], ".1e"), fmt(r["speedup"], ".2f"),
                             fmt(r["anchor_us"]), f"{r['floor_us']:.1f}"]),
-    "prefill": (["N", "M", "SDPA causal us", "TPA (16,1,1) us", "ratio", "rel err", "MHA-as-TPA us", "ratio", "rel err"],
+    "prefill": (["N", "M", "SDPA causal us", "TPA (16,1,1) us", "ratio", "rel err", "MHA-as-TPA us", "ratio",
+                 "rel err"],
                 lambda r: [r["N"], r["M"], f"{r['sdpa_us']:.1f} ({r['sdpa_backend']})", f"{r['contextual_us']:.1f}",
                            f"{r['contextual_ratio']:.2f}", fmt(r["contextual_err"], ".1e"), f"{r['fixed_us']:.1f}",
                            f"{r['fixed_ratio']:.2f}", fmt(r["fixed_err"], ".1e")]),

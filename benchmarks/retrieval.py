@@ -132,7 +132,7 @@ def quality(stdlib: Path, embedder, work: Path) -> dict:
 def _all_chunks(corpus):
     from sqlalchemy import select
 
-    from retrieval.corpus import ChunkRow
+    from retrieval.tables import ChunkRow
 
     with corpus.db.session() as s:
         return list(s.execute(select(ChunkRow.path, ChunkRow.text).order_by(ChunkRow.id)))
@@ -154,8 +154,8 @@ def _median_ms(fn, repeats: int) -> tuple[float, float]:
 
 def latency(n_chunks: int, embedder, work: Path, repeats: int = 100) -> dict:
     from retrieval.chunking import Chunk
-    from retrieval.corpus import NewDocument
     from retrieval.index import IndexParams, VectorIndex
+    from retrieval.tables import NewDocument
 
     dim = embedder.dim
     rng = np.random.default_rng(0)
@@ -288,7 +288,8 @@ def _table(results: dict) -> None:
         for name, s in q["scores"].items():
             print(f"{name:10} {s['hit@1']:6.3f} {s['hit@5']:6.3f} {s['mrr@5']:6.3f}")
         print(f"ingest: {q['ingest_chunks_per_s']:.1f} chunks/s end to end, encode alone "
-              f"{q['encode_only_chunks_per_s']:.1f} chunks/s; unchanged re-ingest {q['reingest_unchanged_seconds']:.2f} s")
+              f"{q['encode_only_chunks_per_s']:.1f} chunks/s; "
+              f"unchanged re-ingest {q['reingest_unchanged_seconds']:.2f} s")
     lat = results.get("latency")
     if lat:
         print(f"latency at {lat['chunks']} chunks (median / p95 ms): numpy {lat['numpy_bruteforce_ms'][0]:.2f}/"

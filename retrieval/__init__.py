@@ -1,6 +1,6 @@
 """retrieval: corpora -> chunks -> embeddings -> FAISS. Never imports tpa_core.
 
-The API the app uses is one object, `Corpus` (retrieval/api.py):
+The API the app uses is one object, `Corpus` (retrieval/corpus.py):
 
     from app.database import make_engine
     from retrieval import Corpus
@@ -35,16 +35,23 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from retrieval.api import Corpus
     from retrieval.chunking import ChunkingConfig
+    from retrieval.corpus import Corpus
     from retrieval.embeddings import Embedder, SentenceTransformerEmbedder
     from retrieval.index import IndexParams
-    from retrieval.records import (CollectionInfo, DocumentInfo, DocumentText, Hit, IngestedDocument,
-                                   IngestProgress, IngestReport)
+    from retrieval.records import (
+        CollectionInfo,
+        DocumentInfo,
+        DocumentText,
+        Hit,
+        IngestedDocument,
+        IngestProgress,
+        IngestReport,
+    )
     from retrieval.sources import IngestLimits, Skipped
 
 _EXPORTS = {
-    "Corpus": "retrieval.api",
+    "Corpus": "retrieval.corpus",
     "ChunkingConfig": "retrieval.chunking",
     "Embedder": "retrieval.embeddings",
     "SentenceTransformerEmbedder": "retrieval.embeddings",
@@ -60,7 +67,22 @@ _EXPORTS = {
     "Skipped": "retrieval.sources",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ChunkingConfig",
+    "CollectionInfo",
+    "Corpus",
+    "DocumentInfo",
+    "DocumentText",
+    "Embedder",
+    "Hit",
+    "IndexParams",
+    "IngestLimits",
+    "IngestProgress",
+    "IngestReport",
+    "IngestedDocument",
+    "SentenceTransformerEmbedder",
+    "Skipped",
+]
 
 
 def __getattr__(name: str):

@@ -1,297 +1,316 @@
-"""Collections, documents and chunks in the app's database (SQLAlchemy), with their content hashes and vectors.
+"""`Corpus`: the one object the app and the CLI use (collections, ingestion, search, documents).
 
-Tables (created on the engine given to `CorpusDB`, never at import):
-- retrieval_collections: name, the embedding model and its dimension.
-- retrieval_documents: one per ingested file, keyed by (collection, origin, relpath); display path, chunker
-  kind, size, mtime (ns), sha256, the extracted text (for pinned mode) and totals.
-- retrieval_chunks: text, char range, 1-based inclusive line range, token count, and the embedding (float32
-  bytes), so a lost or damaged FAISS file is rebuilt without re-embedding.
-Ids use AUTOINCREMENT on SQLite so that a deleted chunk's id is never handed out again (the vector index keys on
-it). Deletes are explicit (chunks, then documents) rather than relying on the engine's foreign-key setting.
+Consistency between the database and the FAISS files: the database is the truth (it holds every chunk's vector);
+a FAISS file is a cache of it. Ingestion takes the collection's file lock (`fcntl.flock`, so ingestions of one
+collection in several processes take turns), works on its own copy of the index and saves it atomically at the
+end (also after a failure). A search uses the last saved index, reloaded when the file changes; if the database
+holds chunks the file does not (a crash between commit and save) or the file holds chunks the database lost, the
+index is brought in step from the database's vectors, and saved when the lock is free.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import contextlib
+import logging
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-from sqlalchemy import (BigInteger, Engine, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint,
-                        delete, func, insert, select, update)
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy import Engine
 
-from retrieval import fulltext
-from retrieval.chunking import Chunk
-from retrieval.errors import UnknownCollectionError
+from retrieval.chunking import ChunkingConfig
+from retrieval.embeddings import Embedder, SentenceTransformerEmbedder
+from retrieval.errors import (
+    EmbeddingModelMismatchError,
+    InvalidCollectionNameError,
+    InvalidQueryError,
+    SourceNotFoundError,
+    UnknownCollectionError,
+    UnknownDocumentError,
+)
+from retrieval.index import IndexFileError, IndexParams, VectorIndex
+from retrieval.ingest import Ingestion
+from retrieval.records import CollectionInfo, DocumentInfo, DocumentText, Hit, IngestReport, ProgressCallback
+from retrieval.search import search as search_collection
+from retrieval.sources import IngestLimits, printable
+from retrieval.tables import CollectionRow, CorpusDB
 
-_BATCH = 5000  # ids per IN (...) list: well under SQLite's variable limit
+log = logging.getLogger(__name__)
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9_.+@ -]")
 
-class Base(DeclarativeBase):
-    """retrieval's own metadata (the store and the sessions have theirs)."""
-
-
-class CollectionRow(Base):
-    __tablename__ = "retrieval_collections"
-    __table_args__ = {"sqlite_autoincrement": True}
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
-    embedding_model: Mapped[str] = mapped_column(String(1024))
-    dim: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[float] = mapped_column(Float)
-
-
-class DocumentRow(Base):
-    __tablename__ = "retrieval_documents"
-    __table_args__ = (UniqueConstraint("collection_id", "origin", "relpath"), {"sqlite_autoincrement": True})
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    collection_id: Mapped[int] = mapped_column(ForeignKey("retrieval_collections.id", ondelete="CASCADE"),
-                                               index=True)
-    origin: Mapped[str] = mapped_column(Text)
-    relpath: Mapped[str] = mapped_column(Text)
-    path: Mapped[str] = mapped_column(Text)
-    source_type: Mapped[str] = mapped_column(String(16))
-    kind: Mapped[str] = mapped_column(String(16))
-    size: Mapped[int] = mapped_column(BigInteger)
-    mtime_ns: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
-    n_chunks: Mapped[int] = mapped_column(Integer)
-    n_tokens: Mapped[int] = mapped_column(Integer)
-    text: Mapped[str] = mapped_column(Text)
-    ingested_at: Mapped[float] = mapped_column(Float)
+try:
+    import fcntl
+except ImportError:  # not POSIX: in-process locking only
+    fcntl = None  # type: ignore[assignment]
 
 
-class ChunkRow(Base):
-    __tablename__ = "retrieval_chunks"
-    __table_args__ = {"sqlite_autoincrement": True}
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    collection_id: Mapped[int] = mapped_column(ForeignKey("retrieval_collections.id", ondelete="CASCADE"),
-                                               index=True)
-    document_id: Mapped[int] = mapped_column(ForeignKey("retrieval_documents.id", ondelete="CASCADE"), index=True)
-    idx: Mapped[int] = mapped_column(Integer)
-    path: Mapped[str] = mapped_column(Text)
-    text: Mapped[str] = mapped_column(Text)
-    start_char: Mapped[int] = mapped_column(Integer)
-    end_char: Mapped[int] = mapped_column(Integer)
-    start_line: Mapped[int] = mapped_column(Integer)
-    end_line: Mapped[int] = mapped_column(Integer)
-    n_tokens: Mapped[int] = mapped_column(Integer)
-    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+def check_collection_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidCollectionNameError(str(name))
+    return name
 
 
-@dataclass(frozen=True)
-class KnownDocument:
-    """What incremental ingestion needs of a stored document (no text)."""
+class Corpus:
+    """Collections of documents with a persisted vector index each.
 
-    id: int
-    origin: str
-    relpath: str
-    path: str
-    size: int
-    mtime_ns: int
-    sha256: str
-    n_chunks: int
+    Args:
+        engine: the app's SQLAlchemy engine (`app.database.make_engine`); the tables are created on it now.
+        indexes_dir: where the FAISS files live (`Settings.indexes_dir`).
+        uploads_dir: where `save_upload` puts uploaded files (`Settings.uploads_dir`).
+        embedder: any `Embedder`; default the packaged all-MiniLM-L6-v2, loaded on first use, once per process.
+        limits, chunking, index_params: ingestion safety limits, chunk budget, HNSW switch-over and parameters.
+    """
 
+    def __init__(self, engine: Engine, indexes_dir: str | Path, uploads_dir: str | Path | None = None,
+                 embedder: Embedder | None = None, *, limits: IngestLimits = IngestLimits(),
+                 chunking: ChunkingConfig = ChunkingConfig(), index_params: IndexParams = IndexParams()) -> None:
+        self.db = CorpusDB(engine)
+        self.indexes_dir = Path(indexes_dir)
+        self.uploads_dir = Path(uploads_dir) if uploads_dir is not None else None
+        self.limits = limits
+        self.chunking = chunking
+        self.index_params = index_params
+        self._embedder = embedder
+        self._lock = threading.Lock()
+        self._indexes: dict[int, tuple[tuple[int, int, int] | None, VectorIndex]] = {}
 
-@dataclass
-class NewDocument:
-    """A document to write with its chunks and their vectors `[len(chunks), dim]`."""
-
-    origin: str
-    relpath: str
-    path: str
-    source_type: str
-    kind: str
-    size: int
-    mtime_ns: int
-    sha256: str
-    text: str
-    chunks: list[Chunk]
-    vectors: np.ndarray
-    replaces: int | None  # id of the stored version it replaces
-
-
-@dataclass(frozen=True)
-class ChunkRecord:
-    id: int
-    document_id: int
-    idx: int
-    path: str
-    text: str
-    start_line: int
-    end_line: int
-
-
-def _batches(ids: Sequence[int]) -> Iterable[list[int]]:
-    ids = list(ids)
-    for begin in range(0, len(ids), _BATCH):
-        yield ids[begin:begin + _BATCH]
-
-
-class CorpusDB:
-    """The corpus tables on one engine; creates them (and the keyword index) when opened."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        Base.metadata.create_all(engine)
-        self.keyword_search_available = fulltext.install(engine)
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
-
-    def session(self) -> Session:
-        return self._sessions()
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = SentenceTransformerEmbedder()
+        return self._embedder
 
     # -- collections ---------------------------------------------------------------------------------------------
 
-    def get_collection(self, name: str) -> CollectionRow | None:
-        with self.session() as s:
-            return s.scalars(select(CollectionRow).where(CollectionRow.name == name)).one_or_none()
+    def create_collection(self, name: str) -> CollectionInfo:
+        """Create a collection for the current embedder (an existing one of that name is returned as it is)."""
+        row = self._collection_for_write(name)
+        return self._info(row)
 
-    def require_collection(self, name: str) -> CollectionRow:
-        row = self.get_collection(name)
+    def list_collections(self) -> list[CollectionInfo]:
+        return [CollectionInfo(r.name, docs, chunks, r.embedding_model, r.created_at)
+                for r, docs, chunks in self.db.list_collections()]
+
+    def delete_collection(self, name: str) -> None:
+        """Delete a collection, its documents, chunks and index file."""
+        row = self.db.require_collection(check_collection_name(name))
+        with self._file_lock(row.id):
+            self.db.delete_collection(row.id)
+            self._index_path(row.id).unlink(missing_ok=True)
+        with self._lock:
+            self._indexes.pop(row.id, None)
+        self._lock_path(row.id).unlink(missing_ok=True)
+
+    def _info(self, row: CollectionRow) -> CollectionInfo:
+        for info in self.list_collections():
+            if info.name == row.name:
+                return info
+        return CollectionInfo(row.name, 0, 0, row.embedding_model, row.created_at)
+
+    def _collection_for_write(self, name: str) -> CollectionRow:
+        check_collection_name(name)
+        row = self.db.get_collection(name)
         if row is None:
-            raise UnknownCollectionError(name)
+            row = self.db.create_collection(name, self.embedder.name, self.embedder.dim)
+        self._check_model(row)
         return row
 
-    def create_collection(self, name: str, embedding_model: str, dim: int) -> CollectionRow:
-        """Create a collection, or return the existing one of that name (another process may have won)."""
+    def _check_model(self, row: CollectionRow) -> None:
+        if row.embedding_model != self.embedder.name:
+            raise EmbeddingModelMismatchError(row.name, row.embedding_model, self.embedder.name)
+
+    # -- ingestion -----------------------------------------------------------------------------------------------
+
+    def ingest(self, collection: str, paths: Sequence[str | Path] | str | Path,
+               progress: ProgressCallback | None = None) -> IngestReport:
+        """Ingest files, folders, .zip archives or git repositories into a collection (created if needed).
+
+        A path that does not exist stops the request before anything is done (SourceNotFoundError)."""
+        check_collection_name(collection)
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        if not paths:
+            raise SourceNotFoundError("(no path given)")
+        for path in paths:
+            if not os.path.lexists(Path(path).expanduser()):
+                raise SourceNotFoundError(printable(str(path)))
+        row = self._collection_for_write(collection)
+        with self._file_lock(row.id):
+            current = self.db.get_collection(collection)
+            if current is None or current.id != row.id:  # deleted while we waited for the lock
+                raise UnknownCollectionError(collection)
+            index = self._load_index(row, persist=False)
+            try:
+                report = Ingestion(self.db, row, index, self.embedder, limits=self.limits, chunking=self.chunking,
+                                   progress=progress).run(paths)
+            finally:
+                self._save(row, index)
+        log.info("ingested into %s: %d documents (%d chunks embedded), %d skipped, %d removed in %.1f s",
+                 collection, len(report.documents), report.chunks_embedded, len(report.skipped),
+                 len(report.removed), report.seconds)
+        return report
+
+    def remove_documents(self, collection: str, paths: Sequence[str]) -> list[str]:
+        """Remove documents by display path; returns the paths removed."""
+        row = self.db.require_collection(check_collection_name(collection))
+        docs = [d for d in self.db.documents(row.id) if d.path in set(paths)]
+        missing = sorted(set(paths) - {d.path for d in docs})
+        if missing:
+            raise UnknownDocumentError(collection, missing)
+        with self._file_lock(row.id):
+            index = self._load_index(row, persist=False)
+            removed = self.db.remove_documents([d.id for d in docs])
+            index.remove(np.asarray(removed, dtype=np.int64))
+            self._save(row, index)
+        return sorted(d.path for d in docs)
+
+    def save_upload(self, collection: str, filename: str, data: bytes | BinaryIO) -> Path:
+        """Store an uploaded file under `uploads_dir/<collection>/` (name sanitized) and return its path."""
+        if self.uploads_dir is None:
+            raise ValueError("this Corpus was made without an uploads_dir")
+        check_collection_name(collection)
+        name = _UNSAFE_FILENAME.sub("_", Path(filename.replace("\\", "/")).name).strip(" .") or "upload"
+        folder = self.uploads_dir / collection
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".upload.", dir=folder)
         try:
-            with self.session() as s, s.begin():
-                row = CollectionRow(name=name, embedding_model=embedding_model, dim=dim, created_at=time.time())
-                s.add(row)
-            return row
-        except IntegrityError:
-            return self.require_collection(name)
+            with os.fdopen(fd, "wb") as f:
+                if isinstance(data, (bytes, bytearray, memoryview)):
+                    f.write(data)
+                else:
+                    while block := data.read(1 << 20):
+                        f.write(block)
+            target = folder / name
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
 
-    def list_collections(self) -> list[tuple[CollectionRow, int, int]]:
-        """(collection, documents, chunks), by name."""
-        with self.session() as s:
-            docs = {cid: n for cid, n in s.execute(select(DocumentRow.collection_id, func.count()).group_by(
-                DocumentRow.collection_id))}
-            chunks = {cid: n for cid, n in s.execute(select(ChunkRow.collection_id, func.count()).group_by(
-                ChunkRow.collection_id))}
-            rows = s.scalars(select(CollectionRow).order_by(CollectionRow.name)).all()
-            return [(r, docs.get(r.id, 0), chunks.get(r.id, 0)) for r in rows]
+    # -- search --------------------------------------------------------------------------------------------------
 
-    def delete_collection(self, collection_id: int) -> None:
-        with self.session() as s, s.begin():
-            s.execute(delete(ChunkRow).where(ChunkRow.collection_id == collection_id))
-            s.execute(delete(DocumentRow).where(DocumentRow.collection_id == collection_id))
-            s.execute(delete(CollectionRow).where(CollectionRow.id == collection_id))
+    def search(self, collection: str, queries: Sequence[str] | str, k: int = 5, hybrid: bool = False
+               ) -> list[list[Hit]]:
+        """Top-k chunks for each query (one embedder call for all of them), best first."""
+        if isinstance(queries, str):
+            queries = [queries]
+        if k < 1:
+            raise InvalidQueryError(f"k must be at least 1, got {k}")
+        if not queries or any(not q.strip() for q in queries):
+            raise InvalidQueryError("empty query: give at least one non-blank question")
+        row = self.db.require_collection(check_collection_name(collection))
+        self._check_model(row)
+        index = self._cached_index(row)
+        return search_collection(self.db, row, index, self.embedder, list(queries), k, hybrid)
 
     # -- documents -----------------------------------------------------------------------------------------------
 
-    def known_documents(self, collection_id: int) -> dict[tuple[str, str], KnownDocument]:
-        """The stored documents of a collection keyed by (origin, relpath)."""
-        with self.session() as s:
-            rows = s.execute(select(DocumentRow.id, DocumentRow.origin, DocumentRow.relpath, DocumentRow.path,
-                                    DocumentRow.size, DocumentRow.mtime_ns, DocumentRow.sha256,
-                                    DocumentRow.n_chunks).where(DocumentRow.collection_id == collection_id))
-            return {(r.origin, r.relpath): KnownDocument(*r) for r in rows}
+    def list_documents(self, collection: str) -> list[DocumentInfo]:
+        row = self.db.require_collection(check_collection_name(collection))
+        return [DocumentInfo(d.id, d.path, d.kind, d.source_type, d.origin, d.size, d.sha256, d.n_chunks,
+                             d.n_tokens, d.ingested_at) for d in self.db.documents(row.id)]
 
-    def touch_document(self, document_id: int, size: int, mtime_ns: int) -> None:
-        """Record a new mtime for a document whose content did not change."""
-        with self.session() as s, s.begin():
-            s.execute(update(DocumentRow).where(DocumentRow.id == document_id).values(size=size, mtime_ns=mtime_ns))
+    def document_texts(self, collection: str, paths: Sequence[str] | None = None) -> list[DocumentText]:
+        """Whole documents (all when `paths` is None), in canonical order: by path, then document id."""
+        row = self.db.require_collection(check_collection_name(collection))
+        docs = self.db.document_texts(row.id, paths)
+        if paths is not None:
+            missing = sorted(set(paths) - {d.path for d in docs})
+            if missing:
+                raise UnknownDocumentError(collection, missing)
+        return [DocumentText(d.id, d.path, d.text, d.kind) for d in docs]
 
-    def write_documents(self, collection_id: int, documents: list[NewDocument]
-                        ) -> tuple[list[int], list[list[int]], list[int]]:
-        """Insert documents and their chunks, replacing older versions, in one transaction.
+    def chunk_records(self, collection: str) -> list:
+        """Every chunk of the collection (`retrieval.tables.ChunkRecord`: path, idx, text, line range), in
+        (path, idx) order."""
+        row = self.db.require_collection(check_collection_name(collection))
+        records = self.db.chunks(self.db.chunk_ids(row.id).tolist())
+        return sorted(records.values(), key=lambda r: (r.path, r.idx))
 
-        Returns the new document ids, the new chunk ids per document (in chunk order) and the ids of the chunks
-        removed with the replaced versions.
-        """
-        replaced = [d.replaces for d in documents if d.replaces is not None]
-        now = time.time()
-        doc_ids: list[int] = []
-        new_ids: list[list[int]] = []
-        with self.session() as s, s.begin():
-            removed = self._delete_documents(s, replaced)
-            for doc in documents:
-                doc_id = s.scalars(insert(DocumentRow).returning(DocumentRow.id), [{
-                    "collection_id": collection_id, "origin": doc.origin, "relpath": doc.relpath,
-                    "path": doc.path, "source_type": doc.source_type, "kind": doc.kind, "size": doc.size,
-                    "mtime_ns": doc.mtime_ns, "sha256": doc.sha256, "n_chunks": len(doc.chunks),
-                    "n_tokens": sum(c.n_tokens for c in doc.chunks), "text": doc.text, "ingested_at": now,
-                }]).one()
-                vectors = np.ascontiguousarray(doc.vectors, dtype="<f4")
-                rows = [{
-                    "collection_id": collection_id, "document_id": doc_id, "idx": i, "path": doc.path,
-                    "text": c.text, "start_char": c.start_char, "end_char": c.end_char, "start_line": c.start_line,
-                    "end_line": c.end_line, "n_tokens": c.n_tokens, "embedding": vectors[i].tobytes(),
-                } for i, c in enumerate(doc.chunks)]
-                ids = list(s.scalars(insert(ChunkRow).returning(ChunkRow.id, sort_by_parameter_order=True), rows))
-                doc_ids.append(doc_id)
-                new_ids.append(ids)
-        return doc_ids, new_ids, removed
+    # -- the vector index ----------------------------------------------------------------------------------------
 
-    def remove_documents(self, document_ids: list[int]) -> list[int]:
-        """Delete documents; returns the ids of their chunks."""
-        with self.session() as s, s.begin():
-            return self._delete_documents(s, document_ids)
+    def _index_path(self, collection_id: int) -> Path:
+        return self.indexes_dir / f"retrieval-{collection_id}.faiss"
 
-    @staticmethod
-    def _delete_documents(s: Session, document_ids: list[int]) -> list[int]:
-        removed: list[int] = []
-        for batch in _batches(document_ids):
-            removed.extend(s.scalars(select(ChunkRow.id).where(ChunkRow.document_id.in_(batch))))
-            s.execute(delete(ChunkRow).where(ChunkRow.document_id.in_(batch)))
-            s.execute(delete(DocumentRow).where(DocumentRow.id.in_(batch)))
-        return removed
+    def _lock_path(self, collection_id: int) -> Path:
+        return self.indexes_dir / f"retrieval-{collection_id}.lock"
 
-    def documents(self, collection_id: int) -> list[DocumentRow]:
-        """Every document of a collection without its text, by path."""
-        from sqlalchemy.orm import defer
+    @contextlib.contextmanager
+    def _file_lock(self, collection_id: int, blocking: bool = True) -> Iterator[bool]:
+        """The collection's inter-process lock; yields False when not blocking and the lock is taken."""
+        self.indexes_dir.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            yield True
+            return
+        with open(self._lock_path(collection_id), "a+b") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
-        with self.session() as s:
-            return list(s.scalars(select(DocumentRow).options(defer(DocumentRow.text)).where(
-                DocumentRow.collection_id == collection_id).order_by(DocumentRow.path, DocumentRow.id)))
+    def _stamp(self, collection_id: int) -> tuple[int, int, int] | None:
+        try:
+            st = self._index_path(collection_id).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
 
-    def document_texts(self, collection_id: int, paths: Sequence[str] | None) -> list[DocumentRow]:
-        """Documents with their text, by path; all of them when `paths` is None."""
-        with self.session() as s:
-            query = select(DocumentRow).where(DocumentRow.collection_id == collection_id)
-            if paths is not None:
-                query = query.where(DocumentRow.path.in_(list(paths)))
-            return list(s.scalars(query.order_by(DocumentRow.path, DocumentRow.id)))
+    def _load_index(self, row: CollectionRow, persist: bool) -> VectorIndex:
+        """The collection's index from its file, brought in step with the database."""
+        path = self._index_path(row.id)
+        index = None
+        if path.exists():
+            try:
+                index = VectorIndex.load(path, self.index_params)
+            except IndexFileError as exc:
+                log.warning("%s; rebuilding it from the database", exc)
+        if index is None or index.dim != row.dim:
+            index = VectorIndex(row.dim, self.index_params)
+        if self._sync(row, index) and persist:
+            with self._file_lock(row.id, blocking=False) as locked:
+                if locked:
+                    self._save(row, index)
+        return index
 
-    # -- chunks --------------------------------------------------------------------------------------------------
+    def _sync(self, row: CollectionRow, index: VectorIndex) -> bool:
+        """Make the index hold exactly the database's chunks; returns whether it changed."""
+        db_ids = self.db.chunk_ids(row.id)
+        index_ids = index.ids()
+        extra = np.setdiff1d(index_ids, db_ids, assume_unique=True)
+        missing = np.setdiff1d(db_ids, index_ids, assume_unique=True)
+        if len(extra) == 0 and len(missing) == 0:
+            return False
+        log.info("collection %s: index out of step with the database (%d extra, %d missing); repairing",
+                 row.name, len(extra), len(missing))
+        index.remove(extra)
+        ids, vectors = self.db.embeddings(missing.tolist(), row.dim)
+        index.add(ids, vectors)
+        return True
 
-    def chunk_ids(self, collection_id: int) -> np.ndarray:
-        """`[N]` int64, sorted."""
-        with self.session() as s:
-            ids = s.scalars(select(ChunkRow.id).where(ChunkRow.collection_id == collection_id)
-                            .order_by(ChunkRow.id)).all()
-        return np.asarray(ids, dtype=np.int64)
+    def _save(self, row: CollectionRow, index: VectorIndex) -> None:
+        index.save(self._index_path(row.id))
+        with self._lock:
+            self._indexes[row.id] = (self._stamp(row.id), index)
 
-    def embeddings(self, ids: Sequence[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """Stored vectors: ids `[N]` int64 and vectors `[N, dim]` float32 (ids not found are left out)."""
-        out_ids: list[int] = []
-        blobs: list[bytes] = []
-        with self.session() as s:
-            for batch in _batches(ids):
-                for chunk_id, blob in s.execute(select(ChunkRow.id, ChunkRow.embedding).where(ChunkRow.id.in_(batch))):
-                    out_ids.append(chunk_id)
-                    blobs.append(blob)
-        vectors = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dim)  # [N, dim]
-        return np.asarray(out_ids, dtype=np.int64), vectors.astype(np.float32)
-
-    def chunks(self, ids: Sequence[int]) -> dict[int, ChunkRecord]:
-        with self.session() as s:
-            out = {}
-            for batch in _batches(ids):
-                for r in s.execute(select(ChunkRow.id, ChunkRow.document_id, ChunkRow.idx, ChunkRow.path,
-                                          ChunkRow.text, ChunkRow.start_line, ChunkRow.end_line)
-                                   .where(ChunkRow.id.in_(batch))):
-                    out[r.id] = ChunkRecord(*r)
-            return out
-
-    def keyword_search(self, collection_id: int, query: str, limit: int) -> list[int]:
-        if not self.keyword_search_available:
-            return []
-        with self.engine.connect() as conn:
-            return fulltext.search(conn, collection_id, query, limit)
+    def _cached_index(self, row: CollectionRow) -> VectorIndex:
+        stamp = self._stamp(row.id)
+        with self._lock:
+            cached = self._indexes.get(row.id)
+        if cached is not None and stamp is not None and cached[0] == stamp:
+            return cached[1]
+        index = self._load_index(row, persist=True)
+        with self._lock:
+            self._indexes[row.id] = (self._stamp(row.id), index)
+        return index

@@ -59,7 +59,9 @@ def _load_model(path: str, device: str):
     if not Path(path).is_dir():
         raise EmbeddingModelError(f"embedding model folder not found: {path}")
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bar said nothing a user needs
     log.info("loading embedding model from %s on %s", path, device)
     try:
         return SentenceTransformer(path, device=device, local_files_only=True)
@@ -94,6 +96,16 @@ class SentenceTransformerEmbedder:
         # sentence-transformers renamed the method; the old name still exists with a FutureWarning.
         getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return int(getter())
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text as the model's tokenizer counts them (special tokens included, before any cut)."""
+        tokenizer = self._model().tokenizer
+        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]]
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest input the model reads, in tokens (`embed` cuts longer texts there)."""
+        return int(self._model().max_seq_length)
 
     def embed(self, texts: Sequence[str], progress: EmbedProgress | None = None) -> np.ndarray:
         """Embed texts in batches of similar length; float32 `[N, dim]`, unit rows, in the input order."""

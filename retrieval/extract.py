@@ -4,8 +4,8 @@ Text is returned with `\\n` line ends. Types:
 - text and source code: UTF-8 (a BOM is honoured, UTF-16 with a BOM too); bytes that are not valid UTF-8 are
   replaced with U+FFFD and a warning is returned, but only once the content looks like text (binary sniffing
   first: a NUL byte or many control bytes in the first 8 KiB means binary and the file is skipped).
-- html: tags, comments, scripts and styles are blanked out and entities decoded, keeping every line break, so
-  the line numbers of the text are those of the file.
+- html: the visible text (`retrieval.html_text`, linear time): tags, comments, scripts and styles are blanked
+  out and entities decoded, keeping every line break, so the line numbers of the text are those of the file.
 - pdf (pypdf): the text of each page, pages separated by a blank line and a form feed; encrypted PDFs that need
   a password and PDFs without a text layer are skipped.
 - ipynb: the cells' sources (outputs dropped), each under a `# %% [markdown]` / `# %% [code]` marker line.
@@ -14,12 +14,12 @@ Text is returned with `\\n` line ends. Types:
 from __future__ import annotations
 
 import codecs
-import html
 import io
 import json
 import logging
-import re
 from dataclasses import dataclass, field
+
+from retrieval.html_text import html_to_text
 
 log = logging.getLogger(__name__)
 
@@ -121,19 +121,6 @@ def _decode(data: bytes, codec: str) -> Extracted:
         bad = text.count("\ufffd")
         return Extracted(text, [f"invalid {codec.upper()} (first at byte {exc.start}); {bad} character(s) "
                                 f"replaced with U+FFFD"])
-
-
-_HTML_DROP = re.compile(r"<(script|style|template)\b.*?</\1\s*>|<!--.*?-->|<[^>]*>", re.DOTALL | re.IGNORECASE)
-
-
-def html_to_text(source: str) -> str:
-    """Visible text of an HTML page with its line numbers kept: markup becomes spaces, newlines stay."""
-    def blank(m: re.Match[str]) -> str:
-        newlines = m.group(0).count("\n")
-        return "\n" * newlines if newlines else " "  # a tag between two words still separates them
-
-    stripped = _HTML_DROP.sub(blank, source)
-    return "\n".join(html.unescape(line).rstrip() for line in stripped.split("\n"))
 
 
 def _pdf(data: bytes) -> Extracted:

@@ -58,7 +58,7 @@ SMALL_BATCH = 16  # queries below which a search runs on one OpenMP thread
 @contextlib.contextmanager
 def _one_thread_for(n_queries: int) -> Iterator[None]:
     """FAISS parallelizes a search over its queries; for one or a few queries the OpenMP team only adds
-    overhead, and on a busy machine spinning threads make it several times slower (benchmarks/RESULTS.md)."""
+    overhead, and on a busy machine spinning threads make it several times slower (benchmarks/NOTES.md)."""
     if n_queries >= SMALL_BATCH:
         yield
         return
@@ -223,7 +223,7 @@ class VectorIndex:
             os.close(dir_fd)
 
     @classmethod
-    def load(cls, path: Path, params: IndexParams = IndexParams()) -> "VectorIndex":
+    def load(cls, path: Path, params: IndexParams = IndexParams()) -> VectorIndex:
         """Read an index written by `save`; raises IndexFileError when the file is missing or damaged."""
         faiss = _faiss()
         try:

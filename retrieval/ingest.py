@@ -3,8 +3,12 @@
 Incremental: a file whose size and mtime match the stored document is not read; one whose sha256 matches is
 not re-chunked (its mtime is updated); only new and changed files are chunked and embedded, in batches across
 files. After each given folder, repository or archive, its documents that were not ingested this time (the file
-is gone, or is now skipped) are removed from the collection. A file that cannot be ingested is reported with
-the reason and never stops the others.
+is gone, or is now skipped) are removed from the collection, unless a limit cut its listing short (then they stay,
+with a warning). A file that cannot be ingested is reported with the reason and never stops the others.
+
+Each ingestion takes at most `IngestLimits.max_files` documents (all its paths together) and embeds at most
+`IngestLimits.max_chunks` chunks; what is over a limit is reported as skipped with the limit named, and a later
+run takes it (what was stored stays).
 
 The embedder sees each chunk as `"<display path>\\n<chunk text>"`: the path is often the best hint of what a
 chunk of code is about. The stored chunk text has no such header.
@@ -22,12 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.chunking import Chunk, ChunkingConfig, chunk_text, kind_for_path
-from retrieval.corpus import CollectionRow, CorpusDB, KnownDocument, NewDocument
 from retrieval.embeddings import Embedder
 from retrieval.extract import Unextractable, extract
 from retrieval.index import VectorIndex
 from retrieval.records import IngestedDocument, IngestProgress, IngestReport, ProgressCallback
 from retrieval.sources import IngestLimits, Listing, Skipped, SourceFile, SourceReadError, list_source
+from retrieval.tables import CollectionRow, CorpusDB, KnownDocument, NewDocument
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,8 @@ class Ingestion:
         self._files_done = 0
         self._files_total = 0
         self._current = ""
+        self._chunks_taken = 0  # chunks of the documents queued for embedding, against limits.max_chunks
+        self._cut_origins: set[str] = set()  # origins where a limit skipped a file: nothing is removed there
 
     def run(self, paths: Sequence[str | Path]) -> IngestReport:
         started = time.perf_counter()
@@ -80,8 +86,15 @@ class Ingestion:
             files: dict[tuple[str, str], SourceFile] = {}
             for listing in listings:
                 self.report.skipped.extend(listing.skipped)
+                if not listing.complete:
+                    self._cut_origins.add(listing.origin)
                 for f in listing.files:
-                    files.setdefault((f.origin, f.relpath), f)
+                    if (f.origin, f.relpath) in files:
+                        continue
+                    if len(files) >= self.limits.max_files:
+                        self._cut(f, f"file limit reached ({self.limits.max_files} files)")
+                        continue
+                    files[(f.origin, f.relpath)] = f
             self._files_total = len(files)
             known = self.db.known_documents(self.collection.id)
             for key, f in files.items():
@@ -99,6 +112,10 @@ class Ingestion:
         self.report.documents = [self._done[key] for key in files if key in self._done]
         self.report.seconds = time.perf_counter() - started
         return self.report
+
+    def _cut(self, f: SourceFile, reason: str) -> None:
+        self.report.skipped.append(Skipped(f.path, reason))
+        self._cut_origins.add(f.origin)
 
     def _notify(self) -> None:
         if self.progress is not None:
@@ -135,6 +152,14 @@ class Ingestion:
         if not chunks:
             self.report.skipped.append(Skipped(f.path, "no text"))
             return
+        cap = self.limits.max_chunks
+        if len(chunks) > cap:
+            self._cut(f, f"{len(chunks)} chunks, over the chunk limit of one ingestion ({cap} chunks)")
+            return
+        if self._chunks_taken + len(chunks) > cap:
+            self._cut(f, f"chunk limit of one ingestion reached ({cap} chunks): ingest again for the rest")
+            return
+        self._chunks_taken += len(chunks)
         self._pending.append(_Pending(f, known, sha256, extracted.text, kind, chunks))
 
     def _flush(self) -> None:
@@ -174,6 +199,12 @@ class Ingestion:
     def _remove_stale(self, listings: list[Listing], known: dict[tuple[str, str], KnownDocument]) -> None:
         origins = {listing.origin for listing in listings}
         stale = [doc for key, doc in known.items() if key[0] in origins and key not in self._done]
+        kept = [doc for doc in stale if doc.origin in self._cut_origins]
+        for origin in sorted({doc.origin for doc in kept}):
+            self.report.warnings.append(Skipped(
+                Path(origin).name or origin, f"a limit cut this source short: {sum(d.origin == origin for d in kept)} "
+                                             f"stored document(s) not ingested this time were not removed"))
+        stale = [doc for doc in stale if doc.origin not in self._cut_origins]
         if not stale:
             return
         removed = self.db.remove_documents([doc.id for doc in stale])

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from retrieval.corpus import CollectionRow, CorpusDB
 from retrieval.embeddings import Embedder
 from retrieval.index import VectorIndex
 from retrieval.records import Hit
+from retrieval.tables import CollectionRow, CorpusDB
 
 log = logging.getLogger(__name__)
 

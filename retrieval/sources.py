@@ -1,19 +1,27 @@
 """What to ingest: the files behind a path (a file, a folder, a git work tree or a .zip), and what was skipped.
 
 Nothing here writes anywhere: folders are walked in place, archives are read entry by entry from the open zip
-(never extracted), and every file is read through a bounded reader. Each skipped file or folder comes with the
-reason, one entry per skipped folder (its content is not listed).
+(never extracted), and every file is read through `retrieval.safe_open` (no link followed below the root, regular
+files only, never a blocking open, bounded size). Each skipped file or folder comes with the reason, one entry per
+skipped folder (its content is not listed).
 
 Safety rules:
-- folders: hidden and vendored/build folders are skipped; .gitignore files are honoured (`retrieval.gitignore`);
-  symlinks are followed only when they stay inside the root; non-regular files (fifos, devices) are skipped.
+- every entry must resolve inside its root (the given folder or work tree; for a given file or archive, its
+  folder), parents included; a symbolic link is followed only to a target inside the root that the name rules
+  would not skip (a link `alias.txt -> .env` counts as a hidden file).
+- a name that is not valid UTF-8 is skipped with the reason, shown with `\\xNN` escapes.
+- folders: hidden and vendored/build folders are skipped; .gitignore files are honoured (`retrieval.gitignore`),
+  and a folder whose .gitignore cannot be read or applied is skipped whole; non-regular files (fifos, devices)
+  are skipped.
 - git work trees: only tracked files (`git ls-files`, with fsmonitor hooks disabled); untracked and ignored files
   are reported; submodules are not followed. A folder inside a work tree where git tracks nothing (say, one the
   repository ignores) is walked as a plain folder.
 - zip archives: entries with absolute paths, drive letters or `..` are refused (path traversal), as are symlink
   and encrypted entries; an entry over the file size limit, with a compression ratio over the limit (zip bomb),
-  or that inflates past its declared size is refused; the archive's total inflated size is capped.
-- any file over the size limit is skipped before it is read.
+  or that inflates past its declared size is refused; the archive's total inflated size is capped, absolutely
+  and relative to the archive's own size.
+- any file over the size limit is skipped before it is read; the files of one listing are capped. A listing cut
+  short by a limit is not `complete`, and the ingestion then keeps the stored documents it did not list.
 """
 
 from __future__ import annotations
@@ -30,7 +38,10 @@ from pathlib import Path, PurePosixPath
 
 from retrieval.errors import SourceNotFoundError
 from retrieval.extract import extension, supported
-from retrieval.gitignore import GitIgnore
+from retrieval.gitignore import GitIgnore, GitIgnoreError
+from retrieval.safe_open import SourceReadError, inside, open_regular, read_regular
+
+__all__ = ["IngestLimits", "Listing", "Skipped", "SourceFile", "SourceReadError", "list_source", "printable"]
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +52,18 @@ VENDORED_DIRS = frozenset({
     "eggs", ".eggs", "wheelhouse", "Pods", "DerivedData", ".next", ".nuxt", ".cache",
 })
 _EGG_INFO = re.compile(r".*\.egg-info$")
+MAX_GITIGNORE_BYTES = 64 * 1024
+NOT_UTF8 = "name is not valid UTF-8 (shown escaped)"
 
 
 @dataclass(frozen=True)
 class IngestLimits:
-    """Safety limits of one ingestion."""
+    """Safety limits of one ingestion.
+
+    `max_files` documents and `max_chunks` newly embedded chunks per ingestion (all its paths together). An archive
+    holds at most `max_archive_entries` entries and inflates to at most `max_archive_bytes`, and to at most
+    `max_archive_ratio` times its own size (never less than `max_file_bytes`); one entry over
+    `ratio_check_min_bytes` may not inflate more than `max_compression_ratio` times its compressed size."""
 
     max_file_bytes: int = 16 * 1024**2
     max_files: int = 100_000
@@ -53,6 +71,14 @@ class IngestLimits:
     max_archive_bytes: int = 1024**3  # total inflated size of one archive
     max_compression_ratio: float = 100.0
     ratio_check_min_bytes: int = 64 * 1024  # small entries may compress well without being a threat
+    max_archive_ratio: float = 20.0  # deflated text rarely shrinks past 1/10; far more is a bomb spread thin
+    max_chunks: int = 100_000
+
+    def __post_init__(self) -> None:
+        for name in ("max_file_bytes", "max_files", "max_archive_entries", "max_archive_bytes",
+                     "max_compression_ratio", "max_archive_ratio", "max_chunks"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"IngestLimits.{name} must be positive, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -76,29 +102,51 @@ class SourceFile:
     read: Callable[[], bytes]  # the content; raises OSError or SourceReadError
 
 
-class SourceReadError(Exception):
-    """A file that turned out unsafe or unreadable while being read (the message is the reason)."""
-
-
 @dataclass
 class Listing:
-    """The files found under one given path. `complete` origins may drop documents that are gone."""
+    """The files found under one given path. `complete` origins may drop documents that are gone; a listing cut
+    short by a limit is not complete."""
 
     origin: str
     source_type: str
     files: list[SourceFile] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     close: Callable[[], None] = lambda: None
+    complete: bool = True
+
+    def cut(self, display: str, reason: str) -> None:
+        """Skip `display` because a limit was reached: the listing is no longer complete."""
+        self.skipped.append(Skipped(display, reason))
+        self.complete = False
+
+
+def printable(path: str) -> str:
+    """`path` for people and the database: bytes that are not UTF-8 (which the file system decoder keeps as
+    lone surrogates) are shown as `\\xNN` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace") if not_utf8(path) else path
+
+
+def not_utf8(name: str) -> bool:
+    """Whether a name from the file system holds bytes that are not UTF-8."""
+    try:
+        name.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 def list_source(path: str | Path, limits: IngestLimits = IngestLimits()) -> Listing:
     """List what to ingest under `path` (a file, a folder, a git work tree or a .zip archive)."""
     given = Path(path).expanduser()
     if not os.path.lexists(given):
-        raise SourceNotFoundError(str(path))
+        raise SourceNotFoundError(printable(str(path)))
     root = given.resolve()
     if not root.exists():
-        raise SourceNotFoundError(f"{path} (a broken symbolic link)")
+        raise SourceNotFoundError(f"{printable(str(path))} (a broken symbolic link)")
+    if not_utf8(str(root)):
+        listing = Listing(origin=printable(str(root)), source_type="file")
+        listing.skipped.append(Skipped(printable(root.name or str(root)), f"path {NOT_UTF8}"))
+        return listing
     if root.is_dir():
         top = _git_toplevel(root)
         if top is not None:
@@ -109,39 +157,31 @@ def list_source(path: str | Path, limits: IngestLimits = IngestLimits()) -> List
     if extension(root.name) == "zip":
         return _list_zip(root, limits)
     listing = Listing(origin=str(root), source_type="file")
-    entry = _file_entry(root, str(root), root.name, root.name, "file", limits)
-    if isinstance(entry, Skipped):
-        listing.skipped.append(entry)
-    else:
-        listing.files.append(entry)
+    entry = _file_entry(root.parent, root.name, str(root), root.name, root.name, "file", limits)
+    (listing.skipped if isinstance(entry, Skipped) else listing.files).append(entry)
     return listing
 
 
-# -- single files ------------------------------------------------------------------------------------------------
+# -- files on disk -----------------------------------------------------------------------------------------------
 
-def _bounded_reader(path: Path, limit: int) -> Callable[[], bytes]:
+def _reader(root: Path, rel: str, limit: int) -> Callable[[], bytes]:
     def read() -> bytes:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-        if len(data) > limit:
-            raise SourceReadError(f"file too large (over {limit} bytes)")
-        return data
+        return read_regular(root, rel, limit)
 
     return read
 
 
-def _file_entry(path: Path, origin: str, relpath: str, display: str, source_type: str,
-                limits: IngestLimits, st: os.stat_result | None = None) -> SourceFile | Skipped:
-    """A SourceFile for a file on disk after the type and size checks, or the reason it is skipped.
-
-    The type comes from `relpath` (for a symlink, the link's name), the size from `path` (the target)."""
+def _file_entry(root: Path, read_rel: str, origin: str, relpath: str, display: str, source_type: str,
+                limits: IngestLimits) -> SourceFile | Skipped:
+    """A SourceFile for the file `root/read_rel` (a path without links) after the type and size checks, or the
+    reason it is skipped. The type comes from `relpath` (for a symlink, the link's name)."""
     if not supported(relpath):
         ext = extension(relpath)
         what = "archive inside a folder is not expanded; ingest it on its own" if ext == "zip" else (
             f"unsupported file type '.{ext}'" if ext else "unsupported file type (no extension)")
         return Skipped(display, what)
     try:
-        st = st or path.stat()
+        st = os.lstat(root / read_rel)
     except OSError as exc:
         return Skipped(display, f"unreadable ({exc.strerror or exc})")
     if not stat.S_ISREG(st.st_mode):
@@ -151,15 +191,7 @@ def _file_entry(path: Path, origin: str, relpath: str, display: str, source_type
     if st.st_size > limits.max_file_bytes:
         return Skipped(display, f"file too large ({st.st_size} bytes, limit {limits.max_file_bytes})")
     return SourceFile(origin=origin, relpath=relpath, path=display, size=st.st_size, mtime_ns=st.st_mtime_ns,
-                      source_type=source_type, read=_bounded_reader(path, limits.max_file_bytes))
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.relative_to(root)
-        return True
-    except ValueError:
-        return False
+                      source_type=source_type, read=_reader(root, read_rel, limits.max_file_bytes))
 
 
 def _dir_skip_reason(name: str) -> str | None:
@@ -170,18 +202,63 @@ def _dir_skip_reason(name: str) -> str | None:
     return None
 
 
-def _check_link(path: Path, root: Path) -> tuple[Path | None, str | None]:
-    """Resolve a symlink: (target, None) when it stays inside the root, else (None, reason)."""
+def _resolve_in_root(path: Path, root: Path, name_rules: bool = True) -> tuple[str | None, str | None]:
+    """('/'-path inside the root of what `path` resolves to, None), or (None, the reason to skip `path`).
+
+    Links anywhere on the path count, the parents' too; with `name_rules`, a link's target must pass the hidden
+    and vendored rules itself."""
     try:
         target = path.resolve(strict=True)
     except (OSError, RuntimeError):
-        return None, "broken symbolic link"
-    if not _inside(target, root):
+        return None, "broken symbolic link" if path.is_symlink() else "unreadable (vanished, or a link loop)"
+    if not inside(target, root):
         return None, "symbolic link leaves the root"
-    return target, None
+    rel = target.relative_to(root).as_posix()
+    if name_rules and target != path:
+        parts = rel.split("/")
+        for name in parts[:-1]:
+            reason = _dir_skip_reason(name)
+            if reason is not None:
+                return None, f"symbolic link into a {reason}"
+        if parts[-1].startswith("."):
+            return None, "symbolic link to a hidden file"
+    return rel, None
+
+
+def _disk_entry(path: Path, root: Path, rel: str, display: str, source_type: str,
+                limits: IngestLimits) -> SourceFile | Skipped:
+    """A file found by the folder walk, which never enters a linked folder: only a link itself needs resolving
+    (a folder swapped for a link later is caught when the file is read)."""
+    if not path.is_symlink():
+        return _file_entry(root, rel, str(root), rel, display, source_type, limits)
+    target_rel, reason = _resolve_in_root(path, root)
+    if target_rel is None:
+        return Skipped(display, reason or "symbolic link")
+    return _file_entry(root, target_rel, str(root), rel, display, source_type, limits)
+
+
+def _display(root: Path, path: Path) -> str:
+    rel = path.relative_to(root).as_posix()
+    name = root.name or root.as_posix()
+    return printable(name if rel == "." else f"{name}/{rel}")
 
 
 # -- folders -----------------------------------------------------------------------------------------------------
+
+def _apply_gitignore(root: Path, folder: Path, ignore: GitIgnore, rel_folder: str) -> str | None:
+    """Add the rules of `folder/.gitignore`; the reason it cannot be read or applied, if so."""
+    target_rel, reason = _resolve_in_root(folder / ".gitignore", root, name_rules=False)
+    try:
+        if target_rel is None:
+            raise SourceReadError(reason or "symbolic link")
+        data = read_regular(root, target_rel, MAX_GITIGNORE_BYTES)
+        ignore.add(rel_folder, data.decode("utf-8", errors="replace"))
+    except (SourceReadError, GitIgnoreError) as exc:
+        return str(exc)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
 
 def _list_folder(root: Path, limits: IngestLimits) -> Listing:
     listing = Listing(origin=str(root), source_type="folder")
@@ -194,20 +271,21 @@ def _list_folder(root: Path, limits: IngestLimits) -> Listing:
         rel_folder = folder.relative_to(root).as_posix()
         rel_folder = "" if rel_folder == "." else rel_folder
         if ".gitignore" in filenames:
-            try:
-                ignore.add(rel_folder, (folder / ".gitignore").read_text(encoding="utf-8", errors="replace"))
-            except OSError as exc:
-                listing.skipped.append(Skipped(_display(root, folder / ".gitignore"),
-                                               f"unreadable .gitignore ({exc.strerror})"))
+            reason = _apply_gitignore(root, folder, ignore, rel_folder)
+            if reason is not None:  # walking on would index what the rules exclude
+                listing.skipped.append(Skipped(_display(root, folder) + "/",
+                                               f".gitignore not usable ({reason}); folder not walked"))
+                dirnames[:] = []
+                continue
         kept = []
         for name in sorted(dirnames):
             sub = folder / name
             rel = f"{rel_folder}/{name}" if rel_folder else name
-            reason = _dir_skip_reason(name)
+            reason = NOT_UTF8 if not_utf8(name) else _dir_skip_reason(name)
             if reason is None and ignore.ignored(rel, is_dir=True):
                 reason = "ignored by .gitignore"
             if reason is None and sub.is_symlink():
-                _, reason = _check_link(sub, root)
+                _, reason = _resolve_in_root(sub, root)
                 reason = reason or "symbolic link to a folder inside the root (not followed)"
             if reason is None:
                 kept.append(name)
@@ -218,6 +296,9 @@ def _list_folder(root: Path, limits: IngestLimits) -> Listing:
             path = folder / name
             rel = f"{rel_folder}/{name}" if rel_folder else name
             display = _display(root, path)
+            if not_utf8(name):
+                listing.skipped.append(Skipped(display, NOT_UTF8))
+                continue
             if name.startswith("."):
                 listing.skipped.append(Skipped(display, "hidden file"))
                 continue
@@ -225,32 +306,11 @@ def _list_folder(root: Path, limits: IngestLimits) -> Listing:
                 listing.skipped.append(Skipped(display, "ignored by .gitignore"))
                 continue
             if len(listing.files) >= limits.max_files:
-                listing.skipped.append(Skipped(display, f"file limit reached ({limits.max_files} files)"))
+                listing.cut(display, f"file limit reached ({limits.max_files} files)")
                 continue
             entry = _disk_entry(path, root, rel, display, "folder", limits)
             (listing.skipped if isinstance(entry, Skipped) else listing.files).append(entry)
     return listing
-
-
-def _disk_entry(path: Path, root: Path, rel: str, display: str, source_type: str,
-                limits: IngestLimits) -> SourceFile | Skipped:
-    """A file found under a root: symlinks must stay inside it."""
-    target = path
-    if path.is_symlink():
-        target, reason = _check_link(path, root)
-        if target is None:
-            return Skipped(display, reason or "symbolic link")
-    try:
-        st = target.stat()
-    except OSError as exc:
-        return Skipped(display, f"unreadable ({exc.strerror or exc})")
-    return _file_entry(target, str(root), rel, display, source_type, limits, st)
-
-
-def _display(root: Path, path: Path) -> str:
-    rel = path.relative_to(root).as_posix()
-    name = root.name or root.as_posix()
-    return name if rel == "." else f"{name}/{rel}"
 
 
 # -- git work trees ----------------------------------------------------------------------------------------------
@@ -289,11 +349,12 @@ def _list_git(root: Path, limits: IngestLimits) -> Listing | None:
         return None
     listing = Listing(origin=str(root), source_type="git")
     skipped_dirs: set[str] = set()
-    for rel in sorted(set(_z_paths(tracked))):
+    tracked_paths = set(_z_paths(tracked))
+    for rel in sorted(tracked_paths):
         parts = PurePosixPath(rel).parts
         reason = None
         for depth, name in enumerate(parts[:-1]):
-            reason = _dir_skip_reason(name)
+            reason = NOT_UTF8 if not_utf8(name) else _dir_skip_reason(name)
             if reason is not None:
                 folder = "/".join(parts[:depth + 1])
                 if folder not in skipped_dirs:
@@ -304,6 +365,9 @@ def _list_git(root: Path, limits: IngestLimits) -> Listing | None:
             continue
         path = root / rel
         display = _display(root, path)
+        if not_utf8(parts[-1]):
+            listing.skipped.append(Skipped(display, NOT_UTF8))
+            continue
         if parts[-1].startswith("."):
             listing.skipped.append(Skipped(display, "hidden file"))
             continue
@@ -314,9 +378,15 @@ def _list_git(root: Path, limits: IngestLimits) -> Listing | None:
             listing.skipped.append(Skipped(display + "/", "git submodule (not followed)"))
             continue
         if len(listing.files) >= limits.max_files:
-            listing.skipped.append(Skipped(display, f"file limit reached ({limits.max_files} files)"))
+            listing.cut(display, f"file limit reached ({limits.max_files} files)")
             continue
-        entry = _disk_entry(path, root, rel, display, "git", limits)
+        target_rel, reason = _resolve_in_root(path, root)
+        if target_rel is not None and target_rel != rel and target_rel not in tracked_paths:
+            target_rel, reason = None, "symbolic link to a file git does not track"
+        if target_rel is None:
+            listing.skipped.append(Skipped(display, reason or "symbolic link"))
+            continue
+        entry = _file_entry(root, target_rel, str(root), rel, display, "git", limits)
         (listing.skipped if isinstance(entry, Skipped) else listing.files).append(entry)
     untracked = _git(root, "ls-files", "-z", "--others", "--exclude-standard", "--directory")
     for rel in _z_paths(untracked or b""):
@@ -348,18 +418,34 @@ def _safe_member_name(name: str) -> str | None:
 def _list_zip(archive: Path, limits: IngestLimits) -> Listing:
     listing = Listing(origin=str(archive), source_type="zip")
     try:
-        zf = zipfile.ZipFile(archive)
+        fd = open_regular(archive.parent, archive.name)
+    except SourceReadError as exc:
+        listing.skipped.append(Skipped(archive.name, str(exc)))
+        return listing
+    except OSError as exc:
+        listing.skipped.append(Skipped(archive.name, f"unreadable ({exc.strerror or exc})"))
+        return listing
+    file = os.fdopen(fd, "rb")
+    try:
+        zf = zipfile.ZipFile(file)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        file.close()
         listing.skipped.append(Skipped(archive.name, f"not a readable zip archive ({exc})"))
         return listing
-    listing.close = zf.close
+
+    def close() -> None:
+        zf.close()
+        file.close()
+
+    listing.close = close
+    inflated_cap = max(limits.max_archive_ratio * os.fstat(fd).st_size, limits.max_file_bytes)
     total = 0
     seen: set[str] = set()
     for number, info in enumerate(zf.infolist()):
         raw = info.filename
         shown = f"{archive.name}/{raw}"
         if number >= limits.max_archive_entries:
-            listing.skipped.append(Skipped(shown, f"archive entry limit reached ({limits.max_archive_entries})"))
+            listing.cut(shown, f"archive entry limit reached ({limits.max_archive_entries})")
             continue
         if info.is_dir():
             continue
@@ -393,10 +479,15 @@ def _list_zip(archive: Path, limits: IngestLimits) -> Listing:
             ratio = info.file_size / max(info.compress_size, 1)
             reason = (f"compression ratio {ratio:.0f}:1 over the limit {limits.max_compression_ratio:.0f}:1 "
                       f"(possible zip bomb)")
-        elif total + info.file_size > limits.max_archive_bytes:
-            reason = f"archive size limit reached ({limits.max_archive_bytes} bytes inflated)"
         if reason is not None:
             listing.skipped.append(Skipped(display, reason))
+            continue
+        if total + info.file_size > limits.max_archive_bytes:
+            listing.cut(display, f"archive size limit reached ({limits.max_archive_bytes} bytes inflated)")
+            continue
+        if total + info.file_size > inflated_cap:
+            listing.cut(display, f"archive inflates to more than {limits.max_archive_ratio:g} times the archive's "
+                                 f"size (possible zip bomb)")
             continue
         seen.add(name)
         total += info.file_size

@@ -1,4 +1,5 @@
-"""Shared test fixtures. Tests mirror the packages: tests/tpa_core, tests/kernels, tests/store, tests/retrieval, tests/app.
+"""Shared test fixtures. Tests mirror the packages: tests/tpa_core (its store in tests/tpa_core/store),
+tests/kernels, tests/retrieval, tests/app.
 
 The PostgreSQL server is Debian's (`postgresql` package, installed by `.ci/system-deps.sh`): the suite runs
 `initdb` and `pg_ctl` itself on a private port and socket folder in a temp folder (as the `postgres` user when

@@ -25,13 +25,13 @@ from flashtpa.dispatch import attention
 from tpa_core.cache import FactorCache
 from tpa_core.config import TPAConfig
 from tpa_core.quant.linear import QuantLinear
-from tpa_core.rope import RopeTables, apply_rope
+from tpa_core.rope import Rope, RopeTables, apply_rope
 
 logger = logging.getLogger(__name__)
 
-# Rows (tokens) from which a float32 CPU projection runs through oneDNN instead of F.linear (MKL sgemm). Measured
-# on the 2-core AMD EPYC dev machine, 1 thread, CPU time: [500 x 576] @ [576 x 3072] 17.1 ms (F.linear) vs 8.4 ms
-# (oneDNN, weight converted per call); 16 rows already gain a little; one row (decode, a GEMV) is faster in MKL.
+# Rows (tokens) from which a float32 CPU projection runs through oneDNN instead of F.linear (MKL sgemm): oneDNN's
+# GEMM is about twice as fast on AMD CPUs from 16 rows on, while one row (decode, a GEMV) is faster in MKL
+# (benchmarks/NOTES.md, "CPU engine").
 ONEDNN_MIN_ROWS = 16
 _onednn = {"usable": None}  # None = not tried yet; False after a build without a working oneDNN linear
 
@@ -44,8 +44,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: QuantL
         out = packed(x)  # [..., F]
         return out if bias is None else out + bias
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    # oneDNN tensors have no autograd: training (gradients on) stays on F.linear
     if (rows >= ONEDNN_MIN_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
-            and _onednn["usable"] is not False):
+            and _onednn["usable"] is not False and not torch.is_grad_enabled()):
         try:
             x2 = x.reshape(rows, x.shape[-1]).contiguous()  # [M, d]
             out = torch.ops.aten.mkldnn_linear(x2.to_mkldnn(), weight.to_mkldnn(),
@@ -134,12 +135,18 @@ class FusedParams(nn.Module):
 
 
 class TPAAttention(FusedParams):
-    """Multi-head attention in TPA factor form; `forward(x [B, N, d], cache, layer, step) -> [B, N, d]`."""
+    """Multi-head attention in TPA factor form.
+
+    Two calls: `attn(x, cache, layer, step)` is the engine's (appends to a `FactorCache`, attends through
+    `flashtpa.dispatch`); `attn(x, positions)` is a plain differentiable causal self-attention over the N tokens
+    of x, for training or for use as a layer in any PyTorch model. Both return `[B, N, d]`.
+    """
 
     def __init__(self, config: TPAConfig, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         c = config
+        self.config = c
         self.form = c.form
         self.n_heads, self.head_dim = c.n_heads, c.head_dim
         self.q_rank, self.k_rank, self.v_rank = c.q_rank, c.k_rank, c.v_rank
@@ -162,6 +169,7 @@ class TPAAttention(FusedParams):
         self.w_o = nn.Parameter(torch.empty(c.d_model, H * D, **factory))  # [d, H*D]
         self.fused = {"w_in": [(f"w_{name}", rows) for name, rows in parts]}
         self.packed: dict[str, QuantLinear] = {}  # w_in / w_o resident in GGUF blocks (tpa_core.quant)
+        self._rope: Rope | None = None  # RoPE tables of the `attn(x, positions)` call, made on first use
         if biased:
             self.fused["b_in"] = [(f"b_{name}" if name in biased else None, rows) for name, rows in parts]
         self.reset_parameters()
@@ -192,8 +200,16 @@ class TPAAttention(FusedParams):
             out["av"] = parts["av"].view(B, N, H, self.v_rank)  # [B, N, H, R_V]
         return out
 
-    def forward(self, x: Tensor, cache: FactorCache, layer: int, step: StepInfo) -> Tensor:
-        """x `[B, N, d]` (the rows `step.rows` of `cache`) -> `[B, N, d]`; appends the K/V factors to the cache."""
+    def forward(self, x: Tensor, cache: FactorCache | Tensor, layer: int = 0, step: StepInfo | None = None) -> Tensor:
+        """x `[B, N, d]` -> `[B, N, d]`.
+
+        With a `FactorCache` (x = the rows `step.rows` of it): appends the K/V factors and attends over the cache.
+        With integer positions `[N]` or `[B, N]` instead: causal attention over x alone (`forward_dense`).
+        """
+        if not isinstance(cache, FactorCache):
+            return self.forward_dense(x, cache)
+        if step is None:
+            raise TypeError("TPAAttention(x, cache, layer, step) needs the StepInfo of the call")
         B, N, _ = x.shape
         f = self.factors(x, step.rope)
         cache.write(layer, {name: f[name] for name in cache.names}, step.starts, step.rows)
@@ -205,3 +221,35 @@ class TPAAttention(FusedParams):
         )  # [B, N, H, D]
         out = out.reshape(B, N, self.n_heads * self.head_dim)  # [B, N, H, D] -> [B, N, H*D]
         return linear(out, self.w_o, packed=self.packed.get("w_o"))  # [B, N, d]
+
+    def forward_dense(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Causal self-attention over the N tokens of x `[B, N, d]` at RoPE `positions` `[N]` or `[B, N]`.
+
+        Plain differentiable torch: Q, K, V `[B, H, N, D]` are built from the factors (Q = A_Q B_Q / R_Q, ...)
+        and handed to SDPA; fixed head factors run as grouped-query SDPA. Token n attends to tokens 0..n of x,
+        whatever the positions (they only rotate). No cache is read or written.
+        """
+        B, N, _ = x.shape
+        H, D = self.n_heads, self.head_dim
+        if positions.dim() == 1 and positions.shape[0] == N:
+            positions = positions.unsqueeze(0).expand(B, N)  # [B, N]
+        if tuple(positions.shape) != (B, N) or positions.is_floating_point():
+            raise ValueError(f"positions must be integers of shape [{N}] or [{B}, {N}], "
+                             f"got {positions.dtype} {tuple(positions.shape)}")
+        if self._rope is None:
+            self._rope = Rope(self.config)
+        f = self.factors(x, self._rope.tables(positions.to(x.device), self.w_in.dtype))
+        if self.form == "contextual":
+            q = torch.matmul(f["aq"], f["bq"]) / self.q_rank  # [B, N, H, R_Q] @ [B, N, R_Q, D] -> [B, N, H, D]
+        else:
+            q = f["q"]  # [B, N, H, D]
+        if self.form == "fixed":
+            k, v = f["bk"], f["bv"]  # [B, N, G, D]: the K/V heads themselves
+        else:
+            k = torch.matmul(f["ak"], f["bk"]) / self.k_rank  # [B, N, H, R_K] @ [B, N, R_K, D] -> [B, N, H, D]
+            v = torch.matmul(f["av"], f["bv"]) / self.v_rank  # [B, N, H, D]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H or G, N, D]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D ** -0.5,
+                                             enable_gqa=k.shape[1] != H)  # [B, H, N, D]
+        out = out.transpose(1, 2).reshape(B, N, H * D)  # [B, H, N, D] -> [B, N, H*D]
+        return F.linear(out, self.w_o)  # [B, N, d]

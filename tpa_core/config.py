@@ -32,7 +32,7 @@ ROPE_SCALING_KEYS: dict[str, tuple[str, ...]] = {
 # Scalings that need the pre-training context length; it defaults to max_position_embeddings (as in transformers).
 ROPE_SCALING_WITH_ORIGINAL = ("dynamic", "llama3", "yarn")
 HF_ARCHITECTURES = ("llama", "qwen2", "mistral")
-# The paper's T6 sizes (tpa-reference.md): name -> (layers, d_model, heads, heads of the KV-only variant);
+# The paper's T6 sizes: name -> (layers, d_model, heads, heads of the KV-only variant);
 # all with head_dim 64, q_rank 6, rank 2 and a 1024-token context.
 T6_PRESETS: dict[str, tuple[int, int, int, int]] = {
     "t6-124m": (12, 768, 34, 22),

@@ -99,7 +99,7 @@ T6_LAYER_NAMES = {
 
 
 def t6_to_tpa(state_dict: dict[str, Tensor], config: TPAConfig) -> dict[str, Tensor]:
-    """Official T6 checkpoint weights (tpa-reference.md) -> TPA state dict (docs/interfaces.md names).
+    """Official T6 checkpoint weights (tensorgi/TPA's format) -> TPA state dict (docs/interfaces.md names).
 
     The row layouts already agree: W_A_q rows are (head, r) = head*R_Q + r, W_B_q rows (r, j) = r*D + j, exactly
     the engine's `w_aq` / `w_bq`. The embedding is tied to `lm_head` (either key may be the one saved); T6 has no

@@ -8,10 +8,9 @@ State-dict names are those of docs/interfaces.md (`embed.weight`, `layers.{i}.at
 `layers.{i}.attn.w_*`, `layers.{i}.mlp.w_gate|w_up|w_down`, `norm.weight`, `lm_head.weight` unless tied).
 
 Precision: a 16-bit model (bf16 / fp16) keeps its matrices, its matrix products and its factor cache in 16 bits,
-but the residual stream, the norms (and their weights) and the logits in float32 (`residual_dtype`). A 16-bit
-residual rounds every layer's update to 8 (bf16) mantissa bits and 16-bit logits tie: SmolLM2-135M in bf16,
-teacher-forced over 669 positions (CPU, 2026-11-28), agreed with the float32 model's top-1 token at 98.2% with
-a bf16 residual and bf16 logits (13 of the positions were exact bf16 ties), 99.25% with both in float32.
+but the residual stream, the norms (and their weights) and the logits in float32 (`residual_dtype`): a 16-bit
+residual rounds every layer's update to 8 (bf16) mantissa bits and 16-bit logits tie, which flips near-tied
+top-1 tokens (benchmarks/RESULTS.md, "bf16 on the GPU, end to end").
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from tpa_core.errors import TPAError
 from tpa_core.quant.linear import QuantLinear
 from tpa_core.rope import Rope
 
-
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
@@ -38,8 +36,8 @@ def residual_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
 
 def numerics_tag(dtype: torch.dtype) -> str:
     """How a model of `dtype` computes its factors beyond that dtype, for the store's namespace ("" when the
-    residual stream is the model dtype): 16-bit factors computed over a float32 residual differ from those of
-    builds before 2026-11-28 (a 16-bit residual), so their pages never share a namespace."""
+    residual stream is the model dtype): 16-bit factors computed over a float32 residual differ from those computed
+    over a 16-bit one, so their pages never share a namespace."""
     residual = residual_dtype(dtype)
     return "" if residual == dtype else f"residual={str(residual).removeprefix('torch.')}"
 

@@ -6,7 +6,7 @@ Both conventions rotate the pairs (i, i + D/2) of the head dimension:
 - "t6" (official T6 code): y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos (rotation by -theta).
 
 So "t6" is "rotate_half" with sin negated; the tables carry the sign and `apply_rope` is one code path.
-RoPE applies to B_Q/B_K (or q) only, never to A factors or B_V (tpa-reference.md, Theorem 3.1).
+RoPE applies to B_Q/B_K (or q) only, never to A factors or B_V (the TPA paper's Theorem 3.1; docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from tpa_core.config import TPAConfig
+from tpa_core.errors import TPAError
 
 
 class RopeTables(NamedTuple):
@@ -129,6 +130,27 @@ class Rope:
         cos = torch.cat((cos, cos), dim=-1)  # [B, N, D]
         sin = torch.cat((-self._sign * sin, self._sign * sin), dim=-1)  # [B, N, D]
         return RopeTables(cos[:, :, None, :].to(dtype), sin[:, :, None, :].to(dtype))  # [B, N, 1, D]
+
+    def shift(self, x: Tensor, offset: int) -> Tensor:
+        """Move RoPE-rotated `x` `[T, K, D]` (a cached B_K) by `offset` positions (negative: back).
+
+        Exact up to rounding: rotations compose, R(p + offset) = R(offset) R(p), and a YaRN attention factor
+        already applied at p is not applied again. Dynamic NTK scaling picks its frequencies per call from the
+        longest position, so a cached factor cannot be moved: that raises `TPAError`."""
+        if self.dynamic:
+            raise TPAError("dynamic NTK RoPE scaling changes its frequencies with the context length; "
+                           "a cached key cannot be moved to another position (turn chunk reuse off)")
+        if offset == 0:
+            return x
+        freq = self._inv_freq.to(device=x.device, dtype=torch.float64)
+        angles = float(offset) * freq  # [D/2], float64 so the move adds no rounding of its own
+        cos, sin = angles.cos(), angles.sin()
+        cos = torch.cat((cos, cos))  # [D]
+        sin = torch.cat((-self._sign * sin, self._sign * sin))  # [D]
+        half = x.shape[-1] // 2
+        wide = x.to(torch.float64)
+        swapped = torch.cat((wide[..., half:], wide[..., :half]), dim=-1)  # [T, K, D]: (x2, x1)
+        return (wide * cos + swapped * sin).to(x.dtype)
 
 
 def apply_rope(x: Tensor, tables: RopeTables) -> Tensor:

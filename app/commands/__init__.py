@@ -2,8 +2,8 @@
 sets `handler=fn(args, settings) -> int` with `set_defaults`."""
 
 COMMAND_MODULES = (
-    "app.commands.engine",  # generate, chat, models
+    "app.commands.engine",  # generate, chat, models: the model alone, no documents
     "app.commands.cache",  # cache stats|verify|gc|clear
     "app.commands.corpus",  # ingest, search, collections
-    "app.commands.chat_app",  # serve, ask, sessions
+    "app.commands.assistant",  # serve, ask, sessions: the document assistant
 )

@@ -1,6 +1,7 @@
 """`tpa-rag cache stats|verify|gc|clear [--json]`: the persisted factor-cache store from the command line.
 
-    tpa-rag cache stats  [--json]   entries, bytes on disk, budget, hits, misses, hit rate, pinned, quarantined
+    tpa-rag cache stats  [--json]   entries (chunk caches among them), bytes on disk, budget, hits, misses, hit
+                                    rate, pinned, quarantined
     tpa-rag cache verify [--json]   read and check every ready page; bad ones are quarantined
                                     --json: {"entries", "ok", "corrupt", "quarantined", "bytes"}
     tpa-rag cache gc     [--json]   repair after crashes, apply the budget, purge the quarantine
@@ -61,9 +62,14 @@ def _mib(n: int) -> str:
 
 
 def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
-    stats = _open(settings).stats().to_dict()
+    from tpa_core.store.chunks import ChunkCaches
+
+    store = _open(settings)
+    stats = store.stats().to_dict()
+    chunks = stats["chunk_caches"] = ChunkCaches(store).stats()
     _print(args, stats, [
         f"entries      {stats['entries']} ({stats['pending']} being written)",
+        f"chunk caches {chunks['entries']} of them ({_mib(chunks['bytes'])}, {chunks['pinned']} pinned)",
         f"on disk      {_mib(stats['bytes'])} of a {_mib(stats['budget_bytes'])} budget "
         f"({_mib(stats['pinned_bytes'])} pinned)",
         f"hit rate     {stats['hit_rate']:.1%} ({stats['hits']} pages reused, {stats['misses']} missed; "

@@ -1,13 +1,14 @@
 """Corpus commands: `tpa-rag ingest`, `tpa-rag search`, `tpa-rag collections list|delete`.
 
-    tpa-rag ingest --collection NAME [--json] PATH...
+    tpa-rag ingest --collection NAME [--json] [--encode] PATH...
     tpa-rag search --collection NAME [-k K] [--hybrid] [--json] QUERY...
     tpa-rag collections list [--json]
     tpa-rag collections delete NAME [--json]
 
 `--json` shapes:
     ingest:  {"collection", "documents": [{"path", "chunks"}], "skipped": [{"path", "reason"}], "chunks_total",
-              "seconds"}
+              "seconds"[, "encode": {"chunks", "cached", "to_encode", "bytes_needed", "budget_bytes", "encoded",
+              "rejected"}]}
     search:  one list per query, each a list of hits {"path", "score", "start_line", "end_line", "text"}
     collections list:   [{"name", "documents", "chunks", "embedding_model", "created_at"}]
     collections delete: {"deleted": NAME}
@@ -20,6 +21,7 @@ import json
 import sys
 import time
 
+from app.commands.progress import IngestProgressBar
 from app.settings import Settings
 
 
@@ -30,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "files gone from a re-ingested folder are removed. Skipped files are listed with the reason.")
     ingest.add_argument("--collection", required=True, metavar="NAME", help="the collection to add to")
     ingest.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    ingest.add_argument("--encode", action="store_true",
+                        help="then encode the chunk caches of new or changed chunks (for --chunk-reuse; resumable: "
+                             "stored ones are skipped; says the bytes it needs against the cache budget first)")
     ingest.add_argument("paths", nargs="+", metavar="PATH", help="files, folders, .zip archives, git repositories")
     ingest.set_defaults(handler=cmd_ingest)
 
@@ -70,41 +75,27 @@ def make_corpus(settings: Settings, with_embedder: bool = True):
     if with_embedder:
         device = "cuda" if settings.device == "cuda" else "cpu"
         embedder = SentenceTransformerEmbedder(settings.embedding_model or None, device=device)
-    return Corpus(make_engine(settings.db_url), settings.indexes_dir, settings.uploads_dir, embedder=embedder)
-
-
-class _ProgressBar:
-    """A tqdm bar on stderr over the files, showing the chunks embedded; nothing when stderr is not a terminal."""
-
-    def __init__(self) -> None:
-        self._bar = None
-        self.enabled = sys.stderr.isatty()
-
-    def __call__(self, event) -> None:  # noqa: ANN001 - retrieval.IngestProgress
-        if not self.enabled:
-            return
-        if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=event.files_total, unit="file", file=sys.stderr, dynamic_ncols=True)
-        self._bar.n = event.files_done
-        self._bar.set_postfix_str(f"{event.chunks_embedded} chunks embedded", refresh=False)
-        self._bar.refresh()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+    return Corpus(make_engine(settings.db_url), settings.indexes_dir, settings.uploads_dir, embedder=embedder,
+                  limits=settings.ingest_limits())
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    if any(not path.strip() for path in args.paths):
+        from app.errors import AppError
+
+        raise AppError("an empty PATH was given (it would mean the current folder; write . if you mean that)")
     corpus = make_corpus(settings)
-    bar = _ProgressBar()
+    bar = IngestProgressBar()
     try:
         report = corpus.ingest(args.collection, args.paths, progress=bar)
     finally:
         bar.close()
+    encoded = _encode_chunks(args.collection, settings, quiet=args.json) if args.encode else None
     if args.json:
-        print(json.dumps(report.to_json(), ensure_ascii=False))
+        body = report.to_json()
+        if encoded is not None:
+            body["encode"] = encoded
+        print(json.dumps(body, ensure_ascii=False))
         return 0
     by_status: dict[str, int] = {}
     for doc in report.documents:
@@ -119,6 +110,43 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     for item in report.skipped:
         print(f"  skipped  {item.path}: {item.reason}")
     return 0
+
+
+def _encode_chunks(collection: str, settings: Settings, *, quiet: bool) -> dict:
+    """`ingest --encode`: the collection's missing chunk caches, with the plan on stderr and a progress bar."""
+    from app.service import ChatService
+
+    bar: dict = {}
+
+    def on_plan(plan) -> None:  # noqa: ANN001 - app.chunk_reuse.EncodePlan
+        print(f"encoding {plan.to_encode} chunk caches ({plan.cached} of {plan.chunks} chunks already stored): "
+              f"{plan.bytes_needed / 1024**2:,.1f} MiB against a cache budget of "
+              f"{plan.budget_bytes / 1024**2:,.0f} MiB", file=sys.stderr)
+        if plan.bytes_needed > plan.budget_bytes:
+            print("tpa-rag: warning: that is more than the budget; the least used caches will be evicted or new "
+                  "ones refused (raise TPA_RAG_CACHE_BUDGET_BYTES)", file=sys.stderr)
+        if sys.stderr.isatty() and plan.to_encode:
+            from tqdm import tqdm
+
+            bar["tqdm"] = tqdm(total=plan.to_encode, unit="chunk", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(done: int, total: int, path: str) -> None:
+        if "tqdm" in bar:
+            bar["tqdm"].n = done
+            bar["tqdm"].set_postfix_str(path[-40:], refresh=False)
+            bar["tqdm"].refresh()
+
+    service = ChatService(settings)
+    try:
+        summary = service.encode_chunks(collection, progress=progress, on_plan=on_plan)
+    finally:
+        if "tqdm" in bar:
+            bar["tqdm"].close()
+        service.close()
+    if not quiet:
+        print(f"chunk caches: {summary['encoded']} encoded, {summary['cached']} already stored"
+              + (f", {summary['rejected']} refused by the cache budget" if summary["rejected"] else ""))
+    return summary
 
 
 def cmd_search(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,8 +1,9 @@
 """Engine commands: `tpa-rag generate`, `tpa-rag chat`, `tpa-rag models fetch|list`.
 
     tpa-rag generate [--raw] [--json] [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K]
-                     [--seed S] [--system TEXT] [--dtype D] [--weights W] [--threads N] PROMPT     (PROMPT "-" or absent: read stdin)
-    tpa-rag chat [--max-new-tokens N] [--temperature T] ... [--system TEXT] [--dtype D] [--threads N]
+                     [--seed S] [--system TEXT] [--dtype D] [--weights W] [--threads N] PROMPT
+                     (PROMPT "-" or absent: read stdin)
+    tpa-rag chat [--max-new-tokens N] [--temperature T] ... [--system TEXT] [--dtype D] [--weights W] [--threads N]
     tpa-rag models fetch [NAME]
     tpa-rag models list [--json]      (each cached model's weights form and resident size)
 

@@ -1,4 +1,4 @@
-"""The one place that picks the attention backend (docs/interfaces.md, `flashtpa.dispatch.attention`).
+"""The one place that picks the attention backend: `attention`, the public entry point (docs/interfaces.md).
 
 "auto" runs the Triton kernels on CUDA tensors and the torch reference everywhere else; "torch" or "triton"
 forces one. Triton is imported only when the Triton backend is chosen.
@@ -10,7 +10,7 @@ import functools
 
 from torch import Tensor
 
-from flashtpa._checks import AttentionInputError
+from flashtpa.inputs import AttentionInputError, AttentionInputs
 from flashtpa.reference import attention_reference
 
 BACKENDS = ("auto", "torch", "triton")
@@ -53,12 +53,7 @@ def attention(
     """Attention in TPA factor space over a factor cache.
 
     Args:
-        q: [B, N, H, D] full queries (KV-only and fixed-head-factor forms), RoPE applied; or
-        aq, bq: [B, N, H, R_Q], [B, N, R_Q, D] contextual query factors (bq with RoPE).
-        ak, av: [B, T_cap, H, R_K], [B, T_cap, H, R_V] contextual head factors; both None = fixed head factors
-            (GQA: R_K = R_V = G groups, head h reads group h // (H // G)).
-        bk, bv: [B, T_cap, R_K, D], [B, T_cap, R_V, D] token factors (bk with RoPE), views into the cache.
-        kv_lens: [B] int32 valid cache tokens per sequence, the N new included; query n sits at kv_lens - N + n.
+        q, aq, bq, ak, bk, av, bv, kv_lens: the tensors of `flashtpa.inputs.AttentionInputs` (shapes there).
         scale: logit scale, default 1/sqrt(D).
         backend: "auto" | "torch" | "triton".
 
@@ -68,12 +63,13 @@ def attention(
     Raises:
         AttentionInputError: shapes, devices or lengths that do not fit the contract, or an unknown backend.
     """
+    x = AttentionInputs(q=q, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, kv_lens=kv_lens)
     chosen = resolve_backend(backend, bk.is_cuda)
     D = bk.shape[-1]
     if backend == "auto" and not (16 <= D <= 256 and D & (D - 1) == 0):
         chosen = "torch"  # head dims the kernels do not tile run on the reference
     if chosen == "torch":
-        return attention_reference(q=q, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, kv_lens=kv_lens, scale=scale)
+        return attention_reference(x, scale)
     from flashtpa.triton_attention import attention_triton
 
-    return attention_triton(q=q, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, kv_lens=kv_lens, scale=scale)
+    return attention_triton(x, scale)

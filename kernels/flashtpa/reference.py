@@ -1,6 +1,6 @@
 """Pure-torch attention in TPA factor space: the oracle for the Triton kernels and the CPU path.
 
-Math (../shared/design/tpa-reference.md), per sequence b, query n at position p = kv_lens[b] - N + n:
+Math (the TPA paper's factorisation, docs/kernels.md), per sequence b, query n at position p = kv_lens[b] - N + n:
     Q_h = (1/R_Q) sum_r aq[h, r] bq[r]          (or the full query q[h])
     K_h(t) = (1/R_K) sum_r ak[t, h, r] bk[t, r]  V_h(t) = (1/R_V) sum_r av[t, h, r] bv[t, r]
     out_h = softmax_t<=p(scale * Q_h . K_h(t)) V_h(t)
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flashtpa._checks import AttentionShape, check_attention_inputs, check_lengths
+from flashtpa.inputs import AttentionInputs, AttentionShape, check_lengths
 
 # Above this many new tokens per sequence, contextual K/V are materialised for SDPA (prefill); below, factor space.
 FACTOR_SPACE_MAX_QUERIES = 16
@@ -181,31 +181,21 @@ def _materialised_attention(
     return out.transpose(1, 2)  # [B, N, H, D]
 
 
-def attention_reference(
-    *,
-    q: Tensor | None = None,
-    aq: Tensor | None = None,
-    bq: Tensor | None = None,
-    ak: Tensor | None,
-    bk: Tensor,
-    av: Tensor | None,
-    bv: Tensor,
-    kv_lens: Tensor,
-    scale: float | None = None,
-) -> Tensor:
+def attention_reference(x: AttentionInputs, scale: float | None = None) -> Tensor:
     """Attention in factor space with torch ops (same contract as `flashtpa.dispatch.attention`).
 
     Args:
-        q: [B, N, H, D] full queries, or aq [B, N, H, R_Q] with bq [B, N, R_Q, D].
-        ak, av: [B, T_cap, H, R_K], [B, T_cap, H, R_V]; both None for fixed head factors (GQA with G = R_K).
-        bk, bv: [B, T_cap, R_K, D], [B, T_cap, R_V, D] cache views (last dim contiguous).
-        kv_lens: [B] valid cache tokens per sequence, the N new ones included.
+        x: the call's tensors (shapes in `AttentionInputs`).
         scale: logit scale, default 1/sqrt(D).
 
     Returns:
         [B, N, H, D] in the dtype of bk.
+
+    Raises:
+        AttentionInputError: shapes, devices or lengths that do not fit the contract.
     """
-    shape = check_attention_inputs(q=q, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, kv_lens=kv_lens)
+    shape = x.check()
+    q, aq, bq, ak, bk, av, bv, kv_lens = x.q, x.aq, x.bq, x.ak, x.bk, x.av, x.bv, x.kv_lens
     lens = kv_lens.tolist()
     check_lengths(lens, shape.N, shape.T_cap)
     T = max(lens)

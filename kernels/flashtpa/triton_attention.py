@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from flashtpa._checks import AttentionInputError, AttentionShape, check_attention_inputs
+from flashtpa.inputs import AttentionInputError, AttentionInputs, AttentionShape
 
 
 def triton_supports(shape: AttentionShape) -> bool:
@@ -17,18 +17,7 @@ def triton_supports(shape: AttentionShape) -> bool:
     return 16 <= D <= 256 and D & (D - 1) == 0
 
 
-def attention_triton(
-    *,
-    q: Tensor | None = None,
-    aq: Tensor | None = None,
-    bq: Tensor | None = None,
-    ak: Tensor | None,
-    bk: Tensor,
-    av: Tensor | None,
-    bv: Tensor,
-    kv_lens: Tensor,
-    scale: float | None = None,
-) -> Tensor:
+def attention_triton(x: AttentionInputs, scale: float | None = None) -> Tensor:
     """Attention in factor space with the Triton kernels (same contract as `flashtpa.dispatch.attention`).
 
     Returns:
@@ -37,7 +26,7 @@ def attention_triton(
     Raises:
         AttentionInputError: bad shapes, tensors not on a GPU (outside the interpreter), unsupported head dim.
     """
-    shape = check_attention_inputs(q=q, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, kv_lens=kv_lens)
+    shape = x.check()
     if not triton_supports(shape):
         raise AttentionInputError(
             f"the Triton kernels need a power-of-two head dim in [16, 256], got D={shape.D}; use backend='torch'"
@@ -46,7 +35,7 @@ def attention_triton(
     if shape.N == 1:
         from flashtpa.triton_decode import decode_attention
 
-        return decode_attention(q=q, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, kv_lens=kv_lens, scale=scale)
+        return decode_attention(x, scale)
     from flashtpa.triton_prefill import prefill_attention
 
-    return prefill_attention(q=q, aq=aq, bq=bq, ak=ak, bk=bk, av=av, bv=bv, kv_lens=kv_lens, scale=scale)
+    return prefill_attention(x, scale)

@@ -92,7 +92,7 @@ def run_flow(url: str, screenshot: Path, *, upload: list[Path] | None = None, co
             summary.wait_for(timeout=timeout_ms)
             result.citation = summary.inner_text().strip()
             summary.click()
-            result.citation_text = page.locator("#chat details pre").first.inner_text()
+            result.citation_text = page.locator("#chat details .tpa-source").first.inner_text()
             ask(page, questions[1], 2, timeout_ms)
             for line in page.locator("#chat .tpa-metrics").all_inner_texts():
                 m = METRICS.search(line)
@@ -110,6 +110,57 @@ def run_flow(url: str, screenshot: Path, *, upload: list[Path] | None = None, co
         finally:
             browser.close()
     return result
+
+
+# ----- what a person sees: probes of the page's state ------------------------------------------------------------
+ERROR_STATES_JS = """() => [...document.querySelectorAll('.error')]
+    .filter(e => !e.closest('[data-testid^="toast"]') && !e.className.includes('toast') && e.offsetParent !== null)
+    .map(e => ((e.closest('[id]') || {}).id || '?') + ': ' + e.innerText.trim())"""
+
+# Status trackers (Gradio's progress overlays) that are showing, by the id of their component.
+PROGRESS_JS = """() => [...document.querySelectorAll('.wrap.full, .wrap.minimal')]
+    .filter(e => !e.classList.contains('hide') && e.offsetParent !== null)
+    .map(e => (e.closest('[id]') || {}).id || '?')"""
+
+CHART_JS = """() => {
+    const svg = document.querySelector('#ttft-plot svg');
+    if (!svg) return null;
+    const box = svg.getBoundingClientRect();
+    const inside = r => r.width > 0 && r.height > 0 && r.left >= box.left - 1 && r.right <= box.right + 1
+        && r.top >= box.top - 1 && r.bottom <= box.bottom + 1;
+    return {
+        turns: [...svg.querySelectorAll('circle.ttft-point')].map(c => c.getAttribute('data-turn')),
+        visible: [...svg.querySelectorAll('circle.ttft-point')].map(c => inside(c.getBoundingClientRect())),
+        titles: [...svg.querySelectorAll('text.axis-title')].map(t => t.textContent),
+        labels: [...svg.querySelectorAll('text.turn-label')].map(t => t.textContent),
+        reused: [...svg.querySelectorAll('rect.bar-reused')].map(r => +r.getAttribute('data-tokens')),
+    };
+}"""
+
+# An expanded citation: is any of its text cut off on the right, and which file line does it start at?
+SOURCE_JS = """() => {
+    const table = document.querySelector('#chat details[open] .tpa-source');
+    if (!table) return null;
+    const clipped = [table, ...table.querySelectorAll('td')].concat([table.parentElement])
+        .filter(e => e.scrollWidth > e.clientWidth + 1).length;
+    return {clipped, first_line: table.querySelector('td.ln').innerText.trim(), width: table.clientWidth};
+}"""
+
+# Block labels inside the chat drawn over its scrolling conversation area (a floating label that the messages
+# scroll under).
+LABEL_OVERLAP_JS = """() => {
+    const labels = [...document.querySelectorAll('#chat [data-testid="block-label"], #chat label')]
+        .filter(l => l.offsetParent !== null).map(l => l.getBoundingClientRect());
+    const scrollers = [...document.querySelectorAll('#chat *')]
+        .filter(e => ['auto', 'scroll'].includes(getComputedStyle(e).overflowY))
+        .map(e => e.getBoundingClientRect()).filter(r => r.width > 0 && r.height > 0);
+    return labels.filter(a => scrollers.some(b => a.left < b.right && b.left < a.right && a.top < b.bottom
+        && b.top < a.bottom)).length;
+}"""
+
+
+def chat_placeholder(page) -> str:
+    return page.locator("#chat .placeholder, #chat [class*='placeholder']").first.inner_text().strip()
 
 
 if __name__ == "__main__":

@@ -9,30 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from corpus_texts import CACHE_DOC, MODEL_CODE, NOTES  # noqa: E402
 from tiny import HashingEmbedder, tiny_loaded_model  # noqa: E402
-
-CACHE_DOC = """# The factor-cache store
-
-The store keeps prefix pages of factor caches on disk. Each entry is keyed by a chained sha256 over the
-namespace, the parent key and the token ids of the page, so the same prefix always finds the same entry.
-
-A namespace is the sha256 of the model fingerprint, the factor dtype and the RoPE settings.
-"""
-
-MODEL_CODE = '''"""Attention in factor space."""
-
-
-def attention(aq, bq, ak, bk, av, bv):
-    """Tensor product attention: queries, keys and values are sums of rank-one products."""
-    return softmax(aq @ bq @ (ak @ bk).T) @ (av @ bv)
-
-
-def rope(x, positions):
-    """Rotary position embedding applied to the token factors only."""
-    return rotate(x, positions)
-'''
-
-NOTES = "Paris is the capital of France.\n" * 3 + "The Eiffel tower is in Paris.\n"
 
 
 @pytest.fixture
@@ -58,12 +36,12 @@ def make_service(data_dir, tiny_model):
 
     made = []
 
-    def make(model=None, **settings_overrides):
+    def make(model=None, embedder=None, **settings_overrides):
         values = {"top_k": 3, "max_new_tokens": 12, "temperature": 0.0}
         values.update(settings_overrides)
         max_upload = values.pop("max_upload_bytes", 1024 * 1024)
         service = ChatService(Settings(data_dir=data_dir, **values), model=model or tiny_model,
-                              embedder=HashingEmbedder(), max_upload_bytes=max_upload)
+                              embedder=embedder or HashingEmbedder(), max_upload_bytes=max_upload)
         made.append(service)
         return service
 
@@ -77,3 +55,20 @@ def service(make_service, corpus_dir):
     service = make_service()
     service.ingest_paths("docs", [str(corpus_dir)])
     return service
+
+
+@pytest.fixture
+def serve_web():
+    """Serve a ChatService's web app (app.web) on a free loopback port; returns its URL. All are stopped."""
+    from app import web
+
+    running = []
+
+    def serve(service, **options) -> str:
+        server = web.start_in_thread(web.build_web_app(service, service.settings, **options))
+        running.append(server)
+        return server.url
+
+    yield serve
+    for server in running:
+        server.stop()

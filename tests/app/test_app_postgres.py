@@ -11,9 +11,10 @@ QUESTION = "How does the cache store key its entries?"
 
 
 def test_replicas_share_sessions_collections_and_cache(postgres_server, data_dir, corpus_dir, tiny_model):
+    from tiny import HashingEmbedder
+
     from app.service import ChatService
     from app.settings import Settings
-    from tiny import HashingEmbedder
 
     settings = Settings(data_dir=data_dir, database_url=postgres_server.create_database(), top_k=3,
                         max_new_tokens=12)
@@ -33,3 +34,26 @@ def test_replicas_share_sessions_collections_and_cache(postgres_server, data_dir
     finally:
         first.close()
         second.close()
+
+
+def test_a_postgres_database_from_before_owners_migrates(postgres_server):
+    from sqlalchemy import text
+    from test_owners import OLD_SCHEMA
+
+    from app.database import make_engine
+    from app.sessions import SessionStore
+
+    engine = make_engine(postgres_server.create_database())
+    try:
+        with engine.begin() as conn:
+            for statement in OLD_SCHEMA:
+                conn.execute(text(statement.replace("DATETIME", "TIMESTAMP WITH TIME ZONE")
+                                  .replace("INTEGER NOT NULL PRIMARY KEY", "SERIAL PRIMARY KEY")))
+        stores = [SessionStore(engine), SessionStore(engine)]  # a second replica finds the column there
+        old = "0123456789abcdef0123456789abcdef"
+        assert stores[0].get(old).owner is None and len(stores[1].turns(old)) == 1
+        assert stores[1].list(owner="user:ann") == []
+        new = stores[0].create("docs", owner="user:ann")
+        assert [s.id for s in stores[1].list(owner="user:ann")] == [new.id]
+    finally:
+        engine.dispose()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from app.database import make_engine
-from app.sessions import SessionStore, UnknownSessionError
 from app.errors import AppError
+from app.sessions import SessionStore, UnknownSessionError
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_rename_delete_and_unknown_ids(store):
     gone = store.delete(info.id)
     assert gone.n_turns == 1 and gone.pinned_documents == ["a.md", "b.py"]
     for call in (store.get, store.turns, store.delete):
-        with pytest.raises(UnknownSessionError, match="unknown session"):
+        with pytest.raises(UnknownSessionError, match="no such session"):
             call(info.id)
     with pytest.raises(UnknownSessionError):
         store.add_turn(info.id, "q", "a", mode="retrieval", sources=[], metrics={})

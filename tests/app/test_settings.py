@@ -27,3 +27,32 @@ def test_cli_reports_a_malformed_setting_without_traceback(tmp_path, monkeypatch
     assert main(["--data-dir", str(tmp_path), "models", "list"]) == 2
     err = capsys.readouterr().err
     assert "TPA_RAG_TOP_K" in err and "Traceback" not in err
+
+
+def test_the_ingest_chunk_cap_reaches_the_corpus(tmp_path):
+    from app.errors import AppError
+    from app.service import ChatService
+
+    settings = Settings.from_env({"TPA_RAG_MAX_INGEST_CHUNKS": "7"}, data_dir=tmp_path)
+    assert settings.ingest_limits().max_chunks == 7
+    service = ChatService(settings, load_model=False, embedder=object())
+    try:
+        assert service.corpus.limits.max_chunks == 7
+    finally:
+        service.close()
+    with pytest.raises(AppError, match="TPA_RAG_MAX_INGEST_CHUNKS"):
+        Settings.from_env({"TPA_RAG_MAX_INGEST_CHUNKS": "0"}, data_dir=tmp_path).ingest_limits()
+
+
+def test_server_policy_settings_from_the_environment(tmp_path):
+    import os
+
+    (tmp_path / "a").mkdir()
+    env = {"TPA_RAG_HOME": str(tmp_path / "data"), "TPA_RAG_ALLOWED_HOSTS": "docs.lan, ,wiki.lan",
+           "TPA_RAG_INGEST_ROOTS": os.pathsep.join([str(tmp_path / "a"), "", str(tmp_path / "b")]),
+           "TPA_RAG_MODELS": "qwen,  ,/models/x.gguf"}
+    settings = Settings.from_env(env)
+    assert settings.allowed_hosts == ("docs.lan", "wiki.lan")
+    assert settings.ingest_roots == ((tmp_path / "a").resolve(), (tmp_path / "b").resolve())
+    assert settings.models == ("qwen", "/models/x.gguf")
+    assert Settings.from_env({"TPA_RAG_HOME": str(tmp_path)}).ingest_roots == ()

@@ -85,6 +85,9 @@ class HashingEmbedder:
     def dim(self) -> int:
         return self._dim
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(re.findall(r"[a-z0-9]+", text.lower())) for text in texts]
+
     def embed(self, texts: Sequence[str], progress=None) -> np.ndarray:
         self.calls += 1
         out = np.zeros((len(texts), self._dim), dtype=np.float32)
@@ -100,3 +103,17 @@ class HashingEmbedder:
             if progress is not None:
                 progress(row + 1, len(texts))
         return out
+
+
+class SlowEmbedder(HashingEmbedder):
+    """The hashing embedder, `delay_s` slower per call: long enough for a browser test to watch progress."""
+
+    def __init__(self, delay_s: float, dim: int = 256) -> None:
+        super().__init__(dim)
+        self.delay_s = delay_s
+
+    def embed(self, texts: Sequence[str], progress=None) -> np.ndarray:
+        import time
+
+        time.sleep(self.delay_s)
+        return super().embed(texts, progress)

@@ -6,12 +6,16 @@ storage's, as in the engine; positions >= kv_lens[b] hold NaN so a kernel that r
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
 
-def _layer_view(B: int, T_cap: int, tail: tuple[int, ...], dtype: torch.dtype, device: str, gen: torch.Generator) -> Tensor:
-    storage = torch.randn(2, B, T_cap, *tail, generator=gen, dtype=torch.float32).to(dtype).to(device)  # [L, B, T_cap, ...]
+def _layer_view(B: int, T_cap: int, tail: tuple[int, ...], dtype: torch.dtype, device: str,
+                gen: torch.Generator) -> Tensor:
+    # [L, B, T_cap, ...]
+    storage = torch.randn(2, B, T_cap, *tail, generator=gen, dtype=torch.float32).to(dtype).to(device)
     return storage[1]  # [B, T_cap, ...] view, B stride = T_cap * prod(tail)
 
 
@@ -60,6 +64,22 @@ def make_inputs(
                 t[b, n_b:] = float("nan")
     args["kv_lens"] = torch.tensor(kv_lens, dtype=torch.int32, device=device)
     return args
+
+
+def decode_config(x, **fields):
+    """`default_decode_config(x)` with some fields given (a test's launch): min_chunk, head_tile and waves are
+    passed to the default function, since the other fields follow from them; the rest replace fields."""
+    from flashtpa.triton_decode import default_decode_config
+
+    pins = {k: fields.pop(k) for k in ("min_chunk", "head_tile", "waves") if k in fields}
+    return replace(default_decode_config(x, **pins), **fields)
+
+
+def prefill_config(x, **fields):
+    """`default_prefill_config(x)` with some fields replaced (a test's launch)."""
+    from flashtpa.triton_prefill import default_prefill_config
+
+    return replace(default_prefill_config(x), **fields)
 
 
 def rel_err(out: Tensor, ref: Tensor) -> float:

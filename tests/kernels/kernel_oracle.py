@@ -1,7 +1,7 @@
 """A float64 oracle for attention in factor space: materialise Q, K, V per head and loop over sequences.
 
 Deliberately the plainest possible code (no SDPA, no factor-space tricks) so the reference and the kernels
-are checked against the definition in ../shared/design/tpa-reference.md, not against themselves.
+are checked against the definition (docs/kernels.md, "The math"), not against themselves.
 """
 
 from __future__ import annotations
@@ -9,20 +9,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flashtpa.inputs import AttentionInputs
 
-def oracle_attention(
-    *,
-    q: Tensor | None = None,
-    aq: Tensor | None = None,
-    bq: Tensor | None = None,
-    ak: Tensor | None,
-    bk: Tensor,
-    av: Tensor | None,
-    bv: Tensor,
-    kv_lens: Tensor,
-    scale: float | None = None,
-) -> Tensor:
-    """[B, N, H, D] float64 attention output (same arguments as `flashtpa.dispatch.attention`)."""
+
+def oracle_attention(x: AttentionInputs, scale: float | None = None) -> Tensor:
+    """[B, N, H, D] float64 attention output (the contract of `flashtpa.dispatch.attention`)."""
+    q, aq, bq, ak, bk, av, bv, kv_lens = x.q, x.aq, x.bq, x.ak, x.bk, x.av, x.bv, x.kv_lens
     f = torch.float64
     B, T_cap, R_K, D = bk.shape
     R_V = bv.shape[2]

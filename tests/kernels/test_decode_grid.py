@@ -11,7 +11,7 @@ def h200_sms(monkeypatch):
     from flashtpa import triton_decode
 
     monkeypatch.setattr(triton_decode, "multiprocessors", lambda device: 132)
-    return triton_decode.default_num_splits
+    return triton_decode.split_count
 
 
 @pytest.mark.parametrize("programs_per_split, expected", [

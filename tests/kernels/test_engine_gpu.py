@@ -118,9 +118,8 @@ def test_bfloat16_triton_agrees_on_top1(gguf_path: Path, tmp_path_factory) -> No
     Triton and torch backends agree on >= 99% (the issue's bound; the engines differ only in attention).
 
     Also reported: each bf16 engine's agreement with the float32 engine, and the figures over the first three
-    prompts (the earlier test's 669 positions). Before the residual stream and logits of 16-bit models went to
-    float32 (tpa_core.model) the two bf16 engines agreed on 98.65% of those 669 (H200, 2026-11-28 21:58 UTC):
-    16-bit logits tie, and a 16-bit residual turns any rounding difference into flipped near-ties.
+    prompts (the first three alone: 669 positions). The figures are in benchmarks/RESULTS.md ("bf16 on the GPU, end
+    to end").
     """
     models = tmp_path_factory.mktemp("models")
     f32 = _load(gguf_path, models, torch.float32)

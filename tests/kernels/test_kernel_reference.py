@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_inputs import TOLERANCES, make_inputs, rel_err
-from flashtpa._checks import AttentionInputError
-from flashtpa.dispatch import attention
-from flashtpa.reference import FACTOR_SPACE_MAX_QUERIES, attention_reference
 from kernel_oracle import oracle_attention
+
+from flashtpa.dispatch import attention
+from flashtpa.inputs import AttentionInputError, AttentionInputs
+from flashtpa.reference import FACTOR_SPACE_MAX_QUERIES, attention_reference
 
 FORMS = ("contextual", "kv_only", "fixed")
 
@@ -39,8 +39,9 @@ def test_reference_matches_oracle(form: str, case: tuple) -> None:
     if form == "fixed":
         R_K = R_V = _fixed_ranks(H, R_K)
     args = make_inputs(form=form, B=B, N=N, H=H, D=D, T_cap=T_cap, kv_lens=lens, R_Q=R_Q, R_K=R_K, R_V=R_V)
-    out = attention_reference(**args)
-    ref = oracle_attention(**args)
+    x = AttentionInputs(**args)
+    out = attention_reference(x)
+    ref = oracle_attention(x)
     assert out.shape == (B, N, H, D) and out.dtype == torch.float32
     assert rel_err(out, ref) <= TOLERANCES[torch.float32]
 
@@ -48,16 +49,16 @@ def test_reference_matches_oracle(form: str, case: tuple) -> None:
 @pytest.mark.parametrize("form", FORMS)
 def test_reference_float64_and_scale(form: str) -> None:
     args = make_inputs(form=form, B=2, N=3, H=6, D=8, T_cap=17, kv_lens=[17, 5], R_K=3, R_V=3, dtype=torch.float64)
-    out = attention_reference(**args, scale=0.37)
+    out = attention_reference(AttentionInputs(**args), scale=0.37)
     assert out.dtype == torch.float64
-    assert rel_err(out, oracle_attention(**args, scale=0.37)) <= TOLERANCES[torch.float64]
+    assert rel_err(out, oracle_attention(AttentionInputs(**args), scale=0.37)) <= TOLERANCES[torch.float64]
 
 
 def test_reference_bfloat16_output_dtype() -> None:
     args = make_inputs(form="contextual", B=1, N=1, H=4, D=8, T_cap=12, kv_lens=[12], dtype=torch.bfloat16)
     out = attention(**args)
     assert out.dtype == torch.bfloat16
-    assert rel_err(out, oracle_attention(**args)) <= TOLERANCES[torch.bfloat16]
+    assert rel_err(out, oracle_attention(AttentionInputs(**args))) <= TOLERANCES[torch.bfloat16]
 
 
 def test_fixed_heads_are_gqa() -> None:

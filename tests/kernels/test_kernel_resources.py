@@ -20,7 +20,7 @@ def test_gqa_decode_builds_for_sm90_without_spills() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--only", "gqa"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("decode gqa"))
+    line = next(row for row in proc.stdout.splitlines() if row.startswith("decode gqa"))
     count = lambda pattern: int(re.search(pattern, line).group(1))  # noqa: E731
     assert 0 < count(r"regs\s+(\d+)") <= 255, line
     assert count(r"stack\s+(\d+) B") == 0, line

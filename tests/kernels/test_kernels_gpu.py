@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernel_inputs import TOLERANCES, make_inputs, rel_err
+from kernel_inputs import TOLERANCES, decode_config, make_inputs, prefill_config, rel_err
 from kernel_oracle import oracle_attention
+
+from flashtpa.inputs import AttentionInputs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,25 +44,23 @@ def test_bf16_against_float64(case) -> None:
     out = attention(**args)  # auto = triton on CUDA
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
-    assert rel_err(out, oracle_attention(**args)) <= TOLERANCES[torch.bfloat16]
+    assert rel_err(out, oracle_attention(AttentionInputs(**args))) <= TOLERANCES[torch.bfloat16]
 
 
-# Contextual-decode launch variants (head tiles, per-rank 2-D or 3-D head-factor loads, prefetch, waves):
-# form, B, H, T_cap, kv_lens, (R_Q, R_K, R_V), knobs
+# Decode launches other than the defaults (head tiles, rank-1 factors loaded in their block, waves, blocks):
+# form, B, H, T_cap, kv_lens, (R_Q, R_K, R_V), config fields (`kernel_inputs.decode_config`)
 VARIANT_CASES = [
-    ("contextual", 2, 78, 20000, [20000, 4097], (6, 2, 2), dict(head_tile=16, rank_2d=True, block_t=64)),
-    ("contextual", 1, 34, 30000, [29999], (6, 2, 2), dict(head_tile=32, rank_2d=True, block_t=32)),
-    ("contextual", 2, 47, 9000, [9000, 130], (6, 2, 2), dict(head_tile=64, rank_2d=False, prefetch=True)),
-    ("contextual", 1, 61, 9000, [8191], (6, 2, 2), dict(head_tile=128, rank_2d=False, prefetch=False)),
+    ("contextual", 2, 78, 20000, [20000, 4097], (6, 2, 2), dict(head_tile=16, block_t=64)),
+    ("contextual", 1, 34, 30000, [29999], (6, 2, 2), dict(head_tile=32, block_t=32)),
     ("contextual", 2, 32, 40000, [40000, 33333], (16, 1, 1), dict(head_tile=16, waves=4)),
     ("contextual", 1, 32, 40000, [32769], (16, 1, 1), dict(waves=1, block_t=64, num_stages=4)),
-    ("kv_only", 2, 61, 5000, [5000, 4999], (0, 2, 2), dict(head_tile=16, block_t=128)),
+    ("contextual", 1, 32, 40000, [39000], (16, 1, 1), dict(prefetch=False)),
+    ("kv_only", 2, 61, 5000, [5000, 4999], (0, 2, 2), dict(head_tile=16, block_t=64)),
     # slices of whole 256-token multiples; many slices (the merge splits D)
     ("contextual", 2, 32, 60000, [60000, 4000], (16, 1, 1), dict(min_chunk=256)),
     ("contextual", 1, 34, 60000, [59999], (6, 2, 2), dict(num_splits=700, min_chunk=64)),
-    # the merge launched the usual way, or as a programmatic dependent from the split kernel's start
+    # the merge launched the usual way after the factor kernel, as a programmatic dependent after the GQA kernel
     ("contextual", 2, 32, 30000, [30000, 77], (16, 1, 1), dict(pdl=False)),
-    ("contextual", 1, 32, 30000, [29001], (16, 1, 1), dict(pdl_early=True)),
     ("fixed", 2, 32, 30000, [30000, 5000], (0, 8, 8), dict(pdl=True)),
     # token factors through per-thread pointer loads instead of TMA (the default on Hopper)
     ("contextual", 2, 34, 20000, [20000, 3001], (6, 2, 2), dict(tma=False)),
@@ -74,28 +73,23 @@ VARIANT_CASES = [
 def test_decode_variants_bf16_against_float64(case) -> None:
     from flashtpa.triton_decode import decode_attention
 
-    form, B, H, T_cap, lens, ranks, knobs = case
-    args = _args(form, B, 1, H, 64, T_cap, lens, ranks)
-    out = decode_attention(**args, scale=64 ** -0.5, **knobs)
+    form, B, H, T_cap, lens, ranks, fields = case
+    x = AttentionInputs(**_args(form, B, 1, H, 64, T_cap, lens, ranks))
+    out = decode_attention(x, 64 ** -0.5, decode_config(x, **fields))
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
-    assert rel_err(out, oracle_attention(**args)) <= TOLERANCES[torch.bfloat16]
+    assert rel_err(out, oracle_attention(x)) <= TOLERANCES[torch.bfloat16]
 
 
-# Prefill launch variants: form, B, N, H, T_cap, kv_lens, (R_Q, R_K, R_V), knobs
+# Prefill launches other than the defaults: form, B, N, H, T_cap, kv_lens, (R_Q, R_K, R_V), config fields
 PREFILL_VARIANT_CASES = [
-    ("contextual", 2, 300, 32, 1000, [1000, 300], (16, 1, 1), dict(split_p=True)),
-    ("contextual", 1, 257, 34, 700, [650], (6, 2, 2), dict(split_p=True)),
-    ("kv_only", 1, 200, 29, 600, [600], (0, 2, 2), dict(split_p=True)),
-    ("fixed", 2, 300, 32, 1000, [1000, 300], (0, 8, 8), dict(split_p=True)),
-    ("contextual", 1, 200, 32, 500, [500], (16, 1, 1), dict(prefetch=False)),
-    # factored queries built by their own kernel before the attention kernel (the default from 256 new tokens on)
-    ("contextual", 2, 300, 32, 1000, [1000, 300], (16, 1, 1), dict(prebuild_queries=True)),
+    ("contextual", 1, 257, 34, 700, [650], (6, 2, 2), {}),
+    ("kv_only", 1, 200, 29, 600, [600], (0, 2, 2), {}),
+    # factored queries built in every (query tile, head) program (the default below 256 new tokens)
+    ("contextual", 2, 300, 32, 1000, [1000, 300], (16, 1, 1), dict(prebuild_queries=False)),
     ("contextual", 1, 2500, 34, 2600, [2600], (6, 2, 2), {}),
     ("contextual", 2, 300, 32, 1000, [1000, 300], (16, 1, 1), dict(tma=False)),
     ("fixed", 1, 500, 32, 900, [900], (0, 8, 8), dict(tma=False)),
-    # query tiles launched first to last (the default: last to first)
-    ("contextual", 2, 300, 32, 1000, [1000, 300], (16, 1, 1), dict(heavy_first=False)),
 ]
 
 
@@ -104,12 +98,12 @@ PREFILL_VARIANT_CASES = [
 def test_prefill_variants_bf16_against_float64(case) -> None:
     from flashtpa.triton_prefill import prefill_attention
 
-    form, B, N, H, T_cap, lens, ranks, knobs = case
-    args = _args(form, B, N, H, 64, T_cap, lens, ranks)
-    out = prefill_attention(**args, scale=64 ** -0.5, **knobs)
+    form, B, N, H, T_cap, lens, ranks, fields = case
+    x = AttentionInputs(**_args(form, B, N, H, 64, T_cap, lens, ranks))
+    out = prefill_attention(x, 64 ** -0.5, prefill_config(x, **fields))
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
-    assert rel_err(out, oracle_attention(**args)) <= TOLERANCES[torch.bfloat16]
+    assert rel_err(out, oracle_attention(x)) <= TOLERANCES[torch.bfloat16]
 
 
 @pytest.mark.parametrize("form", ["contextual", "fixed"])
@@ -135,7 +129,8 @@ def test_logit_gap_of_1000_between_splits_is_finite() -> None:
     args["bk"].uniform_(-0.01, 0.01)
     hot = slice(M - 3000, M - 2990)  # ten tokens in the last slices with logit ~1,000, the rest ~0
     args["bk"][0, hot] = 125.0  # 64 * 125 / sqrt(64) = 1,000
-    out = decode_attention(**args, scale=0.125, num_splits=64)
+    x = AttentionInputs(**args)
+    out = decode_attention(x, 0.125, decode_config(x, num_splits=64))
     want = args["bv"][0, hot, 0].float().mean(0)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[0, 0, 0].float(), want, rtol=2e-2, atol=2e-2)
@@ -183,4 +178,4 @@ def test_cuda_graph_replay_follows_the_runtime_length() -> None:
         args["kv_lens"].fill_(length)
         graph.replay()
         torch.cuda.synchronize()
-        assert rel_err(static_out, oracle_attention(**args)) <= TOLERANCES[torch.bfloat16]
+        assert rel_err(static_out, oracle_attention(AttentionInputs(**args))) <= TOLERANCES[torch.bfloat16]

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from interpret_cases import all_cases
 
 pytest.importorskip("triton")

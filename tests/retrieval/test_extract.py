@@ -74,6 +74,38 @@ def test_html_keeps_line_numbers_and_drops_markup():
     assert extract("page.html", page.encode()).text == text
 
 
+def test_html_tags_spanning_lines_comments_and_unterminated_markup():
+    page = ('<p title="a\nb">One</p>\n<!-- a comment\nover two lines --> Two\n<a\n  href="x">Three</a>\n'
+            '<script>if (a < b) { x = "</p>"; }\n</script>Four &lt;5&gt; &copy;\n<textarea>Five <b></textarea>\n'
+            '<p>Six<!-- never closed\nSeven')
+    lines = html_to_text(page).split("\n")
+    assert len(lines) == page.count("\n") + 1
+    assert lines[1] == "One"
+    assert lines[3].strip() == "Two"
+    assert lines[5].strip() == "Three"
+    assert lines[7].strip() == "Four <5> \u00a9"
+    assert lines[8].strip() == "Five <b>"
+    assert lines[9].strip() == "Six" and lines[10] == ""
+
+
+@pytest.mark.parametrize("unit", ["<script ", "<!--", "</", "<a b='", "<!", "<textarea>&", "<"])
+def test_html_extraction_is_linear_on_unterminated_markup(unit):
+    import time
+
+    def seconds(kib: int) -> float:
+        page = unit * (kib * 1024 // len(unit))
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            html_to_text(page)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    small, large = seconds(25), seconds(100)
+    assert large < 0.5, f"100 KiB of {unit!r}: {large:.3f} s"
+    assert large < 12 * small + 0.02, f"25 KiB {small:.4f} s, 100 KiB {large:.4f} s: not linear"
+
+
 def test_notebook_cells_without_outputs():
     nb = {"cells": [
         {"cell_type": "markdown", "source": ["# Title\n", "Some words."]},

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from retrieval.gitignore import GitIgnore
@@ -73,3 +77,48 @@ def test_later_rules_win():
     assert g.ignored("important.log", False)
     g.add("", "!important.log\n")
     assert not g.ignored("important.log", False)
+
+
+def test_reinclude_inside_a_folder_whose_content_is_ignored():
+    g = GitIgnore()
+    g.add("", "logs/*\n!logs/keep.md\ncache/**\n!cache/keep.md\nbuild/\n!build/keep.md\n")
+    assert not g.ignored("logs", is_dir=True)  # "logs/*" ignores the content, not the folder: git descends
+    assert g.ignored("logs/run.md", is_dir=False)
+    assert not g.ignored("logs/keep.md", is_dir=False)
+    assert not g.ignored("cache", is_dir=True)
+    assert not g.ignored("cache/keep.md", is_dir=False)
+    assert g.ignored("build", is_dir=True)  # an ignored folder is not entered, so nothing in it comes back
+
+
+def test_invalid_lines_are_dropped_and_the_others_kept():
+    g = GitIgnore()
+    g.add("", "*.tmp\n!\ntrailing\\\n[unclosed\n*.bak\n")
+    assert g.ignored("a.tmp", False) and g.ignored("b.bak", False)
+    assert not g.ignored("plain.md", False)
+
+
+def test_pathological_pattern_matches_in_linear_time():
+    # A backtracking regex needs minutes here: every '*' can end at any of the 60 'a's.
+    code = ("import time\nfrom retrieval.gitignore import GitIgnore\n"
+            "g = GitIgnore()\ng.add('', '*a*a*a*a*a*a*a*a*b\\n')\n"
+            "t = time.perf_counter()\n"
+            "hits = [g.ignored('a' * n, False) for n in (60, 1000, 100_000)]\n"
+            "print(hits, time.perf_counter() - t)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=env,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail("matching '*a*a*a*a*a*a*a*a*b' against 60 'a's took more than 30 s")
+    assert done.returncode == 0, done.stderr
+    seconds = float(done.stdout.rsplit(" ", 1)[1])
+    assert done.stdout.startswith("[False, False, False]")
+    assert seconds < 0.5, f"{seconds:.3f} s"
+
+
+def test_long_gitignore_is_applied_whole():
+    # Thousands of rules: more than RE2 compiles into one set with its default memory budget.
+    g = GitIgnore()
+    g.add("", "".join(f"generated_{i}.py\n" for i in range(5000)) + "!generated_4999.py\n")
+    assert g.ignored("generated_0.py", False) and g.ignored("deep/generated_2500.py", False)
+    assert not g.ignored("generated_4999.py", False) and not g.ignored("generated_5000.py", False)

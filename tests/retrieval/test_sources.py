@@ -9,10 +9,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from retrieval_helpers import write
 
 from retrieval.errors import SourceNotFoundError
 from retrieval.sources import IngestLimits, SourceReadError, list_source
-from retrieval_helpers import write
 
 
 def reasons(listing) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """Fixtures for the engine tests: tiny configs of every attention form and an independent reference forward.
 
-The reference (`oracle_logits`) is written from the paper's equations (tpa-reference.md) in float64: it
+The reference (`oracle_logits`) is written from the paper's equations (docs/kernels.md, "The math") in float64: it
 materializes Q, K, V per head from the factors (fixed head factors as the paper's a_j = G mask_j vectors),
 applies RoPE with explicit cos/sin pair rotations and runs a masked softmax. It shares nothing with
 tpa_core but the config and the state-dict names of docs/interfaces.md.

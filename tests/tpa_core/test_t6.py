@@ -16,8 +16,8 @@ import pytest
 import torch
 from engine_fixtures import write_t6_checkpoint
 
-from tpa_core.convert import t6_to_tpa
 from tpa_core.config import TPAConfig
+from tpa_core.convert import t6_to_tpa
 from tpa_core.errors import TPAError
 from tpa_core.generate import GenerationConfig, generate
 from tpa_core.loading import load_model, resolve_source

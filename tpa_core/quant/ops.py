@@ -53,7 +53,8 @@ def _cpu_flags() -> str:
 
 def library_path(compiler: str) -> Path:
     """Where the build for this source, torch, compiler and CPU lives."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout.splitlines()[:1]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             check=False).stdout.splitlines()[:1]
     digest = hashlib.sha256(SOURCE.read_bytes())
     for part in (torch.__version__, compiler, *version, _cpu_flags(), *CXX_FLAGS):
         digest.update(b"\0" + part.encode())

@@ -1,9 +1,9 @@
 """The persisted factor-cache store: encode a context once, reuse it across questions, sessions and restarts.
 
-Design: /work/shared/design/cache-store.md. Prefix pages of PAGE_TOKENS (256) tokens, keyed by a chained sha256
-under a namespace (model fingerprint, config, factor dtype, RoPE settings, blob format), stored one safetensors
-blob per page (the tensors of `FactorCache.export`), indexed in SQL tables on the app's engine (SQLite or
-PostgreSQL), written atomically, verified before use, evicted LRU under a byte budget.
+What it guarantees: docs/store.md. Prefix pages of PAGE_TOKENS (256) tokens, keyed by a chained sha256 under a
+namespace (model fingerprint, config, factor dtype, RoPE settings, blob format), stored one safetensors blob per
+page (the tensors of `FactorCache.export`), indexed in SQL tables on the app's engine (SQLite or PostgreSQL),
+written atomically, verified as they are read, evicted LRU under a byte budget.
 
 Use (the app's one entry point)::
 
@@ -19,8 +19,13 @@ Use (the app's one entry point)::
     store.stats(); store.verify(); store.gc(); store.clear()
 
 - `restore` leaves at least the last token to prefill (its logits are needed); `limit=` caps it further.
-- A bad page (checksum, header, names, shapes, dtypes) is quarantined with a warning and counted as a miss:
-  the restore stops before it and the caller recomputes the rest.
+- Each byte moves once: `save` writes the cache's own memory, `restore` reads each blob straight into the cache
+  (past the sequence's valid length, which moves over a page only once it is verified), several pages at once.
+- A bad page (size, not a regular file, checksum, header, names, shapes, dtypes) is quarantined with a warning
+  and counted as a miss: the restore stops before it and the caller recomputes the rest. A page evicted by
+  another process since the lookup is a plain miss.
+- `tpa_core.store.blobs.read_page_into` is the one read-and-verify path of a page; another entry kind stored
+  beside the prefix pages reads its blobs through it.
 - Bit-identical logits: the factors round-trip bit-exactly, so a reused prefix gives the same logits as a fresh
   prefill that cuts its chunks where the cached one was cut (at page boundaries, and at `boundaries`) and runs
   with the same torch thread count: on the CPU, torch may pick another reduction order for a small chunk at

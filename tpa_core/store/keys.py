@@ -6,6 +6,7 @@ order or Python's per-process string hash seed. The same inputs give the same ke
 
 - namespace = H("tpa-rag/namespace", fingerprint, factor dtype, RoPE settings, format version, config[, numerics])
 - page key  = H("tpa-rag/page", namespace, parent key, kind, token ids as little-endian uint32, extras)
+- chunk key = H("tpa-rag/chunk", namespace, prefix token ids, chunk token ids, reference position)
 
 `kind` is "page" (a full page of PAGE_TOKENS tokens) or "tail" (the partial last page of a prefix); it is part
 of the hash so the two families never collide.
@@ -24,7 +25,7 @@ from typing import Any
 from tpa_core.store.errors import StoreError
 
 PAGE_TOKENS = 256  # tokens per page; a prefix is stored as full pages plus at most one partial "tail"
-FORMAT_VERSION = 1  # the blob layout; bumping it moves every model to a fresh namespace
+FORMAT_VERSION = 2  # the blob layout and checksum; bumping it moves every model to a fresh namespace
 KINDS = ("page", "tail")
 
 _MAX_TOKEN_ID = 2**32 - 1
@@ -139,6 +140,18 @@ def page_key(
     h.update(_str(kind))
     h.update(_field(b"T", data))
     h.update(_extras(extras))
+    return h.hexdigest()
+
+
+def chunk_key(namespace: str, prefix_ids: Sequence[int], chunk_ids: Sequence[int], reference: int) -> str:
+    """The key of a chunk cache (`tpa_core.store.chunks`): the chunk's tokens encoded after `prefix_ids`, its
+    first token at `reference`. Its own family: it never equals a page key."""
+    h = hashlib.sha256()
+    h.update(_str("tpa-rag/chunk"))
+    h.update(_str(namespace))
+    h.update(_field(b"T", token_bytes(prefix_ids)))
+    h.update(_field(b"T", token_bytes(chunk_ids)))
+    h.update(_int(reference))
     return h.hexdigest()
 
 

@@ -1,88 +1,27 @@
-"""Reporting and upkeep of the store: stats, verify every page, purge the quarantine, clear, tidy folders."""
+"""Reporting and upkeep of the store: stats, verify every page, purge the quarantine, clear, tidy folders.
+
+The store calls these with its engine, its folder and, where a step needs one of its own operations (read and
+check a page, quarantine one, remove one), that operation as a callback: this module never imports the store.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import os
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, delete, func, select, update
 
-from tpa_core.store import blobs as blobfmt
+from tpa_core.store.blobs import QUARANTINE_DIR
+from tpa_core.store.db import chunks
 from tpa_core.store.errors import PageCorrupt
 from tpa_core.store.eviction import Budget, usage
+from tpa_core.store.records import REF_COLUMNS, PageRef, StoreStats, VerifyReport
 from tpa_core.store.tables import COUNTERS, PENDING, READY, Counter, Entry, Link, Namespace, Quarantined
 
-if TYPE_CHECKING:
-    from tpa_core.store.store import FactorStore
-
-REF_COLUMNS = (Entry.key, Entry.namespace, Entry.parent, Entry.kind, Entry.start, Entry.n_tokens, Entry.nbytes,
-               Entry.path, Entry.sha256)
-
-
-@dataclass(frozen=True)
-class PageRef:
-    """One ready entry as the index knows it (fields in the order of `REF_COLUMNS`)."""
-
-    key: str
-    namespace: str
-    parent: str | None
-    kind: str
-    start: int
-    n_tokens: int
-    nbytes: int
-    path: str
-    sha256: str
-
-    def expect(self) -> dict[str, Any]:
-        """What the blob's header must say."""
-        return {"namespace": self.namespace, "key": self.key, "kind": self.kind, "start": self.start,
-                "n_tokens": self.n_tokens, "parent": self.parent or ""}
-
-
-@dataclass
-class StoreStats:
-    entries: int
-    bytes: int
-    pinned_bytes: int
-    pending: int
-    namespaces: int
-    quarantined: int
-    budget_bytes: int
-    hits: int
-    misses: int
-    tokens_reused: int
-    tokens_requested: int
-    pages_written: int
-    rejected: int
-    evicted: int
-
-    @property
-    def hit_rate(self) -> float:
-        """Pages served / pages asked for, over the store's whole life (survives restarts)."""
-        asked = self.hits + self.misses
-        return self.hits / asked if asked else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "hit_rate": self.hit_rate}
-
-
-@dataclass
-class VerifyReport:
-    """`entries` ready entries checked; `ok` passed; `corrupt` failed now (and were quarantined);
-    `quarantined` pages in quarantine after the run (earlier ones included); `bytes` of the entries that passed."""
-
-    entries: int = 0
-    ok: int = 0
-    corrupt: int = 0
-    quarantined: int = 0
-    bytes: int = 0
-
-    def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
+log = logging.getLogger(__name__)
 
 
 def _count(conn, model, *where) -> int:  # noqa: ANN001 - a Connection and a mapped class
@@ -100,33 +39,34 @@ def collect_stats(engine: Engine, budget: Budget) -> StoreStats:
                           **{name: int(counters.get(name, 0)) for name in COUNTERS})
 
 
-def verify_all(store: "FactorStore") -> VerifyReport:
-    """Read and check every ready entry of every namespace; quarantine the bad ones."""
+def verify_all(engine: Engine, check: Callable[[PageRef], None],
+               quarantine: Callable[[PageRef, str], None]) -> VerifyReport:
+    """Check every ready entry of every namespace with `check(ref)` (raises `PageCorrupt` or
+    `FileNotFoundError`); `quarantine(ref, reason)` the bad ones."""
     report = VerifyReport()
-    with store.engine.connect() as conn:
+    with engine.connect() as conn:
         refs = [PageRef(*r) for r in conn.execute(select(*REF_COLUMNS).where(Entry.state == READY)
                                                   .order_by(Entry.namespace, Entry.start, Entry.key))]
     for ref in refs:
         report.entries += 1
         try:
-            blobfmt.read_page(store.blobs_dir / ref.path, sha256=ref.sha256, expect=ref.expect(),
-                              layout=store._layout(ref.namespace))
+            check(ref)
         except FileNotFoundError:
-            with store.engine.connect() as conn:
+            with engine.connect() as conn:
                 still = conn.execute(select(Entry.key).where(Entry.key == ref.key)).first()
             if still is None:  # evicted meanwhile: not checked after all
                 report.entries -= 1
                 continue
-            store._quarantine(ref.key, "the blob file is missing")
+            quarantine(ref, "the blob file is missing")
             report.corrupt += 1
             continue
         except PageCorrupt as exc:
-            store._quarantine(ref.key, str(exc))
+            quarantine(ref, str(exc))
             report.corrupt += 1
             continue
         report.ok += 1
         report.bytes += ref.nbytes
-    with store.engine.connect() as conn:
+    with engine.connect() as conn:
         report.quarantined = _count(conn, Quarantined)
     return report
 
@@ -150,15 +90,44 @@ def drop_empty_folders(blobs_dir: Path) -> None:
                 pass  # a writer just put a file there
 
 
-def clear(store: "FactorStore", *, include_pinned: bool) -> int:
-    with store.engine.connect() as conn:
+def clear(engine: Engine, blobs_dir: Path, remove: Callable[[str, str, bool], bool], *,
+          include_pinned: bool) -> int:
+    """Delete every ready entry with `remove(key, path, pinned_ok)`, pinned ones (and every link, and the
+    counters) too with `include_pinned`; purge the quarantine. Returns the entries deleted."""
+    with engine.connect() as conn:
         rows = conn.execute(select(Entry.key, Entry.path, Entry.pinned).where(Entry.state == READY)).all()
-    removed = sum(store._remove(k, p, pinned_ok=include_pinned) for k, p, pinned in rows
-                  if include_pinned or not pinned)
-    purge_quarantine(store.engine, store.blobs_dir)
+    removed = sum(remove(k, p, include_pinned) for k, p, pinned in rows if include_pinned or not pinned)
+    purge_quarantine(engine, blobs_dir)
     if include_pinned:
-        with store.engine.begin() as conn:
+        with engine.begin() as conn:
             conn.execute(delete(Link))
             conn.execute(update(Counter).values(value=0))
-        shutil.rmtree(store.blobs_dir / blobfmt.QUARANTINE_DIR, ignore_errors=True)
+        shutil.rmtree(blobs_dir / QUARANTINE_DIR, ignore_errors=True)
     return removed
+
+
+def drop_other_formats(engine: Engine, blobs_dir: Path, format_version: int) -> int:
+    """Delete the ready pages (rows, files, links) and the namespaces of every blob format other than
+    `format_version`: this version never reads them (their namespaces are not its own) and would only carry
+    their bytes. Logged once with the count. Returns the pages dropped."""
+    old = select(Namespace.key).where(Namespace.format_version != format_version)
+    with engine.connect() as conn:
+        rows = conn.execute(select(Entry.key, Entry.path, Entry.nbytes)
+                            .where(Entry.namespace.in_(old), Entry.state == READY)).all()
+        stale_namespaces = conn.execute(old).scalars().all()
+    if not rows and not stale_namespaces:
+        return 0
+    keys = [key for key, _, _ in rows]
+    with engine.begin() as conn:
+        for batch in chunks(keys):
+            conn.execute(delete(Link).where(Link.key.in_(batch)))
+            conn.execute(delete(Entry).where(Entry.key.in_(batch), Entry.state == READY))
+        left = select(Entry.namespace).distinct()
+        conn.execute(delete(Namespace).where(Namespace.format_version != format_version,
+                                             Namespace.key.not_in(left)))
+    for _, path, _ in rows:
+        (blobs_dir / path).unlink(missing_ok=True)
+    if rows:
+        log.warning("store: dropped %d cached pages (%d bytes) of an earlier blob format, which this version does "
+                    "not read; they are recomputed when next needed", len(rows), sum(n for _, _, n in rows))
+    return len(rows)

@@ -63,16 +63,20 @@ def writer_alive(writer: str | None, since: float, now: float | None = None) -> 
         return False
     current = _start_ticks(pid)
     if current is None:
-        if Path("/proc").is_dir():
-            return False
-        try:  # no /proc (macOS): signal 0 tells whether the pid exists
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        # no /proc entry: gone, unless there is no /proc at all (macOS), where signal 0 tells
+        return not Path("/proc").is_dir() and process_exists(pid)
     return ticks in ("?", current)
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process with this id exists (signal 0; one of another user's counts as existing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass

@@ -1,18 +1,18 @@
 """`FactorStore`: prefix pages of factor caches, persisted as safetensors blobs and indexed in SQL.
 
-See `tpa_core.store` (the package docstring) for the API and the design notes (cache-store.md) for the why.
+See `tpa_core.store` (the package docstring) for the API and docs/store.md for what the store guarantees.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,9 +24,9 @@ from tpa_core.store import maintenance
 from tpa_core.store.db import bump, chunks, ensure_counters, insert_ignore
 from tpa_core.store.errors import PageCorrupt, StoreError
 from tpa_core.store.eviction import Budget, admits, evict, usage
-from tpa_core.store.maintenance import REF_COLUMNS, PageRef, StoreStats, VerifyReport
 from tpa_core.store.keys import FORMAT_VERSION, PAGE_TOKENS, ExtraValue, canonical_json, namespace_key, page_key
 from tpa_core.store.reconcile import ReconcileReport, drop_stale_pending, reconcile, writer_alive, writer_id
+from tpa_core.store.records import REF_COLUMNS, PageRef, StoreStats, VerifyReport
 from tpa_core.store.tables import (
     PENDING,
     READY,
@@ -36,6 +36,7 @@ from tpa_core.store.tables import (
     Quarantined,
     create_tables,
 )
+from tpa_core.store.transfer import check_fits, load_chain, page_tensors
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Config fields that shape RoPE; they also go into the namespace on their own (cache-store.md, point 1).
+# Config fields that shape RoPE; they also go into the namespace on their own, so the key names them explicitly.
 _ROPE_FIELDS = ("head_dim", "max_position_embeddings")
 
 
@@ -94,10 +95,11 @@ def _config_dict(config: Any) -> dict[str, Any]:
 class FactorStore:
     """The persisted factor-cache store. Make one with `FactorStore.open(engine, blobs_dir, budget_bytes)`."""
 
-    def __init__(self, engine: Engine, blobs_dir: Path, budget: Budget) -> None:
+    def __init__(self, engine: Engine, blobs_dir: Path, budget: Budget, *, io_threads: int | None = None) -> None:
         self.engine = engine
         self.blobs_dir = Path(blobs_dir)
         self.budget = budget
+        self.io_threads = io_threads  # pages read or written at once; None: torch's thread count
         self.session = SessionCounters()
         self._writer = writer_id()
         self._layouts: dict[str, dict[str, list] | None] = {}
@@ -114,19 +116,30 @@ class FactorStore:
         low_watermark: float = 0.7,
         protected_share: float = 0.8,
         reconcile_on_open: bool = True,
-    ) -> "FactorStore":
+        io_threads: int | None = None,
+    ) -> FactorStore:
         """Open (and create where missing) the store: its tables on `engine`, its blobs under `blobs_dir`.
 
-        Reconciles the index with the folder first (crashed writes, orphan files, missing files)."""
+        Pages of an earlier blob format are dropped (they are recomputed when next needed), then the index is
+        reconciled with the folder (crashed writes, orphan files, missing files). `io_threads`: pages read
+        or written at once (default: as many as torch computes with)."""
         budget = Budget(int(budget_bytes), high_watermark, low_watermark, protected_share)
-        store = cls(engine, Path(blobs_dir), budget)
+        store = cls(engine, Path(blobs_dir), budget, io_threads=io_threads)
         store.blobs_dir.mkdir(parents=True, exist_ok=True)
         create_tables(engine)
         with engine.begin() as conn:
             ensure_counters(conn)
+        maintenance.drop_other_formats(engine, store.blobs_dir, FORMAT_VERSION)
         if reconcile_on_open:
             store.reconcile()
         return store
+
+    def _io_threads(self) -> int:
+        if self.io_threads is not None:
+            return max(1, int(self.io_threads))
+        import torch
+
+        return max(1, torch.get_num_threads())
 
     def reconcile(self) -> ReconcileReport:
         """Repair the index and the folder after crashes (see `tpa_core.store.reconcile`)."""
@@ -170,7 +183,7 @@ class FactorStore:
             self._layouts[namespace] = json.loads(row[0]) if row[0] else None
         return self._layouts[namespace]
 
-    def _check_layout(self, namespace: str, tensors: Mapping[str, "Tensor"]) -> None:
+    def _check_layout(self, namespace: str, tensors: Mapping[str, Tensor]) -> None:
         """The first page of a namespace fixes its layout; every later page must match it."""
         layout = blobfmt.layout_of(tensors)
         known = self._layout(namespace)
@@ -241,14 +254,17 @@ class FactorStore:
                 return ref
         return None
 
-    def restore(self, namespace: str, token_ids: Sequence[int], cache: "FactorCache", seq: int = 0, *,
+    def restore(self, namespace: str, token_ids: Sequence[int], cache: FactorCache, seq: int = 0, *,
                 limit: int | None = None, extras: Mapping[str, ExtraValue] | None = None) -> int:
         """Load the longest cached prefix of `token_ids` into sequence `seq` of `cache` at position 0.
 
         Returns the number of tokens restored, P: the cache then holds tokens [0, P) and the caller prefills
-        `token_ids[P:]` (whatever the sequence held before is dropped, even when nothing is found). At most `limit` tokens are restored (default `len(token_ids) - 1`: the last token is
-        always left to prefill, since its logits are needed). Every page is verified before it is imported;
-        a bad page is quarantined (warning) and the restore stops before it - a miss, recomputed by the caller.
+        `token_ids[P:]` (whatever the sequence held before is dropped, even when nothing is found). At most
+        `limit` tokens are restored (default `len(token_ids) - 1`: the last token is always left to prefill,
+        since its logits are needed). Pages are read straight into the cache, `io_threads` at once, and
+        verified as they stream; the sequence's length covers a page only once all of it checked out. A bad
+        page is quarantined (warning) and the restore stops before it - a miss, recomputed by the caller; a
+        page evicted since the lookup is a plain miss.
         """
         ids = _ids(token_ids)
         limit = len(ids) - 1 if limit is None else min(limit, len(ids))
@@ -256,27 +272,16 @@ class FactorStore:
         cache.truncate(seq, 0)
         if limit <= 0:
             return 0
-        chain = self.lookup(namespace, ids, limit=limit, extras=extras)
-        loaded = 0
-        used: list[str] = []
-        for ref in chain:
-            try:
-                tensors = blobfmt.read_page(
-                    self.blobs_dir / ref.path, sha256=ref.sha256, layout=layout,
-                    expect=ref.expect(),
-                )
-            except FileNotFoundError:  # evicted by another process since the lookup: a plain miss
-                break
-            except PageCorrupt as exc:
-                self.session.corrupt += 1
-                self._quarantine(ref.key, str(exc))
-                break
-            take = min(ref.n_tokens, limit - ref.start)
-            if take < ref.n_tokens:
-                tensors = {name: t[:take] for name, t in tensors.items()}  # [take, ...]
-            cache.import_(tensors, seq, ref.start)
-            loaded = ref.start + take
-            used.append(ref.key)
+        # no layout: no page of this namespace was ever written
+        chain = self.lookup(namespace, ids, limit=limit, extras=extras) if layout is not None else []
+        if chain:
+            check_fits(cache, layout, namespace)
+        result = load_chain(self.blobs_dir, chain, layout or {}, cache, seq, limit, threads=self._io_threads())
+        if result.bad is not None:
+            ref, reason = result.bad
+            self.session.corrupt += 1
+            self._quarantine(ref.key, reason, checksum=ref.checksum)
+        loaded, used = result.tokens, result.used
         asked = math.ceil(limit / PAGE_TOKENS)
         counts = {"hits": len(used), "misses": asked - len(used), "tokens_reused": loaded,
                   "tokens_requested": limit}
@@ -291,7 +296,7 @@ class FactorStore:
         return loaded
 
     # ----- save ----------------------------------------------------------------------------------------------
-    def save(self, namespace: str, token_ids: Sequence[int], cache: "FactorCache", seq: int = 0, *,
+    def save(self, namespace: str, token_ids: Sequence[int], cache: FactorCache, seq: int = 0, *,
              boundaries: Iterable[int] = (), extras: Mapping[str, ExtraValue] | None = None) -> int:
         """Persist the pages of `token_ids` that `cache` (sequence `seq`) holds and the store lacks.
 
@@ -323,20 +328,25 @@ class FactorStore:
         with self.engine.connect() as conn:
             present = {k: a for batch in chunks([u[2] for u in units]) for k, a in conn.execute(
                 select(Entry.key, Entry.anchored).where(Entry.key.in_(batch), Entry.state == READY))}
-        written = 0
+        claimed: list[tuple[dict[str, Any], Mapping[str, Tensor], dict[str, Any]]] = []  # (row, tensors, meta)
+        covered: list[tuple[str | None, list[int], str]] = []  # (parent, tokens, key) of each unit kept
         for start, end, key, anchored in units:
             parent = pages[start // PAGE_TOKENS - 1] if start else None
             kind = "page" if end - start == PAGE_TOKENS else "tail"
             if key not in present:
-                outcome = self._write_page(namespace, key, parent, kind, start, cache.export(seq, start, end),
-                                           anchored=anchored)
-                if outcome == "rejected":
+                tensors = page_tensors(cache, seq, start, end)
+                claim = self._claim_page(namespace, key, parent, kind, start, tensors, anchored=anchored)
+                if claim == "rejected":
                     break
-                written += outcome == "written"
+                if claim != "exists":
+                    claimed.append((claim[0], tensors, claim[1]))
             elif anchored and not present[key]:
                 with self.engine.begin() as conn:
                     conn.execute(update(Entry).where(Entry.key == key).values(anchored=True))
-            self._supersede_tails(namespace, parent, ids[start:end], keep=key, extras=extras)
+            covered.append((parent, ids[start:end], key))
+        written = self._write_claimed(claimed)
+        for parent, tokens, key in covered:
+            self._supersede_tails(namespace, parent, tokens, keep=key, extras=extras)
         if present:
             with self.engine.begin() as conn:
                 for batch in chunks(sorted(present)):
@@ -344,47 +354,87 @@ class FactorStore:
         self.evict()
         return written
 
-    def _write_page(self, namespace: str, key: str, parent: str | None, kind: str, start: int,
-                    tensors: Mapping[str, "Tensor"], *, anchored: bool = False) -> str:
-        """Write one page atomically. Returns "written", "exists" (another writer has or is writing it)
-        or "rejected" (admission control)."""
+    def _claim_page(self, namespace: str, key: str, parent: str | None, kind: str, start: int,
+                    tensors: Mapping[str, Tensor], *, anchored: bool = False
+                    ) -> tuple[dict[str, Any], dict[str, Any]] | str:
+        """Admit and claim one page: returns (its pending row, its header fields), or "exists" (another writer
+        has or is writing it) or "rejected" (admission control)."""
         self._check_layout(namespace, tensors)
         n_tokens = next(iter(tensors.values())).shape[0]
-        header = {"namespace": namespace, "key": key, "kind": kind, "start": start, "n_tokens": n_tokens,
-                  "parent": parent or ""}
-        data = blobfmt.encode_page(tensors, header)
-        if not admits(self.budget, usage(self.engine), len(data)):
+        meta = {"namespace": namespace, "key": key, "kind": kind, "start": start, "n_tokens": n_tokens,
+                "parent": parent or ""}
+        nbytes = blobfmt.page_nbytes(tensors, meta)
+        if not admits(self.budget, usage(self.engine), nbytes):
             self.session.rejected += 1
             with self.engine.begin() as conn:
                 bump(conn, {"rejected": 1})
             log.info("store: page %s not admitted (the budget is held by warm or pinned pages)", key[:16])
             return "rejected"
-        path = blobfmt.blob_relpath(namespace, key)
         now = time.time()
         row = {"key": key, "namespace": namespace, "parent": parent, "kind": kind, "start": start,
-               "n_tokens": n_tokens, "nbytes": len(data), "path": path, "sha256": hashlib.sha256(data).hexdigest(),
-               "state": PENDING, "writer": self._writer, "created": now, "last_access": now, "hits": 0,
-               "pinned": False, "anchored": anchored}
-        if not self._claim(row):
-            return "exists"
+               "n_tokens": n_tokens, "nbytes": nbytes, "path": blobfmt.blob_relpath(namespace, key),
+               "checksum": "", "state": PENDING, "writer": self._writer, "created": now, "last_access": now,
+               "hits": 0, "pinned": False, "anchored": anchored}
+        return (row, meta) if self._claim(row) else "exists"
+
+    def _write_claimed(self, claimed: Sequence[tuple[dict[str, Any], Mapping[str, Tensor], dict[str, Any]]]
+                       ) -> int:
+        """Write the claimed pages' files, `io_threads` at once (writing, hashing and fsync release the GIL),
+        then mark each ready. A page whose write failed loses its claim; the first failure is raised once the
+        others are settled. Returns the pages this call made ready."""
+        def write(job: tuple[dict[str, Any], Mapping[str, Tensor], dict[str, Any]]) -> str | BaseException:
+            row, tensors, meta = job
+            try:
+                nbytes, checksum = blobfmt.write_page(self.blobs_dir / row["path"], tensors, meta)
+            except Exception as exc:  # noqa: BLE001 - settled below, then raised
+                return exc
+            if nbytes != row["nbytes"]:
+                return StoreError(f"page {row['key'][:16]}... came out at {nbytes} bytes, {row['nbytes']} were "
+                                  "planned")
+            return checksum
+
+        threads = min(self._io_threads(), len(claimed))
         try:
-            blobfmt.write_atomic(self.blobs_dir / path, data)
-        except BaseException:
-            with self.engine.begin() as conn:
-                conn.execute(delete(Entry).where(Entry.key == key, Entry.state == PENDING,
-                                                 Entry.writer == self._writer))
-            raise
+            if threads > 1:
+                with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store-write") as pool:
+                    outcomes = list(pool.map(write, claimed))
+            else:
+                outcomes = [write(job) for job in claimed]
+        except BaseException as exc:  # interrupted: give every claim back, the files go with them
+            outcomes = [exc] * len(claimed)
+        written = 0
+        failure: BaseException | None = None
+        for (row, _, _), outcome in zip(claimed, outcomes):
+            if isinstance(outcome, BaseException):
+                failure = failure or outcome
+                self._release_claim(row)
+                continue
+            written += self._mark_ready(row["key"], outcome)
+        if failure is not None:
+            raise failure
+        return written
+
+    def _release_claim(self, row: dict[str, Any]) -> None:
+        """Drop our pending row of a page whose write failed, and whatever reached its final path."""
+        (self.blobs_dir / row["path"]).unlink(missing_ok=True)
+        with self.engine.begin() as conn:
+            conn.execute(delete(Entry).where(Entry.key == row["key"], Entry.state == PENDING,
+                                             Entry.writer == self._writer))
+
+    def _mark_ready(self, key: str, checksum: str) -> bool:
+        """Turn our pending row of a written page ready (pinned if a link already names it)."""
         has_link = exists().where(Link.key == Entry.key)
         with self.engine.begin() as conn:
             done = conn.execute(update(Entry).where(Entry.key == key, Entry.state == PENDING,
                                                     Entry.writer == self._writer)
-                                .values(state=READY, writer=None, last_access=time.time(), pinned=has_link))
+                                .values(state=READY, writer=None, checksum=checksum, last_access=time.time(),
+                                        pinned=has_link))
             bump(conn, {"pages_written": 1})
         if done.rowcount != 1:  # our claim was taken away (a reconciler thought us dead): the file is an orphan
             log.warning("store: the claim on page %s was lost during its write; it will be rewritten", key[:16])
-            return "exists"
+            return False
         self.session.pages_written += 1
-        return "written"
+        return True
 
     def _claim(self, row: dict[str, Any]) -> bool:
         """Insert the pending row; of several writers of one key exactly one gets it. A pending row left by a
@@ -427,6 +477,37 @@ class FactorStore:
                 conn.execute(update(Entry).where(Entry.key == key).values(pinned=False))
             self._remove(key, path, pinned_ok=True)
 
+    # ----- entries of other kinds (`tpa_core.store.chunks`) --------------------------------------------------
+    def write_entry(self, namespace: str, key: str, kind: str, start: int, tensors: Mapping[str, Tensor]) -> str:
+        """Write one entry that is not a prefix page (`{name: [T, ...]}`, contiguous CPU tensors; no parent, so
+        always a leaf for eviction) through the pages' path: layout check, admission, claim, atomic write.
+        Returns "written", "exists" (another writer has or is writing it) or "rejected" (admission control)."""
+        claim = self._claim_page(namespace, key, None, kind, start, tensors)
+        if isinstance(claim, str):
+            return claim
+        return "written" if self._write_claimed([(claim[0], tensors, claim[1])]) else "exists"
+
+    def read_entry(self, ref: PageRef) -> dict[str, Tensor] | None:
+        """The verified tensors of ready entry `ref` (`{name: [n_tokens, ...]}` on the CPU), its hit counted;
+        None when its file is gone (evicted meanwhile) or it failed verification (then it is quarantined, with
+        a warning)."""
+        layout = self._layout(ref.namespace)
+        if layout is None:
+            return None
+        try:
+            tensors = blobfmt.read_page(self.blobs_dir / ref.path, nbytes=ref.nbytes, checksum=ref.checksum,
+                                        expect=ref.expect(), layout=layout)
+        except FileNotFoundError:
+            return None
+        except PageCorrupt as exc:
+            self.session.corrupt += 1
+            self._quarantine(ref.key, str(exc) or "corrupt", checksum=ref.checksum)
+            return None
+        with self.engine.begin() as conn:
+            conn.execute(update(Entry).where(Entry.key == ref.key)
+                         .values(hits=Entry.hits + 1, last_access=time.time()))
+        return tensors
+
     # ----- removal, quarantine, eviction ---------------------------------------------------------------------
     def _remove(self, key: str, path: str, *, pinned_ok: bool = False) -> bool:
         """Delete a ready entry, then its file (a crash in between leaves an orphan file: reconciled)."""
@@ -439,14 +520,17 @@ class FactorStore:
             (self.blobs_dir / path).unlink(missing_ok=True)
         return gone
 
-    def _quarantine(self, key: str, reason: str) -> None:
-        """Move a bad page's file to quarantine/, drop its entry, record why, warn."""
+    def _quarantine(self, key: str, reason: str, *, checksum: str | None = None) -> None:
+        """Move a bad page's file to quarantine/, drop its entry, record why, warn. With `checksum`, only if the
+        entry still holds that checksum (the page was not rewritten since it was found bad)."""
+        cond = [Entry.key == key, Entry.state == READY]
+        if checksum is not None:
+            cond.append(Entry.checksum == checksum)
         with self.engine.connect() as conn:
-            row = conn.execute(select(Entry.namespace, Entry.path, Entry.sha256)
-                               .where(Entry.key == key, Entry.state == READY)).first()
+            row = conn.execute(select(Entry.namespace, Entry.path, Entry.checksum).where(*cond)).first()
         if row is None:
             return
-        namespace, path, sha = row
+        namespace, path, found = row
         qrel: str | None = f"{blobfmt.QUARANTINE_DIR}/{key}.{time.time_ns()}{blobfmt.BLOB_SUFFIX}"
         (self.blobs_dir / blobfmt.QUARANTINE_DIR).mkdir(parents=True, exist_ok=True)
         try:
@@ -454,7 +538,7 @@ class FactorStore:
         except FileNotFoundError:
             qrel = None
         with self.engine.begin() as conn:
-            conn.execute(delete(Entry).where(Entry.key == key, Entry.state == READY, Entry.sha256 == sha))
+            conn.execute(delete(Entry).where(Entry.key == key, Entry.state == READY, Entry.checksum == found))
             conn.execute(Quarantined.__table__.insert().values(key=key, namespace=namespace, path=qrel,
                                                                reason=reason[:2000], at=time.time()))
         log.warning("store: page %s failed verification (%s); quarantined%s - it is treated as a miss and "
@@ -504,7 +588,15 @@ class FactorStore:
 
     def verify(self) -> VerifyReport:
         """Read and check every ready entry; bad ones are quarantined."""
-        return maintenance.verify_all(self)
+        def check(ref: PageRef) -> None:
+            layout = self._layout(ref.namespace)
+            if layout is None:
+                raise PageCorrupt("its namespace has no layout (no page of it was ever written by this store)")
+            blobfmt.read_page(self.blobs_dir / ref.path, nbytes=ref.nbytes, checksum=ref.checksum,
+                              expect=ref.expect(), layout=layout)
+
+        return maintenance.verify_all(self.engine, check,
+                                      lambda ref, reason: self._quarantine(ref.key, reason, checksum=ref.checksum))
 
     def purge_quarantine(self) -> int:
         """Delete quarantined files and their records. Returns how many."""
@@ -521,4 +613,6 @@ class FactorStore:
     def clear(self, *, include_pinned: bool = False) -> int:
         """Delete every ready entry (pinned ones and their links too with `include_pinned`, which also resets
         the counters). Returns the entries deleted."""
-        return maintenance.clear(self, include_pinned=include_pinned)
+        return maintenance.clear(self.engine, self.blobs_dir,
+                                 lambda key, path, pinned_ok: self._remove(key, path, pinned_ok=pinned_ok),
+                                 include_pinned=include_pinned)

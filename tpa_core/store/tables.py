@@ -46,7 +46,9 @@ class Entry(StoreBase):
     n_tokens: Mapped[int] = mapped_column(Integer)
     nbytes: Mapped[int] = mapped_column(BigInteger)  # size of the blob file
     path: Mapped[str] = mapped_column(String(512))  # relative to the blobs folder
-    sha256: Mapped[str] = mapped_column(KEY)  # of the blob file's bytes
+    # "<algorithm>:<hex digest>" of the blob file's bytes (set when the entry becomes ready). The column keeps its
+    # first name so that databases made by earlier versions open unchanged.
+    checksum: Mapped[str] = mapped_column("sha256", KEY)
     state: Mapped[str] = mapped_column(String(12))  # PENDING | READY
     writer: Mapped[str | None] = mapped_column(String(200), nullable=True)  # "host:pid:start" while pending
     created: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,101 @@
+"""Chunk assembly: moving a cached B_K by rotation, and recomputing tokens against an assembled cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tpa_core.assembly import place, recompute, select_deviating
+from tpa_core.errors import TPAError
+
+ROPES = {
+    "plain": None,
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+}
+
+
+def _model(helpers, form: str, style: str, scaling) -> object:
+    config = helpers.tiny_config(form, rope_style=style, rope_scaling=scaling, rope_tables_bf16=False)
+    return helpers.random_model(config, seed=3)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("form", ["contextual", "fixed"])
+@pytest.mark.parametrize("style", ["rotate_half", "t6"])
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_a_moved_chunk_equals_the_chunk_encoded_there(helpers, form, style, rope):
+    """B_K of a chunk encoded at position 7 and moved to 141 equals B_K of the same chunk encoded at 141.
+
+    Layer 0's B_K depends on the token and its position only, so there the two must agree to rounding; deeper
+    layers also saw different predecessors (7 vs 141 filler tokens), so only the round trip is checked there."""
+    model = _model(helpers, form, style, ROPES[rope])
+    chunk = torch.randint(0, 101, (1, 20), generator=torch.Generator().manual_seed(1))
+    caches = {}
+    for at in (7, 141):
+        cache = model.new_cache(capacity=256)
+        model(torch.full((1, at), 5), cache)
+        model(chunk, cache)
+        caches[at] = cache.export(0, at, at + 20)
+    moved = place(model, caches[7], 141 - 7)
+    assert _rel_err(moved["layers.0.bk"], caches[141]["layers.0.bk"]) <= 1e-4
+    assert _rel_err(caches[7]["layers.0.bk"], caches[141]["layers.0.bk"]) > 1e-2  # the move did something
+    for i in range(model.config.n_layers):
+        for name in ("bv", "ak", "av"):
+            if f"layers.{i}.{name}" in moved:  # head factors and B_V are never touched
+                assert torch.equal(moved[f"layers.{i}.{name}"], caches[7][f"layers.{i}.{name}"])
+    back = place(model, moved, -(141 - 7))
+    assert _rel_err(back["layers.1.bk"], caches[7]["layers.1.bk"]) <= 1e-5
+
+
+def test_dynamic_ntk_refuses_a_move(helpers):
+    model = _model(helpers, "fixed", "rotate_half", {"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(TPAError, match="dynamic NTK"):
+        place(model, {"layers.0.bk": torch.zeros(3, 2, 16)}, 5)
+
+
+@pytest.mark.parametrize("form", ["contextual", "kv_only", "fixed"])
+def test_recomputing_every_token_is_a_full_prefill(helpers, form):
+    """Chunks encoded alone, moved into place, then every chunk token recomputed: the next-token logits equal a
+    full prefill's (float32, 1e-4 of the largest value)."""
+    model = helpers.random_model(helpers.tiny_config(form, rope_tables_bf16=False), seed=4)
+    g = torch.Generator().manual_seed(2)
+    head, a, b, tail = (torch.randint(0, 101, (n,), generator=g).tolist() for n in (6, 11, 9, 5))
+    full = model(torch.tensor([head + a + b + tail]), last_only=True)[0, -1]
+
+    cache = model.new_cache(capacity=64)
+    model(torch.tensor([head]), cache)
+    for chunk in (a, b):  # each encoded after the shared head only, at the reference position len(head)
+        scratch = model.new_cache(capacity=64)
+        model(torch.tensor([head + chunk]), scratch)
+        piece = scratch.export(0, len(head), len(head) + len(chunk))
+        cache.import_(place(model, piece, cache.length(0) - len(head)), 0, cache.length(0))
+    ids = a + b
+    positions = list(range(len(head), len(head) + len(ids)))
+    approx = model(torch.tensor([tail]), _copy(model, cache), last_only=True)[0, -1]
+    recompute(model, cache, ids, positions)
+    assembled = model(torch.tensor([tail]), cache, last_only=True)[0, -1]
+    assert _rel_err(assembled, full) <= 1e-4
+    assert _rel_err(approx, full) > 1e-3  # without the recompute chunk b never saw chunk a
+
+
+def test_selection_picks_the_requested_share(helpers):
+    model = helpers.random_model(helpers.tiny_config("fixed"), seed=5)
+    cache = model.new_cache(capacity=64)
+    ids = torch.randint(0, 101, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    model(torch.tensor([ids]), cache)
+    chosen, states = select_deviating(model, cache, ids[10:], list(range(10, 30)), 0.25)
+    assert len(chosen) == 5 and chosen == sorted(chosen) and all(10 <= p < 30 for p in chosen)
+    assert states.shape == (1, 5, model.config.d_model)
+    assert select_deviating(model, cache, ids[10:], list(range(10, 30)), 0.0) == ([], None)
+
+
+def _copy(model, cache):
+    clone = model.new_cache(capacity=cache.capacity)
+    clone.import_(cache.export(0, 0, cache.length(0)), 0, 0)
+    return clone
