@@ -50,7 +50,7 @@ def local_router(service: ChatService, token: str) -> APIRouter:
             first = await anyio.to_thread.run_sync(next, events)  # user mistakes surface here, before output
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return JSONResponse({"error": f"malformed request: {exc}"}, status_code=400)
-        except Exception as exc:  # noqa: BLE001 - user errors become 400s; anything else is logged
+        except Exception as exc:  # user errors become 400s; anything else is logged
             if isinstance(exc, user_error_types()):
                 return JSONResponse({"error": str(exc)}, status_code=400)
             log.exception("local ask failed")

@@ -14,7 +14,6 @@ is built only from its own session's turns, and the live cache is restored from 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import shutil
 import threading
@@ -45,6 +44,7 @@ from app.chunk_reuse import Restored, ReuseSetting, restore_assembled, restore_e
 from app.context import ContextOverflowError, ContextUnit, bound_pinned, canonical, public_source
 from app.database import make_engine
 from app.errors import AppError
+from app.intake import NotAllowedError, accept_uploads, check_server_path
 from app.sessions import SessionInfo, SessionStore, Turn
 from app.spellings import AnswerSpellings
 from app.tokens import REPEATS, encode_conversation, repeating
@@ -67,10 +67,6 @@ PUBLIC_METRICS = ("prompt_tokens", "reused_tokens", "chunk_tokens", "recomputed_
                   "ttft_ms", "decode_tokens_per_s", "total_ms")
 __all__ = ["MAX_QUESTION_CHARS", "MAX_TOP_K", "AskEvent", "AskOptions", "AskResult", "ChatService", "NotAllowedError",
            "QuestionError"]
-
-
-class NotAllowedError(AppError):
-    """A web visitor asked for something the operator did not allow (a server path, a model)."""
 
 
 @dataclass
@@ -252,66 +248,36 @@ class ChatService:
 
     def ingest(self, collection: str, *, uploads: Sequence[str | Path] = (), local_path: str | None = None,
                progress: ProgressFn | None = None) -> dict:
-        """Ingest uploaded files (copied into the data folder first, see `app.uploads`) and/or a folder or
-        repository on this machine, which must lie inside one of `settings.ingest_roots`, into `collection`
-        (created if new). Returns the ingestion summary (`ingest --json` shape) plus "rejected": uploads refused
-        before ingestion (type or size), each with its reason."""
-        rejected: list[dict] = []
-        targets: list[Path] = []
-        if uploads:
-            targets += self._save_uploads(collection, uploads, rejected)
+        """Ingest uploaded files (copied into the data folder first) and/or a folder or repository on this
+        machine, which must lie inside one of `settings.ingest_roots` (`app.intake`), into `collection` (created
+        if new). Returns the ingestion summary (`ingest --json` shape) plus "rejected": uploads refused before
+        ingestion (type or size), each with its reason."""
+        from retrieval.corpus import check_collection_name
+
+        check_collection_name(collection)
+        accepted = accept_uploads(uploads, self.settings.uploads_dir / collection, self.max_upload_bytes)
+        targets = list(accepted.targets)
         if local_path:
-            targets.append(self._check_server_path(local_path))
+            targets.append(check_server_path(local_path, self.settings.ingest_roots, self.settings.data_dir))
         if not targets:
-            if rejected:
-                raise AppError("nothing to ingest: " + "; ".join(f"{r['path']}: {r['reason']}" for r in rejected))
+            if accepted.rejected:
+                raise AppError("nothing to ingest: " + "; ".join(f"{r['path']}: {r['reason']}"
+                                                                 for r in accepted.rejected))
             raise AppError("nothing to ingest: give files, a .zip, a folder or a repository path")
-        summary = self._ingest_targets(collection, targets, progress)
-        summary["rejected"] = rejected
-        summary["skipped"] = rejected + summary["skipped"]
+        summary = self.ingest_paths(collection, targets, progress)
+        summary["rejected"] = accepted.rejected
+        summary["skipped"] = accepted.rejected + summary["skipped"]
         return summary
 
     def ingest_paths(self, collection: str, paths: Sequence[str | Path], progress: ProgressFn | None = None) -> dict:
         """`ingest` of files, folders or repositories on this machine, for its local administrator (the CLI,
         tests): no ingest-root check, unlike a web visitor's `local_path`."""
-        return self._ingest_targets(collection, [Path(p).expanduser() for p in paths], progress)
-
-    def _ingest_targets(self, collection: str, targets: Sequence[Path], progress: ProgressFn | None) -> dict:
-        """Ingest checked paths into `collection`; the summary in the `ingest --json` shape."""
         def report(p) -> None:  # retrieval.records.IngestProgress
             if progress is not None:
                 progress(p.files_done, p.files_total, p.path)
 
-        return self.corpus.ingest(collection, [str(t) for t in targets], progress=report).to_json()
-
-    def _save_uploads(self, collection: str, uploads: Sequence[str | Path], rejected: list[dict]) -> list[Path]:
-        """Copy the acceptable uploads into folders of their own under the collection's upload folder
-        (`app.uploads`); the others go to `rejected`. Returns what to ingest: each .zip, each other file's
-        folder."""
-        from app.uploads import store_upload
-        from retrieval.corpus import check_collection_name
-        from retrieval.extract import supported
-
-        check_collection_name(collection)
-        targets: list[Path] = []
-        for item in uploads:
-            source = Path(item)
-            name = source.name
-            reason = None
-            if not source.is_file():
-                reason = "the upload is missing (expired or not a file)"
-            elif source.stat().st_size > self.max_upload_bytes:
-                reason = (f"too large: {source.stat().st_size / 1024**2:.1f} MiB, the limit is "
-                          f"{self.max_upload_bytes / 1024**2:.0f} MiB")
-            elif not (supported(name) or name.lower().endswith(".zip")):
-                reason = f"unsupported file type {Path(name).suffix or '(none)'}"
-            if reason:
-                rejected.append({"path": name, "reason": reason})
-                continue
-            with source.open("rb") as data:
-                saved = store_upload(self.settings.uploads_dir / collection, name, data)
-            targets.append(saved if saved.suffix.lower() == ".zip" else saved.parent)
-        return targets
+        paths = [str(Path(p).expanduser()) for p in paths]
+        return self.corpus.ingest(collection, paths, progress=report).to_json()
 
     def encode_chunks(self, collection: str, progress: ProgressFn | None = None,
                       on_plan: Callable[[Any], None] | None = None) -> dict:
@@ -327,26 +293,6 @@ class ChatService:
         namespace = self.namespace()
         return self._run_on_worker(lambda: encode_units(loaded.model, loaded.tokenizer, self.store, namespace,
                                                         units, on_plan=on_plan, progress=progress))
-
-    def _check_server_path(self, given: str) -> Path:
-        """`given` resolved (links followed) if it lies inside an ingest root; the same refusal otherwise,
-        whether or not it exists, so a visitor learns nothing about the rest of the machine."""
-        roots = self.settings.ingest_roots
-        if not roots:
-            raise NotAllowedError("this server takes uploads only: paths on the server are turned off (its "
-                                  "operator can allow folders with `tpa-rag serve --ingest-root DIR`)")
-        try:
-            raw = Path(given.strip())
-            resolved = Path(os.path.realpath(raw if raw.is_absolute() else roots[0] / raw))
-        except (ValueError, OSError):  # a NUL byte, a name too long
-            resolved = None
-        data_dir = os.path.realpath(self.settings.data_dir)  # the database, the caches, other visitors' uploads
-        for root in roots:
-            if resolved is not None and resolved.is_relative_to(os.path.realpath(root)) \
-                    and not resolved.is_relative_to(data_dir):
-                return resolved
-        raise NotAllowedError(f"{given!r} is not inside a folder this server may ingest "
-                              f"({', '.join(str(r) for r in roots)})")
 
     def ensure_demo_collection(self, name: str, paths: Sequence[str], progress: Callable[[Any], None] | None = None
                                ) -> bool:
@@ -635,7 +581,7 @@ class ChatService:
         def run() -> None:
             try:
                 self._run_ask(job)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer of the stream
+            except BaseException as exc:  # handed to the consumer of the stream
                 if not isinstance(exc, AppError):
                     log.exception("ask in session %s failed", job.session_id)
                 job.events.put(exc)

@@ -285,7 +285,7 @@ def build_app(service: ChatService) -> gr.Blocks:
             for item in summary.get("rejected", []):
                 gr.Warning(f"{item['path']}: {item['reason']}")
             if encode_chunks:
-                def announce(plan) -> None:  # noqa: ANN001 - app.chunk_reuse.EncodePlan
+                def announce(plan) -> None:  # app.chunk_reuse.EncodePlan
                     gr.Info(f"encoding {plan.to_encode} chunk caches: {plan.bytes_needed / 1024**2:,.1f} MiB of a "
                             f"{plan.budget_bytes / 1024**2:,.0f} MiB cache budget")
 

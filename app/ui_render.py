@@ -107,7 +107,7 @@ def turn_messages(question: str, answer: str, sources: Sequence[dict], metrics: 
     return messages
 
 
-def session_label(info) -> str:  # noqa: ANN001 - app.sessions.SessionInfo
+def session_label(info) -> str:  # app.sessions.SessionInfo
     name = info.name or "(new session)"
     return f"{name} · {info.n_turns} turn{'s' if info.n_turns != 1 else ''} · {info.updated_at:%Y-%m-%d %H:%M}"
 

@@ -39,9 +39,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]  # this checkout's packages first, installed or not
 
-from flashtpa.dispatch import attention  # noqa: E402 - after the checkout's folders are on the path
-from flashtpa.inputs import AttentionInputs  # noqa: E402 - same
-from flashtpa.reference import attention_reference  # noqa: E402 - same
+from flashtpa.dispatch import attention  # after the checkout's folders are on the path
+from flashtpa.inputs import AttentionInputs
+from flashtpa.reference import attention_reference
 
 # (B, M) -> the official TPA decode kernel, us, as measured before this project (H200, CUDA-graph replay; H=32,
 # D=64, ranks (16,1,1)); the same-run figures come from --official.

@@ -239,7 +239,7 @@ class _Precomputed:
         self.name, self.dim = embedder.name, embedder.dim
         self._vectors = dict(zip(texts, embedder.embed(texts)))
 
-    def embed(self, texts, progress=None) -> np.ndarray:  # noqa: ANN001
+    def embed(self, texts, progress=None) -> np.ndarray:
         return np.stack([self._vectors[t] for t in texts])
 
 

@@ -147,7 +147,7 @@ def _pdf(data: bytes) -> Extracted:
                 pages.append("")
     except Unextractable:
         raise
-    except Exception as exc:  # noqa: BLE001 - a damaged PDF must not stop the ingestion of the other files
+    except Exception as exc:  # a damaged PDF must not stop the ingestion of the other files
         raise Unextractable(f"unreadable PDF ({type(exc).__name__}: {exc})") from exc
     text = "\n\n\f".join(pages)
     if not text.strip():

@@ -516,7 +516,7 @@ def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: IngestLimits
                 data = member.read(info.file_size + 1)
         except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, ValueError) as exc:
             raise SourceReadError(f"unreadable archive entry ({exc})") from exc
-        except Exception as exc:  # noqa: BLE001 - zlib/bz2/lzma raise their own errors on corrupt streams
+        except Exception as exc:  # zlib/bz2/lzma raise their own errors on corrupt streams
             raise SourceReadError(f"corrupt archive entry ({type(exc).__name__}: {exc})") from exc
         if len(data) > info.file_size:
             raise SourceReadError("entry inflates past its declared size (possible zip bomb)")

@@ -86,7 +86,7 @@ class FusedParams(nn.Module):
 
     fused: dict[str, list[tuple[str | None, int]]]
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 (torch signature)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # torch signature
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for fused_name, parts in self.fused.items():
             if prefix + fused_name not in destination:
@@ -99,7 +99,7 @@ class FusedParams(nn.Module):
                     destination[prefix + part] = piece if keep_vars else piece.detach().clone()
                 offset += rows
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         unloaded = []
         for fused_name, parts in self.fused.items():

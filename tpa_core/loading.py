@@ -316,7 +316,7 @@ def _read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         # weights_only: a checkpoint is data, never code to run.
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds on a bad file
         raise TPAError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TPAError(f"{path} does not hold a state dict of tensors")

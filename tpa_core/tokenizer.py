@@ -139,7 +139,7 @@ class Tokenizer:
         try:
             backend = Backend.from_file(str(directory / TOKENIZER_FILE))
             meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the tokenizers library raises its own kinds
             raise TPAError(f"the tokenizer in {directory} is missing or damaged ({exc})") from None
         template_path = directory / TEMPLATE_FILE
         template = template_path.read_text(encoding="utf-8") if template_path.is_file() else None
@@ -219,7 +219,7 @@ class Tokenizer:
                            f"(a Hugging Face fast-tokenizer file)")
         try:
             backend = Backend.from_file(str(path))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the tokenizers library raises its own kinds
             raise TPAError(f"{path} is not a readable tokenizer.json ({exc})") from None
         config = _read_json(folder / "tokenizer_config.json")
         template = config.get("chat_template")

@@ -118,7 +118,7 @@ def _encode_chunks(collection: str, settings: Settings, *, quiet: bool) -> dict:
 
     bar: dict = {}
 
-    def on_plan(plan) -> None:  # noqa: ANN001 - app.chunk_reuse.EncodePlan
+    def on_plan(plan) -> None:  # app.chunk_reuse.EncodePlan
         print(f"encoding {plan.to_encode} chunk caches ({plan.cached} of {plan.chunks} chunks already stored): "
               f"{plan.bytes_needed / 1024**2:,.1f} MiB against a cache budget of "
               f"{plan.budget_bytes / 1024**2:,.0f} MiB", file=sys.stderr)

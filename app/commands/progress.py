@@ -25,7 +25,7 @@ class IngestProgressBar:
         self._last_line = 0.0
         self._last = None
 
-    def __call__(self, event) -> None:  # noqa: ANN001 - retrieval.records.IngestProgress
+    def __call__(self, event) -> None:  # retrieval.records.IngestProgress
         self._last = event
         if self._terminal:
             self._update_bar(event)
@@ -34,7 +34,7 @@ class IngestProgressBar:
         if now - self._last_line >= PLAIN_EVERY_S:
             self._print_line(event, now)
 
-    def _update_bar(self, event) -> None:  # noqa: ANN001
+    def _update_bar(self, event) -> None:
         if self._bar is None:
             from tqdm import tqdm
 
@@ -44,13 +44,13 @@ class IngestProgressBar:
         self._bar.set_postfix_str(f"{event.chunks_embedded:,} chunks embedded", refresh=False)
         self._bar.refresh()
 
-    def _print_line(self, event, now: float) -> None:  # noqa: ANN001
+    def _print_line(self, event, now: float) -> None:
         self._last_line = now
         print(f"tpa-rag: indexed {event.files_done:,}/{event.files_total:,} files, {event.chunks_embedded:,} "
               f"chunks embedded{self._estimate(event, now - self._started)}", file=self._stream, flush=True)
 
     @staticmethod
-    def _estimate(event, elapsed: float) -> str:  # noqa: ANN001
+    def _estimate(event, elapsed: float) -> str:
         """Time left if the remaining files go at the pace of those done so far."""
         if not event.files_done or event.files_done >= event.files_total or elapsed < 1:
             return ""

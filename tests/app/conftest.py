@@ -9,8 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from corpus_texts import CACHE_DOC, MODEL_CODE, NOTES  # noqa: E402
-from tiny import HashingEmbedder, tiny_loaded_model  # noqa: E402
+from corpus_texts import CACHE_DOC, MODEL_CODE, NOTES
+from tiny import HashingEmbedder, tiny_loaded_model
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tpa_core"))
 
-from engine_fixtures import write_tiny_gguf  # noqa: E402
+from engine_fixtures import write_tiny_gguf
 
-from app.cli import main  # noqa: E402
+from app.cli import main
 
 REPO = Path(__file__).parents[2]
 

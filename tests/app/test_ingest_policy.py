@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.service import NotAllowedError
+from app.intake import NotAllowedError
 
 
 @pytest.fixture

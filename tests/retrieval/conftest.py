@@ -9,9 +9,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from retrieval_helpers import CountingEmbedder  # noqa: E402
+from retrieval_helpers import CountingEmbedder
 
-from retrieval.embeddings import SentenceTransformerEmbedder  # noqa: E402
+from retrieval.embeddings import SentenceTransformerEmbedder
 
 
 @pytest.fixture(scope="session")

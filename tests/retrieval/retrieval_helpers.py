@@ -23,7 +23,7 @@ class CountingEmbedder:
     def dim(self) -> int:
         return self.inner.dim
 
-    def embed(self, texts: Sequence[str], progress=None) -> np.ndarray:  # noqa: ANN001
+    def embed(self, texts: Sequence[str], progress=None) -> np.ndarray:
         self.calls += 1
         self.texts.extend(texts)
         return self.inner.embed(texts, progress=progress)

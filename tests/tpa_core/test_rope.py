@@ -12,7 +12,7 @@ from tpa_core.errors import TPAError
 from tpa_core.rope import Rope, apply_rope, inv_freq
 
 transformers = pytest.importorskip("transformers")
-from transformers.models.llama.modeling_llama import (  # noqa: E402
+from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
 )

@@ -24,7 +24,7 @@ from tpa_core.store.tables import COUNTERS, PENDING, READY, Counter, Entry, Link
 log = logging.getLogger(__name__)
 
 
-def _count(conn, model, *where) -> int:  # noqa: ANN001 - a Connection and a mapped class
+def _count(conn, model, *where) -> int:  # a Connection and a mapped class
     return conn.execute(select(func.count()).select_from(model).where(*where)).scalar_one()
 
 

@@ -119,7 +119,7 @@ def drop_stale_pending(engine: Engine, blobs_dir: Path, row_key: str, writer: st
     return result.rowcount == 1
 
 
-def reconcile(engine: Engine, blobs_dir: Path, quarantine) -> ReconcileReport:  # noqa: ANN001 - callback
+def reconcile(engine: Engine, blobs_dir: Path, quarantine) -> ReconcileReport:  # callback
     """Run every repair listed in the module docstring; `quarantine(key, reason)` handles wrong-size files."""
     report = ReconcileReport()
     now = time.time()

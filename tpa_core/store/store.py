@@ -400,7 +400,7 @@ class FactorStore:
                     outcomes = list(pool.map(write, claimed))
             else:
                 outcomes = [write(job) for job in claimed]
-        except BaseException as exc:  # interrupted: give every claim back, the files go with them
+        except BaseException as exc:  # noqa: BLE001 - interrupted: give every claim back, with the files
             outcomes = [exc] * len(claimed)
         written = 0
         failure: BaseException | None = None
