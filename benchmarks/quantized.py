@@ -1,12 +1,14 @@
 """Quantized resident GGUF weights: our engine against llama.cpp on the same files, and quality against float32.
 
-Speed (`speed`): for each GGUF file and thread count, one fresh process per engine, one after the other:
+Speed (`speed`): for each GGUF file and thread count, one fresh process per engine, one after the other, `--repeats`
+times with the order alternating (medians reported, every run kept in the JSON):
 
 - load: seconds from the engine's load call to a model ready to run (our model cache already holds the file's
   entry: a warm-up load runs first; llama.cpp: `Llama(...)` with the file in the page cache);
 - prefill: one forward over `--prompt` token ids (the same ids for both), tokens/s;
 - decode: `--new` greedy single-token steps after that prompt, tokens/s;
-- peak RSS of the process (`ru_maxrss`), and the file size.
+- peak RSS of the process (VmHWM), the RSS before the load call (the runtime without a model), and the
+  file size.
 
 Rates are given per wall-clock second and per CPU second of the process (`time.process_time`): on a shared
 machine a descheduled process loses wall time but not CPU time, so with one thread the CPU-time rates are the
@@ -23,7 +25,7 @@ teacher-forced over every position of the default-model parity prompts and their
 continuations; and the largest logit difference over the logit range. (The file's own type, Q4_1 with a Q8_0
 embedding, is asserted in tests/tpa_core/test_quant.py on the same sequences.)
 
-    .venv/bin/python benchmarks/quantized.py speed FILE.gguf... [--threads 1,2] [--prompt 512] [--new 64]
+    .venv/bin/python benchmarks/quantized.py speed FILE.gguf... [--threads 1,2] [--prompt 512] [--new 64] [--repeats 2]
     .venv/bin/python benchmarks/quantized.py quality [--types Q4_0,...]
 """
 
@@ -33,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -49,10 +50,15 @@ BENCH_MODELS_DIR = Path(tempfile.gettempdir()) / "tpa-rag-bench-models"
 
 # The llama.cpp side, run by the benchmark environment's interpreter (it has llama_cpp, not tpa_core).
 LLAMA_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 from llama_cpp import Llama
 path, threads, ids, new = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+def memory_mb(field):  # VmHWM (peak) or VmRSS of this process image: ru_maxrss would carry the parent's peak over
+    line = next(x for x in open("/proc/self/status") if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+rss_before_load = memory_mb("VmRSS")
 start = time.perf_counter()
 llm = Llama(model_path=path, n_ctx=len(ids) + new + 16, n_batch=len(ids), n_ubatch=len(ids), n_threads=threads,
             n_threads_batch=threads, verbose=False)
@@ -73,7 +79,7 @@ for _ in range(new):
 decode, decode_cpu = time.perf_counter() - start, time.process_time() - cpu
 print(json.dumps({"load_s": load, "prefill_tok_s": len(ids) / prefill, "decode_tok_s": new / decode,
                   "prefill_tok_per_cpu_s": len(ids) / prefill_cpu, "decode_tok_per_cpu_s": new / decode_cpu,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": memory_mb("VmHWM"), "rss_before_load_mb": rss_before_load}))
 """
 
 
@@ -84,6 +90,7 @@ def ours_child(path: str, threads: int, ids: list[int], new: int, models_dir: st
     from tpa_core.loading import load_model
 
     torch.set_num_threads(threads)
+    rss_before_load = memory_mb("VmRSS")  # the runtime, no model yet
     start = time.perf_counter()
     loaded = load_model(path, models_dir, device="cpu", weights="quantized")
     load = time.perf_counter() - start
@@ -99,7 +106,15 @@ def ours_child(path: str, threads: int, ids: list[int], new: int, models_dir: st
     decode, decode_cpu = time.perf_counter() - start, time.process_time() - cpu
     return {"load_s": load, "prefill_tok_s": len(ids) / prefill, "decode_tok_s": new / decode,
             "prefill_tok_per_cpu_s": len(ids) / prefill_cpu, "decode_tok_per_cpu_s": new / decode_cpu,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": memory_mb("VmHWM"), "rss_before_load_mb": rss_before_load,
+            "cache_mb": cache.nbytes_per_token() * cache.capacity / 2**20}
+
+
+def memory_mb(field: str) -> float:
+    """/proc/self/status's `field` (VmHWM: peak RSS, VmRSS: now) in MiB. Unlike `ru_maxrss`, which Linux carries
+    over an exec from the parent process, VmHWM belongs to this process image alone."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
 
 
 def _run_json(command: list[str], env: dict[str, str] | None = None) -> dict:
@@ -135,17 +150,31 @@ def speed(args: argparse.Namespace) -> dict:
         # writes our model-cache entry and brings the file into the page cache for both engines
         _run_json([*ours_cmd[:-2], "--ids", json.dumps(ids[:8]), "--threads", "1"])
         for threads in (int(t) for t in args.threads.split(",")):
-            ours = _run_json([*ours_cmd, "--threads", str(threads)])
-            llama = _run_json([str(args.llama_python), "-c", LLAMA_CHILD, str(file), str(threads), json.dumps(ids),
-                               str(args.new)], llama_env(args))
+            runs: dict[str, list[dict]] = {"ours": [], "llama.cpp": []}
+            for repeat in range(args.repeats):
+                order = ("ours", "llama.cpp") if repeat % 2 == 0 else ("llama.cpp", "ours")  # alternate who goes first
+                for engine in order:
+                    if engine == "ours":
+                        runs[engine].append(_run_json([*ours_cmd, "--threads", str(threads)]))
+                    else:
+                        runs[engine].append(_run_json([str(args.llama_python), "-c", LLAMA_CHILD, str(file),
+                                                       str(threads), json.dumps(ids), str(args.new)],
+                                                      llama_env(args)))
+            ours, llama = _median(runs["ours"]), _median(runs["llama.cpp"])
             row = {"file": file.name, "file_mb": file.stat().st_size / 2**20, "threads": threads, "ours": ours,
-                   "llama.cpp": llama, "load_avg": os.getloadavg()[0]}
+                   "llama.cpp": llama, "runs": runs, "load_avg": os.getloadavg()[0]}
             for key in ("prefill_tok_s", "decode_tok_s", "prefill_tok_per_cpu_s", "decode_tok_per_cpu_s"):
                 row[f"{key}_ratio"] = ours[key] / llama[key]
             row["load_ratio"] = ours["load_s"] / llama["load_s"]
+            row["peak_rss_over_file"] = ours["peak_rss_mb"] / row["file_mb"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     return {"rows": rows}
+
+
+def _median(runs: list[dict]) -> dict:
+    """Each measure's median over the repeats (the lower middle value for an even count)."""
+    return {key: sorted(run[key] for run in runs)[(len(runs) - 1) // 2] for key in runs[0]}
 
 
 def quality(args: argparse.Namespace) -> dict:
@@ -227,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--threads", default="1,2")
     sp.add_argument("--prompt", type=int, default=512)
     sp.add_argument("--new", type=int, default=64)
+    sp.add_argument("--repeats", type=int, default=1, help="runs per engine and row, alternating which goes first")
     sp.add_argument("--models-dir", type=Path, default=BENCH_MODELS_DIR)
     sp.add_argument("--llama-python", type=Path, default=LLAMA_PYTHON)
     sp.add_argument("--llama-package", type=Path, default=None)
