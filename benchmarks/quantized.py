@@ -152,7 +152,8 @@ def speed(args: argparse.Namespace) -> dict:
         for threads in (int(t) for t in args.threads.split(",")):
             runs: dict[str, list[dict]] = {"ours": [], "llama.cpp": []}
             for repeat in range(args.repeats):
-                order = ("ours", "llama.cpp") if repeat % 2 == 0 else ("llama.cpp", "ours")  # alternate who goes first
+                # alternate who goes first, across repeats and rows
+                order = ("ours", "llama.cpp") if (repeat + len(rows)) % 2 == 0 else ("llama.cpp", "ours")
                 for engine in order:
                     if engine == "ours":
                         runs[engine].append(_run_json([*ours_cmd, "--threads", str(threads)]))
