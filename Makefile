@@ -6,7 +6,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test setup system-deps lock clean
 
+# The quantized-weights op is compiled for this machine (cached by source hash; without a compiler it says so and
+# GGUF models run with float32 weights).
 setup: $(STAMP)
+	$(BIN)/python -m tpa_core.quant.build
 
 # torch is installed first, on its own, so that pip takes the pinned build and no other package pulls a different one.
 # Everything else installs at the exact versions of requirements.lock, the set the suite last passed with.

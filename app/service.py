@@ -215,7 +215,8 @@ class ChatService:
     def _load(self, name: str):
         from tpa_core.loading import load_model
 
-        loaded = load_model(name, self.settings.models_dir, device=self.settings.device)
+        loaded = load_model(name, self.settings.models_dir, device=self.settings.device,
+                            weights=self.settings.weights)
         loaded.model.attention_backend = self.settings.attention_backend
         if loaded.tokenizer is None:
             raise AppError(f"model {name!r} has no tokenizer; the chat needs one")

@@ -32,6 +32,9 @@ def _number(env, name: str, kind: type, default):
         raise AppError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
 
 
+WEIGHT_MODES = ("auto", "float", "quantized")  # as tpa_core.loading.WEIGHT_MODES (app may not import it here)
+
+
 def _flag(env, name: str, default: bool) -> bool:
     """A yes/no environment variable: 1/true/yes/on or 0/false/no/off; anything else is a user error."""
     raw = (env.get(name) or "").strip().lower()
@@ -72,6 +75,7 @@ class Settings:
     database_url: str = ""  # "" = SQLite file in the data directory
     model: str = DEFAULT_MODEL
     device: str = "auto"  # auto | cpu | cuda
+    weights: str = "auto"  # auto | float | quantized (tpa_core.loading.choose_weights)
     attention_backend: str = "auto"  # auto | torch | triton
     cache_budget_bytes: int = DEFAULT_CACHE_BUDGET_BYTES
     embedding_model: str = ""  # "" = the offline all-MiniLM-L6-v2 package
@@ -142,6 +146,7 @@ class Settings:
             "database_url": env.get("TPA_RAG_DATABASE_URL", ""),
             "model": env.get("TPA_RAG_MODEL", DEFAULT_MODEL),
             "device": env.get("TPA_RAG_DEVICE", "auto"),
+            "weights": env.get("TPA_RAG_WEIGHTS", "auto"),
             "attention_backend": env.get("TPA_RAG_ATTENTION_BACKEND", "auto"),
             "cache_budget_bytes": _number(env, "TPA_RAG_CACHE_BUDGET_BYTES", int, DEFAULT_CACHE_BUDGET_BYTES),
             "embedding_model": env.get("TPA_RAG_EMBEDDING_MODEL", ""),
@@ -161,6 +166,10 @@ class Settings:
             "chunk_recompute_ratio": _number(env, "TPA_RAG_CHUNK_RECOMPUTE_RATIO", float, cls.chunk_recompute_ratio),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["weights"] not in WEIGHT_MODES:
+            from app.errors import AppError
+
+            raise AppError(f"TPA_RAG_WEIGHTS={values['weights']!r} is not one of {', '.join(WEIGHT_MODES)}")
         if values["data_dir"] is None:
             values["data_dir"] = _default_data_dir()
         values["data_dir"] = _check_data_dir(Path(values["data_dir"]).expanduser().resolve())

@@ -12,11 +12,13 @@ torch thread count:
   copies): the cost of streaming every weight once per decode step with plain F.linear - a reference for how
   memory-bound decoding is, not a hard ceiling (a better GEMV layout beats it).
 
-Medians of --repeats runs per figure. Our engine is also measured in --extra-dtypes (default float16,q4; float16:
-about twice the decode speed on an AVX-512 CPU, not bit-identical to float32; q4: float32 prefill, decode on the
-GGUF's Q4_1 matrices packed for torch's int4 kernels, `tpa_core.quant`), against transformers in float32; each
-also reports how many of its greedy tokens equal the float32 engine's. llama.cpp is reported only where
-installed (llama-cli / llama-bench on PATH or the llama_cpp package).
+Medians of --repeats runs per figure. Our engine is also measured in --extra-dtypes (default float16,quantized;
+float16: about twice the decode speed on an AVX-512 CPU, not bit-identical to float32; quantized: the GGUF's
+blocks resident, `tpa_core.quant`), against transformers in float32; each also reports how many of its greedy
+tokens equal the float32 engine's. llama.cpp is compared in benchmarks/quantized.py. The report starts with the
+conditions that decide CPU speed besides our code (CPU model and vector extensions, torch's CPU capability, MKL
+and oneDNN versions, whether our prefill went through oneDNN, the load average at start and end), so that two
+runs can be told apart by machine as well as by code.
 
     .venv/bin/python benchmarks/cpu_generate.py [--threads 1,2] [--repeats 3] [--prompt-tokens 500]
 """
@@ -27,6 +29,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -55,6 +58,30 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
+
+
+def conditions() -> dict:
+    """What decides CPU speed here besides our code: the CPU's vector extensions, torch's build and math
+    libraries, and how busy the machine is (a shared machine's load average changes every figure)."""
+    flags: list[str] = []
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = line.split(":", 1)[1].split()
+            break
+    config = torch.__config__.show()
+    libraries = [line.strip(" -") for line in config.splitlines()
+                 if "Math Kernel Library" in line or "MKL-DNN" in line or "OpenMP" in line]
+    from tpa_core.attention import _onednn
+
+    return {
+        "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
+        "simd_flags": sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")),
+        "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "math_libraries": libraries, "mkl": torch.backends.mkl.is_available(),
+        "onednn": torch.backends.mkldnn.is_available(),
+        "onednn_linear_used_for_prefill": _onednn["usable"],  # None until a prefill ran; False: F.linear (MKL)
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -196,16 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts to measure")
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--extra-dtypes", default="float16,q4",
-                        help="comma-separated dtypes (or q4) to measure our engine in besides float32 ('' for none)")
+    parser.add_argument("--extra-dtypes", default="float16,quantized",
+                        help="comma-separated dtypes (or quantized: the GGUF's blocks resident, tpa_core.quant) to "
+                             "measure our engine in besides float32 ('' for none)")
     args = parser.parse_args(argv)
 
     from tpa_core import registry
     from tpa_core.loading import load_model
 
-    loaded = load_model(args.model, args.models_dir, device="cpu")
+    start_conditions = conditions()
+    loaded = load_model(args.model, args.models_dir, device="cpu", weights="float")
     extra = {name: load_model(args.model, args.models_dir, device="cpu",
-                              **({"weights": "q4"} if name == "q4" else {"dtype": getattr(torch, name)}))
+                              **({"weights": "quantized"} if name == "quantized" else
+                                 {"dtype": getattr(torch, name), "weights": "float"}))
              for name in args.extra_dtypes.split(",") if name}
     gguf = registry.download_path(args.model, args.models_dir)
     ids = prompt_ids(loaded.tokenizer, args.prompt_tokens)
@@ -230,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(int(t) for t in args.threads.split(",")))
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "conditions_at_start": start_conditions, "conditions_at_end": conditions(),
         "cpu": cpu_model(), "cores": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": None if args.skip_hf else __import__("transformers").__version__,
         "model": args.model, "prompt_tokens": len(ids), "new_tokens": args.new_tokens, "repeats": args.repeats,

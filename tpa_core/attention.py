@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from flashtpa.dispatch import attention
 from tpa_core.cache import FactorCache
 from tpa_core.config import TPAConfig
-from tpa_core.quant import PACKED_MAX_ROWS, Q4Weight
+from tpa_core.quant.linear import QuantLinear
 from tpa_core.rope import Rope, RopeTables, apply_rope
 
 logger = logging.getLogger(__name__)
@@ -36,14 +36,14 @@ ONEDNN_MIN_ROWS = 16
 _onednn = {"usable": None}  # None = not tried yet; False after a build without a working oneDNN linear
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Q4Weight | None = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: QuantLinear | None = None) -> Tensor:
     """`F.linear(x, weight, bias)`: x `[..., d]`, weight `[F, d]` -> `[..., F]`; prefill-sized float32 CPU inputs
     go through oneDNN, whose GEMM is about twice as fast as MKL's sgemm on AMD CPUs (plain layout, no weight copy
-    kept). `packed`: a `tpa_core.quant.Q4Weight` copy of `weight`, used for single-row inputs (decode)."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if packed is not None and rows <= PACKED_MAX_ROWS:
+    kept). `packed`: the weight resident in its GGUF blocks (`tpa_core.quant`); `weight` is then a placeholder."""
+    if packed is not None:
         out = packed(x)  # [..., F]
         return out if bias is None else out + bias
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     # oneDNN tensors have no autograd: training (gradients on) stays on F.linear
     if (rows >= ONEDNN_MIN_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
             and _onednn["usable"] is not False and not torch.is_grad_enabled()):
@@ -168,7 +168,7 @@ class TPAAttention(FusedParams):
         self.b_in = nn.Parameter(torch.zeros(total, **factory)) if biased else None
         self.w_o = nn.Parameter(torch.empty(c.d_model, H * D, **factory))  # [d, H*D]
         self.fused = {"w_in": [(f"w_{name}", rows) for name, rows in parts]}
-        self.packed: dict[str, Q4Weight] = {}  # 4-bit decode copies of w_in / w_o (tpa_core.quant.attach_q4)
+        self.packed: dict[str, QuantLinear] = {}  # w_in / w_o resident in GGUF blocks (tpa_core.quant)
         self._rope: Rope | None = None  # RoPE tables of the `attn(x, positions)` call, made on first use
         if biased:
             self.fused["b_in"] = [(f"b_{name}" if name in biased else None, rows) for name, rows in parts]

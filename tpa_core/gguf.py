@@ -10,7 +10,7 @@ matter here:
    exactly as transformers' GGUF loader does, so a GGUF runs through the same rotate_half RoPE as HF weights.
    `qwen2` files are not permuted (llama.cpp's Qwen2 converter writes the rows as they are).
 
-The file is memory-mapped by `gguf.GGUFReader`; tensors are dequantized one at a time with `gguf.dequantize`.
+The file is memory-mapped (`tpa_core.gguf_container`); tensors are dequantized one at a time with `gguf.dequantize`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tpa_core.errors import TPAError
@@ -87,30 +88,36 @@ def hf_name(gguf_name: str) -> str | None:
 
 
 class GGUFFile:
-    """A GGUF file opened for reading (memory-mapped).
+    """A GGUF file opened for reading (memory-mapped; `tpa_core.gguf_container`).
 
-    `metadata` maps every key to its Python value (str, int, float, bool or list); `tensor(name)` returns a
-    float32 tensor in PyTorch's row-major shape (`[rows, cols]` for a matrix: GGUF lists dims innermost first).
+    `metadata` maps every key to its Python value (str, int, float, bool or list), decoded on first use;
+    `tensor(name)` returns a float32 tensor in PyTorch's row-major shape (`[rows, cols]` for a matrix: GGUF lists
+    dims innermost first); `raw(name)` the stored bytes.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, writable_map: bool = False) -> None:
+        """writable_map: map the file copy-on-write, so that `raw` tensors are writable views (torch warns on
+        read-only ones); nothing is ever written back to the file."""
+        from tpa_core.gguf_container import GGUFContainer
+
         self.path = Path(path)
         if not self.path.is_file():
             raise TPAError(f"GGUF file not found: {self.path}")
-        from gguf import GGUFReader
+        self._container = GGUFContainer(self.path, writable=writable_map)
+        self._tensors = self._container.tensors
+        self._metadata: dict[str, Any] | None = None
 
-        try:
-            self._reader = GGUFReader(str(self.path), "r")
-            self.metadata: dict[str, Any] = {name: field.contents() for name, field in self._reader.fields.items()}
-        except Exception as exc:  # noqa: BLE001 - the reader raises many kinds on a damaged file
-            raise TPAError(f"{self.path} is not a readable GGUF file ({type(exc).__name__}: {exc}); "
-                           f"delete it and fetch or convert it again") from None
-        self._tensors = {t.name: t for t in self._reader.tensors}
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Every metadata key and its value (decodes all of them, vocabularies included, on first use)."""
+        if self._metadata is None:
+            self._metadata = {key: self._container.value(key) for key in self._container.key_names()}
+        return self._metadata
 
     # ----- raw access --------------------------------------------------------------------------------------
     @property
     def architecture(self) -> str:
-        arch = self.metadata.get("general.architecture")
+        arch = self._container.value("general.architecture")
         if not isinstance(arch, str):
             raise TPAError(f"{self.path}: GGUF metadata lacks general.architecture")
         return arch
@@ -121,27 +128,45 @@ class GGUFFile:
 
     def tensor_type(self, name: str) -> str:
         """The GGML storage type of a tensor (`"Q4_1"`, `"F32"`...)."""
-        return self._get(name).tensor_type.name
+        from gguf.constants import GGMLQuantizationType
+
+        return GGMLQuantizationType(self._get(name).type_id).name
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's PyTorch shape (`[rows, cols]` for a matrix)."""
+        return self._get(name).shape
+
+    def nbytes(self, name: str) -> int:
+        """A tensor's size in the file."""
+        return self._get(name).n_bytes
+
+    def raw(self, name: str) -> torch.Tensor:
+        """A tensor's bytes as stored, `[rows, row_bytes]` uint8 (rows: all dims but the innermost), viewing the
+        mapped file (no copy)."""
+        info = self._get(name)
+        rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
+        return torch.from_numpy(self._container.data(info).reshape(rows, -1))
 
     def tensor(self, name: str) -> torch.Tensor:
         """Tensor `name` dequantized to float32, shape `[rows, cols]` (or `[n]`)."""
-        import numpy as np
         from gguf import dequantize
+        from gguf.constants import GGMLQuantizationType
 
         info = self._get(name)
+        qtype = GGMLQuantizationType(info.type_id)
+        rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
         try:
-            array = dequantize(info.data, info.tensor_type)
+            array = dequantize(self._container.data(info).reshape(rows, -1), qtype)
         except NotImplementedError:
-            raise TPAError(f"{self.path}: tensor {name} has the GGML type {info.tensor_type.name}, "
+            raise TPAError(f"{self.path}: tensor {name} has the GGML type {qtype.name}, "
                            f"which the gguf package cannot dequantize") from None
-        except Exception as exc:  # noqa: BLE001 - any failure to decode means a damaged file
+        except Exception as exc:  # noqa: BLE001 - gguf's numpy code raises anything on malformed blocks
             raise TPAError(f"{self.path}: tensor {name} could not be read ({type(exc).__name__}: {exc}); "
                            f"the file looks damaged") from None
-        shape = tuple(int(n) for n in reversed(info.shape))  # GGUF dims are innermost first
         array = np.ascontiguousarray(array, dtype=np.float32)
-        if array.size != int(np.prod(shape)):
-            raise TPAError(f"{self.path}: tensor {name} has {array.size} values, expected shape {shape}")
-        return torch.from_numpy(array.reshape(shape).copy())
+        if array.size != int(np.prod(info.shape, dtype=np.int64)):
+            raise TPAError(f"{self.path}: tensor {name} has {array.size} values, expected shape {info.shape}")
+        return torch.from_numpy(array.reshape(info.shape).copy())
 
     def _get(self, name: str):
         try:
@@ -150,8 +175,9 @@ class GGUFFile:
             raise TPAError(f"{self.path}: no tensor named {name!r} in the GGUF file") from None
 
     def _meta(self, key: str, default: Any = None, *, required: bool = False) -> Any:
-        if key in self.metadata:
-            return self.metadata[key]
+        value = self._container.value(key)
+        if value is not None:
+            return value
         if required:
             raise TPAError(f"{self.path}: GGUF metadata lacks {key}")
         return default

@@ -45,7 +45,9 @@ CACHE_FORMAT = "tpa-rag-model/2"  # the layout of a cache folder
 FINGERPRINT_VERSION = "tpa-rag-fingerprint/1"  # what the fingerprint hashes (changing it re-keys every store)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-WEIGHT_MODES = ("float32", "q4")
+WEIGHT_MODES = ("auto", "float", "quantized")
+# GGUF files from this size up load with quantized resident weights under weights="auto" (see choose_weights).
+AUTO_QUANTIZED_MIN_BYTES = 256 * 2**20
 T6_KEYS = ("n_layer", "n_head", "n_embd", "rank")
 # Files of a source folder whose size/mtime identify a version of it.
 _SOURCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -67,7 +69,7 @@ class LoadedModel:
     name: str
     source: Path
     cache_dir: Path
-    weights: str = "float32"  # "q4" when decode runs packed Q4_1 matrices (load_model's weights=)
+    weights: str = "float"  # "quantized" when the matrices stay in their GGUF blocks (tpa_core.quant)
 
     @property
     def device(self) -> torch.device:
@@ -93,40 +95,66 @@ class Source:
 
 def load_model(name_or_path: str | Path, models_dir: str | Path, device: str = "auto",
                dtype: torch.dtype | None = None, *, fetch: bool = True, require_tokenizer: bool = True,
-               weights: str = "float32") -> LoadedModel:
+               weights: str = "auto") -> LoadedModel:
     """Load a model by known name (fetched on first use when `fetch`) or local path, through the model cache.
 
     device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". dtype: None = float32 on the CPU,
     bfloat16 on CUDA. A T6 checkpoint folder without a tokenizer.json loads only with `require_tokenizer=False`
-    (token ids in, token ids out). weights: "float32" (as converted), or "q4": on the CPU in float32, decode steps
-    also run the GGUF's Q4_1 matrices through torch's int4 kernels (`tpa_core.quant`; faster, not bit-identical;
-    matrices of other types, and non-GGUF sources, stay float32).
+    (token ids in, token ids out). weights (`choose_weights`): "float" (converted to `dtype`), "quantized" (a
+    GGUF's matrices stay in their blocks on the CPU, `tpa_core.quant`) or "auto" (quantized for GGUF files of
+    `AUTO_QUANTIZED_MIN_BYTES` and more on the CPU, float otherwise). TPAError when the model will not fit in the
+    available memory, before anything large is read.
     """
     if weights not in WEIGHT_MODES:
-        raise TPAError(f"unknown weights mode {weights!r}: use {' or '.join(WEIGHT_MODES)}")
+        raise TPAError(f"unknown weights mode {weights!r}: use {', '.join(WEIGHT_MODES)}")
     models_dir = Path(models_dir).expanduser()
     target_device = resolve_device(device)
     source = resolve_source(name_or_path, models_dir, fetch=fetch)
+    mode = choose_weights(weights, source, target_device, dtype)
+    if mode == "quantized":
+        from tpa_core.quant.cache import load_resident
+
+        return load_resident(source, models_dir, require_tokenizer)
     if dtype is None:
         dtype = torch.bfloat16 if target_device.type == "cuda" else torch.float32
-    if weights == "q4" and (target_device.type != "cpu" or dtype != torch.float32):
-        raise TPAError(f"4-bit weights (q4) run on the CPU in float32 only, not {dtype} on {target_device}")
-    loaded = _load_converted(source, models_dir, target_device, dtype, require_tokenizer)
-    if weights == "q4":
-        from tpa_core.quant import attach_q4_cached
+    return _load_converted(source, models_dir, target_device, dtype, require_tokenizer)
 
-        if source.kind == "gguf" and attach_q4_cached(loaded.model, source.path, loaded.cache_dir):
-            loaded.weights = "q4"
-        else:
-            logger.warning("%s holds no Q4_1 matrices: running in float32", source.path)
-    return loaded
+
+def choose_weights(weights: str, source: Source, device: torch.device, dtype: torch.dtype | None) -> str:
+    """"float" or "quantized" for a weights mode ("auto", "float", "quantized"); TPAError for a quantized
+    request that cannot run (not a GGUF, not the CPU, a dtype other than float32, no compiled op)."""
+    if weights == "float":
+        return "float"
+    from tpa_core.quant import ops
+
+    runnable = source.kind == "gguf" and device.type == "cpu" and dtype in (None, torch.float32)
+    if weights == "auto":
+        large = source.kind == "gguf" and source.path.stat().st_size >= AUTO_QUANTIZED_MIN_BYTES
+        return "quantized" if runnable and large and ops.available() else "float"
+    if not runnable:
+        raise TPAError(f"quantized weights run GGUF models on the CPU in float32; {source.path} is a "
+                       f"{source.kind} model on {device} ({dtype or 'default dtype'}): use --weights float")
+    try:
+        ops.load()
+    except ops.OpsUnavailable as exc:
+        raise TPAError(f"quantized weights need the compiled op, which is not available: {exc}\n"
+                       f"run `make setup` (it builds the op), or use --weights float") from None
+    return "quantized"
 
 
 def _load_converted(source: Source, models_dir: Path, target_device: torch.device, dtype: torch.dtype,
                     require_tokenizer: bool) -> LoadedModel:
+    from tpa_core.memory import check_fits
+
     cache_dir = cached_dir_for(source, models_dir)
     if cache_dir is None:
+        if source.kind == "gguf":  # conversion holds the float32 HF state dict and the model's copy of it
+            check_fits(2 * _gguf_float32_bytes(source.path), f"converting {source.name} to float32",
+                       "load it with --weights quantized instead (its matrices stay in their GGUF blocks)")
         cache_dir = convert_to_cache(source, models_dir)
+    weight_bytes = (cache_dir / WEIGHTS_FILE).stat().st_size * torch.finfo(dtype).bits // 32
+    check_fits(weight_bytes, f"{source.name} in {str(dtype).removeprefix('torch.')}",
+               "load a GGUF of it with --weights quantized, or pick a smaller model")
     try:
         return _load_cached(cache_dir, source, target_device, dtype, require_tokenizer)
     except _DamagedCache as exc:
@@ -134,6 +162,14 @@ def _load_converted(source: Source, models_dir: Path, target_device: torch.devic
         shutil.rmtree(cache_dir, ignore_errors=True)
         cache_dir = convert_to_cache(source, models_dir)
         return _load_cached(cache_dir, source, target_device, dtype, require_tokenizer)
+
+
+def _gguf_float32_bytes(path: Path) -> int:
+    """Bytes of every tensor of a GGUF file in float32."""
+    from tpa_core.gguf import GGUFFile
+
+    gguf = GGUFFile(path)
+    return sum(4 * torch.Size(gguf.shape(name)).numel() for name in gguf.tensor_names)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -338,7 +374,8 @@ def convert_to_cache(source: Source, models_dir: Path) -> Path:
 
 
 def list_cached(models_dir: str | Path) -> list[dict[str, Any]]:
-    """The converted models in the cache: name, fingerprint, kind, source, size_mb, form, layers."""
+    """The models in the cache: name, fingerprint, kind, source, size_mb (on disk in the cache), weights
+    ("float32" or "quantized"), resident_mb (memory its weights take when loaded), n_layers, arch, path."""
     models_dir = Path(models_dir)
     out = []
     if not models_dir.is_dir():
@@ -352,8 +389,13 @@ def list_cached(models_dir: str | Path) -> list[dict[str, Any]]:
             continue
         size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
         config = meta.get("tpa_config", {})
+        resident = meta.get("resident_bytes")  # quantized entries; a float32 entry holds its weights file
+        if resident is None and (folder / WEIGHTS_FILE).is_file():
+            resident = (folder / WEIGHTS_FILE).stat().st_size
         out.append({"name": meta.get("name"), "fingerprint": meta.get("fingerprint"), "kind": meta.get("kind"),
                     "source": meta.get("source"), "size_mb": round(size / 2**20, 1),
+                    "weights": "quantized" if meta.get("weights") == "gguf-resident" else "float32",
+                    "resident_mb": None if resident is None else round(resident / 2**20, 1),
                     "n_layers": config.get("n_layers"), "arch": config.get("arch"), "path": str(folder)})
     return out
 
@@ -396,7 +438,7 @@ def _load_cached(cache_dir: Path, source: Source, device: torch.device, dtype: t
 
 
 @contextlib.contextmanager
-def _skip_init():
+def skip_init():
     """Make torch.nn.init's in-place initializers no-ops while a model whose weights will be loaded is built.
 
     Random init is wasted work here, and on meta tensors it goes through torch._refs, whose first use imports
@@ -420,7 +462,7 @@ def assign_parameters(config: TPAConfig, params: dict[str, torch.Tensor], device
     when device and dtype already match. A layout that does not fit the model is a damaged cache entry."""
     from tpa_core.model import TPAModel
 
-    with _skip_init():
+    with skip_init():
         model = TPAModel(config, device="meta", dtype=dtype)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     found = {name: tuple(t.shape) for name, t in params.items()}
@@ -444,7 +486,7 @@ def build_model(config: TPAConfig, state: dict[str, torch.Tensor], device: torch
     device = torch.device(device)
     # Parameters on the meta device cost nothing to create; to_empty allocates them once, uninitialized, and
     # load_state_dict fills them (the fused projections are concatenated from their named parts there).
-    with _skip_init():
+    with skip_init():
         model = TPAModel(config, device="meta", dtype=dtype)
     model = model.to_empty(device=device)
     try:

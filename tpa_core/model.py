@@ -23,7 +23,7 @@ from tpa_core.attention import ONEDNN_MIN_ROWS, FusedParams, StepInfo, TPAAttent
 from tpa_core.cache import FactorCache
 from tpa_core.config import TPAConfig
 from tpa_core.errors import TPAError
-from tpa_core.quant import PACKED_MAX_ROWS, Q4Weight
+from tpa_core.quant.linear import QuantLinear
 from tpa_core.rope import Rope
 
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
@@ -72,7 +72,7 @@ class SwiGLU(FusedParams):
         self.w_gate_up = nn.Parameter(torch.empty(2 * hidden, d_model, device=device, dtype=dtype))  # [2F, d]
         self.w_down = nn.Parameter(torch.empty(d_model, hidden, device=device, dtype=dtype))  # [d, F]
         self.fused = {"w_gate_up": [("w_gate", hidden), ("w_up", hidden)]}
-        self.packed: dict[str, Q4Weight] = {}  # 4-bit decode copies (tpa_core.quant.attach_q4)
+        self.packed: dict[str, QuantLinear] = {}  # w_gate_up / w_down resident in GGUF blocks (tpa_core.quant)
         nn.init.normal_(self.w_gate_up, std=0.02)
         nn.init.normal_(self.w_down, std=0.02)
 
@@ -119,7 +119,7 @@ class TPAModel(nn.Module):
         self.attention_backend = "auto"  # "auto" | "torch" | "triton", passed to flashtpa.dispatch
         self._head_t: Tensor | None = None  # see _head_transposed
         self._head_t_key: tuple | None = None
-        self.packed_head: Q4Weight | None = None  # 4-bit decode copy of the LM head (tpa_core.quant.attach_q4)
+        self.packed_head: QuantLinear | None = None  # the LM head resident in GGUF blocks (tpa_core.quant)
 
     @property
     def device(self) -> torch.device:
@@ -182,15 +182,14 @@ class TPAModel(nn.Module):
         if last_only:
             x = x[:, -1:]  # [B, 1, d]
         x = self.norm(x)  # [B, n, d], the model dtype
-        return self._logits(x, decode=B * N <= PACKED_MAX_ROWS)
+        return self._logits(x)
 
-    def _logits(self, x: Tensor, decode: bool) -> Tensor:
+    def _logits(self, x: Tensor) -> Tensor:
         """x `[B, n, d]` -> float32 logits `[B, n, V]`; a 16-bit model's product is accumulated and returned in
-        float32 (no 16-bit rounding of the logits, whose ties would decide the argmax). `decode`: a call of
-        single tokens, which reads the 4-bit head where there is one."""
+        float32 (no 16-bit rounding of the logits, whose ties would decide the argmax)."""
         B, n, d = x.shape
-        if self.packed_head is not None and decode:  # a prefill's logits stay float32
-            return self.packed_head(x).float()  # [B, 1, V]
+        if self.packed_head is not None:  # resident GGUF blocks: float32 output
+            return self.packed_head(x)  # [B, n, V]
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight  # [V, d]
         sixteen_bit = x.dtype in SIXTEEN_BIT
         if x.device.type == "cpu" and (sixteen_bit or (x.dtype == torch.float32 and B * n < ONEDNN_MIN_ROWS)):

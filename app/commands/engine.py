@@ -1,10 +1,11 @@
 """Engine commands: `tpa-rag generate`, `tpa-rag chat`, `tpa-rag models fetch|list`.
 
     tpa-rag generate [--raw] [--json] [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K]
-                     [--seed S] [--system TEXT] [--dtype D] [--threads N] PROMPT     (PROMPT "-" or absent: read stdin)
-    tpa-rag chat [--max-new-tokens N] [--temperature T] ... [--system TEXT] [--dtype D] [--threads N]
+                     [--seed S] [--system TEXT] [--dtype D] [--weights W] [--threads N] PROMPT
+                     (PROMPT "-" or absent: read stdin)
+    tpa-rag chat [--max-new-tokens N] [--temperature T] ... [--system TEXT] [--dtype D] [--weights W] [--threads N]
     tpa-rag models fetch [NAME]
-    tpa-rag models list [--json]
+    tpa-rag models list [--json]      (each cached model's weights form and resident size)
 
 The model is `--model` (a known name, a .gguf file or a model folder), loaded through the model cache under
 `<data-dir>/models`.
@@ -57,10 +58,14 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
     parser.add_argument("--system", default=None, metavar="TEXT", help="a system message for the chat template")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "q4"), default=None,
-                        help="weight/activation dtype (default: float32 on the CPU, bfloat16 on CUDA); float16 "
-                             "decodes about 2x faster on an AVX-512 CPU but is not bit-identical to float32; q4 "
-                             "(CPU, Q4_1 GGUF models): float32 prefill, decode on the file's 4-bit weights "
-                             "through torch's int4 kernels, faster still, not bit-identical either")
+                        help="weight/activation dtype of float weights (default: float32 on the CPU, bfloat16 on "
+                             "CUDA); float16 decodes about 2x faster on an AVX-512 CPU but is not bit-identical to "
+                             "float32; q4: the older spelling of --weights quantized")
+    parser.add_argument("--weights", choices=("auto", "float", "quantized"), default=None,
+                        help="quantized: a GGUF model's matrices stay in their quantized blocks (CPU; about the "
+                             "file's size in memory, faster decoding, decode activations rounded in two 8-bit "
+                             "levels); float: convert to --dtype; auto (default, or TPA_RAG_WEIGHTS): quantized for "
+                             "GGUF files of 256 MiB and more, float for smaller ones like the default model")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for torch (default: torch's choice; decoding is memory-bound, and on a "
                              "busy 2-core machine 1 thread is several times faster than 2)")
@@ -90,10 +95,13 @@ def _load(settings: Settings, args: argparse.Namespace):
         if args.threads < 1:
             raise AppError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    weights = args.weights or settings.weights
     if args.dtype == "q4":
-        return load_model(settings.model, settings.models_dir, device=settings.device, weights="q4")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    return load_model(settings.model, settings.models_dir, device=settings.device, dtype=dtype)
+        if args.weights not in (None, "quantized"):
+            raise AppError(f"--dtype q4 means --weights quantized; it contradicts --weights {args.weights}")
+        return load_model(settings.model, settings.models_dir, device=settings.device, weights="quantized")
+    dtype = getattr(torch, args.dtype) if args.dtype else None  # with weights "auto", a 16-bit dtype means float
+    return load_model(settings.model, settings.models_dir, device=settings.device, dtype=dtype, weights=weights)
 
 
 def _messages(system: str | None, turns: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -239,9 +247,11 @@ def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
     for entry in known:
         state = "fetched" if entry["fetched"] else "not fetched"
         print(f"  {entry['name']:<24} {state:<12} {entry['description']}")
-    print(f"Converted models in {settings.models_dir}:")
+    print(f"Converted models in {settings.models_dir} (resident: the memory its weights take when loaded):")
     if not cached:
         print("  (none; run `tpa-rag models fetch`)")
     for entry in cached:
-        print(f"  {entry['name']:<24} {entry['fingerprint'][:12]}  {entry['size_mb']:>8.1f} MB  {entry['source']}")
+        resident = "?" if entry["resident_mb"] is None else f"{entry['resident_mb']:.1f} MB"
+        print(f"  {entry['name']:<24} {entry['fingerprint'][:12]}  {entry['weights']:<9}  resident {resident:>11}  "
+              f"{entry['source']}")
     return 0

@@ -1,0 +1,533 @@
+// y = x @ W^T with W kept in its GGUF blocks, and W's rows dequantized to float32 on demand.
+//
+// Registered as torch.ops.tpa_gguf.{matmul, dequantize}. A weight is a uint8 tensor [N, row_bytes] holding N rows
+// of GGML blocks (a row of K values = K / block_values blocks). `matmul` quantizes each row of x to int8 per
+// 32 values (one float scale per 32, as llama.cpp does for its decode path), plus a second int8 level for the
+// rounding error of the first, and takes integer dot products
+// against the weight's codes: the codes are exact, the activations are rounded in two int8 levels per 32-value
+// block (to about 2^-15 of the block's largest |x|; see XBlock).
+// F16 and BF16 rows are multiplied in float32 against x as given. `dequantize` writes the float32 rows that
+// gguf's reference `dequantize` gives, for prefill (a float GEMM over a chunk of dequantized rows).
+//
+// Block layouts (GGML, little-endian; d, dmin, m are IEEE float16):
+//   Q4_0  18 B / 32:  d, qs[16]                w = d (q - 8);  value j < 16: low nibble of qs[j], else high of qs[j-16]
+//   Q4_1  20 B / 32:  d, m, qs[16]             w = d q + m
+//   Q5_0  22 B / 32:  d, qh u32, qs[16]        w = d (q - 16); q = nibble | bit j of qh << 4
+//   Q5_1  24 B / 32:  d, m, qh u32, qs[16]     w = d q + m
+//   Q8_0  34 B / 32:  d, qs[32] int8           w = d q
+//   Q4_K 144 B / 256: d, dmin, scales[12], qs[128]: 8 sub-blocks of 32, 6-bit scale sc and min mn each,
+//                     w = d sc q - dmin mn; sub-block j: nibble (j & 1) of qs[32 (j / 2) ...]
+//   Q5_K 176 B / 256: d, dmin, scales[12], qh[32], qs[128]: as Q4_K, plus bit j of qh[i] as the fifth bit
+//   Q6_K 210 B / 256: ql[128], qh[64], scales[16] int8, d: w = d sc (q - 32), one scale per 16 values
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define TPA_GGUF_AVX2 1
+#endif
+
+namespace {
+
+enum : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
+                 Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
+
+struct Layout {
+  int64_t values;  // per block
+  int64_t bytes;   // per block
+};
+
+Layout layout_of(int64_t type) {
+  switch (type) {
+    case F32: return {1, 4};
+    case F16: return {1, 2};
+    case BF16: return {1, 2};
+    case Q4_0: return {32, 18};
+    case Q4_1: return {32, 20};
+    case Q5_0: return {32, 22};
+    case Q5_1: return {32, 24};
+    case Q8_0: return {32, 34};
+    case Q4_K: return {256, 144};
+    case Q5_K: return {256, 176};
+    case Q6_K: return {256, 210};
+    default: TORCH_CHECK(false, "tpa_gguf: unsupported GGML type id ", type);
+  }
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#ifdef TPA_GGUF_AVX2
+  return _cvtsh_ss(h);  // one instruction (F16C) instead of c10's bit manipulation
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
+}
+
+inline float bf16_bits_to_float(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// The 6-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K block, from its 12 scale bytes.
+inline void k_scale_min(const uint8_t* s, int j, int* sc, int* mn) {
+  if (j < 4) {
+    *sc = s[j] & 63;
+    *mn = s[j + 4] & 63;
+  } else {
+    *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+    *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// ----- dequantization (reference arithmetic: the same float32 products as gguf's numpy code) -----------------
+void dequantize_row(int64_t type, const uint8_t* row, int64_t k, float* out) {
+  const Layout lay = layout_of(type);
+  const int64_t nb = k / lay.values;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * lay.bytes;
+    float* o = out + b * lay.values;
+    switch (type) {
+      case F32: std::memcpy(o, blk, 4); break;
+      case F16: o[0] = half_at(blk); break;
+      case BF16: { uint16_t h; std::memcpy(&h, blk, 2); o[0] = bf16_bits_to_float(h); break; }
+      case Q4_0: {
+        const float d = half_at(blk);
+        for (int j = 0; j < 16; ++j) {
+          o[j] = d * static_cast<float>((blk[2 + j] & 0x0F) - 8);
+          o[j + 16] = d * static_cast<float>((blk[2 + j] >> 4) - 8);
+        }
+        break;
+      }
+      case Q4_1: {
+        const float d = half_at(blk), m = half_at(blk + 2);
+        for (int j = 0; j < 16; ++j) {
+          o[j] = d * static_cast<float>(blk[4 + j] & 0x0F) + m;
+          o[j + 16] = d * static_cast<float>(blk[4 + j] >> 4) + m;
+        }
+        break;
+      }
+      case Q5_0: case Q5_1: {
+        const bool has_min = type == Q5_1;
+        const float d = half_at(blk), m = has_min ? half_at(blk + 2) : 0.0f;
+        uint32_t qh;
+        std::memcpy(&qh, blk + (has_min ? 4 : 2), 4);
+        const uint8_t* qs = blk + (has_min ? 8 : 6);
+        const int offset = has_min ? 0 : 16;
+        for (int j = 0; j < 16; ++j) {
+          const int lo = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4);
+          const int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+          if (has_min) {
+            o[j] = d * static_cast<float>(lo) + m;
+            o[j + 16] = d * static_cast<float>(hi) + m;
+          } else {
+            o[j] = d * static_cast<float>(lo - offset);
+            o[j + 16] = d * static_cast<float>(hi - offset);
+          }
+        }
+        break;
+      }
+      case Q8_0: {
+        const float d = half_at(blk);
+        for (int j = 0; j < 32; ++j) o[j] = static_cast<float>(static_cast<int8_t>(blk[2 + j])) * d;
+        break;
+      }
+      case Q4_K: case Q5_K: {
+        const float d = half_at(blk), dmin = half_at(blk + 2);
+        const uint8_t* scales = blk + 4;
+        const bool five = type == Q5_K;
+        const uint8_t* qh = blk + 16;
+        const uint8_t* qs = blk + (five ? 48 : 16);
+        for (int j = 0; j < 8; ++j) {
+          int sc, mn;
+          k_scale_min(scales, j, &sc, &mn);
+          const float dj = d * static_cast<float>(sc), mj = dmin * static_cast<float>(mn);
+          const uint8_t* q = qs + 32 * (j / 2);
+          const int shift = 4 * (j & 1);
+          for (int i = 0; i < 32; ++i) {
+            int v = (q[i] >> shift) & 0x0F;
+            if (five) v |= ((qh[i] >> j) & 1) << 4;
+            o[32 * j + i] = dj * static_cast<float>(v) - mj;
+          }
+        }
+        break;
+      }
+      case Q6_K: {
+        const uint8_t* ql = blk;
+        const uint8_t* qh = blk + 128;
+        const int8_t* scales = reinterpret_cast<const int8_t*>(blk + 192);
+        const float d = half_at(blk + 208);
+        for (int h = 0; h < 2; ++h) {
+          for (int t = 0; t < 4; ++t) {
+            const uint8_t* l = ql + 64 * h + 32 * (t & 1);
+            const uint8_t* hb = qh + 32 * h;
+            for (int i = 0; i < 32; ++i) {
+              const int v = (((l[i] >> (4 * (t >> 1))) & 0x0F) | (((hb[i] >> (2 * t)) & 3) << 4)) - 32;
+              const int idx = 128 * h + 32 * t + i;
+              o[idx] = d * static_cast<float>(scales[idx / 16]) * static_cast<float>(v);
+            }
+          }
+        }
+        break;
+      }
+      default: TORCH_CHECK(false, "tpa_gguf: unsupported GGML type id ", type);
+    }
+  }
+}
+
+// ----- activations in two int8 levels per 32 values --------------------------------------------------------------
+// x ~ d (256 q + r): q = round(x / (256 d)) is llama.cpp's int8 activation, r the int8 rounding of what q missed,
+// so one integer dot product per level gives w . x to about 2^-15 of the block's largest |x| instead of 2^-8.
+struct XBlock {
+  float d;         // the unit of 256 q + r: max |x| / (127 * 256)
+  float dsum;      // d * sum(256 q + r): the min / offset term of every type but Q8_0 and Q6_K
+  float dsum16[2]; // the same over values [0, 16) and [16, 32): Q6_K's offset term (one scale per 16)
+  int8_t q[32];
+  int8_t r[32];
+};
+
+// `group` blocks of 32 share one scale: 8 for the K-quants (one per 256-value super-block, so that their kernels
+// sum the sub-blocks' integer products before converting to float), 1 for the other types.
+void quantize_activations(const float* x, int64_t k, int64_t group, XBlock* out) {
+  for (int64_t g = 0; g < k / (32 * group); ++g) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < 32 * group; ++i) amax = std::max(amax, std::fabs(x[32 * group * g + i]));
+    const float d1 = amax / 127.0f;
+    const float id1 = d1 > 0.0f ? 1.0f / d1 : 0.0f;
+    const float id2 = 256.0f * id1;
+    const float d = d1 / 256.0f;
+    for (int64_t b = group * g; b < group * (g + 1); ++b) {
+      const float* v = x + 32 * b;
+      int sums[2] = {0, 0};
+      for (int i = 0; i < 32; ++i) {
+        const int q = static_cast<int>(std::nearbyint(v[i] * id1));
+        const float rest = v[i] - d1 * static_cast<float>(q);
+        const int r = std::max(-127, std::min(127, static_cast<int>(std::nearbyint(rest * id2))));
+        out[b].q[i] = static_cast<int8_t>(q);
+        out[b].r[i] = static_cast<int8_t>(r);
+        sums[i / 16] += 256 * q + r;
+      }
+      out[b].d = d;
+      out[b].dsum16[0] = d * static_cast<float>(sums[0]);
+      out[b].dsum16[1] = d * static_cast<float>(sums[1]);
+      out[b].dsum = d * static_cast<float>(sums[0] + sums[1]);
+    }
+  }
+}
+
+#ifdef TPA_GGUF_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 32 signed codes times 32 signed activations -> 8 int32 partial sums (|w| <= 128, |x| <= 127: no saturation).
+inline __m256i dot_signed(__m256i w, __m256i x) {
+  const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+  return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+}
+
+// 32 unsigned codes (<= 31) times 32 signed activations -> 8 int32 partial sums.
+inline __m256i dot_unsigned(__m256i q, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
+}
+
+inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// Both activation levels: 256 (w . q) + (w . r) per int32 lane (|w . q| per lane <= 4 * 128 * 127: no overflow).
+inline __m256i two_levels(__m256i hi, __m256i lo) { return _mm256_add_epi32(_mm256_slli_epi32(hi, 8), lo); }
+
+inline __m256i dot2_signed(__m256i w, const XBlock& x) {
+  return two_levels(dot_signed(w, load32(x.q)), dot_signed(w, load32(x.r)));
+}
+
+inline __m256i dot2_unsigned(__m256i q, const XBlock& x) {
+  return two_levels(dot_unsigned(q, load32(x.q)), dot_unsigned(q, load32(x.r)));
+}
+
+// 16 bytes of packed nibbles -> 32 codes: values 0..15 the low nibbles, 16..31 the high ones.
+inline __m256i nibbles_16(const uint8_t* p) {
+  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t, 4), m), _mm_and_si128(t, m));
+}
+
+// Bit j of a 32-bit word -> byte j of the result: 0x10 where set, 0 elsewhere (the fifth bit of a Q5 code).
+inline __m256i fifth_bits(const uint8_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+  const __m256i shuffle = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)), shuffle);
+  v = _mm256_or_si256(v, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  v = _mm256_cmpeq_epi8(v, _mm256_set1_epi64x(-1));
+  return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+
+// Sum over n blocks of scale_b * (8 int32 lanes p_b) + term_b, where block(b, p, scale, term) fills in block b's
+// values. Two accumulators, even and odd blocks: one chain of float adds (4-cycle latency) per block would
+// otherwise bound the loop, whose integer work per block takes fewer cycles than that.
+template <typename Block>
+inline float sum_blocks(int64_t n, Block block) {
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  float terms[2] = {0.0f, 0.0f};
+  int64_t b = 0;
+  for (; b + 2 <= n; b += 2) {
+    for (int i = 0; i < 2; ++i) {
+      __m256i p;
+      float scale, term;
+      block(b + i, p, scale, term);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale), acc[i]);
+      terms[i] += term;
+    }
+  }
+  if (b < n) {
+    __m256i p;
+    float scale, term;
+    block(b, p, scale, term);
+    acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale), acc[0]);
+    terms[0] += term;
+  }
+  return hsum(_mm256_add_ps(acc[0], acc[1])) + terms[0] + terms[1];
+}
+
+float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
+  // Per 32-block: p = the integer dot products of the codes with x's two levels, scale = d_w d_x, and term the
+  // min or offset: + m d_x sum(x) (Q4_1, Q5_1), - 8 d_w d_x sum(x) (Q4_0), - 16 ... (Q5_0).
+  switch (type) {
+    case Q4_0:
+      return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
+        const uint8_t* blk = row + 18 * b;
+        const float d = half_at(blk);
+        p = dot2_unsigned(nibbles_16(blk + 2), x[b]);
+        scale = d * x[b].d;
+        term = -8.0f * d * x[b].dsum;
+      });
+    case Q4_1:
+      return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
+        const uint8_t* blk = row + 20 * b;
+        p = dot2_unsigned(nibbles_16(blk + 4), x[b]);
+        scale = half_at(blk) * x[b].d;
+        term = half_at(blk + 2) * x[b].dsum;
+      });
+    case Q5_0:
+      return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
+        const uint8_t* blk = row + 22 * b;
+        const float d = half_at(blk);
+        p = dot2_unsigned(_mm256_or_si256(nibbles_16(blk + 6), fifth_bits(blk + 2)), x[b]);
+        scale = d * x[b].d;
+        term = -16.0f * d * x[b].dsum;
+      });
+    case Q5_1:
+      return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
+        const uint8_t* blk = row + 24 * b;
+        p = dot2_unsigned(_mm256_or_si256(nibbles_16(blk + 8), fifth_bits(blk + 4)), x[b]);
+        scale = half_at(blk) * x[b].d;
+        term = half_at(blk + 2) * x[b].dsum;
+      });
+    case Q8_0:
+      return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
+        const uint8_t* blk = row + 34 * b;
+        p = dot2_signed(load32(blk + 2), x[b]);
+        scale = half_at(blk) * x[b].d;
+        term = 0.0f;
+      });
+    default: break;
+  }
+  __m256 acc = _mm256_setzero_ps();
+  float mins = 0.0f;  // the K-quants' min / offset terms, one addition per super-block
+  switch (type) {
+    case Q4_K: case Q5_K: {
+      const bool five = type == Q5_K;
+      const int64_t bytes = five ? 176 : 144;
+      const __m256i low4 = _mm256_set1_epi8(0x0F);
+      for (int64_t b = 0; b < k / 256; ++b) {
+        const uint8_t* blk = row + bytes * b;
+        const float d = half_at(blk), dmin = half_at(blk + 2);
+        const __m256i qh = five ? load32(blk + 16) : _mm256_setzero_si256();
+        const uint8_t* qs = blk + (five ? 48 : 16);
+        const XBlock* xb = x + 8 * b;
+        int sc[8], mn[8];
+        for (int j = 0; j < 8; ++j) k_scale_min(blk + 4, j, &sc[j], &mn[j]);
+        // x's scale is shared by the super-block: sum sc_j (q_j . x_j) in integers, one level each
+        // (per lane <= 8 * 2 * 2 * 31 * 127 * 63: no overflow), then two float multiply-adds.
+        __m256i acc_hi = _mm256_setzero_si256(), acc_lo = _mm256_setzero_si256();
+        float block_mins = 0.0f;
+        for (int c = 0; c < 4; ++c) {
+          const __m256i raw = load32(qs + 32 * c);
+          for (int half = 0; half < 2; ++half) {
+            const int j = 2 * c + half;
+            __m256i q = _mm256_and_si256(half ? _mm256_srli_epi16(raw, 4) : raw, low4);
+            if (five) {
+              const __m256i bit = _mm256_and_si256(_mm256_srli_epi16(qh, j), _mm256_set1_epi8(1));
+              q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
+            }
+            const __m256i scale = _mm256_set1_epi16(static_cast<int16_t>(sc[j]));
+            acc_hi = _mm256_add_epi32(acc_hi, _mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xb[j].q)), scale));
+            acc_lo = _mm256_add_epi32(acc_lo, _mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xb[j].r)), scale));
+            block_mins += static_cast<float>(mn[j]) * xb[j].dsum;
+          }
+        }
+        mins -= dmin * block_mins;
+        const float dx = d * xb[0].d;
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_hi), _mm256_set1_ps(256.0f * dx), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_lo), _mm256_set1_ps(dx), acc);
+      }
+      break;
+    }
+    case Q6_K: {
+      const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(3);
+      for (int64_t b = 0; b < k / 256; ++b) {
+        const uint8_t* blk = row + 210 * b;
+        const int8_t* scales = reinterpret_cast<const int8_t*>(blk + 192);
+        const float d = half_at(blk + 208);
+        const XBlock* xb = x + 8 * b;
+        // as for Q4_K: integer sums over the super-block (per lane <= 8 * 2 * 2 * 63 * 127 * 128), one level each
+        __m256i acc_hi = _mm256_setzero_si256(), acc_lo = _mm256_setzero_si256();
+        float block_offset = 0.0f;
+        for (int h = 0; h < 2; ++h) {
+          const __m256i hb = load32(blk + 128 + 32 * h);
+          for (int t = 0; t < 4; ++t) {
+            const __m256i l = load32(blk + 64 * h + 32 * (t & 1));
+            const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(l, 4 * (t >> 1)), low4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(hb, 2 * t), low2);
+            const __m256i q = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));  // 0..63; the offset -32 goes to mins
+            const XBlock& xj = xb[4 * h + t];
+            const int s = 8 * h + 2 * t;  // the scales of values [0, 16) and [16, 32) of this chunk
+            const __m256i sc = _mm256_set_m128i(_mm_set1_epi16(scales[s + 1]), _mm_set1_epi16(scales[s]));
+            acc_hi = _mm256_add_epi32(acc_hi, _mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xj.q)), sc));
+            acc_lo = _mm256_add_epi32(acc_lo, _mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xj.r)), sc));
+            block_offset += static_cast<float>(scales[s]) * xj.dsum16[0] +
+                            static_cast<float>(scales[s + 1]) * xj.dsum16[1];
+          }
+        }
+        mins -= 32.0f * d * block_offset;
+        const float dx = d * xb[0].d;
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_hi), _mm256_set1_ps(256.0f * dx), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_lo), _mm256_set1_ps(dx), acc);
+      }
+      break;
+    }
+    default: TORCH_CHECK(false, "tpa_gguf: no integer dot product for GGML type id ", type);
+  }
+  return hsum(acc) + mins;
+}
+
+float dot_row_float(int64_t type, const uint8_t* row, const float* x, int64_t k) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * i));
+    const __m256 w = type == F16 ? _mm256_cvtph_ps(h)
+                                 : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i), acc);
+  }
+  float sum = hsum(acc);
+  for (; i < k; ++i) {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * i, 2);
+    sum += (type == F16 ? c10::detail::fp16_ieee_to_fp32_value(h) : bf16_bits_to_float(h)) * x[i];
+  }
+  return sum;
+}
+#else
+// Portable fallback: the same integer arithmetic, one value at a time, on dequantized codes.
+float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
+  std::vector<float> w(k);
+  dequantize_row(type, row, k, w.data());
+  float sum = 0.0f;
+  for (int64_t b = 0; b < k / 32; ++b) {
+    float part = 0.0f;
+    for (int i = 0; i < 32; ++i) part += w[32 * b + i] * static_cast<float>(256 * x[b].q[i] + x[b].r[i]);
+    sum += part * x[b].d;
+  }
+  return sum;
+}
+
+float dot_row_float(int64_t type, const uint8_t* row, const float* x, int64_t k) {
+  std::vector<float> w(k);
+  dequantize_row(type, row, k, w.data());
+  float sum = 0.0f;
+  for (int64_t i = 0; i < k; ++i) sum += w[i] * x[i];
+  return sum;
+}
+#endif
+
+void check_weight(const at::Tensor& w, int64_t type, int64_t k) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.device().is_cpu(),
+              "tpa_gguf: the weight must be a contiguous CPU uint8 tensor [N, row_bytes]");
+  const Layout lay = layout_of(type);
+  TORCH_CHECK(k > 0 && k % lay.values == 0 && w.size(1) == k / lay.values * lay.bytes,
+              "tpa_gguf: a row of ", k, " values of type ", type, " is ", k / lay.values * lay.bytes,
+              " bytes, the weight has ", w.size(1));
+}
+
+at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t k) {
+  check_weight(w, type, k);
+  TORCH_CHECK(type != F32, "tpa_gguf: float32 weights run through torch's own GEMM");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "tpa_gguf: x must be a float32 CPU tensor [M, ", k, "]");
+  const bool is_float = type == F16 || type == BF16;
+  TORCH_CHECK(is_float || k % 32 == 0, "tpa_gguf: K must be a multiple of 32");
+  const at::Tensor xc = x.contiguous();
+  const int64_t m_rows = xc.size(0), n_rows = w.size(0), row_bytes = w.size(1);
+  at::Tensor y = at::empty({m_rows, n_rows}, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  std::vector<XBlock> xq(is_float ? 0 : m_rows * (k / 32));
+  const int64_t group = layout_of(type).values / 32;  // K-quants: x shares a scale per 256-value super-block
+  if (!is_float) {
+    at::parallel_for(0, m_rows, 1, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) quantize_activations(xp + m * k, k, group, xq.data() + m * (k / 32));
+    });
+  }
+  at::parallel_for(0, n_rows, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = wp + n * row_bytes;
+      for (int64_t m = 0; m < m_rows; ++m) {
+        yp[m * n_rows + n] = is_float ? dot_row_float(type, row, xp + m * k, k)
+                                      : dot_row(type, row, xq.data() + m * (k / 32), k);
+      }
+    }
+  });
+  return y;
+}
+
+void dequantize(const at::Tensor& w, int64_t type, int64_t k, const at::Tensor& out) {
+  check_weight(w, type, k);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == w.size(0) && out.size(1) == k && out.scalar_type() == at::kFloat &&
+              out.is_contiguous(), "tpa_gguf: out must be a contiguous float32 tensor [N, ", k, "]");
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t row_bytes = w.size(1);
+  at::parallel_for(0, w.size(0), 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) dequantize_row(type, wp + n * row_bytes, k, op + n * k);
+  });
+}
+
+bool has_avx2() {
+#ifdef TPA_GGUF_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tpa_gguf, m) {
+  m.def("matmul(Tensor x, Tensor w, int type, int k) -> Tensor", &matmul);
+  m.def("dequantize(Tensor w, int type, int k, Tensor(a!) out) -> ()", &dequantize);
+  m.def("simd() -> bool", [] { return has_avx2(); });
+}

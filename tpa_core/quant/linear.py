@@ -1,0 +1,161 @@
+"""Matrices resident in their GGUF blocks, and the linear layers and embedding that compute with them.
+
+`QuantMatrix` is one GGUF matrix `[rows, cols]`: its block bytes `[rows, row_bytes]` (uint8, usually a view of the
+memory-mapped file) or, for F32 and the types the op does not compute with, a float32 tensor. `QuantLinear`
+stacks matrices along the output dim (a fused q|k|v or gate|up projection whose parts may differ in type, as in
+Q4_K_M files). Few-row inputs (decode) run the compiled integer op; many-row inputs (prefill) dequantize a chunk
+of rows at a time into a reused scratch buffer and run a float32 GEMM (`tpa_core.quant.formats` says what each
+path rounds).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import Tensor, nn
+
+from tpa_core.quant import ops
+from tpa_core.quant.formats import BlockFormat
+
+# Inputs of up to this many rows run the integer op; more rows dequantize and run a float GEMM. A row costs the
+# integer op one pass over the weight's codes per 32 activations, the GEMM path one dequantization per matrix.
+DECODE_MAX_ROWS = 8
+SCRATCH_VALUES = 1 << 23  # float32 values dequantized per chunk (32 MiB per thread)
+_scratch = threading.local()
+
+
+def _scratch_buffer(values: int) -> Tensor:
+    """A float32 buffer of at least `values` entries, reused across calls of this thread."""
+    buf = getattr(_scratch, "buffer", None)
+    if buf is None or buf.numel() < values:
+        buf = torch.empty(values, dtype=torch.float32)
+        _scratch.buffer = buf
+    return buf[:values]
+
+
+class QuantMatrix:
+    """One weight matrix `[rows, cols]` in GGUF blocks (`fmt` set, `data` uint8 `[rows, row_bytes]`) or in
+    float32 (`fmt` None, `data` float32 `[rows, cols]`). `order` (int64 `[rows]`, optional): row i of the matrix is
+    stored row `order[i]` (llama.cpp's permuted Q/K rows, left in place: outputs are reordered instead)."""
+
+    def __init__(self, data: Tensor, fmt: BlockFormat | None, rows: int, cols: int,
+                 order: Tensor | None = None) -> None:
+        expected = (rows, cols if fmt is None else fmt.row_bytes(cols))
+        if tuple(data.shape) != expected or data.dtype != (torch.float32 if fmt is None else torch.uint8):
+            raise ValueError(f"a {fmt.name if fmt else 'F32'} matrix [{rows}, {cols}] needs data {expected}, "
+                             f"got {tuple(data.shape)} {data.dtype}")
+        if order is not None and tuple(order.shape) != (rows,):
+            raise ValueError(f"a row order for {rows} rows has shape {tuple(order.shape)}")
+        self.data, self.fmt, self.rows, self.cols, self.order = data, fmt, rows, cols, order
+
+    @property
+    def type_name(self) -> str:
+        return "F32" if self.fmt is None else self.fmt.name
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """x `[M, cols]` float32 (M small) -> `[M, rows]` float32 through the integer op (or float32 GEMV)."""
+        if self.fmt is None:
+            y = x @ self.data.t()  # [M, rows]
+        else:
+            y = ops.matmul(x, self.data, self.fmt.type_id, self.cols)  # [M, rows] in stored order
+        return y if self.order is None else y.index_select(1, self.order)
+
+    def dequantize_rows(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        """Rows [start, stop) as float32 `[stop - start, cols]` (into `out` when given)."""
+        stored = self.data[start:stop] if self.order is None else self.data.index_select(0, self.order[start:stop])
+        if self.fmt is None:
+            return stored
+        if out is None:
+            out = torch.empty(stop - start, self.cols, dtype=torch.float32)
+        return ops.dequantize_into(stored, self.fmt.type_id, self.cols, out)
+
+    def dequantize(self) -> Tensor:
+        """The whole matrix as float32 `[rows, cols]` (tests and diagnostics; the model never holds one)."""
+        return self.dequantize_rows(0, self.rows).clone()
+
+
+class QuantLinear:
+    """y = x @ W^T with W `[N, K]` the row-wise stack of `parts` (QuantMatrix, same K). A plain object, not an
+    nn.Module: the model's state dict keeps its own names."""
+
+    def __init__(self, parts: list[QuantMatrix]) -> None:
+        if not parts or len({p.cols for p in parts}) != 1:
+            raise ValueError("a QuantLinear needs one or more matrices of the same column count")
+        self.parts = parts
+        self.in_features = parts[0].cols
+        self.out_features = sum(p.rows for p in parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x `[..., K]` -> `[..., N]` float32."""
+        rows = x.numel() // self.in_features
+        x2 = x.reshape(rows, self.in_features).float()  # [M, K]
+        if rows <= DECODE_MAX_ROWS:
+            outs = [p.matmul(x2) for p in self.parts]  # [M, rows of each part]
+            y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [M, N]
+        else:
+            y = self._prefill(x2)
+        return y.view(*x.shape[:-1], self.out_features)  # [..., N]
+
+    def _prefill(self, x2: Tensor) -> Tensor:
+        """x2 `[M, K]` -> `[M, N]`: each chunk of rows dequantized into the scratch buffer, then a float32 GEMM."""
+        from tpa_core.attention import (
+            linear as float_linear,  # oneDNN for many rows (see its docstring)
+        )
+
+        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)  # [M, N]
+        chunk = max(1, SCRATCH_VALUES // self.in_features)
+        col = 0
+        for part in self.parts:
+            for start in range(0, part.rows, chunk):
+                stop = min(part.rows, start + chunk)
+                if part.fmt is None:
+                    w = part.dequantize_rows(start, stop)
+                else:
+                    buf = _scratch_buffer((stop - start) * self.in_features).view(stop - start, self.in_features)
+                    w = part.dequantize_rows(start, stop, buf)  # [n, K]
+                y[:, col + start:col + stop] = float_linear(x2, w)  # [M, n]
+            col += part.rows
+        return y
+
+    def dequantize(self) -> Tensor:
+        """W as float32 `[N, K]` (tests and diagnostics)."""
+        return torch.cat([p.dequantize() for p in self.parts])
+
+
+class QuantEmbedding(nn.Module):
+    """A token embedding whose table `[V, d]` stays in GGUF blocks; looked-up rows are dequantized exactly.
+
+    `weight` is a placeholder of the table's shape and dtype (one float32 value broadcast, no memory) so that
+    code reading the model's shapes, dtype and device works; `matrix` holds the real table.
+    """
+
+    def __init__(self, matrix: QuantMatrix) -> None:
+        super().__init__()
+        self.matrix = matrix
+        self.num_embeddings, self.embedding_dim = matrix.rows, matrix.cols
+        self.weight = nn.Parameter(placeholder(matrix.rows, matrix.cols), requires_grad=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens `[...]` int64 -> `[..., d]` float32."""
+        flat = tokens.reshape(-1)  # [T]
+        m = self.matrix
+        if m.fmt is None:
+            rows = m.data.index_select(0, flat)  # [T, d]
+        else:
+            codes = m.data.index_select(0, flat)  # [T, row_bytes]
+            rows = ops.dequantize_into(codes, m.fmt.type_id, m.cols, torch.empty(flat.numel(), m.cols))  # [T, d]
+        return rows.view(*tokens.shape, m.cols)
+
+
+def placeholder(rows: int, cols: int) -> Tensor:
+    """A `[rows, cols]` float32 tensor that occupies one value (stride 0): stands in for a resident matrix."""
+    return torch.zeros((), dtype=torch.float32).expand(rows, cols)

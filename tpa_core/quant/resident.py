@@ -1,0 +1,152 @@
+"""A TPAModel whose matrices stay in their GGUF blocks, built straight from the memory-mapped file.
+
+No float32 copy of the model is made: each matrix is a view of the mapped file (`QuantMatrix`); the rows of
+`attn_q` / `attn_k` that llama.cpp permuted stay where they are and the product's outputs are reordered instead.
+Matrices of types the op does not compute with are dequantized to float32 one at a time, with a log line.
+Norm weights and biases are float32. The float32 parameters of the matrices become placeholders (`placeholder`)
+and the model computes through `QuantLinear` / `QuantEmbedding`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from tpa_core.errors import TPAError
+from tpa_core.quant.formats import FORMATS
+from tpa_core.quant.linear import QuantEmbedding, QuantLinear, QuantMatrix, placeholder
+
+if TYPE_CHECKING:
+    from tpa_core.config import TPAConfig
+    from tpa_core.gguf import GGUFFile
+
+logger = logging.getLogger(__name__)
+
+
+def matrix(gguf: GGUFFile, name: str, heads: int | None = None) -> QuantMatrix:
+    """GGUF matrix `name` as a QuantMatrix; `heads`: un-permute llama.cpp's Q/K rows for that many heads."""
+    from tpa_core.gguf import PERMUTED_ARCHITECTURES, unpermute_rows
+
+    rows, cols = gguf.shape(name)
+    type_name = gguf.tensor_type(name)
+    fmt = FORMATS.get(type_name)
+    if fmt is not None and cols % fmt.values == 0:
+        data = gguf.raw(name)  # [rows, row_bytes], a view of the file
+        if data.shape[1] != fmt.row_bytes(cols):
+            raise TPAError(f"{gguf.path}: tensor {name} ({type_name} [{rows}, {cols}]) has rows of {data.shape[1]} "
+                           f"bytes, expected {fmt.row_bytes(cols)}; the file looks damaged")
+    else:
+        if type_name != "F32":
+            logger.info("%s: %s is %s, which stays resident as float32 (no integer kernel for it)",
+                        gguf.path.name, name, type_name)
+        fmt, data = None, gguf.tensor(name)  # [rows, cols] float32
+    order = None
+    if heads is not None and gguf.architecture in PERMUTED_ARCHITECTURES:
+        order = unpermute_rows(torch.arange(rows), heads)  # row i of the HF matrix is stored row order[i]
+    return QuantMatrix(data, fmt, rows, cols, order)
+
+
+def resident_nbytes(gguf: GGUFFile) -> int:
+    """Bytes the resident model holds: quantized/16-bit matrices as stored, everything else as float32."""
+    total = 0
+    for name in gguf.tensor_names:
+        shape = gguf.shape(name)
+        type_name = gguf.tensor_type(name)
+        if type_name in FORMATS and len(shape) == 2:
+            total += gguf.nbytes(name)
+        else:
+            total += 4 * int(torch.Size(shape).numel())
+    return total
+
+
+def build_resident_model(gguf: GGUFFile, config: TPAConfig):
+    """A TPAModel (eval mode, CPU, float32 compute) running `gguf`'s matrices in their blocks."""
+    from tpa_core.loading import skip_init
+    from tpa_core.model import TPAModel
+
+    if config.form != "fixed":
+        raise TPAError(f"resident GGUF weights need a fixed-head-factor model, not form {config.form!r}")
+    with skip_init():
+        model = TPAModel(config, device="meta", dtype=torch.float32)
+    names = set(gguf.tensor_names)
+
+    def need(name: str) -> str:
+        if name not in names:
+            raise TPAError(f"{gguf.path}: GGUF file has no tensor {name}; it is not a complete "
+                           f"{gguf.architecture} model")
+        return name
+
+    def vector(name: str, size: int) -> nn.Parameter:
+        value = gguf.tensor(need(name)).reshape(-1)
+        if value.numel() != size:
+            raise TPAError(f"{gguf.path}: {name} has {value.numel()} values, the config needs {size}")
+        return nn.Parameter(value, requires_grad=False)
+
+    def linear(parts: list[QuantMatrix], rows: int, cols: int, label: str) -> QuantLinear:
+        layer = QuantLinear(parts)
+        if (layer.out_features, layer.in_features) != (rows, cols):
+            raise TPAError(f"{gguf.path}: {label} is [{layer.out_features}, {layer.in_features}], the config needs "
+                           f"[{rows}, {cols}]")
+        return layer
+
+    c = config
+    for i, block in enumerate(model.layers):
+        p = f"blk.{i}."
+        attn, mlp = block.attn, block.mlp
+        block.attn_norm.weight = vector(p + "attn_norm.weight", c.d_model)
+        block.mlp_norm.weight = vector(p + "ffn_norm.weight", c.d_model)
+        q = matrix(gguf, need(p + "attn_q.weight"), c.n_heads)
+        k = matrix(gguf, need(p + "attn_k.weight"), c.k_rank)
+        v = matrix(gguf, need(p + "attn_v.weight"))
+        attn.packed["w_in"] = linear([q, k, v], *attn.w_in.shape, f"layer {i} attn_q|attn_k|attn_v")
+        attn.packed["w_o"] = linear([matrix(gguf, need(p + "attn_output.weight"))], *attn.w_o.shape,
+                                    f"layer {i} attn_output")
+        if attn.b_in is not None:
+            from tpa_core.gguf import PERMUTED_ARCHITECTURES, unpermute_rows
+
+            biases = [gguf.tensor(need(p + f"attn_{x}.bias")).reshape(-1) for x in "qkv"]
+            if gguf.architecture in PERMUTED_ARCHITECTURES:
+                biases[0], biases[1] = unpermute_rows(biases[0], c.n_heads), unpermute_rows(biases[1], c.k_rank)
+            attn.b_in = nn.Parameter(torch.cat(biases), requires_grad=False)
+        mlp.packed["w_gate_up"] = linear([matrix(gguf, need(p + "ffn_gate.weight")),
+                                          matrix(gguf, need(p + "ffn_up.weight"))], *mlp.w_gate_up.shape,
+                                         f"layer {i} ffn_gate|ffn_up")
+        mlp.packed["w_down"] = linear([matrix(gguf, need(p + "ffn_down.weight"))], *mlp.w_down.shape,
+                                      f"layer {i} ffn_down")
+        for module, key in ((attn, "w_in"), (attn, "w_o"), (mlp, "w_gate_up"), (mlp, "w_down")):
+            setattr(module, key, nn.Parameter(placeholder(*getattr(module, key).shape), requires_grad=False))
+    embed = matrix(gguf, need("token_embd.weight"))
+    if (embed.rows, embed.cols) != (c.vocab_size, c.d_model):
+        raise TPAError(f"{gguf.path}: token_embd is [{embed.rows}, {embed.cols}], the config needs "
+                       f"[{c.vocab_size}, {c.d_model}]")
+    model.embed = QuantEmbedding(embed)
+    model.norm.weight = vector("output_norm.weight", c.d_model)
+    if model.lm_head is None:
+        model.packed_head = QuantLinear([embed])
+    else:
+        model.packed_head = linear([matrix(gguf, need("output.weight"))], c.vocab_size, c.d_model, "output")
+        model.lm_head.weight = nn.Parameter(placeholder(c.vocab_size, c.d_model), requires_grad=False)
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        raise TPAError(f"{gguf.path}: some model tensors were not in the file")
+    return model.eval()
+
+
+def resident_bytes_of(model) -> int:
+    """Bytes the resident weights of a built model hold (matrices in their blocks plus float32 vectors)."""
+    seen: set[int] = set()
+    total = 0
+    layers = [m for b in model.layers for m in (*b.attn.packed.values(), *b.mlp.packed.values())]
+    for layer in layers + [model.packed_head]:
+        for part in layer.parts:
+            if part.data.data_ptr() not in seen:
+                seen.add(part.data.data_ptr())
+                total += part.nbytes
+    return total + sum(p.numel() * p.element_size() for p in model.parameters() if not is_placeholder(p))
+
+
+def is_placeholder(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a `placeholder` (every stride 0) rather than real weights."""
+    return tensor.dim() > 0 and tensor.numel() > 1 and all(s == 0 for s in tensor.stride())
