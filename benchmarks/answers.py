@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels"), str(ROOT / "benchmarks")]  # this checkout's packages first
 
-from answer_scoring import PARTIAL, RIGHT, holds_answer, load_set, score, split, wilson  # noqa: E402 - path above
+from answer_scoring import PARTIAL, RIGHT, holds_answer, load_set, score, split, wilson
 
 QUESTIONS = ROOT / "benchmarks" / "questions"
 MAX_NEW_TOKENS = 48
