@@ -40,28 +40,16 @@ def tensor_type(mix: str, role: str, layer: int, n_layers: int) -> str:
     return "Q6_K" if role in ("attn_v", "ffn_down") and more_bits else "Q4_K"
 
 
-def byte_alphabet() -> list[str]:
-    """GPT-2's byte -> printable character map (the byte-level BPE alphabet)."""
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def write(path: Path, shape: str, mix: str, seed: int = 0) -> Path:
     import gguf
 
     from tpa_core.quant.formats import random_blocks
+    from tpa_core.tokenizer import bytes_to_unicode
 
     c = SHAPES[shape]
     rng = np.random.default_rng(seed)
     specials = ["<|begin_of_text|>", "<|end_of_text|>"]
-    tokens = specials + byte_alphabet() + ["to", "tok"]  # the two merges' results
+    tokens = specials + list(bytes_to_unicode().values()) + ["to", "tok"]  # the two merges' results
     tokens += [f"tok{i}" for i in range(c["vocab"] - len(tokens))]
     types = [3] * len(specials) + [1] * (len(tokens) - len(specials))
     w = gguf.GGUFWriter(str(path), "llama")

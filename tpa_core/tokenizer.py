@@ -165,8 +165,8 @@ class Tokenizer:
         if kind != "gpt2" or not tokens or merges is None:
             raise TPAError(f"{source}: unsupported tokenizer (tokenizer.ggml.model={kind!r}); only byte-level BPE "
                            f"('gpt2') GGUF tokenizers are supported - load the model's Hugging Face folder instead")
-        byte_chars = set(_bytes_to_unicode().values())
-        spelling = _bytes_to_unicode()
+        byte_chars = set(bytes_to_unicode().values())
+        spelling = bytes_to_unicode()
         # A token written outside the byte alphabet is re-spelled byte by byte, as transformers does.
         vocab = {(t if set(t) <= byte_chars else "".join(spelling[b] for b in t.encode("utf-8"))): i
                  for i, t in enumerate(tokens)}
@@ -286,7 +286,7 @@ def _pre_tokenizer(pre: str, source: str, pre_tokenizers, Regex):
     raise TPAError(f"{source}: unsupported pre-tokenizer tokenizer.ggml.pre={pre!r}; supported: {', '.join(supported)}")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (the alphabet of byte-level BPE vocabularies)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))

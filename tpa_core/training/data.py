@@ -65,9 +65,9 @@ def byte_tokenizer():
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
-    from tpa_core.tokenizer import Tokenizer, _bytes_to_unicode
+    from tpa_core.tokenizer import Tokenizer, bytes_to_unicode
 
-    spelling = _bytes_to_unicode()  # byte -> the printable character byte-level BPE vocabularies use
+    spelling = bytes_to_unicode()  # byte -> the printable character byte-level BPE vocabularies use
     vocab = {spelling[b]: b for b in range(BYTE_VOCAB)}
     backend = Backend(models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
