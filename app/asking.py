@@ -61,7 +61,7 @@ class ResolvedOptions:
     top_p: float
     seed: int | None
     stop: tuple[str, ...]
-    chunk_reuse: bool
+    chunk_reuse: bool | None  # None: where it pays on the model's device (`app.chunk_reuse.reuse_pays_on`)
     context_tokens: int | None = None
     context_order: str = "canonical"
     hybrid: bool = False
@@ -144,8 +144,8 @@ def resolve_options(options: AskOptions, settings: Any) -> ResolvedOptions:
     reuse = options.chunk_reuse if options.chunk_reuse is not None else settings.chunk_reuse
     return ResolvedOptions(None if top_k is None else check_top_k(top_k), max_new, temperature,
                            options.top_p if options.top_p is not None else 1.0, options.seed, tuple(options.stop),
-                           bool(reuse), None if budget is None else check_context_tokens(budget), order,
-                           bool(options.hybrid))
+                           None if reuse is None else bool(reuse),
+                           None if budget is None else check_context_tokens(budget), order, bool(options.hybrid))
 
 
 def check_window(max_new_tokens: int, window: int) -> None:

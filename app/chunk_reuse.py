@@ -22,6 +22,14 @@ from app.asking import ChunkSpan
 log = logging.getLogger(__name__)
 
 
+def reuse_pays_on(device: Any) -> bool:
+    """Whether chunk reuse is the default on `device` (a `torch.device`), where neither the ask nor the settings
+    decide: on the CPU, assembling a new question's context from chunk caches takes a fifth of a full prefill; on
+    CUDA, a full prefill of the same prompt is faster than the many small steps of assembling it (benchmarks/
+    RESULTS.md, "Chunk reuse"), so exact prefix reuse alone is the default there."""
+    return device.type == "cpu"
+
+
 @dataclass(frozen=True)
 class ReuseSetting:
     """How chunks are joined: the first `boundary_tokens` of each recomputed, then the `recompute_ratio` share

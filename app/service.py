@@ -40,7 +40,7 @@ from app.asking import (
     resolve_options,
     system_prompt,
 )
-from app.chunk_reuse import Restored, ReuseSetting, restore_assembled, restore_exact, save_exact_lead
+from app.chunk_reuse import Restored, ReuseSetting, restore_assembled, restore_exact, reuse_pays_on, save_exact_lead
 from app.context import ContextOverflowError, ContextUnit, bound_pinned, canonical, public_source
 from app.database import make_engine
 from app.errors import AppError
@@ -123,7 +123,7 @@ class _AskJob:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    chunk_reuse: bool = False  # assemble from chunk caches (retrieval mode; the ask's resolved option)
+    chunk_reuse: bool | None = False  # assemble from chunk caches (retrieval mode); None: where it pays
     context: list[dict] = field(default_factory=list)  # retrieval mode: the context as rendered, for follow-ups
     t_submit: float = 0.0  # when the job was handed to the worker (the wait for it is not the ask's latency)
     events: queue.Queue = field(default_factory=queue.Queue)
@@ -659,7 +659,8 @@ class ChatService:
         prompt_ids = job.plan.prompt_ids
         # With chunk reuse, a retrieval ask also looks for the assembled pages of an earlier turn, even when its
         # own chunks could not be cut out of the prompt (spans empty): else a follow-up would reuse nothing.
-        if job.chunk_reuse and job.mode == "retrieval":
+        reuse = job.chunk_reuse if job.chunk_reuse is not None else reuse_pays_on(loaded.device)
+        if reuse and job.mode == "retrieval":
             restored = restore_assembled(loaded.model, store, namespace, prompt_ids, cache, job.plan.spans, setting,
                                          owner)
         else:

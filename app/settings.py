@@ -35,8 +35,9 @@ def _number(env, name: str, kind: type, default):
 WEIGHT_MODES = ("auto", "float", "quantized")  # as tpa_core.loading.WEIGHT_MODES (app may not import it here)
 
 
-def _flag(env, name: str, default: bool) -> bool:
-    """A yes/no environment variable: 1/true/yes/on or 0/false/no/off; anything else is a user error."""
+def _flag(env, name: str, default: bool | None) -> bool | None:
+    """A yes/no environment variable: 1/true/yes/on or 0/false/no/off, `default` when unset; anything else is a
+    user error."""
     raw = (env.get(name) or "").strip().lower()
     if not raw:
         return default
@@ -86,9 +87,9 @@ class Settings:
     temperature: float = 0.0
     max_ingest_chunks: int = 100_000  # chunks one ingestion may embed (retrieval.IngestLimits.max_chunks)
     # Retrieval mode: assemble retrieved chunks from their chunk caches, recomputing the first
-    # `chunk_boundary_tokens` of each and the `chunk_recompute_ratio` share that deviates most (README, "Chunk reuse":
-    # on by default because it met issue 17's bar there; False = exact prefix reuse only).
-    chunk_reuse: bool = True
+    # `chunk_boundary_tokens` of each and the `chunk_recompute_ratio` share that deviates most (README, "Chunk reuse";
+    # False = exact prefix reuse only; None = where it pays, `app.chunk_reuse.reuse_pays_on`).
+    chunk_reuse: bool | None = None
     chunk_boundary_tokens: int = 16
     chunk_recompute_ratio: float = 0.0
     verbose: int = 0

@@ -87,8 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _chunk_reuse_flag(parser: argparse.ArgumentParser, scope: str) -> None:
     parser.add_argument("--chunk-reuse", action=argparse.BooleanOptionalAction, default=None,
                         help=f"retrieval mode: assemble the retrieved chunks from their chunk caches {scope} "
-                             "(approximate; default: TPA_RAG_CHUNK_REUSE, on unless set to 0; --no-chunk-reuse: exact "
-                             "prefix reuse only)")
+                             "(approximate; default: TPA_RAG_CHUNK_REUSE, or when unset on the CPU and not on CUDA; "
+                             "--no-chunk-reuse: exact prefix reuse only)")
 
 
 def _service(settings: Settings, *, with_model: bool = True):

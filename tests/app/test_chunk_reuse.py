@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import torch
 from sqlalchemy import select
 
+from app.chunk_reuse import reuse_pays_on
 from app.service import AskOptions
 from tpa_core.store.chunks import CHUNK_KIND
 from tpa_core.store.tables import Entry, Quarantined
@@ -145,6 +147,11 @@ def test_a_follow_up_with_new_chunks_reuses_the_whole_previous_turn(make_service
     assert second.metrics["reused_tokens"] >= seen
     turns = service.session(first.session_id)[1]
     assert [u["turn"] for u in turns[1].context] == [0, 1]  # the old chunk in the system message, the new one later
+
+
+def test_chunk_reuse_is_the_default_on_the_cpu_only():
+    assert reuse_pays_on(torch.device("cpu"))
+    assert not reuse_pays_on(torch.device("cuda", 0))  # a full prefill is faster there (RESULTS.md)
 
 
 def test_by_default_a_follow_up_reuses_its_past_and_takes_new_chunks_from_chunk_caches(make_service, corpus_dir):

@@ -58,9 +58,9 @@ def test_server_policy_settings_from_the_environment(tmp_path):
     assert Settings.from_env({"TPA_RAG_HOME": str(tmp_path)}).ingest_roots == ()
 
 
-def test_chunk_reuse_is_on_by_default_and_the_variable_turns_it_off(tmp_path):
+def test_chunk_reuse_is_left_to_the_device_unless_the_variable_decides(tmp_path):
     home = {"TPA_RAG_HOME": str(tmp_path)}
-    assert Settings.from_env(home).chunk_reuse is True
+    assert Settings.from_env(home).chunk_reuse is None
     assert Settings.from_env({**home, "TPA_RAG_CHUNK_REUSE": "0"}).chunk_reuse is False
     assert Settings.from_env({**home, "TPA_RAG_CHUNK_REUSE": "on"}).chunk_reuse is True
     with pytest.raises(AppError, match="TPA_RAG_CHUNK_REUSE"):
