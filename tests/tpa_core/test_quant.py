@@ -26,7 +26,13 @@ from tpa_core.errors import TPAError
 from tpa_core.gguf import GGUFFile
 from tpa_core.loading import list_cached, load_model
 from tpa_core.quant import ops
-from tpa_core.quant.formats import FORMATS, activation_error_bound, random_blocks
+from tpa_core.quant.formats import (
+    FORMATS,
+    ONE_LEVEL_MIN_BYTES,
+    activation_error_bound,
+    activation_levels,
+    random_blocks,
+)
 from tpa_core.quant.linear import DECODE_MAX_ROWS, QuantLinear, QuantMatrix
 from tpa_core.quant.resident import is_placeholder, resident_bytes_of
 
@@ -40,12 +46,13 @@ def _reference(raw: np.ndarray, name: str, rows: int, cols: int) -> torch.Tensor
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(rows, cols))
 
 
+@pytest.mark.parametrize("levels", [1, 2])
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_resident_matmul_matches_the_dequantized_float32_matmul(name):
+def test_resident_matmul_matches_the_dequantized_float32_matmul(name, levels):
     rng = np.random.default_rng(7)
     rows, cols = 40, 512
     raw = random_blocks(name, rows, cols, rng)
-    matrix = QuantMatrix(torch.from_numpy(raw), FORMATS[name], rows, cols)
+    matrix = QuantMatrix(torch.from_numpy(raw), FORMATS[name], rows, cols, levels=levels)
     reference = _reference(raw, name, rows, cols)  # [rows, cols]
     assert torch.equal(matrix.dequantize(), reference)
     x = torch.randn(3, cols, generator=torch.Generator().manual_seed(1))
@@ -55,9 +62,29 @@ def test_resident_matmul_matches_the_dequantized_float32_matmul(name):
     if name in ("F16", "BF16"):
         assert (error <= sum_error).all()
     else:
-        bound = activation_error_bound(reference, x, FORMATS[name].activation_group).double() + sum_error
+        bound = activation_error_bound(reference, x, FORMATS[name].activation_group, levels).double() + sum_error
         assert (error <= bound).all(), (error / bound).max()
         assert error.max() > 0  # the activations really are rounded: the bound is tested, not float32 exactness
+
+
+def test_one_activation_level_is_coarser_than_two():
+    """The bound is tight enough to tell the levels apart: one level's error is far above two levels' bound."""
+    rng = np.random.default_rng(5)
+    raw = random_blocks("Q8_0", 64, 1024, rng)
+    reference = _reference(raw, "Q8_0", 64, 1024)
+    x = torch.randn(2, 1024, generator=torch.Generator().manual_seed(2))
+    exact = x.double() @ reference.double().t()
+    errors = {levels: (QuantMatrix(torch.from_numpy(raw), FORMATS["Q8_0"], 64, 1024, levels=levels).matmul(x)
+                       .double() - exact).abs().max() for levels in (1, 2)}
+    assert errors[1] > 20 * errors[2]
+    assert errors[1] > activation_error_bound(reference, x, 32, levels=2).double().max()
+
+
+def test_activation_levels_follow_the_file_size():
+    assert activation_levels(ONE_LEVEL_MIN_BYTES) == 1
+    assert activation_levels(ONE_LEVEL_MIN_BYTES - 1) == 2
+    with pytest.raises(ValueError, match="1 or 2"):
+        QuantMatrix(torch.zeros(1, 34, dtype=torch.uint8), FORMATS["Q8_0"], 1, 32, levels=3)
 
 
 def test_prefill_rows_use_the_dequantized_gemm_with_float32_accuracy():
@@ -146,6 +173,7 @@ def test_a_mixed_type_file_loads_with_every_matrix_in_its_own_blocks(mixed):
     kinds = [p.type_name for p in block.attn.packed["w_in"].parts]
     assert kinds == [MIXED_TYPES["attn_q"], MIXED_TYPES["attn_k"], MIXED_TYPES["attn_v"]]
     assert [p.type_name for p in block.mlp.packed["w_gate_up"].parts] == ["Q5_0", "Q4_1"]
+    assert {p.levels for p in block.attn.packed["w_in"].parts} == {2}  # a small file: two activation levels
     assert quantized.model.packed_head.parts[0].type_name == "BF16"
     # The resident matrices are exactly the file's, Q/K rows un-permuted as the float32 conversion does.
     hf = GGUFFile(path).hf_state_dict()
@@ -153,6 +181,18 @@ def test_a_mixed_type_file_loads_with_every_matrix_in_its_own_blocks(mixed):
         [hf[f"model.layers.0.self_attn.{x}_proj.weight"] for x in "qkv"]), rtol=0, atol=0)
     torch.testing.assert_close(block.mlp.packed["w_down"].dequantize(), hf["model.layers.0.mlp.down_proj.weight"],
                                rtol=0, atol=0)
+
+
+def test_a_large_file_decodes_with_one_activation_level(mixed, monkeypatch):
+    from tpa_core.quant import formats
+    from tpa_core.quant.resident import build_resident_model
+
+    path, _, quantized, _ = mixed
+    monkeypatch.setattr(formats, "ONE_LEVEL_MIN_BYTES", path.stat().st_size)
+    model = build_resident_model(GGUFFile(path), quantized.config)
+    parts = [p for b in model.layers for layer in (*b.attn.packed.values(), *b.mlp.packed.values())
+             for p in layer.parts] + model.packed_head.parts
+    assert {p.levels for p in parts} == {1}
 
 
 def test_the_resident_model_holds_about_its_file_size(mixed):

@@ -2,10 +2,10 @@
 //
 // Registered as torch.ops.tpa_gguf.{matmul, dequantize}. A weight is a uint8 tensor [N, row_bytes] holding N rows
 // of GGML blocks (a row of K values = K / block_values blocks). `matmul` quantizes each row of x to int8 per
-// 32 values (one float scale per 32, as llama.cpp does for its decode path), plus a second int8 level for the
-// rounding error of the first, and takes integer dot products
-// against the weight's codes: the codes are exact, the activations are rounded in two int8 levels per 32-value
-// block (to about 2^-15 of the block's largest |x|; see XBlock).
+// 32 values (one float scale per 32, as llama.cpp does for its decode path), with `levels` = 2 plus a second int8
+// level for the rounding error of the first, and takes integer dot products against the weight's codes: the codes
+// are exact, the activations are rounded to about 2^-7 (one level) or 2^-15 (two) of the block's largest |x|
+// (see XBlock). A second level doubles the integer work.
 // F16 and BF16 rows are multiplied in float32 against x as given. `dequantize` writes the float32 rows that
 // gguf's reference `dequantize` gives, for prefill (a float GEMM over a chunk of dequantized rows).
 //
@@ -32,6 +32,9 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define TPA_GGUF_AVX2 1
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define TPA_GGUF_VNNI 1  // one instruction for the u8 x s8 -> int32 dot products of 4 values
+#endif
 #endif
 
 namespace {
@@ -184,37 +187,38 @@ void dequantize_row(int64_t type, const uint8_t* row, int64_t k, float* out) {
   }
 }
 
-// ----- activations in two int8 levels per 32 values --------------------------------------------------------------
-// x ~ d (256 q + r): q = round(x / (256 d)) is llama.cpp's int8 activation, r the int8 rounding of what q missed,
-// so one integer dot product per level gives w . x to about 2^-15 of the block's largest |x| instead of 2^-8.
+// ----- activations in one or two int8 levels per 32 values -------------------------------------------------------
+// One level: x ~ d q, q = round(x / d) is llama.cpp's int8 activation. Two levels: x ~ d (256 q + r), r the int8
+// rounding of what q missed, so one integer dot product per level gives w . x to about 2^-15 of the block's
+// largest |x| instead of 2^-8.
 struct XBlock {
-  float d;         // the unit of 256 q + r: max |x| / (127 * 256)
-  float dsum;      // d * sum(256 q + r): the min / offset term of every type but Q8_0 and Q6_K
+  float d;         // the unit of the integer value v = q (one level) or 256 q + r (two): max |x| / 127 (/ 256)
+  float dsum;      // d * sum(v): the min / offset term of every type but Q8_0 and Q6_K
   float dsum16[2]; // the same over values [0, 16) and [16, 32): Q6_K's offset term (one scale per 16)
   int8_t q[32];
-  int8_t r[32];
+  int8_t r[32];    // 0 with one level
 };
 
 // `group` blocks of 32 share one scale: 8 for the K-quants (one per 256-value super-block, so that their kernels
 // sum the sub-blocks' integer products before converting to float), 1 for the other types.
-void quantize_activations(const float* x, int64_t k, int64_t group, XBlock* out) {
+void quantize_activations(const float* x, int64_t k, int64_t group, bool two, XBlock* out) {
   for (int64_t g = 0; g < k / (32 * group); ++g) {
     float amax = 0.0f;
     for (int64_t i = 0; i < 32 * group; ++i) amax = std::max(amax, std::fabs(x[32 * group * g + i]));
     const float d1 = amax / 127.0f;
     const float id1 = d1 > 0.0f ? 1.0f / d1 : 0.0f;
     const float id2 = 256.0f * id1;
-    const float d = d1 / 256.0f;
+    const float d = two ? d1 / 256.0f : d1;
     for (int64_t b = group * g; b < group * (g + 1); ++b) {
       const float* v = x + 32 * b;
       int sums[2] = {0, 0};
       for (int i = 0; i < 32; ++i) {
         const int q = static_cast<int>(std::nearbyint(v[i] * id1));
         const float rest = v[i] - d1 * static_cast<float>(q);
-        const int r = std::max(-127, std::min(127, static_cast<int>(std::nearbyint(rest * id2))));
+        const int r = two ? std::max(-127, std::min(127, static_cast<int>(std::nearbyint(rest * id2)))) : 0;
         out[b].q[i] = static_cast<int8_t>(q);
         out[b].r[i] = static_cast<int8_t>(r);
-        sums[i / 16] += 256 * q + r;
+        sums[i / 16] += two ? 256 * q + r : q;
       }
       out[b].d = d;
       out[b].dsum16[0] = d * static_cast<float>(sums[0]);
@@ -232,28 +236,41 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// 32 signed codes times 32 signed activations -> 8 int32 partial sums (|w| <= 128, |x| <= 127: no saturation).
-inline __m256i dot_signed(__m256i w, __m256i x) {
-  const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-  return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+// 32 unsigned codes (<= 128) times 32 signed activations -> 8 int32 partial sums (no saturation: with maddubs a
+// pair sums to at most 2 * 128 * 127 < 2^15).
+inline __m256i dot_unsigned(__m256i q, __m256i x) {
+#ifdef TPA_GGUF_VNNI
+#ifdef __AVX512VNNI__
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x);
+#else
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), q, x);
+#endif
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
+#endif
 }
 
-// 32 unsigned codes (<= 31) times 32 signed activations -> 8 int32 partial sums.
-inline __m256i dot_unsigned(__m256i q, __m256i x) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
+// 32 signed codes times 32 signed activations -> 8 int32 partial sums: |w| times x with w's sign (|w| <= 128).
+inline __m256i dot_signed(__m256i w, __m256i x) {
+  return dot_unsigned(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
 }
 
 inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-// Both activation levels: 256 (w . q) + (w . r) per int32 lane (|w . q| per lane <= 4 * 128 * 127: no overflow).
-inline __m256i two_levels(__m256i hi, __m256i lo) { return _mm256_add_epi32(_mm256_slli_epi32(hi, 8), lo); }
-
-inline __m256i dot2_signed(__m256i w, const XBlock& x) {
-  return two_levels(dot_signed(w, load32(x.q)), dot_signed(w, load32(x.r)));
+// w . v per int32 lane: w . q with one level, 256 (w . q) + (w . r) with two (|w . q| per lane <= 4 * 128 * 127:
+// no overflow).
+template <bool kTwo>
+inline __m256i dotx_signed(__m256i w, const XBlock& x) {
+  const __m256i hi = dot_signed(w, load32(x.q));
+  if constexpr (!kTwo) return hi;
+  return _mm256_add_epi32(_mm256_slli_epi32(hi, 8), dot_signed(w, load32(x.r)));
 }
 
-inline __m256i dot2_unsigned(__m256i q, const XBlock& x) {
-  return two_levels(dot_unsigned(q, load32(x.q)), dot_unsigned(q, load32(x.r)));
+template <bool kTwo>
+inline __m256i dotx_unsigned(__m256i q, const XBlock& x) {
+  const __m256i hi = dot_unsigned(q, load32(x.q));
+  if constexpr (!kTwo) return hi;
+  return _mm256_add_epi32(_mm256_slli_epi32(hi, 8), dot_unsigned(q, load32(x.r)));
 }
 
 // 16 bytes of packed nibbles -> 32 codes: values 0..15 the low nibbles, 16..31 the high ones.
@@ -301,22 +318,23 @@ inline float sum_blocks(int64_t n, Block block) {
   return hsum(_mm256_add_ps(acc[0], acc[1])) + terms[0] + terms[1];
 }
 
+template <bool kTwo>
 float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
-  // Per 32-block: p = the integer dot products of the codes with x's two levels, scale = d_w d_x, and term the
+  // Per 32-block: p = the integer dot products of the codes with x's level(s), scale = d_w d_x, and term the
   // min or offset: + m d_x sum(x) (Q4_1, Q5_1), - 8 d_w d_x sum(x) (Q4_0), - 16 ... (Q5_0).
   switch (type) {
     case Q4_0:
       return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
         const uint8_t* blk = row + 18 * b;
         const float d = half_at(blk);
-        p = dot2_unsigned(nibbles_16(blk + 2), x[b]);
+        p = dotx_unsigned<kTwo>(nibbles_16(blk + 2), x[b]);
         scale = d * x[b].d;
         term = -8.0f * d * x[b].dsum;
       });
     case Q4_1:
       return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
         const uint8_t* blk = row + 20 * b;
-        p = dot2_unsigned(nibbles_16(blk + 4), x[b]);
+        p = dotx_unsigned<kTwo>(nibbles_16(blk + 4), x[b]);
         scale = half_at(blk) * x[b].d;
         term = half_at(blk + 2) * x[b].dsum;
       });
@@ -324,21 +342,21 @@ float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
       return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
         const uint8_t* blk = row + 22 * b;
         const float d = half_at(blk);
-        p = dot2_unsigned(_mm256_or_si256(nibbles_16(blk + 6), fifth_bits(blk + 2)), x[b]);
+        p = dotx_unsigned<kTwo>(_mm256_or_si256(nibbles_16(blk + 6), fifth_bits(blk + 2)), x[b]);
         scale = d * x[b].d;
         term = -16.0f * d * x[b].dsum;
       });
     case Q5_1:
       return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
         const uint8_t* blk = row + 24 * b;
-        p = dot2_unsigned(_mm256_or_si256(nibbles_16(blk + 8), fifth_bits(blk + 4)), x[b]);
+        p = dotx_unsigned<kTwo>(_mm256_or_si256(nibbles_16(blk + 8), fifth_bits(blk + 4)), x[b]);
         scale = half_at(blk) * x[b].d;
         term = half_at(blk + 2) * x[b].dsum;
       });
     case Q8_0:
       return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
         const uint8_t* blk = row + 34 * b;
-        p = dot2_signed(load32(blk + 2), x[b]);
+        p = dotx_signed<kTwo>(load32(blk + 2), x[b]);
         scale = half_at(blk) * x[b].d;
         term = 0.0f;
       });
@@ -374,14 +392,16 @@ float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
             }
             const __m256i scale = _mm256_set1_epi16(static_cast<int16_t>(sc[j]));
             acc_hi = _mm256_add_epi32(acc_hi, _mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xb[j].q)), scale));
-            acc_lo = _mm256_add_epi32(acc_lo, _mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xb[j].r)), scale));
+            if constexpr (kTwo) {
+              acc_lo = _mm256_add_epi32(acc_lo, _mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xb[j].r)), scale));
+            }
             block_mins += static_cast<float>(mn[j]) * xb[j].dsum;
           }
         }
         mins -= dmin * block_mins;
         const float dx = d * xb[0].d;
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_hi), _mm256_set1_ps(256.0f * dx), acc);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_lo), _mm256_set1_ps(dx), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_hi), _mm256_set1_ps(kTwo ? 256.0f * dx : dx), acc);
+        if constexpr (kTwo) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_lo), _mm256_set1_ps(dx), acc);
       }
       break;
     }
@@ -406,15 +426,17 @@ float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
             const int s = 8 * h + 2 * t;  // the scales of values [0, 16) and [16, 32) of this chunk
             const __m256i sc = _mm256_set_m128i(_mm_set1_epi16(scales[s + 1]), _mm_set1_epi16(scales[s]));
             acc_hi = _mm256_add_epi32(acc_hi, _mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xj.q)), sc));
-            acc_lo = _mm256_add_epi32(acc_lo, _mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xj.r)), sc));
+            if constexpr (kTwo) {
+              acc_lo = _mm256_add_epi32(acc_lo, _mm256_madd_epi16(_mm256_maddubs_epi16(q, load32(xj.r)), sc));
+            }
             block_offset += static_cast<float>(scales[s]) * xj.dsum16[0] +
                             static_cast<float>(scales[s + 1]) * xj.dsum16[1];
           }
         }
         mins -= 32.0f * d * block_offset;
         const float dx = d * xb[0].d;
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_hi), _mm256_set1_ps(256.0f * dx), acc);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_lo), _mm256_set1_ps(dx), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_hi), _mm256_set1_ps(kTwo ? 256.0f * dx : dx), acc);
+        if constexpr (kTwo) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_lo), _mm256_set1_ps(dx), acc);
       }
       break;
     }
@@ -442,13 +464,16 @@ float dot_row_float(int64_t type, const uint8_t* row, const float* x, int64_t k)
 }
 #else
 // Portable fallback: the same integer arithmetic, one value at a time, on dequantized codes.
+template <bool kTwo>
 float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
   std::vector<float> w(k);
   dequantize_row(type, row, k, w.data());
   float sum = 0.0f;
   for (int64_t b = 0; b < k / 32; ++b) {
     float part = 0.0f;
-    for (int i = 0; i < 32; ++i) part += w[32 * b + i] * static_cast<float>(256 * x[b].q[i] + x[b].r[i]);
+    for (int i = 0; i < 32; ++i) {
+      part += w[32 * b + i] * static_cast<float>(kTwo ? 256 * x[b].q[i] + x[b].r[i] : x[b].q[i]);
+    }
     sum += part * x[b].d;
   }
   return sum;
@@ -472,8 +497,10 @@ void check_weight(const at::Tensor& w, int64_t type, int64_t k) {
               " bytes, the weight has ", w.size(1));
 }
 
-at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t k) {
+at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t k, int64_t levels) {
   check_weight(w, type, k);
+  TORCH_CHECK(levels == 1 || levels == 2, "tpa_gguf: activations are rounded in 1 or 2 int8 levels, not ", levels);
+  const bool two = levels == 2;
   TORCH_CHECK(type != F32, "tpa_gguf: float32 weights run through torch's own GEMM");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "tpa_gguf: x must be a float32 CPU tensor [M, ", k, "]");
@@ -489,15 +516,16 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_
   const int64_t group = layout_of(type).values / 32;  // K-quants: x shares a scale per 256-value super-block
   if (!is_float) {
     at::parallel_for(0, m_rows, 1, [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) quantize_activations(xp + m * k, k, group, xq.data() + m * (k / 32));
+      for (int64_t m = m0; m < m1; ++m) quantize_activations(xp + m * k, k, group, two, xq.data() + m * (k / 32));
     });
   }
   at::parallel_for(0, n_rows, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* row = wp + n * row_bytes;
       for (int64_t m = 0; m < m_rows; ++m) {
+        const XBlock* xm = xq.data() + m * (k / 32);
         yp[m * n_rows + n] = is_float ? dot_row_float(type, row, xp + m * k, k)
-                                      : dot_row(type, row, xq.data() + m * (k / 32), k);
+                                      : two ? dot_row<true>(type, row, xm, k) : dot_row<false>(type, row, xm, k);
       }
     }
   });
@@ -527,7 +555,14 @@ bool has_avx2() {
 }  // namespace
 
 TORCH_LIBRARY(tpa_gguf, m) {
-  m.def("matmul(Tensor x, Tensor w, int type, int k) -> Tensor", &matmul);
+  m.def("matmul(Tensor x, Tensor w, int type, int k, int levels=2) -> Tensor", &matmul);
   m.def("dequantize(Tensor w, int type, int k, Tensor(a!) out) -> ()", &dequantize);
   m.def("simd() -> bool", [] { return has_avx2(); });
+  m.def("vnni() -> bool", [] {
+#ifdef TPA_GGUF_VNNI
+    return true;
+#else
+    return false;
+#endif
+  });
 }

@@ -25,7 +25,8 @@ from tpa_core.errors import TPAError
 logger = logging.getLogger(__name__)
 
 RESIDENT_KIND = "gguf-resident"
-FINGERPRINT_VERSION = "tpa-rag-fingerprint/gguf-resident/1"
+# /2: files from formats.ONE_LEVEL_MIN_BYTES up decode with one activation level (other numerics than /1's)
+FINGERPRINT_VERSION = "tpa-rag-fingerprint/gguf-resident/2"
 _HASH_CHUNK = 16 * 2**20
 
 
@@ -60,7 +61,8 @@ def _cached_entry(models_dir: Path, key: str) -> tuple[Path, dict] | None:
         meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if meta.get("format") != CACHE_FORMAT or meta.get("weights") != RESIDENT_KIND:
+    if (meta.get("format") != CACHE_FORMAT or meta.get("weights") != RESIDENT_KIND
+            or meta.get("fingerprint_version") != FINGERPRINT_VERSION):
         return None
     return folder, meta
 
@@ -72,7 +74,8 @@ def _write_entry(models_dir: Path, key: str, source, config, tokenizer, resident
     models_dir.mkdir(parents=True, exist_ok=True)
     final = models_dir / fingerprint
     meta = {"format": CACHE_FORMAT, "weights": RESIDENT_KIND, "name": source.name, "source": str(source.path),
-            "kind": source.kind, "fingerprint": fingerprint, "tpa_config": config.to_dict(),
+            "kind": source.kind, "fingerprint": fingerprint, "fingerprint_version": FINGERPRINT_VERSION,
+            "tpa_config": config.to_dict(),
             "resident_bytes": resident_bytes}
     tmp = Path(tempfile.mkdtemp(prefix=".resident-", dir=models_dir))
     try:

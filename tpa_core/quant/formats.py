@@ -5,12 +5,12 @@ for the bit layouts). The resident form is those bytes, unchanged: the codes, th
 exactly the file's. What is rounded is the arithmetic:
 
 - decode (few rows): every 32 activations (256 for the K-quants, as llama.cpp's Q8_K) are rounded to int8
-  with one float32 scale (as llama.cpp's decode does), and the rounding error once more to int8 at 1/256 of that
-  scale; the integer dot products are exact,
-  the scale products float32. A product's error is the activation rounding: at most one step of the second
-  level, |x| max of the group / (127 * 256), times the weights' absolute sum over that block
-  (`activation_error_bound`). One int8 level alone (llama.cpp's) agreed with float32 on 190 of 196 teacher-forced
-  positions of the default model; two levels are needed for 99%.
+  with one float32 scale (as llama.cpp's decode does) and, for files under `ONE_LEVEL_MIN_BYTES`
+  (`activation_levels`), the rounding error once more to int8 at 1/256 of that scale; the integer dot products
+  are exact, the scale products float32. A product's error is the activation rounding: at most one step of the
+  last level, |x| max of the group / 127 (/ (127 * 256) with two levels), times the weights' absolute sum over
+  that block (`activation_error_bound`). One int8 level agreed with float32 on 190 of 196 teacher-forced
+  positions of the default model, two levels on 196.
 - F16 / BF16 matrices multiply float32 activations directly: float32 rounding only.
 - prefill (many rows): chunks of rows are dequantized to float32 (bit-identical to gguf's `dequantize`) and
   multiplied by a float32 GEMM: the same as the float32 model up to the GEMM's summation order.
@@ -59,17 +59,29 @@ FORMATS = {f.name: f for f in (
     BlockFormat("Q6_K", 14, 256, 210, (208,)),
 )}
 ACTIVATION_BLOCK = 32  # activations are quantized per this many values
+# GGUF files from this size up round decode activations to one int8 level, smaller ones to two. One level is
+# llama.cpp's arithmetic and half the integer work, which bounds a large model's decode (benchmarks/NOTES.md,
+# "Activation levels"); a small model's per-token overheads hide the second level, which buys its agreement with
+# float32 (196 of 196 teacher-forced positions of the default model against 190 with one level).
+ONE_LEVEL_MIN_BYTES = 256 * 2**20
 
 
-def activation_error_bound(weight: torch.Tensor, x: torch.Tensor, group: int = ACTIVATION_BLOCK) -> torch.Tensor:
-    """Worst-case |y - x @ w^T| of the two-level int8 activation product, before float32 summation error.
+def activation_levels(file_bytes: int) -> int:
+    """The int8 levels the decode product rounds activations to, for a GGUF file of `file_bytes` bytes."""
+    return 1 if file_bytes >= ONE_LEVEL_MIN_BYTES else 2
+
+
+def activation_error_bound(weight: torch.Tensor, x: torch.Tensor, group: int = ACTIVATION_BLOCK,
+                           levels: int = 2) -> torch.Tensor:
+    """Worst-case |y - x @ w^T| of the int8 activation product, before float32 summation error.
 
     weight `[N, K]` (dequantized), x `[M, K]` -> `[M, N]`; `group`: activations sharing a scale
-    (`BlockFormat.activation_group`). Rounding moves each x by at most one step of the second level, the group's
-    max |x| / (127 * 256), so a group adds at most that times the sum of |w| over it.
+    (`BlockFormat.activation_group`). Rounding moves each x by at most one step of the last level, the group's
+    max |x| / 127 (one level; / (127 * 256) with two), so a group adds at most that times the sum of |w| over it.
     """
     M, K = x.shape
-    step = x.view(M, K // group, group).abs().amax(-1) / (127.0 * 256.0)  # [M, K/group]
+    unit = 127.0 if levels == 1 else 127.0 * 256.0
+    step = x.view(M, K // group, group).abs().amax(-1) / unit  # [M, K/group]
     w_abs = weight.abs().view(weight.shape[0], K // group, group).sum(-1)  # [N, K/group]
     return step @ w_abs.t()  # [M, N]
 

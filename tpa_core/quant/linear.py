@@ -37,17 +37,20 @@ def _scratch_buffer(values: int) -> Tensor:
 class QuantMatrix:
     """One weight matrix `[rows, cols]` in GGUF blocks (`fmt` set, `data` uint8 `[rows, row_bytes]`) or in
     float32 (`fmt` None, `data` float32 `[rows, cols]`). `order` (int64 `[rows]`, optional): row i of the matrix is
-    stored row `order[i]` (llama.cpp's permuted Q/K rows, left in place: outputs are reordered instead)."""
+    stored row `order[i]` (llama.cpp's permuted Q/K rows, left in place: outputs are reordered instead).
+    `levels`: the int8 levels the decode product rounds activations to (`formats.activation_levels`)."""
 
     def __init__(self, data: Tensor, fmt: BlockFormat | None, rows: int, cols: int,
-                 order: Tensor | None = None) -> None:
+                 order: Tensor | None = None, levels: int = 2) -> None:
         expected = (rows, cols if fmt is None else fmt.row_bytes(cols))
         if tuple(data.shape) != expected or data.dtype != (torch.float32 if fmt is None else torch.uint8):
             raise ValueError(f"a {fmt.name if fmt else 'F32'} matrix [{rows}, {cols}] needs data {expected}, "
                              f"got {tuple(data.shape)} {data.dtype}")
         if order is not None and tuple(order.shape) != (rows,):
             raise ValueError(f"a row order for {rows} rows has shape {tuple(order.shape)}")
-        self.data, self.fmt, self.rows, self.cols, self.order = data, fmt, rows, cols, order
+        if levels not in (1, 2):
+            raise ValueError(f"activations are rounded in 1 or 2 int8 levels, not {levels}")
+        self.data, self.fmt, self.rows, self.cols, self.order, self.levels = data, fmt, rows, cols, order, levels
 
     @property
     def type_name(self) -> str:
@@ -62,7 +65,7 @@ class QuantMatrix:
         if self.fmt is None:
             y = x @ self.data.t()  # [M, rows]
         else:
-            y = ops.matmul(x, self.data, self.fmt.type_id, self.cols)  # [M, rows] in stored order
+            y = ops.matmul(x, self.data, self.fmt.type_id, self.cols, self.levels)  # [M, rows] in stored order
         return y if self.order is None else y.index_select(1, self.order)
 
     def dequantize_rows(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:

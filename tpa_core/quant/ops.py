@@ -113,9 +113,10 @@ def available() -> bool:
     return True
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, type_id: int, cols: int) -> torch.Tensor:
-    """x `[M, K]` float32 @ the GGUF rows `weight` `[N, row_bytes]` transposed -> `[M, N]` float32."""
-    return torch.ops.tpa_gguf.matmul(x, weight, type_id, cols)
+def matmul(x: torch.Tensor, weight: torch.Tensor, type_id: int, cols: int, levels: int = 2) -> torch.Tensor:
+    """x `[M, K]` float32 @ the GGUF rows `weight` `[N, row_bytes]` transposed -> `[M, N]` float32, x rounded to
+    `levels` (1 or 2) int8 levels per 32 values."""
+    return torch.ops.tpa_gguf.matmul(x, weight, type_id, cols, levels)
 
 
 def dequantize_into(weight: torch.Tensor, type_id: int, cols: int, out: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tpa_core.errors import TPAError
-from tpa_core.quant.formats import FORMATS
+from tpa_core.quant.formats import FORMATS, activation_levels
 from tpa_core.quant.linear import QuantEmbedding, QuantLinear, QuantMatrix, placeholder
 
 if TYPE_CHECKING:
@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def matrix(gguf: GGUFFile, name: str, heads: int | None = None) -> QuantMatrix:
-    """GGUF matrix `name` as a QuantMatrix; `heads`: un-permute llama.cpp's Q/K rows for that many heads."""
+def matrix(gguf: GGUFFile, name: str, heads: int | None = None, levels: int = 2) -> QuantMatrix:
+    """GGUF matrix `name` as a QuantMatrix; `heads`: un-permute llama.cpp's Q/K rows for that many heads;
+    `levels`: the decode product's activation levels (`formats.activation_levels`)."""
     from tpa_core.gguf import PERMUTED_ARCHITECTURES, unpermute_rows
 
     rows, cols = gguf.shape(name)
@@ -46,7 +47,7 @@ def matrix(gguf: GGUFFile, name: str, heads: int | None = None) -> QuantMatrix:
     order = None
     if heads is not None and gguf.architecture in PERMUTED_ARCHITECTURES:
         order = unpermute_rows(torch.arange(rows), heads)  # row i of the HF matrix is stored row order[i]
-    return QuantMatrix(data, fmt, rows, cols, order)
+    return QuantMatrix(data, fmt, rows, cols, order, levels)
 
 
 def resident_nbytes(gguf: GGUFFile) -> int:
@@ -72,6 +73,7 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig):
     with skip_init():
         model = TPAModel(config, device="meta", dtype=torch.float32)
     names = set(gguf.tensor_names)
+    levels = activation_levels(gguf.path.stat().st_size)
 
     def need(name: str) -> str:
         if name not in names:
@@ -98,11 +100,11 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig):
         attn, mlp = block.attn, block.mlp
         block.attn_norm.weight = vector(p + "attn_norm.weight", c.d_model)
         block.mlp_norm.weight = vector(p + "ffn_norm.weight", c.d_model)
-        q = matrix(gguf, need(p + "attn_q.weight"), c.n_heads)
-        k = matrix(gguf, need(p + "attn_k.weight"), c.k_rank)
-        v = matrix(gguf, need(p + "attn_v.weight"))
+        q = matrix(gguf, need(p + "attn_q.weight"), c.n_heads, levels)
+        k = matrix(gguf, need(p + "attn_k.weight"), c.k_rank, levels)
+        v = matrix(gguf, need(p + "attn_v.weight"), levels=levels)
         attn.packed["w_in"] = linear([q, k, v], *attn.w_in.shape, f"layer {i} attn_q|attn_k|attn_v")
-        attn.packed["w_o"] = linear([matrix(gguf, need(p + "attn_output.weight"))], *attn.w_o.shape,
+        attn.packed["w_o"] = linear([matrix(gguf, need(p + "attn_output.weight"), levels=levels)], *attn.w_o.shape,
                                     f"layer {i} attn_output")
         if attn.b_in is not None:
             from tpa_core.gguf import PERMUTED_ARCHITECTURES, unpermute_rows
@@ -111,14 +113,14 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig):
             if gguf.architecture in PERMUTED_ARCHITECTURES:
                 biases[0], biases[1] = unpermute_rows(biases[0], c.n_heads), unpermute_rows(biases[1], c.k_rank)
             attn.b_in = nn.Parameter(torch.cat(biases), requires_grad=False)
-        mlp.packed["w_gate_up"] = linear([matrix(gguf, need(p + "ffn_gate.weight")),
-                                          matrix(gguf, need(p + "ffn_up.weight"))], *mlp.w_gate_up.shape,
-                                         f"layer {i} ffn_gate|ffn_up")
-        mlp.packed["w_down"] = linear([matrix(gguf, need(p + "ffn_down.weight"))], *mlp.w_down.shape,
+        mlp.packed["w_gate_up"] = linear([matrix(gguf, need(p + "ffn_gate.weight"), levels=levels),
+                                          matrix(gguf, need(p + "ffn_up.weight"), levels=levels)],
+                                         *mlp.w_gate_up.shape, f"layer {i} ffn_gate|ffn_up")
+        mlp.packed["w_down"] = linear([matrix(gguf, need(p + "ffn_down.weight"), levels=levels)], *mlp.w_down.shape,
                                       f"layer {i} ffn_down")
         for module, key in ((attn, "w_in"), (attn, "w_o"), (mlp, "w_gate_up"), (mlp, "w_down")):
             setattr(module, key, nn.Parameter(placeholder(*getattr(module, key).shape), requires_grad=False))
-    embed = matrix(gguf, need("token_embd.weight"))
+    embed = matrix(gguf, need("token_embd.weight"), levels=levels)
     if (embed.rows, embed.cols) != (c.vocab_size, c.d_model):
         raise TPAError(f"{gguf.path}: token_embd is [{embed.rows}, {embed.cols}], the config needs "
                        f"[{c.vocab_size}, {c.d_model}]")
@@ -127,7 +129,8 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig):
     if model.lm_head is None:
         model.packed_head = QuantLinear([embed])
     else:
-        model.packed_head = linear([matrix(gguf, need("output.weight"))], c.vocab_size, c.d_model, "output")
+        model.packed_head = linear([matrix(gguf, need("output.weight"), levels=levels)], c.vocab_size, c.d_model,
+                                   "output")
         model.lm_head.weight = nn.Parameter(placeholder(c.vocab_size, c.d_model), requires_grad=False)
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         raise TPAError(f"{gguf.path}: some model tensors were not in the file")
