@@ -2,7 +2,7 @@
 
     .venv/bin/tpa-rag models fetch            # once: the default model into the data folder's model cache
     .venv/bin/python benchmarks/answers.py --data-dir DIR --sets cpython click --half tuning \
-        --settings today k=2 k=1 budget=320 --out OUT_DIR [--threads 1]
+        --settings today k=2 k=1 budget=320 --out OUT_DIR [--threads 1] [--chunk-tokens N]
 
 Each set (benchmarks/questions/*.json, see `answer_scoring`) is ingested as its own collection (for CPython the
 54 standard-library modules of retrieval_questions.json, as the chunk-reuse benchmark does; for click the whole
@@ -17,8 +17,9 @@ Per setting it reports accuracy with a 95% Wilson interval, partially right answ
 sources hold the answer, median time to first token, mean prompt and reused tokens, and how often the
 grounding note fires on right and on wrong answers. With --follow-ups N, the first N questions of the half each
 get the next question of the half as a follow-up in their session (1 new token: only its prompt matters), and
-the share of the follow-up's prompt restored as an exact prefix is reported. JSON and a markdown table go to
---out.
+the share of the follow-up's prompt restored as an exact prefix is reported. With --chunk-tokens N the sets
+are ingested in N-token chunks (a fifth overlapping) into collections of their own (the product chunks at 200).
+JSON and a markdown table go to --out.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ MAX_NEW_TOKENS = 48
 # Wordings of the system prompt compared by `prompt=NAME`: appended to the product's own (AskOptions.instructions).
 PROMPTS = {
     "exact": "Answer in one short sentence that quotes the exact name, value or string from the context.",
+    "quote": "First copy the line of the context that answers the question, then answer in a few words.",
+    "brief": "Give the answer in a few words, using the name or value exactly as the context writes it.",
 }
 
 
@@ -165,6 +168,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--follow-ups", type=int, default=0,
                         help="the first N questions of each half get a follow-up (exact prefix reuse)")
+    parser.add_argument("--chunk-tokens", type=int, default=0,
+                        help="ingest the sets in chunks of this many tokens (overlap a fifth) into collections of "
+                             "their own, instead of the product's chunking (0)")
     parser.add_argument("--out", required=True, help="folder for answers.json and answers.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -185,7 +191,11 @@ def main() -> int:
         for name in args.sets:
             path, root, files = _sets()[name]
             questions = load_set(path, prefix=name)
-            collection = f"answers-{name}"
+            collection = f"answers-{name}" + (f"-c{args.chunk_tokens}" if args.chunk_tokens else "")
+            if args.chunk_tokens:
+                from retrieval.chunking import ChunkingConfig
+
+                service.corpus.chunking = ChunkingConfig(args.chunk_tokens, args.chunk_tokens // 5)
             if collection not in service.collection_names():
                 names = files or sorted({q["file"] for q in questions})
                 service.ingest_paths(collection, [str(root / f) for f in names])
@@ -197,6 +207,7 @@ def main() -> int:
                 started = time.perf_counter()
                 records = run_setting(service, collection, chosen, options[spec], args.follow_ups)
                 row = {"set": name, "half": args.half, "setting": spec, "options": options[spec],
+                       "chunk_tokens": args.chunk_tokens or "product default",
                        "summary": summarize(records), "records": records,
                        "wall_s": round(time.perf_counter() - started, 1)}
                 rows.append(row)

@@ -254,9 +254,11 @@ def test_mla_cache_holds_the_latent_and_rope_key_only():
         x = model.layers[0].attn_norm(model.embed(tokens))
         attn = model.layers[0].attn
         latent, k_rope = F.linear(x, attn.w_kva).split((c.kv_lora_rank, c.qk_rope_dim), dim=-1)
-        torch.testing.assert_close(cache.storage["latent"][0, :, :14], attn.kv_norm(latent), atol=1e-6, rtol=0)
+        # two float32 paths: the layer's own projection against F.linear here (another GEMM blocking on some CPUs)
+        torch.testing.assert_close(cache.storage["latent"][0, :, :14], attn.kv_norm(latent),
+                                   atol=TOL["float32_paths"], rtol=0)
         assert not torch.allclose(cache.storage["k_rope"][0, :, 1:14], k_rope[:, 1:])  # rotated (position 0 is not)
-        torch.testing.assert_close(cache.storage["k_rope"][0, :, 0], k_rope[:, 0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(cache.storage["k_rope"][0, :, 0], k_rope[:, 0], atol=TOL["float32_paths"], rtol=0)
 
 
 # ----- saving -------------------------------------------------------------------------------------------------------
