@@ -291,75 +291,104 @@ inline __m256i fifth_bits(const uint8_t* p) {
   return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
 }
 
-// Sum over n blocks of scale_b * (8 int32 lanes p_b) + term_b, where block(b, p, scale, term) fills in block b's
-// values. Two accumulators, even and odd blocks: one chain of float adds (4-cycle latency) per block would
-// otherwise bound the loop, whose integer work per block takes fewer cycles than that.
-template <typename Block>
-inline float sum_blocks(int64_t n, Block block) {
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-  float terms[2] = {0.0f, 0.0f};
-  int64_t b = 0;
-  for (; b + 2 <= n; b += 2) {
-    for (int i = 0; i < 2; ++i) {
-      __m256i p;
-      float scale, term;
-      block(b + i, p, scale, term);
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale), acc[i]);
-      terms[i] += term;
+// For each of R weight rows: the sum over n blocks of scale_b * (8 int32 lanes p_b) + term_b, where
+// block(row, b, p, scale, term) fills in block b's values. Several rows at once keep several independent streams of
+// weight loads in flight, which a decode GEMV, bound by memory latency rather than arithmetic, needs (benchmarks/
+// NOTES.md, "Several rows per pass"). One row alternates two accumulators, even and odd blocks: a single chain of
+// float adds (4-cycle latency) would otherwise bound the loop; rows are independent chains of their own.
+template <int R, typename Block>
+inline void sum_blocks(int64_t n, const uint8_t* const* rows, Block block, float* out) {
+  constexpr int A = R == 1 ? 2 : 1;  // accumulators per row
+  __m256 acc[R][A];
+  float terms[R][A];
+  for (int r = 0; r < R; ++r) {
+    for (int a = 0; a < A; ++a) {
+      acc[r][a] = _mm256_setzero_ps();
+      terms[r][a] = 0.0f;
     }
   }
-  if (b < n) {
-    __m256i p;
-    float scale, term;
-    block(b, p, scale, term);
-    acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale), acc[0]);
-    terms[0] += term;
+  auto step = [&](int64_t b, int a) {
+    for (int r = 0; r < R; ++r) {
+      __m256i p;
+      float scale, term;
+      block(rows[r], b, p, scale, term);
+      acc[r][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale), acc[r][a]);
+      terms[r][a] += term;
+    }
+  };
+  int64_t b = 0;
+  for (; b + A <= n; b += A) {
+    for (int a = 0; a < A; ++a) step(b + a, a);
   }
-  return hsum(_mm256_add_ps(acc[0], acc[1])) + terms[0] + terms[1];
+  for (; b < n; ++b) step(b, 0);
+  for (int r = 0; r < R; ++r) {
+    __m256 total = acc[r][0];
+    float term = terms[r][0];
+    for (int a = 1; a < A; ++a) {
+      total = _mm256_add_ps(total, acc[r][a]);
+      term += terms[r][a];
+    }
+    out[r] = hsum(total) + term;
+  }
 }
 
-template <bool kTwo>
-float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
-  // Per 32-block: p = the integer dot products of the codes with x's level(s), scale = d_w d_x, and term the
-  // min or offset: + m d_x sum(x) (Q4_1, Q5_1), - 8 d_w d_x sum(x) (Q4_0), - 16 ... (Q5_0).
+// w . x for R rows of a 32-value block type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) into out[0..R); false for other types.
+// Per 32-block: p = the integer dot products of the codes with x's level(s), scale = d_w d_x, and term the min or
+// offset: + m d_x sum(x) (Q4_1, Q5_1), - 8 d_w d_x sum(x) (Q4_0), - 16 ... (Q5_0).
+template <bool kTwo, int R>
+bool dot_rows32(int64_t type, const uint8_t* const* rows, const XBlock* x, int64_t k, float* out) {
   switch (type) {
     case Q4_0:
-      return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
+      sum_blocks<R>(k / 32, rows, [&](const uint8_t* row, int64_t b, __m256i& p, float& scale, float& term) {
         const uint8_t* blk = row + 18 * b;
         const float d = half_at(blk);
         p = dotx_unsigned<kTwo>(nibbles_16(blk + 2), x[b]);
         scale = d * x[b].d;
         term = -8.0f * d * x[b].dsum;
-      });
+      }, out);
+      return true;
     case Q4_1:
-      return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
+      sum_blocks<R>(k / 32, rows, [&](const uint8_t* row, int64_t b, __m256i& p, float& scale, float& term) {
         const uint8_t* blk = row + 20 * b;
         p = dotx_unsigned<kTwo>(nibbles_16(blk + 4), x[b]);
         scale = half_at(blk) * x[b].d;
         term = half_at(blk + 2) * x[b].dsum;
-      });
+      }, out);
+      return true;
     case Q5_0:
-      return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
+      sum_blocks<R>(k / 32, rows, [&](const uint8_t* row, int64_t b, __m256i& p, float& scale, float& term) {
         const uint8_t* blk = row + 22 * b;
         const float d = half_at(blk);
         p = dotx_unsigned<kTwo>(_mm256_or_si256(nibbles_16(blk + 6), fifth_bits(blk + 2)), x[b]);
         scale = d * x[b].d;
         term = -16.0f * d * x[b].dsum;
-      });
+      }, out);
+      return true;
     case Q5_1:
-      return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
+      sum_blocks<R>(k / 32, rows, [&](const uint8_t* row, int64_t b, __m256i& p, float& scale, float& term) {
         const uint8_t* blk = row + 24 * b;
         p = dotx_unsigned<kTwo>(_mm256_or_si256(nibbles_16(blk + 8), fifth_bits(blk + 4)), x[b]);
         scale = half_at(blk) * x[b].d;
         term = half_at(blk + 2) * x[b].dsum;
-      });
+      }, out);
+      return true;
     case Q8_0:
-      return sum_blocks(k / 32, [&](int64_t b, __m256i& p, float& scale, float& term) {
+      sum_blocks<R>(k / 32, rows, [&](const uint8_t* row, int64_t b, __m256i& p, float& scale, float& term) {
         const uint8_t* blk = row + 34 * b;
         p = dotx_signed<kTwo>(load32(blk + 2), x[b]);
         scale = half_at(blk) * x[b].d;
         term = 0.0f;
-      });
+      }, out);
+      return true;
+    default: return false;
+  }
+}
+
+template <bool kTwo>
+float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
+  float out;
+  if (dot_rows32<kTwo, 1>(type, &row, x, k, &out)) return out;
+  switch (type) {
     default: break;
   }
   __m256 acc = _mm256_setzero_ps();
@@ -488,6 +517,8 @@ float dot_row_float(int64_t type, const uint8_t* row, const float* x, int64_t k)
 }
 #endif
 
+constexpr int kRowsPerPass = 4;  // weight rows per pass of the 32-value types' decode product
+
 void check_weight(const at::Tensor& w, int64_t type, int64_t k) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.device().is_cpu(),
               "tpa_gguf: the weight must be a contiguous CPU uint8 tensor [N, row_bytes]");
@@ -520,7 +551,26 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_
     });
   }
   at::parallel_for(0, n_rows, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
+    int64_t n = n0;
+#ifdef TPA_GGUF_AVX2
+    if (!is_float && group == 1) {  // the 32-value block types: kRowsPerPass rows at a time
+      for (; n + kRowsPerPass <= n1; n += kRowsPerPass) {
+        const uint8_t* rows[kRowsPerPass];
+        for (int r = 0; r < kRowsPerPass; ++r) rows[r] = wp + (n + r) * row_bytes;
+        for (int64_t m = 0; m < m_rows; ++m) {
+          const XBlock* xm = xq.data() + m * (k / 32);
+          float out[kRowsPerPass];
+          if (two) {
+            dot_rows32<true, kRowsPerPass>(type, rows, xm, k, out);
+          } else {
+            dot_rows32<false, kRowsPerPass>(type, rows, xm, k, out);
+          }
+          std::memcpy(yp + m * n_rows + n, out, sizeof(out));
+        }
+      }
+    }
+#endif
+    for (; n < n1; ++n) {
       const uint8_t* row = wp + n * row_bytes;
       for (int64_t m = 0; m < m_rows; ++m) {
         const XBlock* xm = xq.data() + m * (k / 32);
