@@ -384,21 +384,32 @@ bool dot_rows32(int64_t type, const uint8_t* const* rows, const XBlock* x, int64
   }
 }
 
-template <bool kTwo>
-float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
-  float out;
-  if (dot_rows32<kTwo, 1>(type, &row, x, k, &out)) return out;
-  switch (type) {
-    default: break;
+// For each of R rows of a K-quant (Q4_K, Q5_K, Q6_K): the sum over n super-blocks of 256 values, where
+// super(row, b, acc, mins) adds super-block b's products to the row's float lanes `acc` and its min / offset terms to
+// `mins`. Rows at once for the same reason as `sum_blocks`.
+template <int R, typename Super>
+inline void sum_superblocks(int64_t n, const uint8_t* const* rows, Super super, float* out) {
+  __m256 acc[R];
+  float mins[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    mins[r] = 0.0f;
   }
-  __m256 acc = _mm256_setzero_ps();
-  float mins = 0.0f;  // the K-quants' min / offset terms, one addition per super-block
+  for (int64_t b = 0; b < n; ++b) {
+    for (int r = 0; r < R; ++r) super(rows[r], b, acc[r], mins[r]);
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + mins[r];
+}
+
+// w . x for R rows of a K-quant into out[0..R).
+template <bool kTwo, int R>
+void dot_rows_k(int64_t type, const uint8_t* const* rows, const XBlock* x, int64_t k, float* out) {
   switch (type) {
     case Q4_K: case Q5_K: {
       const bool five = type == Q5_K;
       const int64_t bytes = five ? 176 : 144;
       const __m256i low4 = _mm256_set1_epi8(0x0F);
-      for (int64_t b = 0; b < k / 256; ++b) {
+      sum_superblocks<R>(k / 256, rows, [&](const uint8_t* row, int64_t b, __m256& acc, float& mins) {
         const uint8_t* blk = row + bytes * b;
         const float d = half_at(blk), dmin = half_at(blk + 2);
         const __m256i qh = five ? load32(blk + 16) : _mm256_setzero_si256();
@@ -431,12 +442,12 @@ float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
         const float dx = d * xb[0].d;
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_hi), _mm256_set1_ps(kTwo ? 256.0f * dx : dx), acc);
         if constexpr (kTwo) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_lo), _mm256_set1_ps(dx), acc);
-      }
-      break;
+      }, out);
+      return;
     }
     case Q6_K: {
       const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(3);
-      for (int64_t b = 0; b < k / 256; ++b) {
+      sum_superblocks<R>(k / 256, rows, [&](const uint8_t* row, int64_t b, __m256& acc, float& mins) {
         const uint8_t* blk = row + 210 * b;
         const int8_t* scales = reinterpret_cast<const int8_t*>(blk + 192);
         const float d = half_at(blk + 208);
@@ -466,12 +477,24 @@ float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
         const float dx = d * xb[0].d;
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_hi), _mm256_set1_ps(kTwo ? 256.0f * dx : dx), acc);
         if constexpr (kTwo) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_lo), _mm256_set1_ps(dx), acc);
-      }
-      break;
+      }, out);
+      return;
     }
     default: TORCH_CHECK(false, "tpa_gguf: no integer dot product for GGML type id ", type);
   }
-  return hsum(acc) + mins;
+}
+
+// w . x for R rows of any block type into out[0..R).
+template <bool kTwo, int R>
+void dot_rows(int64_t type, const uint8_t* const* rows, const XBlock* x, int64_t k, float* out) {
+  if (!dot_rows32<kTwo, R>(type, rows, x, k, out)) dot_rows_k<kTwo, R>(type, rows, x, k, out);
+}
+
+template <bool kTwo>
+float dot_row(int64_t type, const uint8_t* row, const XBlock* x, int64_t k) {
+  float out;
+  dot_rows<kTwo, 1>(type, &row, x, k, &out);
+  return out;
 }
 
 float dot_row_float(int64_t type, const uint8_t* row, const float* x, int64_t k) {
@@ -517,7 +540,7 @@ float dot_row_float(int64_t type, const uint8_t* row, const float* x, int64_t k)
 }
 #endif
 
-constexpr int kRowsPerPass = 4;  // weight rows per pass of the 32-value types' decode product
+constexpr int kRowsPerPass = 4;  // weight rows per pass of the decode product (one for Q6_K)
 
 void check_weight(const at::Tensor& w, int64_t type, int64_t k) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.device().is_cpu(),
@@ -553,7 +576,8 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_
   at::parallel_for(0, n_rows, 16, [&](int64_t n0, int64_t n1) {
     int64_t n = n0;
 #ifdef TPA_GGUF_AVX2
-    if (!is_float && group == 1) {  // the 32-value block types: kRowsPerPass rows at a time
+    // kRowsPerPass rows at a time; Q6_K's super-block needs more registers than four rows leave (1.4x slower)
+    if (!is_float && type != Q6_K) {
       for (; n + kRowsPerPass <= n1; n += kRowsPerPass) {
         const uint8_t* rows[kRowsPerPass];
         for (int r = 0; r < kRowsPerPass; ++r) rows[r] = wp + (n + r) * row_bytes;
@@ -561,9 +585,9 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_
           const XBlock* xm = xq.data() + m * (k / 32);
           float out[kRowsPerPass];
           if (two) {
-            dot_rows32<true, kRowsPerPass>(type, rows, xm, k, out);
+            dot_rows<true, kRowsPerPass>(type, rows, xm, k, out);
           } else {
-            dot_rows32<false, kRowsPerPass>(type, rows, xm, k, out);
+            dot_rows<false, kRowsPerPass>(type, rows, xm, k, out);
           }
           std::memcpy(yp + m * n_rows + n, out, sizeof(out));
         }
