@@ -31,19 +31,34 @@ logger = logging.getLogger(__name__)
 
 # Rows (tokens) from which a float32 CPU projection runs through oneDNN instead of F.linear (MKL sgemm): oneDNN's
 # GEMM is about twice as fast on AMD CPUs from 16 rows on, while one row (decode, a GEMV) is faster in MKL
-# (benchmarks/NOTES.md, "CPU engine").
+# (benchmarks/NOTES.md, "CPU engine"). On Intel CPUs the two GEMMs are equally fast and oneDNN's layout
+# conversions cost about a tenth of a prefill, so they keep MKL (NOTES.md, "Activation levels, VNNI, and an Intel
+# host").
 ONEDNN_MIN_ROWS = 16
-_onednn = {"usable": None}  # None = not tried yet; False after a build without a working oneDNN linear
+# None = not decided yet; False: F.linear (an Intel CPU, or a build without a working oneDNN linear)
+_onednn: dict[str, bool | None] = {"usable": None}
+
+
+def _intel_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in info)
+    except OSError:
+        return False
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: QuantLinear | None = None) -> Tensor:
     """`F.linear(x, weight, bias)`: x `[..., d]`, weight `[F, d]` -> `[..., F]`; prefill-sized float32 CPU inputs
-    go through oneDNN, whose GEMM is about twice as fast as MKL's sgemm on AMD CPUs (plain layout, no weight copy
-    kept). `packed`: the weight resident in its GGUF blocks (`tpa_core.quant`); `weight` is then a placeholder."""
+    go through oneDNN on non-Intel CPUs, where its GEMM is about twice as fast as MKL's sgemm (plain layout, no
+    weight copy kept). `packed`: the weight resident in its GGUF blocks (`tpa_core.quant`); `weight` is then a
+    placeholder."""
     if packed is not None:
         out = packed(x)  # [..., F]
         return out if bias is None else out + bias
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if _onednn["usable"] is None and _intel_cpu():
+        logger.info("Intel CPU: prefill projections use MKL (F.linear), as fast as oneDNN here without conversions")
+        _onednn["usable"] = False
     # oneDNN tensors have no autograd: training (gradients on) stays on F.linear
     if (rows >= ONEDNN_MIN_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
             and _onednn["usable"] is not False and not torch.is_grad_enabled()):

@@ -166,3 +166,20 @@ def test_linear_matches_f_linear(rows):
             got, want = linear(x, w, bias), torch.nn.functional.linear(x, w, bias)
             assert got.shape == (1, rows, 80)
             assert (got - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("intel", [True, False])
+def test_prefill_projection_library_follows_the_cpu_vendor(monkeypatch, intel):
+    """Intel CPUs keep MKL (F.linear) for prefill projections; others try oneDNN. Both give F.linear's values."""
+    from tpa_core import attention as attention_module
+
+    monkeypatch.setattr(attention_module, "_intel_cpu", lambda: intel)
+    monkeypatch.setitem(attention_module._onednn, "usable", None)
+    x, w = torch.randn(2, 20, 48), torch.randn(40, 48)
+    with torch.no_grad():
+        out = attention_module.linear(x, w)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    if intel:
+        assert attention_module._onednn["usable"] is False
+    else:  # oneDNN used wherever this torch build has it
+        assert attention_module._onednn["usable"] is torch.backends.mkldnn.is_available()
