@@ -90,9 +90,7 @@ class GGUFContainer:
             elif etype == _STRING:
                 if count * 8 > self._size - self._pos:
                     raise _Damaged(f"an array of {count} strings cannot fit in the file")
-                for _ in range(count):
-                    length = self._take("<Q")  # read before adding: `_pos += _take()` would lose the 8 bytes
-                    self._pos += length
+                self._pos = _skip_strings(self._map, self._pos, count, self._size)
             else:
                 raise _Damaged(f"unsupported array element type {etype}")
         else:
@@ -179,3 +177,19 @@ def _tensor_bytes(name: str, shape: tuple[int, ...], type_id: int) -> int:
     if not shape or shape[-1] % block_values:
         raise _Damaged(f"tensor {name} of shape {list(shape)} is not whole {block_values}-value blocks")
     return values // block_values * block_bytes
+
+
+_U64 = struct.Struct("<Q")
+
+
+def _skip_strings(buf: Any, pos: int, count: int, size: int) -> int:
+    """The position after `count` length-prefixed strings starting at `pos` (a tokenizer's vocabulary: tens of
+    thousands, so one tight loop); _Damaged where one runs past `size`."""
+    unpack = _U64.unpack_from
+    for _ in range(count):
+        if pos + 8 > size:
+            raise _Damaged(f"truncated at byte {pos}")
+        pos += 8 + unpack(buf, pos)[0]
+    if pos > size:
+        raise _Damaged(f"a string runs past the end at byte {pos}")
+    return pos

@@ -87,6 +87,18 @@ def test_truncated_file_is_a_clear_error(tmp_path):
         GGUFFile(path).hf_state_dict()
 
 
+def test_a_file_cut_inside_the_vocabulary_is_a_clear_error(tmp_path):
+    """The metadata's token list (an array of strings) ends past the end of the file: refused, not read past."""
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    data = path.read_bytes()
+    cut = data.index(b"tokenizer.ggml.tokens") + 200  # inside the token strings
+    for size in (cut, cut + 3):  # in a length prefix and in a string's bytes
+        path.write_bytes(data[:size])
+        with pytest.raises(TPAError, match="not a readable GGUF"):
+            GGUFFile(path)
+
+
 def test_garbage_after_magic_is_a_clear_error(tmp_path):
     path = tmp_path / "bad.gguf"
     path.write_bytes(b"GGUF" + bytes(np.random.default_rng(0).integers(0, 255, 4096, dtype=np.uint8)))
