@@ -90,6 +90,7 @@ def ours_child(path: str, threads: int, ids: list[int], new: int, models_dir: st
     import torch
 
     from tpa_core.loading import load_model
+    from tpa_core.quant.resident import resident_matrices
 
     torch.set_num_threads(threads)
     rss_before_load = memory_mb("VmRSS")  # the runtime, no model yet
@@ -98,8 +99,7 @@ def ours_child(path: str, threads: int, ids: list[int], new: int, models_dir: st
     load = time.perf_counter() - start
     model = loaded.model
     if levels != "auto":  # what the file-size rule (tpa_core.quant.formats.activation_levels) saves or costs
-        layers = [m for b in model.layers for m in (*b.attn.packed.values(), *b.mlp.packed.values())]
-        for part in (p for layer in [*layers, model.packed_head] for p in layer.parts):
+        for part in resident_matrices(model):
             part.levels = int(levels)
     cache = model.new_cache(capacity=len(ids) + new + 16)
     start, cpu = time.perf_counter(), time.process_time()

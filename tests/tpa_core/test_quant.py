@@ -34,7 +34,7 @@ from tpa_core.quant.formats import (
     random_blocks,
 )
 from tpa_core.quant.linear import DECODE_MAX_ROWS, QuantLinear, QuantMatrix
-from tpa_core.quant.resident import is_placeholder, resident_bytes_of
+from tpa_core.quant.resident import is_placeholder, resident_bytes_of, resident_matrices
 
 pytestmark = pytest.mark.skipif(not ops.available(), reason="the compiled op could not be built (no C++ compiler)")
 
@@ -190,9 +190,7 @@ def test_a_large_file_decodes_with_one_activation_level(mixed, monkeypatch):
     path, _, quantized, _ = mixed
     monkeypatch.setattr(formats, "ONE_LEVEL_MIN_BYTES", path.stat().st_size)
     model = build_resident_model(GGUFFile(path), quantized.config)
-    parts = [p for b in model.layers for layer in (*b.attn.packed.values(), *b.mlp.packed.values())
-             for p in layer.parts] + model.packed_head.parts
-    assert {p.levels for p in parts} == {1}
+    assert {p.levels for p in resident_matrices(model)} == {1}
 
 
 def test_the_resident_model_holds_about_its_file_size(mixed):

@@ -81,6 +81,9 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig):
                            f"{gguf.architecture} model")
         return name
 
+    def resident(name: str, heads: int | None = None) -> QuantMatrix:
+        return matrix(gguf, need(name), heads, levels)
+
     def vector(name: str, size: int) -> nn.Parameter:
         value = gguf.tensor(need(name)).reshape(-1)
         if value.numel() != size:
@@ -100,12 +103,10 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig):
         attn, mlp = block.attn, block.mlp
         block.attn_norm.weight = vector(p + "attn_norm.weight", c.d_model)
         block.mlp_norm.weight = vector(p + "ffn_norm.weight", c.d_model)
-        q = matrix(gguf, need(p + "attn_q.weight"), c.n_heads, levels)
-        k = matrix(gguf, need(p + "attn_k.weight"), c.k_rank, levels)
-        v = matrix(gguf, need(p + "attn_v.weight"), levels=levels)
+        q, k, v = resident(p + "attn_q.weight", c.n_heads), resident(p + "attn_k.weight", c.k_rank), \
+            resident(p + "attn_v.weight")
         attn.packed["w_in"] = linear([q, k, v], *attn.w_in.shape, f"layer {i} attn_q|attn_k|attn_v")
-        attn.packed["w_o"] = linear([matrix(gguf, need(p + "attn_output.weight"), levels=levels)], *attn.w_o.shape,
-                                    f"layer {i} attn_output")
+        attn.packed["w_o"] = linear([resident(p + "attn_output.weight")], *attn.w_o.shape, f"layer {i} attn_output")
         if attn.b_in is not None:
             from tpa_core.gguf import PERMUTED_ARCHITECTURES, unpermute_rows
 
@@ -113,14 +114,12 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig):
             if gguf.architecture in PERMUTED_ARCHITECTURES:
                 biases[0], biases[1] = unpermute_rows(biases[0], c.n_heads), unpermute_rows(biases[1], c.k_rank)
             attn.b_in = nn.Parameter(torch.cat(biases), requires_grad=False)
-        mlp.packed["w_gate_up"] = linear([matrix(gguf, need(p + "ffn_gate.weight"), levels=levels),
-                                          matrix(gguf, need(p + "ffn_up.weight"), levels=levels)],
+        mlp.packed["w_gate_up"] = linear([resident(p + "ffn_gate.weight"), resident(p + "ffn_up.weight")],
                                          *mlp.w_gate_up.shape, f"layer {i} ffn_gate|ffn_up")
-        mlp.packed["w_down"] = linear([matrix(gguf, need(p + "ffn_down.weight"), levels=levels)], *mlp.w_down.shape,
-                                      f"layer {i} ffn_down")
+        mlp.packed["w_down"] = linear([resident(p + "ffn_down.weight")], *mlp.w_down.shape, f"layer {i} ffn_down")
         for module, key in ((attn, "w_in"), (attn, "w_o"), (mlp, "w_gate_up"), (mlp, "w_down")):
             setattr(module, key, nn.Parameter(placeholder(*getattr(module, key).shape), requires_grad=False))
-    embed = matrix(gguf, need("token_embd.weight"), levels=levels)
+    embed = resident("token_embd.weight")
     if (embed.rows, embed.cols) != (c.vocab_size, c.d_model):
         raise TPAError(f"{gguf.path}: token_embd is [{embed.rows}, {embed.cols}], the config needs "
                        f"[{c.vocab_size}, {c.d_model}]")
@@ -129,24 +128,27 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig):
     if model.lm_head is None:
         model.packed_head = QuantLinear([embed])
     else:
-        model.packed_head = linear([matrix(gguf, need("output.weight"), levels=levels)], c.vocab_size, c.d_model,
-                                   "output")
+        model.packed_head = linear([resident("output.weight")], c.vocab_size, c.d_model, "output")
         model.lm_head.weight = nn.Parameter(placeholder(c.vocab_size, c.d_model), requires_grad=False)
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         raise TPAError(f"{gguf.path}: some model tensors were not in the file")
     return model.eval()
 
 
+def resident_matrices(model) -> list[QuantMatrix]:
+    """Every QuantMatrix a built model computes with: its layers' projections, then the LM head's."""
+    layers = [m for b in model.layers for m in (*b.attn.packed.values(), *b.mlp.packed.values())]
+    return [part for layer in [*layers, model.packed_head] for part in layer.parts]
+
+
 def resident_bytes_of(model) -> int:
     """Bytes the resident weights of a built model hold (matrices in their blocks plus float32 vectors)."""
     seen: set[int] = set()
     total = 0
-    layers = [m for b in model.layers for m in (*b.attn.packed.values(), *b.mlp.packed.values())]
-    for layer in layers + [model.packed_head]:
-        for part in layer.parts:
-            if part.data.data_ptr() not in seen:
-                seen.add(part.data.data_ptr())
-                total += part.nbytes
+    for part in resident_matrices(model):
+        if part.data.data_ptr() not in seen:
+            seen.add(part.data.data_ptr())
+            total += part.nbytes
     return total + sum(p.numel() * p.element_size() for p in model.parameters() if not is_placeholder(p))
 
 
