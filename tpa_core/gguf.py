@@ -147,6 +147,11 @@ class GGUFFile:
         rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
         return torch.from_numpy(self._container.data(info).reshape(rows, -1))
 
+    def release(self, name: str) -> None:
+        """Drop tensor `name`'s mapped pages from the process's resident memory once it has been copied (its `raw`
+        views read the file again if used)."""
+        self._container.release(self._get(name))
+
     def tensor(self, name: str) -> torch.Tensor:
         """Tensor `name` dequantized to float32, shape `[rows, cols]` (or `[n]`)."""
         from gguf import dequantize

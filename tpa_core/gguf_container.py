@@ -3,7 +3,7 @@
 gguf's `GGUFReader` builds numpy views for every metadata element up front: for a Llama-3 vocabulary (128k tokens,
 280k merges) that is seconds and a few hundred MB before any weight is read. Here the header is walked once
 (string arrays are skipped by their lengths), values are decoded when asked for, and tensor data are views of one
-`np.memmap`. Layout (GGUF v2/v3, little-endian): magic "GGUF", u32 version, u64 tensor count, u64 metadata
+memory map. Layout (GGUF v2/v3, little-endian): magic "GGUF", u32 version, u64 tensor count, u64 metadata
 count; metadata entries (string key, u32 value type, value); tensor infos (string name, u32 n_dims, u64 dims
 innermost first, u32 GGML type, u64 offset); padding to `general.alignment` (32 by default); the data.
 
@@ -13,6 +13,7 @@ hostile file fails with TPAError instead of looping or reading out of bounds.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +51,11 @@ class GGUFContainer:
     def __init__(self, path: str | Path, *, writable: bool = False) -> None:
         self.path = Path(path)
         try:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="c" if writable else "r")
+            with open(self.path, "rb") as handle:
+                self._mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY if writable else mmap.ACCESS_READ)
         except (OSError, ValueError) as exc:
             raise TPAError(f"cannot map {self.path} ({exc})") from None
+        self._map = np.frombuffer(self._mmap, dtype=np.uint8)
         self._size = self._map.size
         try:
             self._parse()
@@ -164,6 +167,14 @@ class GGUFContainer:
     def data(self, info: TensorInfo) -> np.ndarray:
         """The tensor's bytes, a uint8 view of the mapped file."""
         return self._map[info.start:info.start + info.n_bytes]
+
+    def release(self, info: TensorInfo) -> None:
+        """Drop the tensor's pages from this process's memory (they stay in the page cache; a later read maps them
+        again): for a tensor copied elsewhere, so that its file pages no longer count as the process's."""
+        first = -(-info.start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor only
+        last = (info.start + info.n_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def _tensor_bytes(name: str, shape: tuple[int, ...], type_id: int) -> int:

@@ -13,6 +13,7 @@ Tolerances (one table, a reason each):
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 from engine_fixtures import llama_cpp_permute, tiny_vocab, write_tiny_gguf
 
 from tpa_core.errors import TPAError
-from tpa_core.gguf import GGUFFile
+from tpa_core.gguf import GGUFFile, unpermute_rows
 from tpa_core.loading import list_cached, load_model
 from tpa_core.quant import ops
 from tpa_core.quant.formats import (
@@ -34,7 +35,7 @@ from tpa_core.quant.formats import (
     random_blocks,
 )
 from tpa_core.quant.linear import DECODE_MAX_ROWS, QuantLinear, QuantMatrix
-from tpa_core.quant.resident import is_placeholder, resident_bytes_of, resident_matrices
+from tpa_core.quant.resident import is_placeholder, packs, resident_bytes_of, resident_matrices
 
 pytestmark = pytest.mark.skipif(not ops.available(), reason="the compiled op could not be built (no C++ compiler)")
 
@@ -183,6 +184,63 @@ def test_a_mixed_type_file_loads_with_every_matrix_in_its_own_blocks(mixed):
                                rtol=0, atol=0)
 
 
+PACKED_TYPES = [name for name in BLOCK_TYPES if ops.packed_row_bytes(FORMATS[name].type_id, 256) > 0]
+
+
+def test_the_packed_layout_exists_for_the_common_types():
+    assert PACKED_TYPES == ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("name", PACKED_TYPES)
+def test_the_packed_layout_is_the_files_blocks_rearranged(name):
+    rng = np.random.default_rng(11)
+    rows, cols = 48, 512
+    fmt = FORMATS[name]
+    raw = torch.from_numpy(random_blocks(name, rows, cols, rng))
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(2))
+    packed = ops.repack(raw, fmt.type_id, cols, order)
+    assert packed.shape == (rows, ops.packed_row_bytes(fmt.type_id, cols))
+    assert packed.numel() <= 1.03 * raw.numel()  # Q4_K's unpacked 6-bit scales: 148 bytes per 144
+    assert torch.equal(ops.unpack(packed, fmt.type_id, cols, torch.arange(rows)), raw[order])  # lossless
+    some = torch.tensor([47, 0, 16, 5, 5])  # any rows, any order, repeats
+    assert torch.equal(ops.unpack(packed, fmt.type_id, cols, some), raw[order][some])
+    matrix = QuantMatrix(packed, fmt, rows, cols, packed=True)
+    reference = _reference(raw[order].numpy(), name, rows, cols)
+    assert torch.equal(matrix.dequantize(), reference)  # the prefill path: bit-identical dequantization
+    assert torch.equal(matrix.lookup(some), reference[some])  # the embedding path
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("name", PACKED_TYPES)
+def test_the_packed_product_equals_the_file_layouts(name, levels):
+    rng = np.random.default_rng(12)
+    rows, cols = 64, 1024
+    fmt = FORMATS[name]
+    raw = torch.from_numpy(random_blocks(name, rows, cols, rng))
+    packed = QuantMatrix(ops.repack(raw, fmt.type_id, cols), fmt, rows, cols, levels=levels, packed=True)
+    plain = QuantMatrix(raw, fmt, rows, cols, levels=levels)
+    x = torch.randn(DECODE_MAX_ROWS, cols, generator=torch.Generator().manual_seed(3))
+    expected = plain.matmul(x)
+    # the same integer products; only the float32 summation order differs
+    tolerance = 1e-5 * (x.abs() @ plain.dequantize().abs().t())
+    assert ((packed.matmul(x) - expected).abs() <= tolerance).all()
+
+
+def test_packing_refuses_what_it_cannot_hold():
+    fmt = FORMATS["Q4_0"]
+    raw = torch.from_numpy(random_blocks("Q4_0", 20, 64, np.random.default_rng(0)))
+    with pytest.raises(RuntimeError, match="multiple of 16 rows"):
+        ops.repack(raw, fmt.type_id, 64)
+    with pytest.raises(RuntimeError, match="no packed layout"):
+        ops.repack(torch.zeros(16, 22, dtype=torch.uint8), FORMATS["Q5_0"].type_id, 32)
+    packed = ops.repack(raw[:16], fmt.type_id, 64)
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.unpack(packed, fmt.type_id, 64, torch.tensor([16]))
+    with pytest.raises(ValueError, match="16 at a time"):
+        QuantMatrix(packed, fmt, 16, 64, packed=True).dequantize_rows(0, 8)
+    assert not packs(FORMATS["Q5_0"], 16, 64) and not packs(fmt, 20, 64)
+
+
 def test_a_large_file_decodes_with_one_activation_level(mixed, monkeypatch):
     from tpa_core.quant import formats
     from tpa_core.quant.resident import build_resident_model
@@ -200,10 +258,62 @@ def test_the_resident_model_holds_about_its_file_size(mixed):
     assert resident <= 1.05 * path.stat().st_size
     # No float32 copy of any matrix: every parameter is a placeholder or a vector (norms).
     assert all(is_placeholder(p) or p.dim() == 1 for p in model.parameters())
-    # Every matrix is a view of the mapped file (permuted Q/K rows included: their outputs are reordered).
-    mapped = GGUFFile(path, writable_map=True)
+    # A matrix is the file's blocks: rearranged for the decode kernel where this CPU has it, llama.cpp's permuted
+    # Q rows back in matrix order; else a view of the mapped file whose outputs are reordered.
+    raw = GGUFFile(path, writable_map=True).raw("blk.0.attn_q.weight")
     q = model.layers[0].attn.packed["w_in"].parts[0]
-    assert q.order is not None and torch.equal(q.data, mapped.raw("blk.0.attn_q.weight"))
+    if q.packed:
+        order = unpermute_rows(torch.arange(q.rows), quantized.config.n_heads)
+        assert torch.equal(ops.unpack(q.data, q.fmt.type_id, q.cols, torch.arange(q.rows)), raw[order])
+    else:
+        assert q.order is not None and torch.equal(q.data, raw)
+    assert q.packed == packs(q.fmt, q.rows, q.cols)
+
+
+def _load_quantized(path, models):
+    return load_model(path, models, device="cpu", weights="quantized")
+
+
+@pytest.mark.skipif(not ops.packs_fast(), reason="this CPU keeps the file's layout (no AVX-512 packed kernel)")
+def test_a_later_load_maps_the_packed_matrices_the_first_one_kept(mixed, tmp_path, monkeypatch):
+    from tpa_core.quant import packed_store
+
+    path = mixed[0]
+    first = _load_quantized(path, tmp_path)
+    assert [m.type_name for m in resident_matrices(first.model) if m.packed] == ["Q4_K", "Q6_K", "Q4_0", "Q4_1"] * 2
+    assert (first.cache_dir / packed_store.DATA_FILE).is_file()
+
+    def no_repack(*args, **kwargs):
+        raise AssertionError("a load with a packed store must not repack")
+
+    monkeypatch.setattr(ops, "repack", no_repack)
+    again = _load_quantized(path, tmp_path)
+    for a, b in zip(resident_matrices(first.model), resident_matrices(again.model), strict=True):
+        assert a.packed == b.packed and torch.equal(a.data, b.data)
+    ids = torch.tensor([[5, 17, 42]])
+    torch.testing.assert_close(again.model(ids, again.model.new_cache(capacity=4)),
+                               first.model(ids, first.model.new_cache(capacity=4)), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not ops.packs_fast(), reason="this CPU keeps the file's layout (no AVX-512 packed kernel)")
+@pytest.mark.parametrize("damage", ["short data", "other layout", "bad index"])
+def test_a_damaged_packed_store_is_rebuilt(mixed, tmp_path, damage):
+    from tpa_core.quant import packed_store
+
+    path = mixed[0]
+    folder = _load_quantized(path, tmp_path).cache_dir
+    data, index = folder / packed_store.DATA_FILE, folder / packed_store.INDEX_FILE
+    size = data.stat().st_size
+    if damage == "short data":
+        data.write_bytes(data.read_bytes()[:size // 2])
+    elif damage == "other layout":
+        index.write_text(index.read_text().replace(packed_store.LAYOUT_VERSION, "tpa-gguf-packed/0"))
+    else:
+        index.write_text(json.dumps({"layout": packed_store.LAYOUT_VERSION, "tensors": {"x": {"offset": -1}}}))
+    again = _load_quantized(path, tmp_path)
+    assert data.stat().st_size == size and packed_store.PackedStore.open(folder) is not None
+    expected = GGUFFile(path).hf_state_dict()["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(again.model.layers[0].mlp.packed["w_gate_up"].parts[1].dequantize(), expected)
 
 
 def test_quantized_and_float_paths_agree(mixed):

@@ -27,6 +27,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -195,6 +197,8 @@ struct XBlock {
   float d;         // the unit of the integer value v = q (one level) or 256 q + r (two): max |x| / 127 (/ 256)
   float dsum;      // d * sum(v): the min / offset term of every type but Q8_0 and Q6_K
   float dsum16[2]; // the same over values [0, 16) and [16, 32): Q6_K's offset term (one scale per 16)
+  int32_t sum;     // sum(v), and over values [0, 16) and [16, 32): the packed kernels' offset terms in integers
+  int32_t sum16[2];
   int8_t q[32];
   int8_t r[32];    // 0 with one level
 };
@@ -221,6 +225,9 @@ void quantize_activations(const float* x, int64_t k, int64_t group, bool two, XB
         sums[i / 16] += two ? 256 * q + r : q;
       }
       out[b].d = d;
+      out[b].sum = sums[0] + sums[1];
+      out[b].sum16[0] = sums[0];
+      out[b].sum16[1] = sums[1];
       out[b].dsum16[0] = d * static_cast<float>(sums[0]);
       out[b].dsum16[1] = d * static_cast<float>(sums[1]);
       out[b].dsum = d * static_cast<float>(sums[0] + sums[1]);
@@ -540,6 +547,353 @@ float dot_row_float(int64_t type, const uint8_t* row, const float* x, int64_t k)
 }
 #endif
 
+// ----- the row-interleaved ("packed") layout ---------------------------------------------------------------------
+// A decode GEMV is bound by how fast one core streams the weight, and a file's layout (each row's blocks one after
+// the other) costs a dozen instructions per 32-value block and row. `repack` rearranges a matrix once, at load, into
+// groups of kGroup = 16 rows: per block column, the 16 rows' float16 scales side by side (one vcvtph2ps for all),
+// then their codes interleaved so that one 64-byte load holds 4 consecutive codes of each row, one int32 lane per
+// row; a single vpdpbusd against 4 activation bytes broadcast to every lane then advances all 16 rows. The
+// rearrangement is lossless: `unpack` gives the file's blocks back byte for byte.
+//
+// A packed block (16 rows x one block of the file) holds, in order:
+//   halves [h][16] float16    d; then m (Q4_1) or dmin (Q4_K)
+//   scales [s][16] uint8      Q4_K: the 6-bit sc of sub-blocks 0..7, then mn 0..7; Q6_K: its 16 int8 scales
+//   codes, per 32-value sub-block:
+//     4-bit (Q4_0, Q4_1, Q4_K; Q6_K's low 4 bits): 4 chunks of 64 B, byte 4r + t of chunk i holding code
+//       (row r, value 8i + t) in its low nibble and (r, 8i + 4 + t) in its high one
+//     8-bit (Q8_0): 8 chunks of 64 B, byte 4r + t of chunk i = code (r, 4i + t) + 128 (unsigned for vpdpbusd)
+//     Q6_K's top 2 bits, after its low bits: 2 chunks of 64 B, bits 2s, 2s + 1 of byte 4r + t of chunk h = the top
+//       bits of code (r, 16h + 4s + t)
+constexpr int64_t kGroup = 16;
+
+struct PackedLayout {
+  int halves;     // float16 fields per row
+  int scales;     // scale bytes per row
+  int code_bits;  // 4, 6 or 8; 0: the type has no packed layout
+  int64_t values; // per block
+
+  constexpr int64_t block_bytes() const { return 32 * halves + 16 * scales + values / 32 * 64 * code_bits; }
+  constexpr int64_t codes_at() const { return 32 * halves + 16 * scales; }
+  constexpr int64_t sub_block_bytes() const { return 64 * code_bits; }
+};
+
+constexpr PackedLayout packed_layout(int64_t type) {
+  switch (type) {
+    case Q4_0: return {1, 0, 4, 32};
+    case Q4_1: return {2, 0, 4, 32};
+    case Q8_0: return {1, 0, 8, 32};
+    case Q4_K: return {2, 16, 4, 256};
+    case Q6_K: return {1, 16, 6, 256};
+    default: return {0, 0, 0, 0};
+  }
+}
+
+// One row's block of a packable type, field by field: float16 bits, scale bytes, one code per value (as stored:
+// unsigned, Q8_0's int8 as its bits).
+struct Parts {
+  uint16_t half[2];
+  uint8_t scale[16];
+  uint8_t code[256];
+};
+
+inline void read_parts(int64_t type, const uint8_t* blk, Parts& p) {
+  switch (type) {
+    case Q4_0: case Q4_1: {
+      const int halves = type == Q4_1 ? 2 : 1;
+      std::memcpy(p.half, blk, 2 * halves);
+      const uint8_t* qs = blk + 2 * halves;
+      for (int j = 0; j < 16; ++j) {
+        p.code[j] = qs[j] & 0x0F;
+        p.code[j + 16] = qs[j] >> 4;
+      }
+      return;
+    }
+    case Q8_0:
+      std::memcpy(p.half, blk, 2);
+      std::memcpy(p.code, blk + 2, 32);
+      return;
+    case Q4_K: {
+      std::memcpy(p.half, blk, 4);
+      for (int j = 0; j < 8; ++j) {
+        int sc, mn;
+        k_scale_min(blk + 4, j, &sc, &mn);
+        p.scale[j] = static_cast<uint8_t>(sc);
+        p.scale[8 + j] = static_cast<uint8_t>(mn);
+      }
+      const uint8_t* qs = blk + 16;
+      for (int c = 0; c < 4; ++c) {
+        for (int i = 0; i < 32; ++i) {
+          p.code[64 * c + i] = qs[32 * c + i] & 0x0F;
+          p.code[64 * c + 32 + i] = qs[32 * c + i] >> 4;
+        }
+      }
+      return;
+    }
+    case Q6_K: {
+      std::memcpy(p.half, blk + 208, 2);
+      std::memcpy(p.scale, blk + 192, 16);
+      for (int h = 0; h < 2; ++h) {
+        for (int t = 0; t < 4; ++t) {
+          for (int i = 0; i < 32; ++i) {
+            const int low = (blk[64 * h + 32 * (t & 1) + i] >> (4 * (t >> 1))) & 0x0F;
+            const int top = (blk[128 + 32 * h + i] >> (2 * t)) & 3;
+            p.code[128 * h + 32 * t + i] = static_cast<uint8_t>(low | (top << 4));
+          }
+        }
+      }
+      return;
+    }
+    default: TORCH_CHECK(false, "tpa_gguf: GGML type id ", type, " has no packed layout");
+  }
+}
+
+// The inverse of read_parts: the block in the file's layout.
+inline void write_parts(int64_t type, const Parts& p, uint8_t* blk) {
+  switch (type) {
+    case Q4_0: case Q4_1: {
+      const int halves = type == Q4_1 ? 2 : 1;
+      std::memcpy(blk, p.half, 2 * halves);
+      for (int j = 0; j < 16; ++j) blk[2 * halves + j] = static_cast<uint8_t>(p.code[j] | (p.code[j + 16] << 4));
+      return;
+    }
+    case Q8_0:
+      std::memcpy(blk, p.half, 2);
+      std::memcpy(blk + 2, p.code, 32);
+      return;
+    case Q4_K: {
+      std::memcpy(blk, p.half, 4);
+      const uint8_t* sc = p.scale;
+      const uint8_t* mn = p.scale + 8;
+      uint8_t* s = blk + 4;
+      for (int j = 0; j < 4; ++j) {  // the inverse of k_scale_min
+        s[j] = static_cast<uint8_t>(sc[j] | ((sc[j + 4] >> 4) << 6));
+        s[j + 4] = static_cast<uint8_t>(mn[j] | ((mn[j + 4] >> 4) << 6));
+        s[j + 8] = static_cast<uint8_t>((sc[j + 4] & 0x0F) | ((mn[j + 4] & 0x0F) << 4));
+      }
+      for (int c = 0; c < 4; ++c) {
+        for (int i = 0; i < 32; ++i) {
+          blk[16 + 32 * c + i] = static_cast<uint8_t>(p.code[64 * c + i] | (p.code[64 * c + 32 + i] << 4));
+        }
+      }
+      return;
+    }
+    case Q6_K: {
+      std::memset(blk, 0, 192);
+      for (int h = 0; h < 2; ++h) {
+        for (int t = 0; t < 4; ++t) {
+          for (int i = 0; i < 32; ++i) {
+            const int v = p.code[128 * h + 32 * t + i];
+            blk[64 * h + 32 * (t & 1) + i] |= static_cast<uint8_t>((v & 0x0F) << (4 * (t >> 1)));
+            blk[128 + 32 * h + i] |= static_cast<uint8_t>((v >> 4) << (2 * t));
+          }
+        }
+      }
+      std::memcpy(blk + 192, p.scale, 16);
+      std::memcpy(blk + 208, p.half, 2);
+      return;
+    }
+    default: TORCH_CHECK(false, "tpa_gguf: GGML type id ", type, " has no packed layout");
+  }
+}
+
+// Row r's block into / out of packed block `pb`, one 32-value sub-block at a time (the layout above).
+inline void scatter_parts(const PackedLayout& lay, const Parts& p, int r, uint8_t* pb) {
+  for (int h = 0; h < lay.halves; ++h) std::memcpy(pb + 32 * h + 2 * r, &p.half[h], 2);
+  for (int s = 0; s < lay.scales; ++s) pb[32 * lay.halves + 16 * s + r] = p.scale[s];
+  for (int64_t c = 0; c < lay.values / 32; ++c) {
+    uint8_t* sub = pb + lay.codes_at() + c * lay.sub_block_bytes() + 4 * r;
+    const uint8_t* code = p.code + 32 * c;
+    if (lay.code_bits == 8) {
+      for (int v = 0; v < 32; ++v) sub[64 * (v / 4) + v % 4] = static_cast<uint8_t>(code[v] ^ 0x80);
+      continue;
+    }
+    for (int i = 0; i < 4; ++i) {
+      for (int t = 0; t < 4; ++t) {
+        sub[64 * i + t] = static_cast<uint8_t>((code[8 * i + t] & 0x0F) | ((code[8 * i + 4 + t] & 0x0F) << 4));
+      }
+    }
+    if (lay.code_bits == 6) {
+      for (int h = 0; h < 2; ++h) {
+        for (int t = 0; t < 4; ++t) {
+          int top = 0;
+          for (int q = 0; q < 4; ++q) top |= (code[16 * h + 4 * q + t] >> 4) << (2 * q);
+          sub[256 + 64 * h + t] = static_cast<uint8_t>(top);
+        }
+      }
+    }
+  }
+}
+
+inline void gather_parts(const PackedLayout& lay, const uint8_t* pb, int r, Parts& p) {
+  for (int h = 0; h < lay.halves; ++h) std::memcpy(&p.half[h], pb + 32 * h + 2 * r, 2);
+  for (int s = 0; s < lay.scales; ++s) p.scale[s] = pb[32 * lay.halves + 16 * s + r];
+  for (int64_t c = 0; c < lay.values / 32; ++c) {
+    const uint8_t* sub = pb + lay.codes_at() + c * lay.sub_block_bytes() + 4 * r;
+    uint8_t* code = p.code + 32 * c;
+    if (lay.code_bits == 8) {
+      for (int v = 0; v < 32; ++v) code[v] = static_cast<uint8_t>(sub[64 * (v / 4) + v % 4] ^ 0x80);
+      continue;
+    }
+    for (int i = 0; i < 4; ++i) {
+      for (int t = 0; t < 4; ++t) {
+        code[8 * i + t] = sub[64 * i + t] & 0x0F;
+        code[8 * i + 4 + t] = sub[64 * i + t] >> 4;
+      }
+    }
+    if (lay.code_bits == 6) {
+      for (int h = 0; h < 2; ++h) {
+        for (int t = 0; t < 4; ++t) {
+          for (int q = 0; q < 4; ++q) code[16 * h + 4 * q + t] |= ((sub[256 + 64 * h + t] >> (2 * q)) & 3) << 4;
+        }
+      }
+    }
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define TPA_GGUF_AVX512 1
+
+// acc + (per int32 lane) the dot product of 4 unsigned bytes of u with the 4 signed bytes x4.
+inline __m512i dpbusd16(__m512i acc, __m512i u, int32_t x4) {
+  const __m512i x = _mm512_set1_epi32(x4);
+#ifdef __AVX512VNNI__
+  return _mm512_dpbusd_epi32(acc, u, x);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, x), _mm512_set1_epi16(1)));
+#endif
+}
+
+inline int32_t four_at(const int8_t* a, int j) {
+  int32_t v;
+  std::memcpy(&v, a + 4 * j, 4);
+  return v;
+}
+
+inline __m512i load64(const uint8_t* p) { return _mm512_loadu_si512(p); }
+inline __m512 halves16(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512i bytes16_u(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m512i bytes16_s(const uint8_t* p) {
+  return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Lane r: the sum over the values of chunks [C0, C1) of a 4-bit sub-block (with Q6_K's top bits when kSix) of
+// code (r, v) * a[v].
+template <bool kSix, int C0, int C1>
+inline __m512i dot_sub4(const uint8_t* sub, const int8_t* a) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), top2 = _mm512_set1_epi8(0x30);
+  __m512i p0 = _mm512_setzero_si512(), p1 = _mm512_setzero_si512();
+  for (int i = C0; i < C1; ++i) {
+    const __m512i v = load64(sub + 64 * i);
+    __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    if constexpr (kSix) {  // top bits of values 8i + t at bits 4(i % 2), of 8i + 4 + t at 4(i % 2) + 2: to bits 4, 5
+      const __m512i t = load64(sub + 256 + 64 * (i / 2));
+      lo = _mm512_or_si512(lo, _mm512_and_si512(i % 2 ? t : _mm512_slli_epi16(t, 4), top2));
+      hi = _mm512_or_si512(hi, _mm512_and_si512(i % 2 ? _mm512_srli_epi16(t, 2) : _mm512_slli_epi16(t, 2), top2));
+    }
+    p0 = dpbusd16(p0, lo, four_at(a, 2 * i));
+    p1 = dpbusd16(p1, hi, four_at(a, 2 * i + 1));
+  }
+  return _mm512_add_epi32(p0, p1);
+}
+
+inline __m512i dot_sub8(const uint8_t* sub, const int8_t* a) {
+  __m512i p0 = _mm512_setzero_si512(), p1 = _mm512_setzero_si512();
+  for (int i = 0; i < 8; i += 2) {
+    p0 = dpbusd16(p0, load64(sub + 64 * i), four_at(a, i));
+    p1 = dpbusd16(p1, load64(sub + 64 * (i + 1)), four_at(a, i + 1));
+  }
+  return _mm512_add_epi32(p0, p1);
+}
+
+// The integer value v's dot product over a 32-value sub-block: w . q, or 256 (w . q) + (w . r) with two levels.
+template <bool kTwo, typename Dot>
+inline __m512i dot_levels(const XBlock& x, Dot dot) {
+  const __m512i hi = dot(x.q);
+  if constexpr (!kTwo) return hi;
+  return _mm512_add_epi32(_mm512_slli_epi32(hi, 8), dot(x.r));
+}
+
+// y[0..16) = the 16 rows of packed group `g` (nb blocks) times one activation row x.
+template <bool kTwo>
+void packed_group(int64_t type, const uint8_t* g, int64_t nb, const XBlock* x, float* y) {
+  const PackedLayout lay = packed_layout(type);
+  const int64_t bytes = lay.block_bytes();
+  __m512 acc = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();
+  switch (type) {
+    case Q4_0: case Q4_1: case Q8_0: {
+      // p = the codes' dot products less the offset (8 for Q4_0, 128 for Q8_0's unsigned codes) times sum(v)
+      const int32_t offset = type == Q4_0 ? 8 : type == Q8_0 ? 128 : 0;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* pb = g + b * bytes;
+        const uint8_t* sub = pb + lay.codes_at();
+        const __m512i dots = type == Q8_0 ? dot_levels<kTwo>(x[b], [&](const int8_t* a) { return dot_sub8(sub, a); })
+                                          : dot_levels<kTwo>(x[b], [&](const int8_t* a) {
+                                              return dot_sub4<false, 0, 4>(sub, a); });
+        const __m512i p = _mm512_sub_epi32(dots, _mm512_set1_epi32(offset * x[b].sum));
+        __m512& into = b % 2 ? acc2 : acc;  // two chains of float adds
+        into = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(halves16(pb), _mm512_set1_ps(x[b].d)), into);
+        if (type == Q4_1) into = _mm512_fmadd_ps(halves16(pb + 32), _mm512_set1_ps(x[b].dsum), into);
+      }
+      break;
+    }
+    case Q4_K: {
+      // per super-block: sum_j sc_j (q_j . v_j) and sum_j mn_j sum(v_j) in integers (as dot_rows_k), then floats
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* pb = g + b * bytes;
+        const XBlock* xb = x + 8 * b;
+        __m512i dots_hi = _mm512_setzero_si512(), dots_lo = _mm512_setzero_si512(), mins = _mm512_setzero_si512();
+        for (int j = 0; j < 8; ++j) {
+          const uint8_t* sub = pb + lay.codes_at() + j * lay.sub_block_bytes();
+          const __m512i sc = bytes16_u(pb + 64 + 16 * j), mn = bytes16_u(pb + 64 + 128 + 16 * j);
+          dots_hi = _mm512_add_epi32(dots_hi, _mm512_mullo_epi32(dot_sub4<false, 0, 4>(sub, xb[j].q), sc));
+          if constexpr (kTwo) {
+            dots_lo = _mm512_add_epi32(dots_lo, _mm512_mullo_epi32(dot_sub4<false, 0, 4>(sub, xb[j].r), sc));
+          }
+          mins = _mm512_add_epi32(mins, _mm512_mullo_epi32(mn, _mm512_set1_epi32(xb[j].sum)));
+        }
+        const __m512 d = _mm512_mul_ps(halves16(pb), _mm512_set1_ps(xb[0].d));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots_hi), kTwo ? _mm512_mul_ps(d, _mm512_set1_ps(256.0f)) : d, acc);
+        if constexpr (kTwo) acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots_lo), d, acc);
+        acc2 = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mins), _mm512_mul_ps(halves16(pb + 32), _mm512_set1_ps(xb[0].d)),
+                                acc2);
+      }
+      break;
+    }
+    case Q6_K: {
+      // per 16 values one int8 scale: two dot products per sub-block; the offset -32 as -32 sum_s sc_s sum16(v)
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* pb = g + b * bytes;
+        const XBlock* xb = x + 8 * b;
+        __m512i dots_hi = _mm512_setzero_si512(), dots_lo = _mm512_setzero_si512(), offs = _mm512_setzero_si512();
+        for (int j = 0; j < 8; ++j) {
+          const uint8_t* sub = pb + lay.codes_at() + j * lay.sub_block_bytes();
+          const __m512i s0 = bytes16_s(pb + 32 + 32 * j), s1 = bytes16_s(pb + 32 + 32 * j + 16);
+          auto scaled = [&](const int8_t* a) {
+            return _mm512_add_epi32(_mm512_mullo_epi32(dot_sub4<true, 0, 2>(sub, a), s0),
+                                    _mm512_mullo_epi32(dot_sub4<true, 2, 4>(sub, a), s1));
+          };
+          dots_hi = _mm512_add_epi32(dots_hi, scaled(xb[j].q));
+          if constexpr (kTwo) dots_lo = _mm512_add_epi32(dots_lo, scaled(xb[j].r));
+          offs = _mm512_add_epi32(offs, _mm512_add_epi32(_mm512_mullo_epi32(s0, _mm512_set1_epi32(xb[j].sum16[0])),
+                                                         _mm512_mullo_epi32(s1, _mm512_set1_epi32(xb[j].sum16[1]))));
+        }
+        const __m512 d = _mm512_mul_ps(halves16(pb), _mm512_set1_ps(xb[0].d));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots_hi), kTwo ? _mm512_mul_ps(d, _mm512_set1_ps(256.0f)) : d, acc);
+        if constexpr (kTwo) acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots_lo), d, acc);
+        acc2 = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(offs), _mm512_mul_ps(d, _mm512_set1_ps(32.0f)), acc2);
+      }
+      break;
+    }
+    default: TORCH_CHECK(false, "tpa_gguf: GGML type id ", type, " has no packed layout");
+  }
+  _mm512_storeu_ps(y, _mm512_add_ps(acc, acc2));
+}
+#endif
+
 constexpr int kRowsPerPass = 4;  // weight rows per pass of the decode product (one for Q6_K)
 
 void check_weight(const at::Tensor& w, int64_t type, int64_t k) {
@@ -551,8 +905,91 @@ void check_weight(const at::Tensor& w, int64_t type, int64_t k) {
               " bytes, the weight has ", w.size(1));
 }
 
-at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t k, int64_t levels) {
-  check_weight(w, type, k);
+// The packed matrix's bytes per group of kGroup rows, after checking that `w` is one of `type` with rows of k values.
+int64_t check_packed(const at::Tensor& w, int64_t type, int64_t k) {
+  const PackedLayout lay = packed_layout(type);
+  TORCH_CHECK(lay.code_bits != 0, "tpa_gguf: GGML type id ", type, " has no packed layout");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.device().is_cpu() &&
+              w.size(0) % kGroup == 0, "tpa_gguf: a packed weight is a contiguous CPU uint8 tensor [N, bytes] with N "
+              "a multiple of ", kGroup);
+  TORCH_CHECK(k > 0 && k % lay.values == 0 && w.size(1) * kGroup == k / lay.values * lay.block_bytes(),
+              "tpa_gguf: a packed row of ", k, " values of type ", type, " is ", k / lay.values * lay.block_bytes() /
+              kGroup, " bytes, the weight has ", w.size(1));
+  return k / lay.values * lay.block_bytes();
+}
+
+// Calls f(std::integral_constant<int64_t, type>{}) for a packable type: the layout's loops then compile per type,
+// with every size a constant (the byte-by-byte loops of repacking run 2-4x faster so).
+template <typename F>
+void with_packed_type(int64_t type, F f) {
+  switch (type) {
+    case Q4_0: return f(std::integral_constant<int64_t, Q4_0>{});
+    case Q4_1: return f(std::integral_constant<int64_t, Q4_1>{});
+    case Q8_0: return f(std::integral_constant<int64_t, Q8_0>{});
+    case Q4_K: return f(std::integral_constant<int64_t, Q4_K>{});
+    case Q6_K: return f(std::integral_constant<int64_t, Q6_K>{});
+    default: TORCH_CHECK(false, "tpa_gguf: GGML type id ", type, " has no packed layout");
+  }
+}
+
+// Rows [r0, r1) (given by `rows`) of the packed matrix at `wp` (groups of group_bytes) in the file's layout, into
+// `out` (row_bytes apart).
+void unpack_rows(int64_t type, const uint8_t* wp, int64_t group_bytes, const int64_t* rows, int64_t count, int64_t k,
+                 uint8_t* out, int64_t row_bytes) {
+  with_packed_type(type, [&](auto kind) {
+    constexpr int64_t kType = decltype(kind)::value;
+    constexpr PackedLayout lay = packed_layout(kType);
+    const int64_t file_bytes = layout_of(kType).bytes;
+    Parts parts;
+    for (int64_t i = 0; i < count; ++i) {
+      const uint8_t* group = wp + rows[i] / kGroup * group_bytes;
+      for (int64_t b = 0; b < k / lay.values; ++b) {
+        gather_parts(lay, group + b * lay.block_bytes(), static_cast<int>(rows[i] % kGroup), parts);
+        write_parts(kType, parts, out + i * row_bytes + b * file_bytes);
+      }
+    }
+  });
+}
+
+// y [M, N] = x [M, K] times the packed weight's rows: one group of kGroup rows at a time.
+void packed_matmul(const std::vector<XBlock>& xq, int64_t m_rows, const uint8_t* wp, int64_t type, int64_t k,
+                   int64_t n_rows, int64_t group_bytes, bool two, float* yp) {
+  const int64_t nb = k / packed_layout(type).values;
+  at::parallel_for(0, n_rows / kGroup, 1, [&](int64_t g0, int64_t g1) {
+#ifndef TPA_GGUF_AVX512
+    // without AVX-512: the group back in the file's layout, then the row-by-row product
+    const int64_t row_bytes = k / layout_of(type).values * layout_of(type).bytes;
+    std::vector<uint8_t> rows(kGroup * row_bytes);
+#endif
+    for (int64_t g = g0; g < g1; ++g) {
+#ifndef TPA_GGUF_AVX512
+      int64_t ids[kGroup];
+      for (int64_t r = 0; r < kGroup; ++r) ids[r] = kGroup * g + r;
+      unpack_rows(type, wp, group_bytes, ids, kGroup, k, rows.data(), row_bytes);
+#endif
+      for (int64_t m = 0; m < m_rows; ++m) {
+        const XBlock* xm = xq.data() + m * (k / 32);
+        float* out = yp + m * n_rows + kGroup * g;
+#ifdef TPA_GGUF_AVX512
+        if (two) {
+          packed_group<true>(type, wp + g * group_bytes, nb, xm, out);
+        } else {
+          packed_group<false>(type, wp + g * group_bytes, nb, xm, out);
+        }
+#else
+        for (int64_t r = 0; r < kGroup; ++r) {
+          const uint8_t* row = &rows[r * row_bytes];
+          out[r] = two ? dot_row<true>(type, row, xm, k) : dot_row<false>(type, row, xm, k);
+        }
+#endif
+      }
+    }
+  });
+}
+
+at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t k, int64_t levels, bool packed) {
+  const int64_t group_bytes = packed ? check_packed(w, type, k) : 0;
+  if (!packed) check_weight(w, type, k);
   TORCH_CHECK(levels == 1 || levels == 2, "tpa_gguf: activations are rounded in 1 or 2 int8 levels, not ", levels);
   const bool two = levels == 2;
   TORCH_CHECK(type != F32, "tpa_gguf: float32 weights run through torch's own GEMM");
@@ -572,6 +1009,10 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_
     at::parallel_for(0, m_rows, 1, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) quantize_activations(xp + m * k, k, group, two, xq.data() + m * (k / 32));
     });
+  }
+  if (packed) {
+    packed_matmul(xq, m_rows, wp, type, k, n_rows, group_bytes, two, yp);
+    return y;
   }
   at::parallel_for(0, n_rows, 16, [&](int64_t n0, int64_t n1) {
     int64_t n = n0;
@@ -606,16 +1047,76 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_
   return y;
 }
 
-void dequantize(const at::Tensor& w, int64_t type, int64_t k, const at::Tensor& out) {
-  check_weight(w, type, k);
+void dequantize(const at::Tensor& w, int64_t type, int64_t k, const at::Tensor& out, bool packed) {
+  const int64_t group_bytes = packed ? check_packed(w, type, k) : 0;
+  if (!packed) check_weight(w, type, k);
   TORCH_CHECK(out.dim() == 2 && out.size(0) == w.size(0) && out.size(1) == k && out.scalar_type() == at::kFloat &&
               out.is_contiguous(), "tpa_gguf: out must be a contiguous float32 tensor [N, ", k, "]");
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  const int64_t row_bytes = w.size(1);
-  at::parallel_for(0, w.size(0), 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) dequantize_row(type, wp + n * row_bytes, k, op + n * k);
+  const int64_t row_bytes = k / layout_of(type).values * layout_of(type).bytes;
+  at::parallel_for(0, w.size(0), kGroup, [&](int64_t n0, int64_t n1) {
+    std::vector<uint8_t> row(packed ? row_bytes : 0);  // a packed row back in the file's layout
+    for (int64_t n = n0; n < n1; ++n) {
+      if (packed) unpack_rows(type, wp, group_bytes, &n, 1, k, row.data(), row_bytes);
+      dequantize_row(type, packed ? row.data() : wp + n * row_bytes, k, op + n * k);
+    }
   });
+}
+
+at::Tensor repack(const at::Tensor& w, int64_t type, int64_t k, const std::optional<at::Tensor>& order) {
+  check_weight(w, type, k);
+  const PackedLayout lay = packed_layout(type);
+  TORCH_CHECK(lay.code_bits != 0, "tpa_gguf: GGML type id ", type, " has no packed layout");
+  const int64_t n_rows = w.size(0), row_bytes = w.size(1), nb = k / lay.values, file_bytes = layout_of(type).bytes;
+  TORCH_CHECK(n_rows % kGroup == 0, "tpa_gguf: packing needs a multiple of ", kGroup, " rows, not ", n_rows);
+  at::Tensor rows_of;
+  if (order.has_value()) {
+    rows_of = order->to(at::kLong).contiguous();
+    TORCH_CHECK(rows_of.dim() == 1 && rows_of.size(0) == n_rows, "tpa_gguf: the row order needs ", n_rows, " rows");
+    TORCH_CHECK(n_rows == 0 || (rows_of.min().item<int64_t>() >= 0 && rows_of.max().item<int64_t>() < n_rows),
+                "tpa_gguf: the row order holds a row outside [0, ", n_rows, ")");
+  }
+  const int64_t* order_p = order.has_value() ? rows_of.data_ptr<int64_t>() : nullptr;
+  at::Tensor out = at::empty({n_rows, nb * lay.block_bytes() / kGroup}, w.options());  // every byte written
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  with_packed_type(type, [&](auto kind) {
+    constexpr int64_t kType = decltype(kind)::value;
+    constexpr PackedLayout lay = packed_layout(kType);
+    at::parallel_for(0, n_rows / kGroup, 1, [&](int64_t g0, int64_t g1) {
+      Parts parts;
+      for (int64_t g = g0; g < g1; ++g) {
+        for (int64_t b = 0; b < nb; ++b) {
+          uint8_t* pb = op + (g * nb + b) * lay.block_bytes();
+          for (int r = 0; r < kGroup; ++r) {
+            const int64_t src = order_p ? order_p[kGroup * g + r] : kGroup * g + r;
+            read_parts(kType, wp + src * row_bytes + b * file_bytes, parts);
+            scatter_parts(lay, parts, r, pb);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor unpack(const at::Tensor& w, int64_t type, int64_t k, const at::Tensor& rows) {
+  const int64_t group_bytes = check_packed(w, type, k);
+  const at::Tensor idx = rows.to(at::kLong).contiguous();
+  TORCH_CHECK(idx.dim() == 1, "tpa_gguf: rows must be a 1-d index tensor");
+  TORCH_CHECK(idx.numel() == 0 || (idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < w.size(0)),
+              "tpa_gguf: a row index is outside [0, ", w.size(0), ")");
+  const Layout lay = layout_of(type);
+  at::Tensor out = at::empty({idx.numel(), k / lay.values * lay.bytes}, w.options());
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  const int64_t row_bytes = out.size(1);
+  at::parallel_for(0, idx.numel(), 16, [&](int64_t i0, int64_t i1) {
+    unpack_rows(type, wp, group_bytes, ip + i0, i1 - i0, k, op + i0 * row_bytes, row_bytes);
+  });
+  return out;
 }
 
 bool has_avx2() {
@@ -629,8 +1130,22 @@ bool has_avx2() {
 }  // namespace
 
 TORCH_LIBRARY(tpa_gguf, m) {
-  m.def("matmul(Tensor x, Tensor w, int type, int k, int levels=2) -> Tensor", &matmul);
-  m.def("dequantize(Tensor w, int type, int k, Tensor(a!) out) -> ()", &dequantize);
+  m.def("matmul(Tensor x, Tensor w, int type, int k, int levels=2, bool packed=False) -> Tensor", &matmul);
+  m.def("repack(Tensor w, int type, int k, Tensor? order=None) -> Tensor", &repack);
+  m.def("unpack(Tensor w, int type, int k, Tensor rows) -> Tensor", &unpack);
+  m.def("packed_row_bytes(int type, int k) -> int", [](int64_t type, int64_t k) -> int64_t {
+    const PackedLayout lay = packed_layout(type);
+    return lay.code_bits == 0 || k % lay.values ? 0 : k / lay.values * lay.block_bytes() / kGroup;
+  });
+  m.def("packed_group() -> int", []() -> int64_t { return kGroup; });
+  m.def("packed_simd() -> bool", [] {
+#ifdef TPA_GGUF_AVX512
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("dequantize(Tensor w, int type, int k, Tensor(a!) out, bool packed=False) -> ()", &dequantize);
   m.def("simd() -> bool", [] { return has_avx2(); });
   m.def("vnni() -> bool", [] {
 #ifdef TPA_GGUF_VNNI

@@ -1,9 +1,10 @@
 """Loading a GGUF with resident quantized weights, and its entry in the model cache.
 
 The entry is `<models_dir>/<fingerprint>/` with `config.json` (`"weights": "gguf-resident"`, the TPA config, the
-resident size) and the tokenizer files, but no weights: they are read from the GGUF itself, memory-mapped, on every
-load. `<models_dir>/sources/<key>.resident.json` maps the source (path, size, mtime) to the fingerprint, so a later
-load neither re-hashes the file nor re-parses its tokenizer.
+resident size), the tokenizer files, and the matrices in the decode kernel's packed layout where this CPU uses it
+(`packed_store`); every other weight is read from the GGUF itself, memory-mapped, on every load.
+`<models_dir>/sources/<key>.resident.json` maps the source (path, size, mtime) to the fingerprint, so a later load
+neither re-hashes the file nor re-parses its tokenizer.
 
 The fingerprint hashes the file's bytes under its own version tag, so it never equals the fingerprint of the same
 file converted to float32: factors computed with quantized weights (which differ from float32 ones) get their own
@@ -25,8 +26,9 @@ from tpa_core.errors import TPAError
 logger = logging.getLogger(__name__)
 
 RESIDENT_KIND = "gguf-resident"
-# /2: files from formats.ONE_LEVEL_MIN_BYTES up decode with one activation level (other numerics than /1's)
-FINGERPRINT_VERSION = "tpa-rag-fingerprint/gguf-resident/2"
+# /2: files from formats.ONE_LEVEL_MIN_BYTES up decode with one activation level (other numerics than /1's);
+# /3: matrices in the packed layout sum their products in another order (float rounding differs)
+FINGERPRINT_VERSION = "tpa-rag-fingerprint/gguf-resident/3"
 _HASH_CHUNK = 16 * 2**20
 
 
@@ -121,7 +123,7 @@ def load_resident(source, models_dir: Path, require_tokenizer: bool = True):
         folder, meta = _write_entry(models_dir, key, source, config, tokenizer, resident)
     if tokenizer is None and require_tokenizer:
         raise TPAError(f"no tokenizer found in {source.path}")
-    model = build_resident_model(gguf, config)
+    model = build_resident_model(gguf, config, packed_dir=folder)
     logger.info("loaded %s with quantized weights: %.0f MiB resident", source.path.name, resident / 2**20)
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, fingerprint=meta["fingerprint"],
                        chat_template=tokenizer.chat_template if tokenizer is not None else None,

@@ -38,11 +38,15 @@ class QuantMatrix:
     """One weight matrix `[rows, cols]` in GGUF blocks (`fmt` set, `data` uint8 `[rows, row_bytes]`) or in
     float32 (`fmt` None, `data` float32 `[rows, cols]`). `order` (int64 `[rows]`, optional): row i of the matrix is
     stored row `order[i]` (llama.cpp's permuted Q/K rows, left in place: outputs are reordered instead).
-    `levels`: the int8 levels the decode product rounds activations to (`formats.activation_levels`)."""
+    `levels`: the int8 levels the decode product rounds activations to (`formats.activation_levels`).
+    `packed`: `data` is `ops.repack`'s row-interleaved layout of the blocks (rows in matrix order, no `order`)."""
 
     def __init__(self, data: Tensor, fmt: BlockFormat | None, rows: int, cols: int,
-                 order: Tensor | None = None, levels: int = 2) -> None:
-        expected = (rows, cols if fmt is None else fmt.row_bytes(cols))
+                 order: Tensor | None = None, levels: int = 2, packed: bool = False) -> None:
+        if packed and (fmt is None or order is not None):
+            raise ValueError("a packed matrix has a block format and its rows in matrix order")
+        row_bytes = ops.packed_row_bytes(fmt.type_id, cols) if packed else cols if fmt is None else fmt.row_bytes(cols)
+        expected = (rows, row_bytes)
         if tuple(data.shape) != expected or data.dtype != (torch.float32 if fmt is None else torch.uint8):
             raise ValueError(f"a {fmt.name if fmt else 'F32'} matrix [{rows}, {cols}] needs data {expected}, "
                              f"got {tuple(data.shape)} {data.dtype}")
@@ -51,6 +55,7 @@ class QuantMatrix:
         if levels not in (1, 2):
             raise ValueError(f"activations are rounded in 1 or 2 int8 levels, not {levels}")
         self.data, self.fmt, self.rows, self.cols, self.order, self.levels = data, fmt, rows, cols, order, levels
+        self.packed = packed
 
     @property
     def type_name(self) -> str:
@@ -65,17 +70,29 @@ class QuantMatrix:
         if self.fmt is None:
             y = x @ self.data.t()  # [M, rows]
         else:
-            y = ops.matmul(x, self.data, self.fmt.type_id, self.cols, self.levels)  # [M, rows] in stored order
+            y = ops.matmul(x, self.data, self.fmt.type_id, self.cols, self.levels, self.packed)  # [M, rows] stored
         return y if self.order is None else y.index_select(1, self.order)
 
     def dequantize_rows(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
-        """Rows [start, stop) as float32 `[stop - start, cols]` (into `out` when given)."""
+        """Rows [start, stop) as float32 `[stop - start, cols]` (into `out` when given); a packed matrix takes
+        whole groups of rows (`ops.packed_group`)."""
+        group = ops.packed_group() if self.packed else 1
+        if start % group or stop % group:
+            raise ValueError(f"a packed matrix's rows are read {group} at a time, not [{start}, {stop})")
         stored = self.data[start:stop] if self.order is None else self.data.index_select(0, self.order[start:stop])
         if self.fmt is None:
             return stored
         if out is None:
             out = torch.empty(stop - start, self.cols, dtype=torch.float32)
-        return ops.dequantize_into(stored, self.fmt.type_id, self.cols, out)
+        return ops.dequantize_into(stored, self.fmt.type_id, self.cols, out, self.packed)
+
+    def lookup(self, rows: Tensor) -> Tensor:
+        """Rows `rows` (int64 `[T]`, any order) as float32 `[T, cols]`, dequantized exactly."""
+        if self.fmt is None:
+            return self.data.index_select(0, rows)
+        codes = ops.unpack(self.data, self.fmt.type_id, self.cols, rows) if self.packed else \
+            self.data.index_select(0, rows if self.order is None else self.order.index_select(0, rows))
+        return ops.dequantize_into(codes, self.fmt.type_id, self.cols, torch.empty(rows.numel(), self.cols))
 
     def dequantize(self) -> Tensor:
         """The whole matrix as float32 `[rows, cols]` (tests and diagnostics; the model never holds one)."""
@@ -115,7 +132,8 @@ class QuantLinear:
         )
 
         y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)  # [M, N]
-        chunk = max(1, SCRATCH_VALUES // self.in_features)
+        group = ops.packed_group() if any(p.packed for p in self.parts) else 1
+        chunk = max(group, SCRATCH_VALUES // self.in_features // group * group)
         col = 0
         for part in self.parts:
             for start in range(0, part.rows, chunk):
@@ -149,14 +167,8 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens `[...]` int64 -> `[..., d]` float32."""
-        flat = tokens.reshape(-1)  # [T]
-        m = self.matrix
-        if m.fmt is None:
-            rows = m.data.index_select(0, flat)  # [T, d]
-        else:
-            codes = m.data.index_select(0, flat)  # [T, row_bytes]
-            rows = ops.dequantize_into(codes, m.fmt.type_id, m.cols, torch.empty(flat.numel(), m.cols))  # [T, d]
-        return rows.view(*tokens.shape, m.cols)
+        rows = self.matrix.lookup(tokens.reshape(-1))  # [T, d]
+        return rows.view(*tokens.shape, self.matrix.cols)
 
 
 def placeholder(rows: int, cols: int) -> Tensor:

@@ -113,13 +113,44 @@ def available() -> bool:
     return True
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, type_id: int, cols: int, levels: int = 2) -> torch.Tensor:
+def matmul(x: torch.Tensor, weight: torch.Tensor, type_id: int, cols: int, levels: int = 2,
+           packed: bool = False) -> torch.Tensor:
     """x `[M, K]` float32 @ the GGUF rows `weight` `[N, row_bytes]` transposed -> `[M, N]` float32, x rounded to
-    `levels` (1 or 2) int8 levels per 32 values."""
-    return torch.ops.tpa_gguf.matmul(x, weight, type_id, cols, levels)
+    `levels` (1 or 2) int8 levels per 32 values. `packed`: `weight` is `repack`'s layout."""
+    return torch.ops.tpa_gguf.matmul(x, weight, type_id, cols, levels, packed)
 
 
-def dequantize_into(weight: torch.Tensor, type_id: int, cols: int, out: torch.Tensor) -> torch.Tensor:
-    """Write the float32 rows of `weight` `[N, row_bytes]` into `out` `[N, K]`; returns `out`."""
-    torch.ops.tpa_gguf.dequantize(weight, type_id, cols, out)
+def packed_row_bytes(type_id: int, cols: int) -> int:
+    """Bytes per row of `repack`'s layout for rows of `cols` values of this type; 0 if the type has none."""
+    return torch.ops.tpa_gguf.packed_row_bytes(type_id, cols)
+
+
+def packed_group() -> int:
+    """Rows per group of `repack`'s layout: a packed matrix has a multiple of this many rows, read a group at a
+    time."""
+    return torch.ops.tpa_gguf.packed_group()
+
+
+def packs_fast() -> bool:
+    """Whether this build's CPU runs the packed layout's own kernel (AVX-512); without it a packed product unpacks
+    each group of rows first, slower than the file's layout."""
+    return torch.ops.tpa_gguf.packed_simd()
+
+
+def repack(weight: torch.Tensor, type_id: int, cols: int, order: torch.Tensor | None = None) -> torch.Tensor:
+    """The GGUF rows `weight` `[N, row_bytes]` (N a multiple of 16) in the row-interleaved layout of the decode
+    kernel, `[N, packed_row_bytes]`; row i of the result is `weight[order[i]]` when `order` is given. Lossless."""
+    return torch.ops.tpa_gguf.repack(weight, type_id, cols, order)
+
+
+def unpack(packed: torch.Tensor, type_id: int, cols: int, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (int64 `[R]`) of a `repack`ed matrix in the file's layout, `[R, row_bytes]` uint8."""
+    return torch.ops.tpa_gguf.unpack(packed, type_id, cols, rows)
+
+
+def dequantize_into(weight: torch.Tensor, type_id: int, cols: int, out: torch.Tensor,
+                    packed: bool = False) -> torch.Tensor:
+    """Write the float32 rows of `weight` `[N, row_bytes]` (`repack`'s layout if `packed`) into `out` `[N, K]`;
+    returns `out`."""
+    torch.ops.tpa_gguf.dequantize(weight, type_id, cols, out, packed)
     return out

@@ -1,7 +1,9 @@
 """A TPAModel whose matrices stay in their GGUF blocks, built straight from the memory-mapped file.
 
-No float32 copy of the model is made: each matrix is a view of the mapped file (`QuantMatrix`); the rows of
-`attn_q` / `attn_k` that llama.cpp permuted stay where they are and the product's outputs are reordered instead.
+No float32 copy of the model is made: each matrix is either rearranged once into the decode kernel's
+row-interleaved layout (`ops.repack`, lossless; its file pages then leave the process's memory) where this CPU has
+that kernel, or a view of the mapped file (`QuantMatrix`), whose rows of `attn_q` / `attn_k` that llama.cpp
+permuted stay where they are while the product's outputs are reordered instead.
 Matrices of types the op does not compute with are dequantized to float32 one at a time, with a log line.
 Norm weights and biases are float32. The float32 parameters of the matrices become placeholders (`placeholder`)
 and the model computes through `QuantLinear` / `QuantEmbedding`.
@@ -10,14 +12,17 @@ and the model computes through `QuantLinear` / `QuantEmbedding`.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from tpa_core.errors import TPAError
-from tpa_core.quant.formats import FORMATS, activation_levels
+from tpa_core.quant import ops, packed_store
+from tpa_core.quant.formats import FORMATS, BlockFormat, activation_levels
 from tpa_core.quant.linear import QuantEmbedding, QuantLinear, QuantMatrix, placeholder
+from tpa_core.quant.packed_store import PackedStore
 
 if TYPE_CHECKING:
     from tpa_core.config import TPAConfig
@@ -26,9 +31,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def matrix(gguf: GGUFFile, name: str, heads: int | None = None, levels: int = 2) -> QuantMatrix:
+def matrix(gguf: GGUFFile, name: str, heads: int | None = None, levels: int = 2,
+           stored: PackedStore | None = None, packed_now: dict[str, torch.Tensor] | None = None) -> QuantMatrix:
     """GGUF matrix `name` as a QuantMatrix; `heads`: un-permute llama.cpp's Q/K rows for that many heads;
-    `levels`: the decode product's activation levels (`formats.activation_levels`)."""
+    `levels`: the decode product's activation levels (`formats.activation_levels`). A matrix that `packs` is taken
+    from `stored` when it holds it, else repacked and recorded in `packed_now`."""
     from tpa_core.gguf import PERMUTED_ARCHITECTURES, unpermute_rows
 
     rows, cols = gguf.shape(name)
@@ -47,7 +54,27 @@ def matrix(gguf: GGUFFile, name: str, heads: int | None = None, levels: int = 2)
     order = None
     if heads is not None and gguf.architecture in PERMUTED_ARCHITECTURES:
         order = unpermute_rows(torch.arange(rows), heads)  # row i of the HF matrix is stored row order[i]
+    if fmt is not None and packs(fmt, rows, cols):
+        packed = stored.get(name, rows, ops.packed_row_bytes(fmt.type_id, cols)) if stored is not None else None
+        if packed is None:
+            packed = ops.repack(data, fmt.type_id, cols, order)  # [rows, packed row bytes], rows in matrix order
+            gguf.release(name)
+            if packed_now is not None:
+                packed_now[name] = packed
+        return QuantMatrix(packed, fmt, rows, cols, levels=levels, packed=True)
     return QuantMatrix(data, fmt, rows, cols, order, levels)
+
+
+def packs(fmt: BlockFormat, rows: int, cols: int) -> bool:
+    """Whether a matrix is held in the decode kernel's row-interleaved layout (`ops.repack`): its type has one, its
+    rows fill whole groups, and this CPU has the kernel for it (AVX-512); else it stays in the file's layout."""
+    return (ops.available() and ops.packs_fast() and rows % ops.packed_group() == 0
+            and ops.packed_row_bytes(fmt.type_id, cols) > 0)
+
+
+def resident_row_bytes(fmt: BlockFormat, rows: int, cols: int) -> int:
+    """Bytes per row of a resident matrix: the packed layout's where it `packs`, else the file's."""
+    return ops.packed_row_bytes(fmt.type_id, cols) if packs(fmt, rows, cols) else fmt.row_bytes(cols)
 
 
 def resident_nbytes(gguf: GGUFFile) -> int:
@@ -56,15 +83,16 @@ def resident_nbytes(gguf: GGUFFile) -> int:
     for name in gguf.tensor_names:
         shape = gguf.shape(name)
         type_name = gguf.tensor_type(name)
-        if type_name in FORMATS and len(shape) == 2:
-            total += gguf.nbytes(name)
+        if type_name in FORMATS and len(shape) == 2 and shape[1] % FORMATS[type_name].values == 0:
+            total += shape[0] * resident_row_bytes(FORMATS[type_name], *shape)
         else:
             total += 4 * int(torch.Size(shape).numel())
     return total
 
 
-def build_resident_model(gguf: GGUFFile, config: TPAConfig):
-    """A TPAModel (eval mode, CPU, float32 compute) running `gguf`'s matrices in their blocks."""
+def build_resident_model(gguf: GGUFFile, config: TPAConfig, packed_dir: Path | None = None):
+    """A TPAModel (eval mode, CPU, float32 compute) running `gguf`'s matrices in their blocks. `packed_dir`: the
+    model's cache folder, where the packed matrices are kept (`packed_store`) and read back on the next load."""
     from tpa_core.loading import skip_init
     from tpa_core.model import TPAModel
 
@@ -74,6 +102,9 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig):
         model = TPAModel(config, device="meta", dtype=torch.float32)
     names = set(gguf.tensor_names)
     levels = activation_levels(gguf.path.stat().st_size)
+    stored = PackedStore.open(packed_dir) if packed_dir is not None else None
+    packed_now: dict[str, torch.Tensor] = {}  # matrices repacked by this load
+    built: dict[str, QuantMatrix] = {}
 
     def need(name: str) -> str:
         if name not in names:
@@ -82,7 +113,8 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig):
         return name
 
     def resident(name: str, heads: int | None = None) -> QuantMatrix:
-        return matrix(gguf, need(name), heads, levels)
+        built[name] = matrix(gguf, need(name), heads, levels, stored, packed_now)
+        return built[name]
 
     def vector(name: str, size: int) -> nn.Parameter:
         value = gguf.tensor(need(name)).reshape(-1)
@@ -132,6 +164,8 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig):
         model.lm_head.weight = nn.Parameter(placeholder(c.vocab_size, c.d_model), requires_grad=False)
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         raise TPAError(f"{gguf.path}: some model tensors were not in the file")
+    if packed_now and packed_dir is not None:
+        packed_store.save(packed_dir, {name: m.data for name, m in built.items() if m.packed})
     return model.eval()
 
 
