@@ -187,8 +187,8 @@ def test_a_mixed_type_file_loads_with_every_matrix_in_its_own_blocks(mixed):
 PACKED_TYPES = [name for name in BLOCK_TYPES if ops.packed_row_bytes(FORMATS[name].type_id, 256) > 0]
 
 
-def test_the_packed_layout_exists_for_the_common_types():
-    assert PACKED_TYPES == ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
+def test_every_block_type_has_a_packed_layout():
+    assert PACKED_TYPES == BLOCK_TYPES
 
 
 @pytest.mark.parametrize("name", PACKED_TYPES)
@@ -200,7 +200,7 @@ def test_the_packed_layout_is_the_files_blocks_rearranged(name):
     order = torch.randperm(rows, generator=torch.Generator().manual_seed(2))
     packed = ops.repack(raw, fmt.type_id, cols, order)
     assert packed.shape == (rows, ops.packed_row_bytes(fmt.type_id, cols))
-    assert packed.numel() <= 1.03 * raw.numel()  # Q4_K's unpacked 6-bit scales: 148 bytes per 144
+    assert packed.numel() <= 1.03 * raw.numel()  # the K-quants' unpacked 6-bit scales: 4 bytes per super-block
     assert torch.equal(ops.unpack(packed, fmt.type_id, cols, torch.arange(rows)), raw[order])  # lossless
     some = torch.tensor([47, 0, 16, 5, 5])  # any rows, any order, repeats
     assert torch.equal(ops.unpack(packed, fmt.type_id, cols, some), raw[order][some])
@@ -232,13 +232,13 @@ def test_packing_refuses_what_it_cannot_hold():
     with pytest.raises(RuntimeError, match="multiple of 16 rows"):
         ops.repack(raw, fmt.type_id, 64)
     with pytest.raises(RuntimeError, match="no packed layout"):
-        ops.repack(torch.zeros(16, 22, dtype=torch.uint8), FORMATS["Q5_0"].type_id, 32)
+        ops.repack(torch.zeros(16, 64, dtype=torch.uint8), FORMATS["F16"].type_id, 32)
     packed = ops.repack(raw[:16], fmt.type_id, 64)
     with pytest.raises(RuntimeError, match="outside"):
         ops.unpack(packed, fmt.type_id, 64, torch.tensor([16]))
     with pytest.raises(ValueError, match="16 at a time"):
         QuantMatrix(packed, fmt, 16, 64, packed=True).dequantize_rows(0, 8)
-    assert not packs(FORMATS["Q5_0"], 16, 64) and not packs(fmt, 20, 64)
+    assert not packs(FORMATS["F16"], 16, 64) and not packs(fmt, 20, 64)
 
 
 def test_a_large_file_decodes_with_one_activation_level(mixed, monkeypatch):
@@ -280,7 +280,9 @@ def test_a_later_load_maps_the_packed_matrices_the_first_one_kept(mixed, tmp_pat
 
     path = mixed[0]
     first = _load_quantized(path, tmp_path)
-    assert [m.type_name for m in resident_matrices(first.model) if m.packed] == ["Q4_K", "Q6_K", "Q4_0", "Q4_1"] * 2
+    layer_types = [MIXED_TYPES[x] for x in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                            "ffn_down")]
+    assert [m.type_name for m in resident_matrices(first.model) if m.packed] == layer_types * 2  # the head: BF16
     assert (first.cache_dir / packed_store.DATA_FILE).is_file()
 
     def no_repack(*args, **kwargs):

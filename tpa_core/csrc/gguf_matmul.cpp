@@ -556,20 +556,21 @@ float dot_row_float(int64_t type, const uint8_t* row, const float* x, int64_t k)
 // rearrangement is lossless: `unpack` gives the file's blocks back byte for byte.
 //
 // A packed block (16 rows x one block of the file) holds, in order:
-//   halves [h][16] float16    d; then m (Q4_1) or dmin (Q4_K)
-//   scales [s][16] uint8      Q4_K: the 6-bit sc of sub-blocks 0..7, then mn 0..7; Q6_K: its 16 int8 scales
+//   halves [h][16] float16    d; then m (Q4_1, Q5_1) or dmin (Q4_K, Q5_K)
+//   scales [s][16] uint8      Q4_K, Q5_K: the 6-bit sc of sub-blocks 0..7, then mn 0..7; Q6_K: its 16 int8 scales
 //   codes, per 32-value sub-block:
-//     4-bit (Q4_0, Q4_1, Q4_K; Q6_K's low 4 bits): 4 chunks of 64 B, byte 4r + t of chunk i holding code
-//       (row r, value 8i + t) in its low nibble and (r, 8i + 4 + t) in its high one
+//     low 4 bits (every type but Q8_0): 4 chunks of 64 B, byte 4r + t of chunk i holding code (row r, value
+//       8i + t) in its low nibble and (r, 8i + 4 + t) in its high one
+//     Q5's fifth bit, after them: 1 chunk of 64 B, bit s of byte 4r + t = the fifth bit of code (r, 4s + t)
+//     Q6_K's top 2 bits, after them: 2 chunks of 64 B, bits 2s, 2s + 1 of byte 4r + t of chunk h = the top bits of
+//       code (r, 16h + 4s + t)
 //     8-bit (Q8_0): 8 chunks of 64 B, byte 4r + t of chunk i = code (r, 4i + t) + 128 (unsigned for vpdpbusd)
-//     Q6_K's top 2 bits, after its low bits: 2 chunks of 64 B, bits 2s, 2s + 1 of byte 4r + t of chunk h = the top
-//       bits of code (r, 16h + 4s + t)
 constexpr int64_t kGroup = 16;
 
 struct PackedLayout {
   int halves;     // float16 fields per row
   int scales;     // scale bytes per row
-  int code_bits;  // 4, 6 or 8; 0: the type has no packed layout
+  int code_bits;  // 4, 5, 6 or 8; 0: the type has no packed layout
   int64_t values; // per block
 
   constexpr int64_t block_bytes() const { return 32 * halves + 16 * scales + values / 32 * 64 * code_bits; }
@@ -581,8 +582,11 @@ constexpr PackedLayout packed_layout(int64_t type) {
   switch (type) {
     case Q4_0: return {1, 0, 4, 32};
     case Q4_1: return {2, 0, 4, 32};
+    case Q5_0: return {1, 0, 5, 32};
+    case Q5_1: return {2, 0, 5, 32};
     case Q8_0: return {1, 0, 8, 32};
     case Q4_K: return {2, 16, 4, 256};
+    case Q5_K: return {2, 16, 5, 256};
     case Q6_K: return {1, 16, 6, 256};
     default: return {0, 0, 0, 0};
   }
@@ -608,11 +612,24 @@ inline void read_parts(int64_t type, const uint8_t* blk, Parts& p) {
       }
       return;
     }
+    case Q5_0: case Q5_1: {
+      const int halves = type == Q5_1 ? 2 : 1;
+      std::memcpy(p.half, blk, 2 * halves);
+      uint32_t qh;
+      std::memcpy(&qh, blk + 2 * halves, 4);
+      const uint8_t* qs = blk + 2 * halves + 4;
+      for (int j = 0; j < 16; ++j) {
+        p.code[j] = static_cast<uint8_t>((qs[j] & 0x0F) | (((qh >> j) & 1) << 4));
+        p.code[j + 16] = static_cast<uint8_t>((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+      }
+      return;
+    }
     case Q8_0:
       std::memcpy(p.half, blk, 2);
       std::memcpy(p.code, blk + 2, 32);
       return;
-    case Q4_K: {
+    case Q4_K: case Q5_K: {
+      const bool five = type == Q5_K;
       std::memcpy(p.half, blk, 4);
       for (int j = 0; j < 8; ++j) {
         int sc, mn;
@@ -620,11 +637,16 @@ inline void read_parts(int64_t type, const uint8_t* blk, Parts& p) {
         p.scale[j] = static_cast<uint8_t>(sc);
         p.scale[8 + j] = static_cast<uint8_t>(mn);
       }
-      const uint8_t* qs = blk + 16;
+      const uint8_t* qh = blk + 16;
+      const uint8_t* qs = blk + (five ? 48 : 16);
       for (int c = 0; c < 4; ++c) {
         for (int i = 0; i < 32; ++i) {
           p.code[64 * c + i] = qs[32 * c + i] & 0x0F;
           p.code[64 * c + 32 + i] = qs[32 * c + i] >> 4;
+          if (five) {
+            p.code[64 * c + i] |= ((qh[i] >> (2 * c)) & 1) << 4;
+            p.code[64 * c + 32 + i] |= ((qh[i] >> (2 * c + 1)) & 1) << 4;
+          }
         }
       }
       return;
@@ -656,11 +678,23 @@ inline void write_parts(int64_t type, const Parts& p, uint8_t* blk) {
       for (int j = 0; j < 16; ++j) blk[2 * halves + j] = static_cast<uint8_t>(p.code[j] | (p.code[j + 16] << 4));
       return;
     }
+    case Q5_0: case Q5_1: {
+      const int halves = type == Q5_1 ? 2 : 1;
+      std::memcpy(blk, p.half, 2 * halves);
+      uint32_t qh = 0;
+      for (int j = 0; j < 32; ++j) qh |= static_cast<uint32_t>(p.code[j] >> 4) << j;
+      std::memcpy(blk + 2 * halves, &qh, 4);
+      for (int j = 0; j < 16; ++j) {
+        blk[2 * halves + 4 + j] = static_cast<uint8_t>((p.code[j] & 0x0F) | ((p.code[j + 16] & 0x0F) << 4));
+      }
+      return;
+    }
     case Q8_0:
       std::memcpy(blk, p.half, 2);
       std::memcpy(blk + 2, p.code, 32);
       return;
-    case Q4_K: {
+    case Q4_K: case Q5_K: {
+      const bool five = type == Q5_K;
       std::memcpy(blk, p.half, 4);
       const uint8_t* sc = p.scale;
       const uint8_t* mn = p.scale + 8;
@@ -670,9 +704,14 @@ inline void write_parts(int64_t type, const Parts& p, uint8_t* blk) {
         s[j + 4] = static_cast<uint8_t>(mn[j] | ((mn[j + 4] >> 4) << 6));
         s[j + 8] = static_cast<uint8_t>((sc[j + 4] & 0x0F) | ((mn[j + 4] & 0x0F) << 4));
       }
+      uint8_t* qh = blk + 16;
+      uint8_t* qs = blk + (five ? 48 : 16);
+      if (five) std::memset(qh, 0, 32);
       for (int c = 0; c < 4; ++c) {
         for (int i = 0; i < 32; ++i) {
-          blk[16 + 32 * c + i] = static_cast<uint8_t>(p.code[64 * c + i] | (p.code[64 * c + 32 + i] << 4));
+          const int lo = p.code[64 * c + i], hi = p.code[64 * c + 32 + i];
+          qs[32 * c + i] = static_cast<uint8_t>((lo & 0x0F) | ((hi & 0x0F) << 4));
+          if (five) qh[i] |= static_cast<uint8_t>(((lo >> 4) << (2 * c)) | ((hi >> 4) << (2 * c + 1)));
         }
       }
       return;
@@ -712,6 +751,13 @@ inline void scatter_parts(const PackedLayout& lay, const Parts& p, int r, uint8_
         sub[64 * i + t] = static_cast<uint8_t>((code[8 * i + t] & 0x0F) | ((code[8 * i + 4 + t] & 0x0F) << 4));
       }
     }
+    if (lay.code_bits == 5) {
+      for (int t = 0; t < 4; ++t) {
+        int fifth = 0;
+        for (int q = 0; q < 8; ++q) fifth |= (code[4 * q + t] >> 4) << q;
+        sub[256 + t] = static_cast<uint8_t>(fifth);
+      }
+    }
     if (lay.code_bits == 6) {
       for (int h = 0; h < 2; ++h) {
         for (int t = 0; t < 4; ++t) {
@@ -738,6 +784,11 @@ inline void gather_parts(const PackedLayout& lay, const uint8_t* pb, int r, Part
       for (int t = 0; t < 4; ++t) {
         code[8 * i + t] = sub[64 * i + t] & 0x0F;
         code[8 * i + 4 + t] = sub[64 * i + t] >> 4;
+      }
+    }
+    if (lay.code_bits == 5) {
+      for (int t = 0; t < 4; ++t) {
+        for (int q = 0; q < 8; ++q) code[4 * q + t] |= ((sub[256 + t] >> q) & 1) << 4;
       }
     }
     if (lay.code_bits == 6) {
@@ -780,16 +831,26 @@ inline __m512i bytes16_s(const uint8_t* p) {
   return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// Lane r: the sum over the values of chunks [C0, C1) of a 4-bit sub-block (with Q6_K's top bits when kSix) of
-// code (r, v) * a[v].
-template <bool kSix, int C0, int C1>
-inline __m512i dot_sub4(const uint8_t* sub, const int8_t* a) {
-  const __m512i low4 = _mm512_set1_epi8(0x0F), top2 = _mm512_set1_epi8(0x30);
+// Bit `from` of every byte of t moved to bit 4 (with the other bits of the byte and its neighbour: mask after).
+inline __m512i to_bit4(__m512i t, int from) {
+  return from <= 4 ? _mm512_slli_epi16(t, 4 - from) : _mm512_srli_epi16(t, from - 4);
+}
+
+// Lane r: the sum over the values of chunks [C0, C1) of a sub-block of kBits-bit codes (4, 5 or 6: the low
+// nibbles, then Q5's fifth bits or Q6_K's top bits) of code (r, v) * a[v].
+template <int kBits, int C0, int C1>
+inline __m512i dot_sub(const uint8_t* sub, const int8_t* a) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), top2 = _mm512_set1_epi8(0x30), bit4 = _mm512_set1_epi8(0x10);
   __m512i p0 = _mm512_setzero_si512(), p1 = _mm512_setzero_si512();
+  const __m512i fifth = kBits == 5 ? load64(sub + 256) : _mm512_setzero_si512();
   for (int i = C0; i < C1; ++i) {
     const __m512i v = load64(sub + 64 * i);
     __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    if constexpr (kSix) {  // top bits of values 8i + t at bits 4(i % 2), of 8i + 4 + t at 4(i % 2) + 2: to bits 4, 5
+    if constexpr (kBits == 5) {  // the fifth bits of values 8i + t and 8i + 4 + t: bits 2i and 2i + 1
+      lo = _mm512_or_si512(lo, _mm512_and_si512(to_bit4(fifth, 2 * i), bit4));
+      hi = _mm512_or_si512(hi, _mm512_and_si512(to_bit4(fifth, 2 * i + 1), bit4));
+    }
+    if constexpr (kBits == 6) {  // top bits of values 8i + t at bits 4(i % 2), of 8i + 4 + t at 4(i % 2) + 2: to bits 4, 5
       const __m512i t = load64(sub + 256 + 64 * (i / 2));
       lo = _mm512_or_si512(lo, _mm512_and_si512(i % 2 ? t : _mm512_slli_epi16(t, 4), top2));
       hi = _mm512_or_si512(hi, _mm512_and_si512(i % 2 ? _mm512_srli_epi16(t, 2) : _mm512_slli_epi16(t, 2), top2));
@@ -817,30 +878,38 @@ inline __m512i dot_levels(const XBlock& x, Dot dot) {
   return _mm512_add_epi32(_mm512_slli_epi32(hi, 8), dot(x.r));
 }
 
-// y[0..16) = the 16 rows of packed group `g` (nb blocks) times one activation row x.
-template <bool kTwo>
-void packed_group(int64_t type, const uint8_t* g, int64_t nb, const XBlock* x, float* y) {
-  const PackedLayout lay = packed_layout(type);
-  const int64_t bytes = lay.block_bytes();
+// The 32-value types' dot products of one block: the codes' with v, less the offset (8 for Q4_0, 16 for Q5_0, 128
+// for Q8_0's unsigned codes) times sum(v).
+template <bool kTwo, int64_t kType>
+inline __m512i block32_dots(const uint8_t* sub, const XBlock& x) {
+  constexpr int bits = packed_layout(kType).code_bits;
+  const __m512i dots = dot_levels<kTwo>(x, [&](const int8_t* a) {
+    if constexpr (bits == 8) return dot_sub8(sub, a);
+    else return dot_sub<bits, 0, 4>(sub, a);
+  });
+  constexpr int32_t offset = kType == Q4_0 ? 8 : kType == Q5_0 ? 16 : kType == Q8_0 ? 128 : 0;
+  return offset ? _mm512_sub_epi32(dots, _mm512_set1_epi32(offset * x.sum)) : dots;
+}
+
+// y[0..16) = the 16 rows of packed group `g` (nb blocks) of kType times one activation row x.
+template <bool kTwo, int64_t kType>
+void packed_group(const uint8_t* g, int64_t nb, const XBlock* x, float* y) {
+  constexpr PackedLayout lay = packed_layout(kType);
+  constexpr int64_t bytes = lay.block_bytes();
   __m512 acc = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();
-  switch (type) {
-    case Q4_0: case Q4_1: case Q8_0: {
-      // p = the codes' dot products less the offset (8 for Q4_0, 128 for Q8_0's unsigned codes) times sum(v)
-      const int32_t offset = type == Q4_0 ? 8 : type == Q8_0 ? 128 : 0;
+  switch (kType) {
+    case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q8_0: {
+      constexpr bool has_min = kType == Q4_1 || kType == Q5_1;  // w = d q + m: + m d_x sum(v)
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* pb = g + b * bytes;
-        const uint8_t* sub = pb + lay.codes_at();
-        const __m512i dots = type == Q8_0 ? dot_levels<kTwo>(x[b], [&](const int8_t* a) { return dot_sub8(sub, a); })
-                                          : dot_levels<kTwo>(x[b], [&](const int8_t* a) {
-                                              return dot_sub4<false, 0, 4>(sub, a); });
-        const __m512i p = _mm512_sub_epi32(dots, _mm512_set1_epi32(offset * x[b].sum));
+        const __m512i p = block32_dots<kTwo, kType>(pb + lay.codes_at(), x[b]);
         __m512& into = b % 2 ? acc2 : acc;  // two chains of float adds
         into = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(halves16(pb), _mm512_set1_ps(x[b].d)), into);
-        if (type == Q4_1) into = _mm512_fmadd_ps(halves16(pb + 32), _mm512_set1_ps(x[b].dsum), into);
+        if constexpr (has_min) into = _mm512_fmadd_ps(halves16(pb + 32), _mm512_set1_ps(x[b].dsum), into);
       }
       break;
     }
-    case Q4_K: {
+    case Q4_K: case Q5_K: {
       // per super-block: sum_j sc_j (q_j . v_j) and sum_j mn_j sum(v_j) in integers (as dot_rows_k), then floats
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* pb = g + b * bytes;
@@ -849,9 +918,9 @@ void packed_group(int64_t type, const uint8_t* g, int64_t nb, const XBlock* x, f
         for (int j = 0; j < 8; ++j) {
           const uint8_t* sub = pb + lay.codes_at() + j * lay.sub_block_bytes();
           const __m512i sc = bytes16_u(pb + 64 + 16 * j), mn = bytes16_u(pb + 64 + 128 + 16 * j);
-          dots_hi = _mm512_add_epi32(dots_hi, _mm512_mullo_epi32(dot_sub4<false, 0, 4>(sub, xb[j].q), sc));
+          dots_hi = _mm512_add_epi32(dots_hi, _mm512_mullo_epi32(dot_sub<lay.code_bits, 0, 4>(sub, xb[j].q), sc));
           if constexpr (kTwo) {
-            dots_lo = _mm512_add_epi32(dots_lo, _mm512_mullo_epi32(dot_sub4<false, 0, 4>(sub, xb[j].r), sc));
+            dots_lo = _mm512_add_epi32(dots_lo, _mm512_mullo_epi32(dot_sub<lay.code_bits, 0, 4>(sub, xb[j].r), sc));
           }
           mins = _mm512_add_epi32(mins, _mm512_mullo_epi32(mn, _mm512_set1_epi32(xb[j].sum)));
         }
@@ -873,8 +942,8 @@ void packed_group(int64_t type, const uint8_t* g, int64_t nb, const XBlock* x, f
           const uint8_t* sub = pb + lay.codes_at() + j * lay.sub_block_bytes();
           const __m512i s0 = bytes16_s(pb + 32 + 32 * j), s1 = bytes16_s(pb + 32 + 32 * j + 16);
           auto scaled = [&](const int8_t* a) {
-            return _mm512_add_epi32(_mm512_mullo_epi32(dot_sub4<true, 0, 2>(sub, a), s0),
-                                    _mm512_mullo_epi32(dot_sub4<true, 2, 4>(sub, a), s1));
+            return _mm512_add_epi32(_mm512_mullo_epi32(dot_sub<6, 0, 2>(sub, a), s0),
+                                    _mm512_mullo_epi32(dot_sub<6, 2, 4>(sub, a), s1));
           };
           dots_hi = _mm512_add_epi32(dots_hi, scaled(xb[j].q));
           if constexpr (kTwo) dots_lo = _mm512_add_epi32(dots_lo, scaled(xb[j].r));
@@ -888,7 +957,6 @@ void packed_group(int64_t type, const uint8_t* g, int64_t nb, const XBlock* x, f
       }
       break;
     }
-    default: TORCH_CHECK(false, "tpa_gguf: GGML type id ", type, " has no packed layout");
   }
   _mm512_storeu_ps(y, _mm512_add_ps(acc, acc2));
 }
@@ -925,8 +993,11 @@ void with_packed_type(int64_t type, F f) {
   switch (type) {
     case Q4_0: return f(std::integral_constant<int64_t, Q4_0>{});
     case Q4_1: return f(std::integral_constant<int64_t, Q4_1>{});
+    case Q5_0: return f(std::integral_constant<int64_t, Q5_0>{});
+    case Q5_1: return f(std::integral_constant<int64_t, Q5_1>{});
     case Q8_0: return f(std::integral_constant<int64_t, Q8_0>{});
     case Q4_K: return f(std::integral_constant<int64_t, Q4_K>{});
+    case Q5_K: return f(std::integral_constant<int64_t, Q5_K>{});
     case Q6_K: return f(std::integral_constant<int64_t, Q6_K>{});
     default: TORCH_CHECK(false, "tpa_gguf: GGML type id ", type, " has no packed layout");
   }
@@ -971,11 +1042,14 @@ void packed_matmul(const std::vector<XBlock>& xq, int64_t m_rows, const uint8_t*
         const XBlock* xm = xq.data() + m * (k / 32);
         float* out = yp + m * n_rows + kGroup * g;
 #ifdef TPA_GGUF_AVX512
-        if (two) {
-          packed_group<true>(type, wp + g * group_bytes, nb, xm, out);
-        } else {
-          packed_group<false>(type, wp + g * group_bytes, nb, xm, out);
-        }
+        with_packed_type(type, [&](auto kind) {
+          constexpr int64_t kType = decltype(kind)::value;
+          if (two) {
+            packed_group<true, kType>(wp + g * group_bytes, nb, xm, out);
+          } else {
+            packed_group<false, kType>(wp + g * group_bytes, nb, xm, out);
+          }
+        });
 #else
         for (int64_t r = 0; r < kGroup; ++r) {
           const uint8_t* row = &rows[r * row_bytes];

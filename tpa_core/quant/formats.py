@@ -1,8 +1,9 @@
 """GGML block formats the resident-weight path computes with, and what each keeps exact.
 
 A GGUF matrix `[N, K]` is N rows of K / `values` blocks of `bytes` bytes each (see tpa_core/csrc/gguf_matmul.cpp
-for the bit layouts). The resident form is those bytes, unchanged: the codes, the block scales and mins are
-exactly the file's. What is rounded is the arithmetic:
+for the bit layouts). The resident form is those bytes, unchanged or, on CPUs with AVX-512, rearranged without
+loss into groups of 16 rows for the decode kernel (`ops.repack`): the codes, the block scales and mins are exactly
+the file's. What is rounded is the arithmetic:
 
 - decode (few rows): every 32 activations (256 for the K-quants, as llama.cpp's Q8_K) are rounded to int8
   with one float32 scale (as llama.cpp's decode does) and, for files under `ONE_LEVEL_MIN_BYTES`
