@@ -1,10 +1,11 @@
 """Llama-shaped GGUF files with random valid blocks, for benchmarking quantized weights at real model sizes.
 
-    .venv/bin/python benchmarks/synthetic_gguf.py OUT_DIR [--shapes 1b,3b] [--mixes q4_k_m,q8_0,q4_0]
+    .venv/bin/python benchmarks/synthetic_gguf.py OUT_DIR [--shapes 1b,3b] [--mixes q4_k_m,q5_k_m,q8_0,q4_0]
 
 Shapes follow Llama-3.2-1B and -3B (tied embeddings). Mixes follow llama.cpp's file types: Q4_K_M puts attn_v and
 ffn_down in Q6_K on the first and last eighth of the layers and every third layer between (llama.cpp's
-"use_more_bits"), Q4_K elsewhere, and the tied embedding (also the LM head) in Q6_K; Q8_0 and Q4_0 are all one
+"use_more_bits"), Q4_K elsewhere, and the tied embedding (also the LM head) in Q6_K; Q5_K_M the same with Q5_K
+for Q4_K; Q8_0 and Q4_0 are all one
 type but the embedding (Q8_0 and Q6_K). Random codes with finite random scales are valid blocks of any type, so
 the files load in llama.cpp and in our engine alike; their output is noise, their speed is that of a real model.
 The vocabulary is GPT-2 style: the 256 byte tokens and numbered filler tokens (prompts are given as token ids).
@@ -25,7 +26,7 @@ SHAPES = {
     "1b": {"layers": 16, "d": 2048, "heads": 32, "kv_heads": 8, "head_dim": 64, "ffn": 8192, "vocab": 128256},
     "3b": {"layers": 28, "d": 3072, "heads": 24, "kv_heads": 8, "head_dim": 128, "ffn": 8192, "vocab": 128256},
 }
-MIXES = ("q4_k_m", "q8_0", "q4_0")
+MIXES = ("q4_k_m", "q5_k_m", "q8_0", "q4_0")
 
 
 def tensor_type(mix: str, role: str, layer: int, n_layers: int) -> str:
@@ -37,7 +38,7 @@ def tensor_type(mix: str, role: str, layer: int, n_layers: int) -> str:
     if mix == "q4_0":
         return "Q4_0"
     more_bits = layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
-    return "Q6_K" if role in ("attn_v", "ffn_down") and more_bits else "Q4_K"
+    return "Q6_K" if role in ("attn_v", "ffn_down") and more_bits else "Q5_K" if mix == "q5_k_m" else "Q4_K"
 
 
 def write(path: Path, shape: str, mix: str, seed: int = 0) -> Path:
