@@ -34,7 +34,8 @@ class AskOptions:
     (None = the settings' choice). `top_k` None (and none in the settings): the model's default amount of context
     (`app.retrieval_plan`); `context_tokens`: a token budget for the retrieved chunks instead; `context_order`:
     "canonical" (document order, exact prefix reuse) or "relevance" (the best chunk last, nearest the question);
-    `hybrid`: dense and full-text retrieval."""
+    `hybrid`: dense and full-text retrieval; `context_focus`: keep only this many question-relevant lines of each
+    retrieved chunk (`app.focus`; None or 0: whole chunks)."""
 
     top_k: int | None = None
     max_new_tokens: int | None = None
@@ -48,6 +49,7 @@ class AskOptions:
     context_tokens: int | None = None
     context_order: str | None = None
     hybrid: bool = False
+    context_focus: int | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class ResolvedOptions:
     context_tokens: int | None = None
     context_order: str = "canonical"
     hybrid: bool = False
+    context_focus: int = 0  # lines kept per retrieved chunk; 0: whole chunks
 
 
 @dataclass
@@ -133,6 +136,15 @@ def check_sampling(options: AskOptions, settings: Any) -> tuple[int, float]:
     return max_new, temperature
 
 
+def check_focus(lines: Any) -> int:
+    """Lines kept per retrieved chunk: None or 0 (whole chunks) or a positive integer."""
+    if lines is None:
+        return 0
+    if isinstance(lines, bool) or not isinstance(lines, int) or lines < 0:
+        raise AppError(f"context focus must be a whole number of lines (0: whole chunks), got {lines!r}")
+    return lines
+
+
 def resolve_options(options: AskOptions, settings: Any) -> ResolvedOptions:
     """Per-ask options over the settings' defaults, checked (no model needed: `check_window` comes later)."""
     top_k = options.top_k if options.top_k is not None else settings.top_k
@@ -145,7 +157,8 @@ def resolve_options(options: AskOptions, settings: Any) -> ResolvedOptions:
     return ResolvedOptions(None if top_k is None else check_top_k(top_k), max_new, temperature,
                            options.top_p if options.top_p is not None else 1.0, options.seed, tuple(options.stop),
                            None if reuse is None else bool(reuse),
-                           None if budget is None else check_context_tokens(budget), order, bool(options.hybrid))
+                           None if budget is None else check_context_tokens(budget), order, bool(options.hybrid),
+                           check_focus(options.context_focus))
 
 
 def check_window(max_new_tokens: int, window: int) -> None:

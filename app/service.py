@@ -44,6 +44,7 @@ from app.chunk_reuse import Restored, ReuseSetting, restore_assembled, restore_e
 from app.context import ContextOverflowError, ContextUnit, bound_pinned, canonical, public_source
 from app.database import make_engine
 from app.errors import AppError
+from app.focus import focus_units
 from app.grounding import ungrounded_terms
 from app.intake import NotAllowedError, accept_uploads, check_server_path
 from app.retrieval_plan import RetrievalPlan, choose_plan, within_budget
@@ -473,6 +474,8 @@ class ChatService:
             if amount.context_tokens is not None:
                 retrieved = within_budget(retrieved, lambda u: len(loaded.tokenizer.encode(u.text)),
                                           amount.context_tokens)
+            if opts.context_focus:
+                retrieved = focus_units(question, retrieved, opts.context_focus)
             hits = {u.sort_key for u in retrieved}
             earlier = turns[-1].context if turns and turns[-1].mode == "retrieval" else []
             units = follow_up_context([ContextUnit.from_dict(d) for d in earlier], retrieved, turn=len(turns))

@@ -12,7 +12,8 @@ store is cleared before each setting, so reused tokens are what the setting itse
 
 A setting is `today` (5 chunks, canonical order: the defaults before this benchmark), `model` (the per-model
 default of `app.retrieval_plan`), or `+`-joined changes: `k=N` (a fixed top-k), `budget=T` (a context token
-budget), `order=relevance`, `hybrid`, `prompt=NAME` (an instruction of `PROMPTS` after the system prompt).
+budget), `order=relevance`, `hybrid`, `focus=N` (N question-relevant lines of each chunk, `app.focus`),
+`prompt=NAME` (an instruction of `PROMPTS` after the system prompt).
 Per setting it reports accuracy with a 95% Wilson interval, partially right answers, answers whose cited
 sources hold the answer, median time to first token, mean prompt and reused tokens, and how often the
 grounding note fires on right and on wrong answers. With --follow-ups N, the first N questions of the half each
@@ -80,11 +81,14 @@ def parse_setting(spec: str) -> dict:
             options["context_order"] = value
         elif key == "hybrid" and not value:
             options["hybrid"] = True
+        elif key == "focus":
+            options["context_focus"] = int(value)
         elif key == "prompt" and value in PROMPTS:
             options["instructions"] = PROMPTS[value]
         else:
             raise SystemExit(f"unknown setting part {part!r} in {spec!r}: use today, model, k=N, budget=T, "
-                             "order=canonical|relevance, hybrid, prompt=" + "|".join(PROMPTS) + ", joined with +")
+                             "order=canonical|relevance, hybrid, focus=LINES, prompt=" + "|".join(PROMPTS) +
+                             ", joined with +")
     return options
 
 
