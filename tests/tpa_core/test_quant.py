@@ -241,6 +241,55 @@ def test_packing_refuses_what_it_cannot_hold():
     assert not packs(FORMATS["F16"], 16, 64) and not packs(fmt, 20, 64)
 
 
+@pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "F16"])
+def test_a_bfloat16_prefill_is_the_float32_one_rounded_to_bfloat16(name):
+    rng = np.random.default_rng(13)
+    rows, cols = 48, 512
+    fmt = FORMATS[name]
+    raw = torch.from_numpy(random_blocks(name, rows, cols, rng))
+    matrix = QuantMatrix(raw, fmt, rows, cols)
+    if fmt.values > 1:  # the op writes bfloat16 rows: the float32 ones rounded to nearest even
+        out = ops.dequantize_into(raw, fmt.type_id, cols, torch.empty(rows, cols, dtype=torch.bfloat16))
+        assert torch.equal(out, matrix.dequantize().to(torch.bfloat16))
+    x = torch.randn(DECODE_MAX_ROWS + 5, cols, generator=torch.Generator().manual_seed(4))  # the prefill path
+    full = QuantLinear([matrix])(x)
+    low = QuantLinear([matrix], torch.bfloat16)(x)
+    assert low.dtype == torch.float32
+    # inputs and result rounded to 8 significant bits (2^-9 relative each), sums in float32
+    bound = 2.0**-7 * (x.abs() @ matrix.dequantize().abs().t())
+    assert ((low - full).abs() <= bound).all() and not torch.equal(low, full)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        QuantLinear([matrix], torch.float16)
+
+
+def test_prefill_runs_in_bfloat16_only_for_one_level_files_on_a_fast_bf16_cpu(monkeypatch):
+    from tpa_core.quant.formats import prefill_dtype
+
+    monkeypatch.setattr(ops, "fast_bf16_gemm", lambda: True)
+    assert prefill_dtype(ONE_LEVEL_MIN_BYTES) == torch.bfloat16
+    assert prefill_dtype(ONE_LEVEL_MIN_BYTES - 1) == torch.float32  # the default model's size: exact prefill
+    monkeypatch.setattr(ops, "fast_bf16_gemm", lambda: False)
+    assert prefill_dtype(ONE_LEVEL_MIN_BYTES) == torch.float32
+
+
+def test_a_bfloat16_prefill_model_has_its_own_fingerprint(mixed, tmp_path, monkeypatch):
+    from tpa_core.quant import formats
+
+    path, _, quantized, floating = mixed
+    monkeypatch.setattr(formats, "ONE_LEVEL_MIN_BYTES", path.stat().st_size)
+    monkeypatch.setattr(ops, "fast_bf16_gemm", lambda: True)
+    low = load_model(path, tmp_path, device="cpu", weights="quantized")
+    assert {layer.prefill_dtype for b in low.model.layers for layer in b.mlp.packed.values()} == {torch.bfloat16}
+    monkeypatch.setattr(ops, "fast_bf16_gemm", lambda: False)
+    one_level = load_model(path, tmp_path, device="cpu", weights="quantized")
+    # separate store namespaces (the activation levels follow from the file's bytes, which the fingerprint hashes)
+    assert low.fingerprint not in (one_level.fingerprint, quantized.fingerprint)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11, 64, 120, 33, 8]])  # 12 tokens: the prefill path
+    logits = low.model(ids, low.model.new_cache(capacity=16))
+    reference = floating.model(ids, floating.model.new_cache(capacity=16))
+    assert (logits - reference).abs().max() <= 5e-2 * float(reference.max() - reference.min())
+
+
 def test_a_large_file_decodes_with_one_activation_level(mixed, monkeypatch):
     from tpa_core.quant import formats
     from tpa_core.quant.resident import build_resident_model

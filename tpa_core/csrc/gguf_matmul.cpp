@@ -21,6 +21,7 @@
 //   Q6_K 210 B / 256: ql[128], qh[64], scales[16] int8, d: w = d sc (q - 32), one scale per 16 values
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -1121,19 +1122,27 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_
   return y;
 }
 
+// out [N, K] float32, or bfloat16 (each value rounded to nearest even from the float32 one: a bf16 GEMM's input).
 void dequantize(const at::Tensor& w, int64_t type, int64_t k, const at::Tensor& out, bool packed) {
   const int64_t group_bytes = packed ? check_packed(w, type, k) : 0;
   if (!packed) check_weight(w, type, k);
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == w.size(0) && out.size(1) == k && out.scalar_type() == at::kFloat &&
-              out.is_contiguous(), "tpa_gguf: out must be a contiguous float32 tensor [N, ", k, "]");
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == w.size(0) && out.size(1) == k && out.is_contiguous() &&
+              (bf16 || out.scalar_type() == at::kFloat),
+              "tpa_gguf: out must be a contiguous float32 or bfloat16 tensor [N, ", k, "]");
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  float* op = out.data_ptr<float>();
   const int64_t row_bytes = k / layout_of(type).values * layout_of(type).bytes;
   at::parallel_for(0, w.size(0), kGroup, [&](int64_t n0, int64_t n1) {
     std::vector<uint8_t> row(packed ? row_bytes : 0);  // a packed row back in the file's layout
+    std::vector<float> values(bf16 ? k : 0);           // a row in float32 before its rounding to bfloat16
     for (int64_t n = n0; n < n1; ++n) {
       if (packed) unpack_rows(type, wp, group_bytes, &n, 1, k, row.data(), row_bytes);
-      dequantize_row(type, packed ? row.data() : wp + n * row_bytes, k, op + n * k);
+      float* dst = bf16 ? values.data() : out.data_ptr<float>() + n * k;
+      dequantize_row(type, packed ? row.data() : wp + n * row_bytes, k, dst);
+      if (bf16) {
+        c10::BFloat16* o = out.data_ptr<c10::BFloat16>() + n * k;
+        for (int64_t i = 0; i < k; ++i) o[i] = c10::BFloat16(values[i]);
+      }
     }
   });
 }

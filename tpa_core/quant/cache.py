@@ -40,9 +40,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resident_fingerprint(path: Path, config, tokenizer) -> str:
-    """sha256 over the version tag, the TPA config, the GGUF file's bytes and the tokenizer."""
+def resident_fingerprint(path: Path, config, tokenizer, numerics: str = "") -> str:
+    """sha256 over the version tag, the numerics this machine computes the model with (`_numerics`), the TPA
+    config, the GGUF file's bytes and the tokenizer."""
     digest = hashlib.sha256(FINGERPRINT_VERSION.encode())
+    digest.update(f"\n{numerics}\n".encode())
     digest.update(json.dumps(config.to_dict(), sort_keys=True).encode())
     digest.update(file_sha256(path).encode())
     digest.update(b"\ntokenizer\n")
@@ -54,7 +56,14 @@ def _index(models_dir: Path, key: str) -> Path:
     return models_dir / "sources" / f"{key}.resident.json"
 
 
-def _cached_entry(models_dir: Path, key: str) -> tuple[Path, dict] | None:
+def _numerics(file_bytes: int) -> str:
+    """What of the model's arithmetic depends on this machine and changes its factors: the prefill GEMM's dtype."""
+    from tpa_core.quant.formats import prefill_dtype
+
+    return f"prefill={str(prefill_dtype(file_bytes)).removeprefix('torch.')}"
+
+
+def _cached_entry(models_dir: Path, key: str, numerics: str) -> tuple[Path, dict] | None:
     from tpa_core.loading import CACHE_FORMAT, CONFIG_FILE
 
     try:
@@ -64,19 +73,21 @@ def _cached_entry(models_dir: Path, key: str) -> tuple[Path, dict] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if (meta.get("format") != CACHE_FORMAT or meta.get("weights") != RESIDENT_KIND
-            or meta.get("fingerprint_version") != FINGERPRINT_VERSION):
+            or meta.get("fingerprint_version") != FINGERPRINT_VERSION or meta.get("numerics", "") != numerics):
         return None
     return folder, meta
 
 
-def _write_entry(models_dir: Path, key: str, source, config, tokenizer, resident_bytes: int) -> tuple[Path, dict]:
+def _write_entry(models_dir: Path, key: str, source, config, tokenizer, resident_bytes: int,
+                 numerics: str) -> tuple[Path, dict]:
     from tpa_core.loading import CACHE_FORMAT, CONFIG_FILE
 
-    fingerprint = resident_fingerprint(source.path, config, tokenizer)
+    fingerprint = resident_fingerprint(source.path, config, tokenizer, numerics)
     models_dir.mkdir(parents=True, exist_ok=True)
     final = models_dir / fingerprint
     meta = {"format": CACHE_FORMAT, "weights": RESIDENT_KIND, "name": source.name, "source": str(source.path),
             "kind": source.kind, "fingerprint": fingerprint, "fingerprint_version": FINGERPRINT_VERSION,
+            "numerics": numerics,
             "tpa_config": config.to_dict(),
             "resident_bytes": resident_bytes}
     tmp = Path(tempfile.mkdtemp(prefix=".resident-", dir=models_dir))
@@ -104,6 +115,7 @@ def load_resident(source, models_dir: Path, require_tokenizer: bool = True):
     from tpa_core.gguf import GGUFFile
     from tpa_core.loading import LoadedModel, source_key
     from tpa_core.memory import check_fits
+    from tpa_core.quant.formats import prefill_dtype
     from tpa_core.quant.resident import build_resident_model, resident_nbytes
     from tpa_core.tokenizer import Tokenizer
 
@@ -112,7 +124,9 @@ def load_resident(source, models_dir: Path, require_tokenizer: bool = True):
     check_fits(resident, f"{source.name} with quantized weights", "close other programs or pick a smaller model "
                "(a smaller quantization type of it, or fewer parameters)")
     key = source_key(source)
-    entry = _cached_entry(models_dir, key)
+    file_bytes = source.path.stat().st_size
+    numerics = _numerics(file_bytes)
+    entry = _cached_entry(models_dir, key, numerics)
     if entry is not None:
         folder, meta = entry
         config = TPAConfig.from_dict(meta["tpa_config"])
@@ -120,10 +134,10 @@ def load_resident(source, models_dir: Path, require_tokenizer: bool = True):
     else:
         config = TPAConfig.from_hf_config(gguf.hf_config())
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, source=source.path.name)
-        folder, meta = _write_entry(models_dir, key, source, config, tokenizer, resident)
+        folder, meta = _write_entry(models_dir, key, source, config, tokenizer, resident, numerics)
     if tokenizer is None and require_tokenizer:
         raise TPAError(f"no tokenizer found in {source.path}")
-    model = build_resident_model(gguf, config, packed_dir=folder)
+    model = build_resident_model(gguf, config, packed_dir=folder, prefill=prefill_dtype(file_bytes))
     logger.info("loaded %s with quantized weights: %.0f MiB resident", source.path.name, resident / 2**20)
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, fingerprint=meta["fingerprint"],
                        chat_template=tokenizer.chat_template if tokenizer is not None else None,

@@ -14,7 +14,10 @@ the file's. What is rounded is the arithmetic:
   positions of the default model, two levels on 196.
 - F16 / BF16 matrices multiply float32 activations directly: float32 rounding only.
 - prefill (many rows): chunks of rows are dequantized to float32 (bit-identical to gguf's `dequantize`) and
-  multiplied by a float32 GEMM: the same as the float32 model up to the GEMM's summation order.
+  multiplied by a float32 GEMM: the same as the float32 model up to the GEMM's summation order. Files that decode
+  with one level, on CPUs with AMX (`prefill_dtype`), dequantize to bfloat16 and round the activations to
+  bfloat16 too (8 significant bits, about what llama.cpp's int8 activations keep); the GEMM sums in float32 and
+  rounds its result to bfloat16.
 """
 
 from __future__ import annotations
@@ -70,6 +73,15 @@ ONE_LEVEL_MIN_BYTES = 256 * 2**20
 def activation_levels(file_bytes: int) -> int:
     """The int8 levels the decode product rounds activations to, for a GGUF file of `file_bytes` bytes."""
     return 1 if file_bytes >= ONE_LEVEL_MIN_BYTES else 2
+
+
+def prefill_dtype(file_bytes: int) -> torch.dtype:
+    """The dtype of the prefill GEMMs for a GGUF file of `file_bytes` bytes: bfloat16 where the file decodes with one
+    activation level (its numerics are llama.cpp's, not float32's, already) and the CPU has a fast bf16 GEMM
+    (`ops.fast_bf16_gemm`); else float32, the float32 model's up to summation order."""
+    from tpa_core.quant import ops
+
+    return torch.bfloat16 if activation_levels(file_bytes) == 1 and ops.fast_bf16_gemm() else torch.float32
 
 
 def activation_error_bound(weight: torch.Tensor, x: torch.Tensor, group: int = ACTIVATION_BLOCK,

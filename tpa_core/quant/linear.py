@@ -25,12 +25,14 @@ SCRATCH_VALUES = 1 << 23  # float32 values dequantized per chunk (32 MiB per thr
 _scratch = threading.local()
 
 
-def _scratch_buffer(values: int) -> Tensor:
-    """A float32 buffer of at least `values` entries, reused across calls of this thread."""
-    buf = getattr(_scratch, "buffer", None)
+def _scratch_buffer(values: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A buffer of at least `values` entries of `dtype`, reused across calls of this thread."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buf = buffers.get(dtype)
     if buf is None or buf.numel() < values:
-        buf = torch.empty(values, dtype=torch.float32)
-        _scratch.buffer = buf
+        buf = buffers[dtype] = torch.empty(values, dtype=dtype)
     return buf[:values]
 
 
@@ -101,12 +103,15 @@ class QuantMatrix:
 
 class QuantLinear:
     """y = x @ W^T with W `[N, K]` the row-wise stack of `parts` (QuantMatrix, same K). A plain object, not an
-    nn.Module: the model's state dict keeps its own names."""
+    nn.Module: the model's state dict keeps its own names. `prefill_dtype`: the dtype of the prefill GEMM
+    (`formats.prefill_dtype`); its output is float32 either way."""
 
-    def __init__(self, parts: list[QuantMatrix]) -> None:
+    def __init__(self, parts: list[QuantMatrix], prefill_dtype: torch.dtype = torch.float32) -> None:
         if not parts or len({p.cols for p in parts}) != 1:
             raise ValueError("a QuantLinear needs one or more matrices of the same column count")
-        self.parts = parts
+        if prefill_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"prefill runs in float32 or bfloat16, not {prefill_dtype}")
+        self.parts, self.prefill_dtype = parts, prefill_dtype
         self.in_features = parts[0].cols
         self.out_features = sum(p.rows for p in parts)
 
@@ -126,11 +131,14 @@ class QuantLinear:
         return y.view(*x.shape[:-1], self.out_features)  # [..., N]
 
     def _prefill(self, x2: Tensor) -> Tensor:
-        """x2 `[M, K]` -> `[M, N]`: each chunk of rows dequantized into the scratch buffer, then a float32 GEMM."""
+        """x2 `[M, K]` -> `[M, N]`: each chunk of rows dequantized into the scratch buffer, then a GEMM in
+        `prefill_dtype`."""
         from tpa_core.attention import (
             linear as float_linear,  # oneDNN for many rows (see its docstring)
         )
 
+        dtype = self.prefill_dtype
+        x_in = x2 if dtype == torch.float32 else x2.to(dtype)  # [M, K]
         y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)  # [M, N]
         group = ops.packed_group() if any(p.packed for p in self.parts) else 1
         chunk = max(group, SCRATCH_VALUES // self.in_features // group * group)
@@ -139,11 +147,12 @@ class QuantLinear:
             for start in range(0, part.rows, chunk):
                 stop = min(part.rows, start + chunk)
                 if part.fmt is None:
-                    w = part.dequantize_rows(start, stop)
+                    w = part.dequantize_rows(start, stop).to(dtype)
                 else:
-                    buf = _scratch_buffer((stop - start) * self.in_features).view(stop - start, self.in_features)
+                    buf = _scratch_buffer((stop - start) * self.in_features, dtype).view(stop - start,
+                                                                                        self.in_features)
                     w = part.dequantize_rows(start, stop, buf)  # [n, K]
-                y[:, col + start:col + stop] = float_linear(x2, w)  # [M, n]
+                y[:, col + start:col + stop] = float_linear(x_in, w)  # [M, n]
             col += part.rows
         return y
 

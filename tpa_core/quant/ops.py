@@ -125,6 +125,13 @@ def packed_row_bytes(type_id: int, cols: int) -> int:
     return torch.ops.tpa_gguf.packed_row_bytes(type_id, cols)
 
 
+def fast_bf16_gemm() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices much faster than float32 ones: AMX, whose tiles oneDNN uses for
+    torch's bf16 GEMM (one [512 x 2048] x [2048 x 8192] product on one core: 20 ms against 120 ms in float32,
+    benchmarks/NOTES.md). Without AMX a bf16 GEMM was not measured faster here, so only AMX counts."""
+    return "amx_bf16" in _cpu_flags().split() and torch.backends.mkldnn.is_available()
+
+
 def packed_group() -> int:
     """Rows per group of `repack`'s layout: a packed matrix has a multiple of this many rows, read a group at a
     time."""

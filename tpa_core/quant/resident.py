@@ -90,9 +90,11 @@ def resident_nbytes(gguf: GGUFFile) -> int:
     return total
 
 
-def build_resident_model(gguf: GGUFFile, config: TPAConfig, packed_dir: Path | None = None):
+def build_resident_model(gguf: GGUFFile, config: TPAConfig, packed_dir: Path | None = None,
+                         prefill: torch.dtype = torch.float32):
     """A TPAModel (eval mode, CPU, float32 compute) running `gguf`'s matrices in their blocks. `packed_dir`: the
-    model's cache folder, where the packed matrices are kept (`packed_store`) and read back on the next load."""
+    model's cache folder, where the packed matrices are kept (`packed_store`) and read back on the next load;
+    `prefill`: the dtype of its prefill GEMMs (`formats.prefill_dtype`)."""
     from tpa_core.loading import skip_init
     from tpa_core.model import TPAModel
 
@@ -123,7 +125,7 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig, packed_dir: Path | N
         return nn.Parameter(value, requires_grad=False)
 
     def linear(parts: list[QuantMatrix], rows: int, cols: int, label: str) -> QuantLinear:
-        layer = QuantLinear(parts)
+        layer = QuantLinear(parts, prefill)
         if (layer.out_features, layer.in_features) != (rows, cols):
             raise TPAError(f"{gguf.path}: {label} is [{layer.out_features}, {layer.in_features}], the config needs "
                            f"[{rows}, {cols}]")
@@ -158,7 +160,7 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig, packed_dir: Path | N
     model.embed = QuantEmbedding(embed)
     model.norm.weight = vector("output_norm.weight", c.d_model)
     if model.lm_head is None:
-        model.packed_head = QuantLinear([embed])
+        model.packed_head = QuantLinear([embed], prefill)
     else:
         model.packed_head = linear([resident("output.weight")], c.vocab_size, c.d_model, "output")
         model.lm_head.weight = nn.Parameter(placeholder(c.vocab_size, c.d_model), requires_grad=False)
