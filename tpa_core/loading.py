@@ -98,9 +98,10 @@ def load_model(name_or_path: str | Path, models_dir: str | Path, device: str = "
                weights: str = "auto") -> LoadedModel:
     """Load a model by known name (fetched on first use when `fetch`) or local path, through the model cache.
 
-    device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". dtype: None = float32 on the CPU,
-    bfloat16 on CUDA. A T6 checkpoint folder without a tokenizer.json loads only with `require_tokenizer=False`
-    (token ids in, token ids out). weights (`choose_weights`): "float" (converted to `dtype`), "quantized" (a
+    device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". dtype: None = `default_dtype` (bfloat16 on
+    CUDA; float32 on the CPU but for bfloat16 Hugging Face weights on a CPU with a fast bf16 GEMM). A T6
+    checkpoint folder without a tokenizer.json loads only with `require_tokenizer=False` (token ids in, token ids
+    out). weights (`choose_weights`): "float" (converted to `dtype`), "quantized" (a
     GGUF's matrices stay in their blocks on the CPU, `tpa_core.quant`) or "auto" (quantized for GGUF files of
     `AUTO_QUANTIZED_MIN_BYTES` and more on the CPU, float otherwise). TPAError when the model will not fit in the
     available memory, before anything large is read.
@@ -116,8 +117,33 @@ def load_model(name_or_path: str | Path, models_dir: str | Path, device: str = "
 
         return load_resident(source, models_dir, require_tokenizer)
     if dtype is None:
-        dtype = torch.bfloat16 if target_device.type == "cuda" else torch.float32
+        dtype = default_dtype(source, target_device)
     return _load_converted(source, models_dir, target_device, dtype, require_tokenizer)
+
+
+def default_dtype(source: Source, device: torch.device) -> torch.dtype:
+    """The compute dtype when none is asked for: bfloat16 on CUDA. On the CPU float32, except a Hugging Face
+    folder whose weights are bfloat16 on a CPU whose bf16 GEMM is fast (`tpa_core.quant.ops.fast_bf16_gemm`:
+    AMX; there a bf16 prefill GEMM ran 6x and a decode GEMV 1.5x float32's, benchmarks/NOTES.md): it stays
+    bfloat16 rather than doubling to float32. float16 weights become float32 (no fast float16 GEMM measured)."""
+    from tpa_core.quant.ops import fast_bf16_gemm
+
+    if device.type == "cuda":
+        return torch.bfloat16
+    if source.kind == "hf" and _hf_weights_dtype(source.path) == "bfloat16" and fast_bf16_gemm():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _hf_weights_dtype(folder: Path) -> str | None:
+    """The dtype a Hugging Face folder's config.json gives its weights ("torch_dtype", or "dtype" in newer
+    transformers), or None when it names none or cannot be read."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = config.get("torch_dtype", config.get("dtype")) if isinstance(config, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def choose_weights(weights: str, source: Source, device: torch.device, dtype: torch.dtype | None) -> str:

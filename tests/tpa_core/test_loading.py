@@ -197,3 +197,20 @@ def test_unknown_device(tmp_path):
 def test_known_model_not_fetched_without_fetch(tmp_path):
     with pytest.raises(TPAError, match="models fetch"):
         load_model("smollm2-135m-instruct", tmp_path / "models", device="cpu", fetch=False)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_bfloat16_hf_weights_stay_bfloat16_where_the_cpu_multiplies_them_fast(tmp_path, monkeypatch, fast):
+    from tpa_core.quant import ops
+
+    hf = _save_hf_folder(tmp_path / "hf", "llama")
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "hf")  # config.json: "bfloat16" weights
+    _save_hf_folder(tmp_path / "hf32", "llama")  # float32 weights
+    monkeypatch.setattr(ops, "fast_bf16_gemm", lambda: fast)
+    loaded = load_model(tmp_path / "hf", tmp_path / "models", device="cpu")
+    assert loaded.dtype == (torch.bfloat16 if fast else torch.float32)
+    assert {p.dtype for p in loaded.model.parameters() if p.dim() == 2} == {loaded.dtype}  # the matrices
+    assert load_model(tmp_path / "hf32", tmp_path / "models", device="cpu").dtype == torch.float32
+    # the bfloat16 weights computed in float32 (a reloaded model: `hf.float()` would keep bf16-rounded RoPE buffers)
+    reference = _hf_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32))
+    assert (_our_logits(loaded).float() - reference).abs().max().item() < (5e-2 if fast else TOL)
