@@ -128,9 +128,9 @@ class GGUFFile:
 
     def tensor_type(self, name: str) -> str:
         """The GGML storage type of a tensor (`"Q4_1"`, `"F32"`...)."""
-        from gguf.constants import GGMLQuantizationType
+        from tpa_core.ggml_types import GGML_TYPES
 
-        return GGMLQuantizationType(self._get(name).type_id).name
+        return GGML_TYPES[self._get(name).type_id].name
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's PyTorch shape (`[rows, cols]` for a matrix)."""
@@ -154,10 +154,13 @@ class GGUFFile:
 
     def tensor(self, name: str) -> torch.Tensor:
         """Tensor `name` dequantized to float32, shape `[rows, cols]` (or `[n]`)."""
+        info = self._get(name)
+        if info.type_id == 0:  # F32 (norm weights, biases): read as is, without importing gguf's dequantizers
+            values = np.frombuffer(self._container.data(info), dtype="<f4")
+            return torch.from_numpy(values.astype(np.float32).reshape(info.shape))
         from gguf import dequantize
         from gguf.constants import GGMLQuantizationType
 
-        info = self._get(name)
         qtype = GGMLQuantizationType(info.type_id)
         rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
         try:

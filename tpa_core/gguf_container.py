@@ -178,12 +178,11 @@ class GGUFContainer:
 
 
 def _tensor_bytes(name: str, shape: tuple[int, ...], type_id: int) -> int:
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from tpa_core.ggml_types import GGML_TYPES
 
-    try:
-        block_values, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
-    except (ValueError, KeyError):
-        raise _Damaged(f"tensor {name} has the unknown GGML type {type_id}") from None
+    if type_id not in GGML_TYPES:
+        raise _Damaged(f"tensor {name} has the unknown GGML type {type_id}")
+    _, block_values, block_bytes = GGML_TYPES[type_id]
     values = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if not shape or shape[-1] % block_values:
         raise _Damaged(f"tensor {name} of shape {list(shape)} is not whole {block_values}-value blocks")

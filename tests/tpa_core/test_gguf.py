@@ -131,3 +131,14 @@ def test_rope_freqs_tensor_is_refused(tmp_path):
     write_tiny_gguf(path, extra_tensors={"rope_freqs.weight": np.ones(8, dtype=np.float32)})
     with pytest.raises(TPAError, match="rope_freqs"):
         GGUFFile(path).hf_config()
+
+
+def test_our_ggml_type_table_agrees_with_the_gguf_package():
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from tpa_core.ggml_types import GGML_TYPES
+
+    theirs = {int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
+    ours = {type_id: tuple(fields) for type_id, fields in GGML_TYPES.items()}
+    assert {i: ours[i] for i in theirs.keys() & ours.keys()} == {i: theirs[i] for i in theirs.keys() & ours.keys()}
+    assert theirs.keys() <= ours.keys(), "a GGML type the gguf package knows is missing from tpa_core.ggml_types"

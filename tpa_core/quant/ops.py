@@ -63,8 +63,6 @@ def library_path(compiler: str) -> Path:
 
 def build(*, force: bool = False) -> Path:
     """Compile the op unless this exact build exists; returns the library path. OpsUnavailable on failure."""
-    from torch.utils import cpp_extension
-
     compiler = _compiler()
     if compiler is None:
         raise OpsUnavailable("no C++ compiler found (set CXX, or install g++): quantized GGUF weights need the "
@@ -72,6 +70,8 @@ def build(*, force: bool = False) -> Path:
     target = library_path(compiler)
     if target.is_file() and not force:
         return target
+    from torch.utils import cpp_extension  # imports setuptools (0.1 s): only when a build is needed
+
     target.parent.mkdir(parents=True, exist_ok=True)
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libs = [arg for p in cpp_extension.library_paths() for arg in (f"-L{p}", f"-Wl,-rpath,{p}")]
