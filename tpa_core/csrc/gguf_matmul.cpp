@@ -892,6 +892,18 @@ inline __m512i block32_dots(const uint8_t* sub, const XBlock& x) {
   return offset ? _mm512_sub_epi32(dots, _mm512_set1_epi32(offset * x.sum)) : dots;
 }
 
+// Software prefetch of the weight stream, `bytes` bytes kPrefetchAhead ahead of p: the hardware prefetcher alone
+// keeps too few lines in flight for one core (8192 x 2048 GEMV from memory, alternating builds: Q6_K 1.63-1.70 ->
+// 1.35-1.39 ms, Q4_K 1.09 -> 1.00, Q4_0 1.05-1.08 -> 0.95, Q8_0 1.52-1.56 -> 1.34-1.39; 512 and 2048 bytes ahead
+// about as good, 4096 worse).
+constexpr int64_t kPrefetchAhead = 1024;
+
+inline void prefetch_ahead(const uint8_t* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead + off), _MM_HINT_T0);
+  }
+}
+
 // y[0..16) = the 16 rows of packed group `g` (nb blocks) of kType times one activation row x.
 template <bool kTwo, int64_t kType>
 void packed_group(const uint8_t* g, int64_t nb, const XBlock* x, float* y) {
@@ -903,6 +915,7 @@ void packed_group(const uint8_t* g, int64_t nb, const XBlock* x, float* y) {
       constexpr bool has_min = kType == Q4_1 || kType == Q5_1;  // w = d q + m: + m d_x sum(v)
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* pb = g + b * bytes;
+        prefetch_ahead(pb, bytes);
         const __m512i p = block32_dots<kTwo, kType>(pb + lay.codes_at(), x[b]);
         __m512& into = b % 2 ? acc2 : acc;  // two chains of float adds
         into = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(halves16(pb), _mm512_set1_ps(x[b].d)), into);
@@ -914,6 +927,7 @@ void packed_group(const uint8_t* g, int64_t nb, const XBlock* x, float* y) {
       // per super-block: sum_j sc_j (q_j . v_j) and sum_j mn_j sum(v_j) in integers (as dot_rows_k), then floats
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* pb = g + b * bytes;
+        prefetch_ahead(pb, bytes);
         const XBlock* xb = x + 8 * b;
         __m512i dots_hi = _mm512_setzero_si512(), dots_lo = _mm512_setzero_si512(), mins = _mm512_setzero_si512();
         for (int j = 0; j < 8; ++j) {
@@ -937,6 +951,7 @@ void packed_group(const uint8_t* g, int64_t nb, const XBlock* x, float* y) {
       // per 16 values one int8 scale: two dot products per sub-block; the offset -32 as -32 sum_s sc_s sum16(v)
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* pb = g + b * bytes;
+        prefetch_ahead(pb, bytes);
         const XBlock* xb = x + 8 * b;
         __m512i dots_hi = _mm512_setzero_si512(), dots_lo = _mm512_setzero_si512(), offs = _mm512_setzero_si512();
         for (int j = 0; j < 8; ++j) {
