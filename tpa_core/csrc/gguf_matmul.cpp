@@ -904,6 +904,14 @@ inline void prefetch_ahead(const uint8_t* p, int64_t bytes) {
   }
 }
 
+// acc + a super-block's integer sums in float: d hi with one activation level, d (256 hi + lo) with two.
+template <bool kTwo>
+inline __m512 add_levels(__m512 acc, __m512i hi, __m512i lo, __m512 d) {
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), kTwo ? _mm512_mul_ps(d, _mm512_set1_ps(256.0f)) : d, acc);
+  if constexpr (kTwo) acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, acc);
+  return acc;
+}
+
 // y[0..16) = the 16 rows of packed group `g` (nb blocks) of kType times one activation row x.
 template <bool kTwo, int64_t kType>
 void packed_group(const uint8_t* g, int64_t nb, const XBlock* x, float* y) {
@@ -940,8 +948,7 @@ void packed_group(const uint8_t* g, int64_t nb, const XBlock* x, float* y) {
           mins = _mm512_add_epi32(mins, _mm512_mullo_epi32(mn, _mm512_set1_epi32(xb[j].sum)));
         }
         const __m512 d = _mm512_mul_ps(halves16(pb), _mm512_set1_ps(xb[0].d));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots_hi), kTwo ? _mm512_mul_ps(d, _mm512_set1_ps(256.0f)) : d, acc);
-        if constexpr (kTwo) acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots_lo), d, acc);
+        acc = add_levels<kTwo>(acc, dots_hi, dots_lo, d);
         acc2 = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mins), _mm512_mul_ps(halves16(pb + 32), _mm512_set1_ps(xb[0].d)),
                                 acc2);
       }
@@ -967,8 +974,7 @@ void packed_group(const uint8_t* g, int64_t nb, const XBlock* x, float* y) {
                                                          _mm512_mullo_epi32(s1, _mm512_set1_epi32(xb[j].sum16[1]))));
         }
         const __m512 d = _mm512_mul_ps(halves16(pb), _mm512_set1_ps(xb[0].d));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots_hi), kTwo ? _mm512_mul_ps(d, _mm512_set1_ps(256.0f)) : d, acc);
-        if constexpr (kTwo) acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots_lo), d, acc);
+        acc = add_levels<kTwo>(acc, dots_hi, dots_lo, d);
         acc2 = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(offs), _mm512_mul_ps(d, _mm512_set1_ps(32.0f)), acc2);
       }
       break;
