@@ -1008,6 +1008,13 @@ int64_t check_packed(const at::Tensor& w, int64_t type, int64_t k) {
   return k / lay.values * lay.block_bytes();
 }
 
+// check_packed for a packed weight; check_weight, and 0 bytes per group, for one in the file's layout.
+int64_t check_layout(const at::Tensor& w, int64_t type, int64_t k, bool packed) {
+  if (packed) return check_packed(w, type, k);
+  check_weight(w, type, k);
+  return 0;
+}
+
 // Calls f(std::integral_constant<int64_t, type>{}) for a packable type: the layout's loops then compile per type,
 // with every size a constant (the byte-by-byte loops of repacking run 2-4x faster so).
 template <typename F>
@@ -1084,8 +1091,7 @@ void packed_matmul(const std::vector<XBlock>& xq, int64_t m_rows, const uint8_t*
 }
 
 at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t k, int64_t levels, bool packed) {
-  const int64_t group_bytes = packed ? check_packed(w, type, k) : 0;
-  if (!packed) check_weight(w, type, k);
+  const int64_t group_bytes = check_layout(w, type, k, packed);
   TORCH_CHECK(levels == 1 || levels == 2, "tpa_gguf: activations are rounded in 1 or 2 int8 levels, not ", levels);
   const bool two = levels == 2;
   TORCH_CHECK(type != F32, "tpa_gguf: float32 weights run through torch's own GEMM");
@@ -1145,8 +1151,7 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_
 
 // out [N, K] float32, or bfloat16 (each value rounded to nearest even from the float32 one: a bf16 GEMM's input).
 void dequantize(const at::Tensor& w, int64_t type, int64_t k, const at::Tensor& out, bool packed) {
-  const int64_t group_bytes = packed ? check_packed(w, type, k) : 0;
-  if (!packed) check_weight(w, type, k);
+  const int64_t group_bytes = check_layout(w, type, k, packed);
   const bool bf16 = out.scalar_type() == at::kBFloat16;
   TORCH_CHECK(out.dim() == 2 && out.size(0) == w.size(0) && out.size(1) == k && out.is_contiguous() &&
               (bf16 || out.scalar_type() == at::kFloat),

@@ -56,11 +56,10 @@ def _index(models_dir: Path, key: str) -> Path:
     return models_dir / "sources" / f"{key}.resident.json"
 
 
-def _numerics(file_bytes: int) -> str:
-    """What of the model's arithmetic depends on this machine and changes its factors: the prefill GEMM's dtype."""
-    from tpa_core.quant.formats import prefill_dtype
-
-    return f"prefill={str(prefill_dtype(file_bytes)).removeprefix('torch.')}"
+def _numerics(prefill) -> str:
+    """What of the model's arithmetic depends on this machine and changes its factors: the prefill GEMM's dtype
+    (`formats.prefill_dtype`)."""
+    return f"prefill={str(prefill).removeprefix('torch.')}"
 
 
 def _cached_entry(models_dir: Path, key: str, numerics: str) -> tuple[Path, dict] | None:
@@ -124,8 +123,8 @@ def load_resident(source, models_dir: Path, require_tokenizer: bool = True):
     check_fits(resident, f"{source.name} with quantized weights", "close other programs or pick a smaller model "
                "(a smaller quantization type of it, or fewer parameters)")
     key = source_key(source)
-    file_bytes = source.path.stat().st_size
-    numerics = _numerics(file_bytes)
+    prefill = prefill_dtype(source.path.stat().st_size)
+    numerics = _numerics(prefill)
     entry = _cached_entry(models_dir, key, numerics)
     if entry is not None:
         folder, meta = entry
@@ -137,7 +136,7 @@ def load_resident(source, models_dir: Path, require_tokenizer: bool = True):
         folder, meta = _write_entry(models_dir, key, source, config, tokenizer, resident, numerics)
     if tokenizer is None and require_tokenizer:
         raise TPAError(f"no tokenizer found in {source.path}")
-    model = build_resident_model(gguf, config, packed_dir=folder, prefill=prefill_dtype(file_bytes))
+    model = build_resident_model(gguf, config, packed_dir=folder, prefill=prefill)
     logger.info("loaded %s with quantized weights: %.0f MiB resident", source.path.name, resident / 2**20)
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, fingerprint=meta["fingerprint"],
                        chat_template=tokenizer.chat_template if tokenizer is not None else None,

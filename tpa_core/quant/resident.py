@@ -32,10 +32,10 @@ logger = logging.getLogger(__name__)
 
 
 def matrix(gguf: GGUFFile, name: str, heads: int | None = None, levels: int = 2,
-           stored: PackedStore | None = None, packed_now: dict[str, torch.Tensor] | None = None) -> QuantMatrix:
+           stored: PackedStore | None = None, repacked: list[str] | None = None) -> QuantMatrix:
     """GGUF matrix `name` as a QuantMatrix; `heads`: un-permute llama.cpp's Q/K rows for that many heads;
     `levels`: the decode product's activation levels (`formats.activation_levels`). A matrix that `packs` is taken
-    from `stored` when it holds it, else repacked and recorded in `packed_now`."""
+    from `stored` when it holds it, else repacked and its name appended to `repacked`."""
     from tpa_core.gguf import PERMUTED_ARCHITECTURES, unpermute_rows
 
     rows, cols = gguf.shape(name)
@@ -59,8 +59,8 @@ def matrix(gguf: GGUFFile, name: str, heads: int | None = None, levels: int = 2,
         if packed is None:
             packed = ops.repack(data, fmt.type_id, cols, order)  # [rows, packed row bytes], rows in matrix order
             gguf.release(name)
-            if packed_now is not None:
-                packed_now[name] = packed
+            if repacked is not None:
+                repacked.append(name)
         return QuantMatrix(packed, fmt, rows, cols, levels=levels, packed=True)
     return QuantMatrix(data, fmt, rows, cols, order, levels)
 
@@ -105,7 +105,7 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig, packed_dir: Path | N
     names = set(gguf.tensor_names)
     levels = activation_levels(gguf.path.stat().st_size)
     stored = PackedStore.open(packed_dir) if packed_dir is not None else None
-    packed_now: dict[str, torch.Tensor] = {}  # matrices repacked by this load
+    repacked: list[str] = []  # matrices this load had to repack: the store is written again
     built: dict[str, QuantMatrix] = {}
 
     def need(name: str) -> str:
@@ -115,7 +115,7 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig, packed_dir: Path | N
         return name
 
     def resident(name: str, heads: int | None = None) -> QuantMatrix:
-        built[name] = matrix(gguf, need(name), heads, levels, stored, packed_now)
+        built[name] = matrix(gguf, need(name), heads, levels, stored, repacked)
         return built[name]
 
     def vector(name: str, size: int) -> nn.Parameter:
@@ -166,7 +166,7 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig, packed_dir: Path | N
         model.lm_head.weight = nn.Parameter(placeholder(c.vocab_size, c.d_model), requires_grad=False)
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         raise TPAError(f"{gguf.path}: some model tensors were not in the file")
-    if packed_now and packed_dir is not None:
+    if repacked and packed_dir is not None:
         packed_store.save(packed_dir, {name: m.data for name, m in built.items() if m.packed})
     return model.eval()
 
