@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tpa_core import fused_decode
 from tpa_core.attention import ONEDNN_MIN_ROWS, FusedParams, StepInfo, TPAAttention, linear
 from tpa_core.cache import FactorCache
 from tpa_core.config import TPAConfig
@@ -117,6 +118,8 @@ class TPAModel(nn.Module):
                                                                device=device, dtype=dtype)
         self.rope = Rope(c)
         self.attention_backend = "auto"  # "auto" | "torch" | "triton", passed to flashtpa.dispatch
+        # one compiled call per block for single-token decode steps where the model qualifies (tpa_core.fused_decode)
+        self.fused_decode = True
         self._head_t: Tensor | None = None  # see _head_transposed
         self._head_t_key: tuple | None = None
         self.packed_head: QuantLinear | None = None  # the LM head resident in GGUF blocks (tpa_core.quant)
@@ -176,8 +179,12 @@ class TPAModel(nn.Module):
         step = StepInfo(rows=rows, starts=starts, kv_lens=cache.lengths[rows] + N,
                         rope=self.rope.tables(positions, self.dtype), backend=self.attention_backend)
         x = self.embed(tokens).to(residual_dtype(self.dtype))  # [B, N, d], the residual stream
-        for i, block in enumerate(self.layers):
-            x = block.forward(x, cache, i, step)
+        plan = fused_decode.plan_for(self) if self.fused_decode and fused_decode.applies(cache, step, tokens) else None
+        if plan is not None:
+            plan.run(x, cache, step)  # x updated in place
+        else:
+            for i, block in enumerate(self.layers):
+                x = block.forward(x, cache, i, step)
         cache.advance(N, rows)
         if last_only:
             x = x[:, -1:]  # [B, 1, d]

@@ -25,6 +25,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "gguf_matmul.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -40,10 +42,7 @@
 #endif
 #endif
 
-namespace {
-
-enum : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
-                 Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
+namespace tpa_gguf {
 
 struct Layout {
   int64_t values;  // per block
@@ -190,19 +189,8 @@ void dequantize_row(int64_t type, const uint8_t* row, int64_t k, float* out) {
   }
 }
 
-// ----- activations in one or two int8 levels per 32 values -------------------------------------------------------
-// One level: x ~ d q, q = round(x / d) is llama.cpp's int8 activation. Two levels: x ~ d (256 q + r), r the int8
-// rounding of what q missed, so one integer dot product per level gives w . x to about 2^-15 of the block's
-// largest |x| instead of 2^-8.
-struct XBlock {
-  float d;         // the unit of the integer value v = q (one level) or 256 q + r (two): max |x| / 127 (/ 256)
-  float dsum;      // d * sum(v): the min / offset term of every type but Q8_0 and Q6_K
-  float dsum16[2]; // the same over values [0, 16) and [16, 32): Q6_K's offset term (one scale per 16)
-  int32_t sum;     // sum(v), and over values [0, 16) and [16, 32): the packed kernels' offset terms in integers
-  int32_t sum16[2];
-  int8_t q[32];
-  int8_t r[32];    // 0 with one level
-};
+// ----- activations in one or two int8 levels per 32 values (XBlock: gguf_matmul.h) --------------------------------
+int64_t activation_group(int64_t type) { return layout_of(type).values / 32; }
 
 // `group` blocks of 32 share one scale: 8 for the K-quants (one per 256-value super-block, so that their kernels
 // sum the sub-blocks' integer products before converting to float), 1 for the other types.
@@ -566,8 +554,6 @@ float dot_row_float(int64_t type, const uint8_t* row, const float* x, int64_t k)
 //     Q6_K's top 2 bits, after them: 2 chunks of 64 B, bits 2s, 2s + 1 of byte 4r + t of chunk h = the top bits of
 //       code (r, 16h + 4s + t)
 //     8-bit (Q8_0): 8 chunks of 64 B, byte 4r + t of chunk i = code (r, 4i + t) + 128 (unsigned for vpdpbusd)
-constexpr int64_t kGroup = 16;
-
 struct PackedLayout {
   int halves;     // float16 fields per row
   int scales;     // scale bytes per row
@@ -1051,43 +1037,40 @@ void unpack_rows(int64_t type, const uint8_t* wp, int64_t group_bytes, const int
   });
 }
 
-// y [M, N] = x [M, K] times the packed weight's rows: one group of kGroup rows at a time.
-void packed_matmul(const std::vector<XBlock>& xq, int64_t m_rows, const uint8_t* wp, int64_t type, int64_t k,
-                   int64_t n_rows, int64_t group_bytes, bool two, float* yp) {
+void packed_groups(const XBlock* xq, int64_t m_rows, const uint8_t* wp, int64_t type, int64_t k, int64_t n_rows,
+                   int64_t group_bytes, bool two, int64_t g0, int64_t g1, float* yp) {
   const int64_t nb = k / packed_layout(type).values;
-  at::parallel_for(0, n_rows / kGroup, 1, [&](int64_t g0, int64_t g1) {
 #ifndef TPA_GGUF_AVX512
-    // without AVX-512: the group back in the file's layout, then the row-by-row product
-    const int64_t row_bytes = k / layout_of(type).values * layout_of(type).bytes;
-    std::vector<uint8_t> rows(kGroup * row_bytes);
+  // without AVX-512: the group back in the file's layout, then the row-by-row product
+  const int64_t row_bytes = k / layout_of(type).values * layout_of(type).bytes;
+  std::vector<uint8_t> rows(kGroup * row_bytes);
 #endif
-    for (int64_t g = g0; g < g1; ++g) {
+  for (int64_t g = g0; g < g1; ++g) {
 #ifndef TPA_GGUF_AVX512
-      int64_t ids[kGroup];
-      for (int64_t r = 0; r < kGroup; ++r) ids[r] = kGroup * g + r;
-      unpack_rows(type, wp, group_bytes, ids, kGroup, k, rows.data(), row_bytes);
+    int64_t ids[kGroup];
+    for (int64_t r = 0; r < kGroup; ++r) ids[r] = kGroup * g + r;
+    unpack_rows(type, wp, group_bytes, ids, kGroup, k, rows.data(), row_bytes);
 #endif
-      for (int64_t m = 0; m < m_rows; ++m) {
-        const XBlock* xm = xq.data() + m * (k / 32);
-        float* out = yp + m * n_rows + kGroup * g;
+    for (int64_t m = 0; m < m_rows; ++m) {
+      const XBlock* xm = xq + m * (k / 32);
+      float* out = yp + m * n_rows + kGroup * g;
 #ifdef TPA_GGUF_AVX512
-        with_packed_type(type, [&](auto kind) {
-          constexpr int64_t kType = decltype(kind)::value;
-          if (two) {
-            packed_group<true, kType>(wp + g * group_bytes, nb, xm, out);
-          } else {
-            packed_group<false, kType>(wp + g * group_bytes, nb, xm, out);
-          }
-        });
-#else
-        for (int64_t r = 0; r < kGroup; ++r) {
-          const uint8_t* row = &rows[r * row_bytes];
-          out[r] = two ? dot_row<true>(type, row, xm, k) : dot_row<false>(type, row, xm, k);
+      with_packed_type(type, [&](auto kind) {
+        constexpr int64_t kType = decltype(kind)::value;
+        if (two) {
+          packed_group<true, kType>(wp + g * group_bytes, nb, xm, out);
+        } else {
+          packed_group<false, kType>(wp + g * group_bytes, nb, xm, out);
         }
-#endif
+      });
+#else
+      for (int64_t r = 0; r < kGroup; ++r) {
+        const uint8_t* row = &rows[r * row_bytes];
+        out[r] = two ? dot_row<true>(type, row, xm, k) : dot_row<false>(type, row, xm, k);
       }
+#endif
     }
-  });
+  }
 }
 
 at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t k, int64_t levels, bool packed) {
@@ -1113,7 +1096,9 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_
     });
   }
   if (packed) {
-    packed_matmul(xq, m_rows, wp, type, k, n_rows, group_bytes, two, yp);
+    at::parallel_for(0, n_rows / kGroup, 1, [&](int64_t g0, int64_t g1) {
+      packed_groups(xq.data(), m_rows, wp, type, k, n_rows, group_bytes, two, g0, g1, yp);
+    });
     return y;
   }
   at::parallel_for(0, n_rows, 16, [&](int64_t n0, int64_t n1) {
@@ -1236,9 +1221,10 @@ bool has_avx2() {
 #endif
 }
 
-}  // namespace
+}  // namespace tpa_gguf
 
 TORCH_LIBRARY(tpa_gguf, m) {
+  using namespace tpa_gguf;
   m.def("matmul(Tensor x, Tensor w, int type, int k, int levels=2, bool packed=False) -> Tensor", &matmul);
   m.def("repack(Tensor w, int type, int k, Tensor? order=None) -> Tensor", &repack);
   m.def("unpack(Tensor w, int type, int k, Tensor rows) -> Tensor", &unpack);

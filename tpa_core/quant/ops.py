@@ -1,4 +1,5 @@
-"""The compiled GGUF matmul op (tpa_core/csrc/gguf_matmul.cpp): built once per machine, cached by source hash.
+"""The compiled ops (tpa_core/csrc): the GGUF matmul and the fused decode block, built once per machine, cached by
+source hash.
 
 `make setup` builds it (`python -m tpa_core.quant.build`); a later first use builds it too if it is missing. The
 library lands in `$TPA_RAG_OPS_DIR` (default `~/.cache/tpa-rag/ops`) under a name that hashes the source, the
@@ -22,7 +23,9 @@ from tpa_core.errors import TPAError
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "gguf_matmul.cpp"
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+SOURCES = (CSRC / "gguf_matmul.cpp", CSRC / "decode_block.cpp")  # one library
+HEADERS = (CSRC / "gguf_matmul.h",)
 # -ffp-contract=off: dequantization stays bit-identical to gguf's numpy arithmetic (no fused multiply-adds).
 CXX_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
              "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
@@ -55,7 +58,9 @@ def library_path(compiler: str) -> Path:
     """Where the build for this source, torch, compiler and CPU lives."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              check=False).stdout.splitlines()[:1]
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for source in (*SOURCES, *HEADERS):
+        digest.update(source.read_bytes())
     for part in (torch.__version__, compiler, *version, _cpu_flags(), *CXX_FLAGS):
         digest.update(b"\0" + part.encode())
     return ops_dir() / f"tpa_gguf-{digest.hexdigest()[:20]}.so"
@@ -77,12 +82,13 @@ def build(*, force: bool = False) -> Path:
     libs = [arg for p in cpp_extension.library_paths() for arg in (f"-L{p}", f"-Wl,-rpath,{p}")]
     handle, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
     os.close(handle)
-    command = [compiler, *CXX_FLAGS, *includes, str(SOURCE), "-o", tmp, *libs, "-lc10", "-ltorch_cpu"]
+    command = [compiler, *CXX_FLAGS, *includes, *map(str, SOURCES), "-o", tmp, *libs, "-lc10", "-ltorch_cpu"]
     logger.warning("building the quantized-weights op with %s (once per machine, about a minute)", compiler)
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         Path(tmp).unlink(missing_ok=True)
-        raise OpsUnavailable(f"building {SOURCE.name} failed ({compiler}, exit {result.returncode}):\n"
+        names = ", ".join(source.name for source in SOURCES)
+        raise OpsUnavailable(f"building {names} failed ({compiler}, exit {result.returncode}):\n"
                              f"{result.stderr[-2000:]}")
     os.replace(tmp, target)
     return target
@@ -101,6 +107,20 @@ def load() -> None:
         _state["error"] = exc
         raise OpsUnavailable(str(exc)) from None
     _state["loaded"] = True
+
+
+def load_built() -> bool:
+    """Whether the op is loaded, loading this machine's build if one exists but never compiling it: for fast paths
+    that have a slower fallback and must not start a minute-long build on first use."""
+    if not _state["loaded"] and _state["error"] is None:
+        compiler = _compiler()
+        if compiler is None or not library_path(compiler).is_file():
+            return False
+        try:
+            load()
+        except OpsUnavailable:
+            return False
+    return bool(_state["loaded"])
 
 
 def available() -> bool:
