@@ -26,7 +26,7 @@ continuations; and the largest logit difference over the logit range. (The file'
 embedding, is asserted in tests/tpa_core/test_quant.py on the same sequences.)
 
     .venv/bin/python benchmarks/quantized.py speed FILE.gguf... [--threads 1,2] [--prompt 512] [--new 64] [--repeats 2]
-                                                [--levels auto|1|2]
+                                                [--levels auto|1|2] [--decode fused|modules]
     .venv/bin/python benchmarks/quantized.py quality [--types Q4_0,...]
 """
 
@@ -84,9 +84,11 @@ print(json.dumps({"load_s": load, "prefill_tok_s": len(ids) / prefill, "decode_t
 """
 
 
-def ours_child(path: str, threads: int, ids: list[int], new: int, models_dir: str, levels: str = "auto") -> dict:
+def ours_child(path: str, threads: int, ids: list[int], new: int, models_dir: str, levels: str = "auto",
+               decode: str = "fused") -> dict:
     """Our engine on `path` with quantized resident weights (run in a fresh process by `speed`); `levels`: the
-    decode product's activation levels, "auto" (the engine's choice for the file) or "1" / "2" for every matrix."""
+    decode product's activation levels, "auto" (the engine's choice for the file) or "1" / "2" for every matrix;
+    `decode`: "fused" (the engine's default, one compiled call per block) or "modules" (the module path)."""
     import torch
 
     from tpa_core.loading import load_model
@@ -98,6 +100,7 @@ def ours_child(path: str, threads: int, ids: list[int], new: int, models_dir: st
     loaded = load_model(path, models_dir, device="cpu", weights="quantized")
     load = time.perf_counter() - start
     model = loaded.model
+    model.fused_decode = decode == "fused"
     if levels != "auto":  # what the file-size rule (tpa_core.quant.formats.activation_levels) saves or costs
         for part in resident_matrices(model):
             part.levels = int(levels)
@@ -114,7 +117,7 @@ def ours_child(path: str, threads: int, ids: list[int], new: int, models_dir: st
             "prefill_tok_per_cpu_s": len(ids) / prefill_cpu, "decode_tok_per_cpu_s": new / decode_cpu,
             "peak_rss_mb": memory_mb("VmHWM"), "rss_before_load_mb": rss_before_load,
             "cache_mb": cache.nbytes_per_token() * cache.capacity / 2**20,
-            "levels": sorted({p.levels for p in model.packed_head.parts})}
+            "levels": sorted({p.levels for p in model.packed_head.parts}), "decode": decode}
 
 
 def memory_mb(field: str) -> float:
@@ -153,7 +156,8 @@ def speed(args: argparse.Namespace) -> dict:
     for file in args.files:
         ids = prompt_ids(file, args.prompt)
         ours_cmd = [sys.executable, __file__, "ours-child", str(file), "--models-dir", str(args.models_dir),
-                    "--new", str(args.new), "--levels", args.levels, "--ids", json.dumps(ids)]
+                    "--new", str(args.new), "--levels", args.levels, "--decode", args.decode,
+                    "--ids", json.dumps(ids)]
         # writes our model-cache entry and brings the file into the page cache for both engines
         _run_json([*ours_cmd[:-2], "--ids", json.dumps(ids[:8]), "--threads", "1"])
         for threads in (int(t) for t in args.threads.split(",")):
@@ -270,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--llama-package", type=Path, default=None)
     sp.add_argument("--levels", choices=("auto", "1", "2"), default="auto",
                     help="our decode's activation levels: the engine's choice for each file, or 1 / 2 for all")
+    sp.add_argument("--decode", choices=("fused", "modules"), default="fused",
+                    help="our decode steps: one compiled call per block (the default) or the module path")
     qp = sub.add_parser("quality")
     qp.add_argument("--types", default="Q4_0,Q5_0,Q5_1,Q8_0,Q4_K_M,Q5_K_M,Q6_K")
     qp.add_argument("--default-models-dir", type=Path, default=DEFAULT_MODELS_DIR)
@@ -282,10 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     child.add_argument("--new", type=int, required=True)
     child.add_argument("--models-dir", required=True)
     child.add_argument("--levels", default="auto")
+    child.add_argument("--decode", default="fused")
     args = parser.parse_args(argv)
     if args.command == "ours-child":
         print(json.dumps(ours_child(args.file, args.threads, json.loads(args.ids), args.new, args.models_dir,
-                                    args.levels)))
+                                    args.levels, args.decode)))
         return 0
     report = {"conditions": conditions(), "command": " ".join(sys.argv)}
     report.update(speed(args) if args.command == "speed" else quality(args))
