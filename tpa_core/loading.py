@@ -124,7 +124,8 @@ def load_model(name_or_path: str | Path, models_dir: str | Path, device: str = "
 def default_dtype(source: Source, device: torch.device) -> torch.dtype:
     """The compute dtype when none is asked for: bfloat16 on CUDA. On the CPU float32, except a Hugging Face
     folder whose weights are bfloat16 on a CPU whose bf16 GEMM is fast (`tpa_core.quant.ops.fast_bf16_gemm`:
-    AMX; there a bf16 prefill GEMM ran 6x and a decode GEMV 1.5x float32's, benchmarks/NOTES.md): it stays
+    AMX or AVX-512 BF16; there a bf16 prefill GEMM ran 2-6x and a decode GEMV 1.2-1.5x float32's,
+    benchmarks/NOTES.md): it stays
     bfloat16 rather than doubling to float32. float16 weights become float32 (no fast float16 GEMM measured)."""
     from tpa_core.quant.ops import fast_bf16_gemm
 

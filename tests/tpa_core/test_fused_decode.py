@@ -67,11 +67,13 @@ def _refuse(*args, **kwargs):
 
 
 @pytest.mark.parametrize("overrides", [
-    {},  # D = 16: the AVX-512 attention where the CPU has it
-    {"head_dim": 12, "qkv_bias": True},  # Qwen2's biases; D = 12: the portable attention loops
+    {},  # D = 16: the portable attention loops
+    {"head_dim": 64},  # the register tiles of the AVX-512 attention, where the CPU has it: 3 heads in one tile
+    {"head_dim": 128, "n_heads": 10},  # 5 heads per group: tiles of 2, 2 and 1
+    {"head_dim": 12, "qkv_bias": True},  # Qwen2's biases
     {"norm_has_weight": False, "norm_eps": None, "rope_style": "t6", "k_rank": 1, "v_rank": 1},  # MQA, T6 norms
     {"n_heads": 4, "k_rank": 4, "v_rank": 4, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},  # MHA
-], ids=["gqa", "qwen2-bias-d12", "mqa-t6-norms", "mha-linear-rope"])
+], ids=["gqa", "gqa-d64", "gqa-d128", "qwen2-bias-d12", "mqa-t6-norms", "mha-linear-rope"])
 def test_float_model_decodes_as_the_module_path(overrides):
     model = _random_model(_config(**overrides))
     prompt = [(7 * i + 3) % 97 for i in range(300)]  # more than one 256-position chunk of the attention

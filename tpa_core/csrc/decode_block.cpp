@@ -22,6 +22,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "gguf_matmul.h"
@@ -161,12 +162,13 @@ void project(const Projection& p, const float* x, float* y) {
   });
 }
 
-constexpr int64_t kChunk = 256;      // cached positions per unit of work of the attention
-constexpr int64_t kRowsAhead = 4;    // cache rows prefetched ahead: halves the time of a 2,048-token attention
+constexpr int64_t kChunk = 256;           // most cached positions per unit of work of the attention
+constexpr int64_t kChunkBytes = 1 << 17;  // and at most this many bytes of keys (or values) per unit: L2-resident
+constexpr int64_t kRowsAhead = 4;         // cache rows prefetched ahead by the group loops
 
-inline void prefetch_row(const float* row, int64_t D) {
+inline void prefetch_floats(const float* p, int64_t n) {
 #ifdef TPA_DECODE_AVX512
-  for (int64_t c = 0; c < D; c += 16) _mm_prefetch(reinterpret_cast<const char*>(row + c), _MM_HINT_T0);
+  for (int64_t i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
 #endif
 }
 
@@ -175,87 +177,159 @@ void scores(const float* qg, const float* keys, int64_t n, int64_t stride, int64
             float* p) {
   for (int64_t t = 0; t < n; ++t) {
     const float* key = keys + t * stride;
-    prefetch_row(key + kRowsAhead * stride, D);
-    for (int64_t j = 0; j < Hg; ++j) {
-      const float* qj = qg + j * D;
-#ifdef TPA_DECODE_AVX512
-      if (D % 16 == 0) {
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qj), _mm512_loadu_ps(key));
-        for (int64_t c = 16; c < D; c += 16) {
-          acc = _mm512_fmadd_ps(_mm512_loadu_ps(qj + c), _mm512_loadu_ps(key + c), acc);
-        }
-        p[j * kChunk + t] = _mm512_reduce_add_ps(acc) * scale;
-        continue;
-      }
-#endif
-      p[j * kChunk + t] = dot(qj, key, D) * scale;
-    }
+    for (int64_t j = 0; j < Hg; ++j) p[j * kChunk + t] = dot(qg + j * D, key, D) * scale;
   }
 }
 
-// o[j] += sum_t p[j * kChunk + t] value_t for the n values `values` (rows `stride` floats apart), heads j < Hg.
+// o[j] = sum_t p[j * kChunk + t] value_t for the n values `values` (rows `stride` floats apart), heads j < Hg.
 void weighted_values(const float* p, const float* values, int64_t n, int64_t stride, int64_t Hg, int64_t D,
                      float* o) {
+  std::fill(o, o + Hg * D, 0.0f);
   for (int64_t t = 0; t < n; ++t) {
     const float* v = values + t * stride;
-    prefetch_row(v + kRowsAhead * stride, D);
-#ifdef TPA_DECODE_AVX512
-    if (D % 16 == 0) {
-      for (int64_t c = 0; c < D; c += 16) {
-        const __m512 vc = _mm512_loadu_ps(v + c);
-        for (int64_t j = 0; j < Hg; ++j) {
-          float* oj = o + j * D + c;
-          _mm512_storeu_ps(oj, _mm512_fmadd_ps(_mm512_set1_ps(p[j * kChunk + t]), vc, _mm512_loadu_ps(oj)));
-        }
-      }
-      continue;
-    }
-#endif
     for (int64_t j = 0; j < Hg; ++j) {
       for (int64_t i = 0; i < D; ++i) o[j * D + i] += p[j * kChunk + t] * v[i];
     }
   }
 }
 
+#ifdef TPA_DECODE_AVX512
+// The same two loops for D = 16 kVecs, kHeads heads of a group at a time with their queries (scores) or outputs
+// (weighted values) held in registers across the positions, each cached row loaded once per tile of heads.
+template <int kVecs, int kHeads>
+void scores_tile(const float* qg, const float* keys, int64_t n, int64_t stride, float scale, float* p) {
+  __m512 q[kHeads][kVecs];
+  for (int h = 0; h < kHeads; ++h) {
+    for (int v = 0; v < kVecs; ++v) q[h][v] = _mm512_loadu_ps(qg + h * 16 * kVecs + 16 * v);
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const float* key = keys + t * stride;
+    prefetch_floats(key + kRowsAhead * stride, 16 * kVecs);
+    __m512 k[kVecs];
+    for (int v = 0; v < kVecs; ++v) k[v] = _mm512_loadu_ps(key + 16 * v);
+    for (int h = 0; h < kHeads; ++h) {
+      __m512 acc = _mm512_mul_ps(q[h][0], k[0]);
+      for (int v = 1; v < kVecs; ++v) acc = _mm512_fmadd_ps(q[h][v], k[v], acc);
+      p[h * kChunk + t] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+}
+
+template <int kVecs, int kHeads>
+void values_tile(const float* p, const float* values, int64_t n, int64_t stride, float* o) {
+  __m512 acc[kHeads][kVecs];
+  for (int h = 0; h < kHeads; ++h) {
+    for (int v = 0; v < kVecs; ++v) acc[h][v] = _mm512_setzero_ps();
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const float* row = values + t * stride;
+    prefetch_floats(row + kRowsAhead * stride, 16 * kVecs);
+    __m512 x[kVecs];
+    for (int v = 0; v < kVecs; ++v) x[v] = _mm512_loadu_ps(row + 16 * v);
+    for (int h = 0; h < kHeads; ++h) {
+      const __m512 w = _mm512_set1_ps(p[h * kChunk + t]);
+      for (int v = 0; v < kVecs; ++v) acc[h][v] = _mm512_fmadd_ps(w, x[v], acc[h][v]);
+    }
+  }
+  for (int h = 0; h < kHeads; ++h) {
+    for (int v = 0; v < kVecs; ++v) _mm512_storeu_ps(o + h * 16 * kVecs + 16 * v, acc[h][v]);
+  }
+}
+
+// f(kVecs, kHeads, first head) for each tile of the Hg heads of a group, as integral constants: 4 heads at a time
+// for D = 64, 2 for D = 128 (their registers then fit); false for other head dims.
+template <typename F>
+bool for_each_tile(int64_t Hg, int64_t D, F f) {
+  auto tiles = [&](auto vecs, auto most) {
+    for (int64_t h0 = 0; h0 < Hg; h0 += most) {
+      switch (std::min<int64_t>(most, Hg - h0)) {
+        case 1: f(vecs, std::integral_constant<int, 1>{}, h0); break;
+        case 2: f(vecs, std::integral_constant<int, 2>{}, h0); break;
+        case 3: if constexpr (decltype(most)::value >= 3) f(vecs, std::integral_constant<int, 3>{}, h0); break;
+        default: if constexpr (decltype(most)::value >= 4) f(vecs, std::integral_constant<int, 4>{}, h0); break;
+      }
+    }
+  };
+  switch (D) {
+    case 64: tiles(std::integral_constant<int, 4>{}, std::integral_constant<int, 4>{}); return true;
+    case 128: tiles(std::integral_constant<int, 8>{}, std::integral_constant<int, 2>{}); return true;
+    default: return false;
+  }
+}
+#endif
+
+// Heads [g Hg, (g + 1) Hg) of q over the n cached rows at keys: scores into p (rows kChunk apart).
+void group_scores(const float* qg, const float* keys, int64_t n, int64_t stride, int64_t Hg, int64_t D, float scale,
+                  float* p) {
+#ifdef TPA_DECODE_AVX512
+  if (for_each_tile(Hg, D, [&](auto vecs, auto heads, int64_t h0) {
+        scores_tile<decltype(vecs)::value, decltype(heads)::value>(qg + h0 * D, keys, n, stride, scale,
+                                                                  p + h0 * kChunk);
+      })) {
+    return;
+  }
+#endif
+  scores(qg, keys, n, stride, Hg, D, scale, p);
+}
+
+void group_values(const float* p, const float* values, int64_t n, int64_t stride, int64_t Hg, int64_t D, float* o) {
+#ifdef TPA_DECODE_AVX512
+  if (for_each_tile(Hg, D, [&](auto vecs, auto heads, int64_t h0) {
+        values_tile<decltype(vecs)::value, decltype(heads)::value>(p + h0 * kChunk, values, n, stride, o + h0 * D);
+      })) {
+    return;
+  }
+#endif
+  weighted_values(p, values, n, stride, Hg, D, o);
+}
+
 // out [H, D]: each head h of q [H, D] over the T cached keys and values [T_cap, G, D] of its group h / (H / G).
-// Split-K, as flash decoding: the units are (group, chunk of kChunk positions); each reads its keys and values once
-// for all H / G heads of the group and keeps a partial softmax (max m, sum l, unnormalized output); the partials
-// are then combined per head. One pass over the cache, and the units spread over the threads.
+// Split-K, as flash decoding: a unit of work is a chunk of positions (at most kChunk, and kChunkBytes of keys);
+// its key rows are prefetched whole, then each group's heads score them, a partial softmax (max m, sum l) per
+// head, the value rows likewise; the units' partials are combined per head at the end. One pass over the cache
+// (rows stay in L2 across the groups), the units spread over the threads.
 void attend(const float* q, const float* keys, const float* values, int64_t T, int64_t H, int64_t G, int64_t D,
             float scale, float* out) {
-  const int64_t Hg = H / G, chunks = (T + kChunk - 1) / kChunk;
-  std::vector<float> m(G * chunks * Hg), l(G * chunks * Hg), acc(G * chunks * Hg * D, 0.0f);  // [G, chunks, Hg(, D)]
-  at::parallel_for(0, G * chunks, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<float> p(Hg * kChunk);  // [Hg, kChunk] scores, then weights
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t g = u / chunks, t0 = u % chunks * kChunk, n = std::min(T, t0 + kChunk) - t0;
-      scores(q + g * Hg * D, keys + (t0 * G + g) * D, n, G * D, Hg, D, scale, p.data());
-      for (int64_t j = 0; j < Hg; ++j) {
-        float* pj = p.data() + j * kChunk;
-        const float top = *std::max_element(pj, pj + n);
+  const int64_t Hg = H / G, row = G * D;
+  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / static_cast<int64_t>(sizeof(float)) / row, 16, kChunk);
+  const int64_t chunks = (T + chunk - 1) / chunk;
+  std::vector<float> m(chunks * H), l(chunks * H), acc(chunks * H * D);  // [chunks, H(, D)]
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> p(H * kChunk);  // [H, kChunk] scores, then weights
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t t0 = c * chunk, n = std::min(T, t0 + chunk) - t0;
+      prefetch_floats(keys + t0 * row, n * row);
+      for (int64_t g = 0; g < G; ++g) {
+        group_scores(q + g * Hg * D, keys + t0 * row + g * D, n, row, Hg, D, scale, p.data() + g * Hg * kChunk);
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        float* ph = p.data() + h * kChunk;
+        const float top = *std::max_element(ph, ph + n);
         float total = 0.0f;
         for (int64_t t = 0; t < n; ++t) {
-          pj[t] = exp_nonpositive(pj[t] - top);
-          total += pj[t];
+          ph[t] = exp_nonpositive(ph[t] - top);
+          total += ph[t];
         }
-        m[u * Hg + j] = top;
-        l[u * Hg + j] = total;
+        m[c * H + h] = top;
+        l[c * H + h] = total;
       }
-      weighted_values(p.data(), values + (t0 * G + g) * D, n, G * D, Hg, D, acc.data() + u * Hg * D);
+      prefetch_floats(values + t0 * row, n * row);
+      for (int64_t g = 0; g < G; ++g) {
+        group_values(p.data() + g * Hg * kChunk, values + t0 * row + g * D, n, row, Hg, D,
+                     acc.data() + (c * H + g * Hg) * D);
+      }
     }
   });
   for (int64_t h = 0; h < H; ++h) {  // combine the chunks: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c
-    const int64_t g = h / Hg, j = h % Hg;
     float top = -std::numeric_limits<float>::infinity();
-    for (int64_t c = 0; c < chunks; ++c) top = std::max(top, m[(g * chunks + c) * Hg + j]);
+    for (int64_t c = 0; c < chunks; ++c) top = std::max(top, m[c * H + h]);
     float total = 0.0f;
     float* o = out + h * D;
     std::fill(o, o + D, 0.0f);
     for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t u = g * chunks + c;
-      const float w = std::exp(m[u * Hg + j] - top);
-      total += w * l[u * Hg + j];
-      for (int64_t i = 0; i < D; ++i) o[i] += w * acc[(u * Hg + j) * D + i];
+      const float w = std::exp(m[c * H + h] - top);
+      total += w * l[c * H + h];
+      for (int64_t i = 0; i < D; ++i) o[i] += w * acc[(c * H + h) * D + i];
     }
     for (int64_t i = 0; i < D; ++i) o[i] /= total;
   }

@@ -15,9 +15,9 @@ the file's. What is rounded is the arithmetic:
 - F16 / BF16 matrices multiply float32 activations directly: float32 rounding only.
 - prefill (many rows): chunks of rows are dequantized to float32 (bit-identical to gguf's `dequantize`) and
   multiplied by a float32 GEMM: the same as the float32 model up to the GEMM's summation order. Files that decode
-  with one level, on CPUs with AMX (`prefill_dtype`), dequantize to bfloat16 and round the activations to
-  bfloat16 too (8 significant bits, about what llama.cpp's int8 activations keep); the GEMM sums in float32 and
-  rounds its result to bfloat16.
+  with one level, on CPUs with AMX or AVX-512 BF16 (`prefill_dtype`), dequantize to bfloat16 and round the
+  activations to bfloat16 too (8 significant bits, about what llama.cpp's int8 activations keep); the GEMM sums in
+  float32 and rounds its result to bfloat16.
 """
 
 from __future__ import annotations

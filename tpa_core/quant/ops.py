@@ -146,10 +146,12 @@ def packed_row_bytes(type_id: int, cols: int) -> int:
 
 
 def fast_bf16_gemm() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices much faster than float32 ones: AMX, whose tiles oneDNN uses for
-    torch's bf16 GEMM (one [512 x 2048] x [2048 x 8192] product on one core: 20 ms against 120 ms in float32,
-    benchmarks/NOTES.md). Without AMX a bf16 GEMM was not measured faster here, so only AMX counts."""
-    return "amx_bf16" in _cpu_flags().split() and torch.backends.mkldnn.is_available()
+    """Whether this CPU multiplies bfloat16 matrices much faster than float32 ones: AMX tiles or AVX-512 BF16, which
+    oneDNN uses for torch's bf16 GEMM (one [512 x 2048] x [2048 x 8192] product on one core: 20 ms against 120 ms
+    in float32 with AMX, 79 ms against 160-194 ms with AVX-512 BF16 on an AMD EPYC; benchmarks/NOTES.md). Without
+    either, a bf16 GEMM is slower than float32 (7.4x on an AVX2 CPU)."""
+    flags = _cpu_flags().split()
+    return ("amx_bf16" in flags or "avx512_bf16" in flags) and torch.backends.mkldnn.is_available()
 
 
 def packed_group() -> int:
