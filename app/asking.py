@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from app.context import SYSTEM_PROMPT, ContextUnit, canonical, fit_prompt, render_context
+from app.context import SYSTEM_PROMPT, ContextUnit, build_messages, canonical, fit_prompt, render_context
 from app.errors import AppError
 from app.tokens import encode_conversation
 
@@ -35,7 +35,8 @@ class AskOptions:
     (`app.retrieval_plan`); `context_tokens`: a token budget for the retrieved chunks instead; `context_order`:
     "canonical" (document order, exact prefix reuse) or "relevance" (the best chunk last, nearest the question);
     `hybrid`: dense and full-text retrieval; `context_focus`: keep only this many question-relevant lines of each
-    retrieved chunk (`app.focus`; None or 0: whole chunks)."""
+    retrieved chunk (`app.focus`; None or 0: whole chunks); `contrast`: context-aware decoding's weight
+    (`tpa_core.generate`; None or 0: off), against the same prompt without its context."""
 
     top_k: int | None = None
     max_new_tokens: int | None = None
@@ -50,6 +51,7 @@ class AskOptions:
     context_order: str | None = None
     hybrid: bool = False
     context_focus: int | None = None
+    contrast: float | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class ResolvedOptions:
     context_order: str = "canonical"
     hybrid: bool = False
     context_focus: int = 0  # lines kept per retrieved chunk; 0: whole chunks
+    contrast: float = 0.0  # context-aware decoding's weight; 0: off
 
 
 @dataclass
@@ -85,6 +88,7 @@ class AskPlan:
     kept_turns: int
     boundaries: list[int] = field(default_factory=list)
     spans: list[ChunkSpan] = field(default_factory=list)
+    contrast_ids: list[int] = field(default_factory=list)  # the prompt without its context (context-aware decoding)
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,15 @@ def check_focus(lines: Any) -> int:
     return lines
 
 
+def check_contrast(weight: Any) -> float:
+    """Context-aware decoding's weight: None or 0 (off), or a number up to 10."""
+    if weight is None:
+        return 0.0
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 10:
+        raise AppError(f"the contrast weight must be a number from 0 (off) to 10, got {weight!r}")
+    return float(weight)
+
+
 def resolve_options(options: AskOptions, settings: Any) -> ResolvedOptions:
     """Per-ask options over the settings' defaults, checked (no model needed: `check_window` comes later)."""
     top_k = options.top_k if options.top_k is not None else settings.top_k
@@ -158,7 +171,7 @@ def resolve_options(options: AskOptions, settings: Any) -> ResolvedOptions:
                            options.top_p if options.top_p is not None else 1.0, options.seed, tuple(options.stop),
                            None if reuse is None else bool(reuse),
                            None if budget is None else check_context_tokens(budget), order, bool(options.hybrid),
-                           check_focus(options.context_focus))
+                           check_focus(options.context_focus), check_contrast(options.contrast))
 
 
 def check_window(max_new_tokens: int, window: int) -> None:
@@ -174,13 +187,14 @@ def system_prompt(options: AskOptions) -> str:
 
 
 def plan_prompt(tokenizer: Any, units: Sequence[ContextUnit], turns: Sequence[Any], question: str, *,
-                hits: set, budget: int, pinned: bool, system: str = SYSTEM_PROMPT) -> AskPlan:
+                hits: set, budget: int, pinned: bool, system: str = SYSTEM_PROMPT, contrast: bool = False) -> AskPlan:
     """Lay out and encode the prompt of an ask.
 
     `units`: the context in the order it is rendered (pinned documents, or the retrieved chunks in canonical
     order); `turns`: the earlier turns (`app.sessions.Turn`), oldest first; `hits`: the sort keys of the units
     this question chose (they become its sources); `budget`: the window less the answer's tokens; `system`: the
-    system prompt (`system_prompt`).
+    system prompt (`system_prompt`); `contrast`: encode the same prompt without its context too
+    (`AskPlan.contrast_ids`, for context-aware decoding).
     """
     history = [(t.question, t.answer) for t in turns]
     fitted = fit_prompt(units, history, question, count_tokens=lambda m: len(tokenizer.encode_chat(m)),
@@ -196,8 +210,10 @@ def plan_prompt(tokenizer: Any, units: Sequence[ContextUnit], turns: Sequence[An
     # end of the context.
     boundaries = sorted({s.prefix for s in spans[:1]} | set(context_end(tokenizer, fitted.messages, fitted.units,
                                                                          prompt_ids)))
+    contrast_ids = encode_conversation(tokenizer, build_messages([], fitted.history, question, system),
+                                       {2 + 2 * i: t.answer_ids for i, t in enumerate(kept)}) if contrast else []
     return AskPlan(prompt_ids=prompt_ids, units=fitted.units, sources=sources, left_out=fitted.left_out,
-                   kept_turns=len(kept), boundaries=boundaries, spans=spans)
+                   kept_turns=len(kept), boundaries=boundaries, spans=spans, contrast_ids=contrast_ids)
 
 
 def chunk_spans(tokenizer: Any, messages: list[dict[str, str]], units: Sequence[ContextUnit],

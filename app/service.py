@@ -125,6 +125,7 @@ class _AskJob:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     chunk_reuse: bool | None = False  # assemble from chunk caches (retrieval mode); None: where it pays
+    contrast: float = 0.0  # context-aware decoding's weight, against `plan.contrast_ids`; 0: off
     context: list[dict] = field(default_factory=list)  # retrieval mode: the context as rendered, for follow-ups
     t_submit: float = 0.0  # when the job was handed to the worker (the wait for it is not the ask's latency)
     events: queue.Queue = field(default_factory=queue.Queue)
@@ -482,7 +483,8 @@ class ChatService:
             if opts.context_order == "relevance" and not earlier:
                 units = relevance_order(units)
         plan = plan_prompt(loaded.tokenizer, units, turns, question, hits=hits,
-                           budget=window - opts.max_new_tokens, pinned=pinned, system=system_prompt(options))
+                           budget=window - opts.max_new_tokens, pinned=pinned, system=system_prompt(options),
+                           contrast=opts.contrast > 0)
         plan.left_out = plan.left_out + over_bound
         if history is not None:  # a client that drops or edits our answer still reuses this whole prompt
             plan.boundaries.append(len(plan.prompt_ids))
@@ -492,7 +494,7 @@ class ChatService:
             session_id=info.id if info else "", question=question, mode="pinned" if pinned else "retrieval",
             plan=plan, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, t_start=t_start,
             top_p=opts.top_p, seed=opts.seed, stop=opts.stop, chunk_reuse=opts.chunk_reuse,
-            context=[] if pinned else [u.to_dict() for u in plan.units],
+            context=[] if pinned else [u.to_dict() for u in plan.units], contrast=opts.contrast,
         )
         return self._stream(job)
 
@@ -669,14 +671,15 @@ class ChatService:
         else:
             restored = restore_exact(store, namespace, prompt_ids, cache)
         config = GenerationConfig(max_new_tokens=job.max_new_tokens, temperature=job.temperature, top_p=job.top_p,
-                                  seed=job.seed, stop_strings=job.stop)
+                                  seed=job.seed, stop_strings=job.stop, contrast=job.contrast)
         answer_ids: list[int] = []
         parts: list[str] = []
         t_first = t_last = 0.0
         prefill_ms = None
         finish = ""
         period = 0
-        for event in generate(loaded.model, loaded.tokenizer, prompt_ids, config, cache=cache):
+        for event in generate(loaded.model, loaded.tokenizer, prompt_ids, config, cache=cache,
+                              contrast_ids=job.plan.contrast_ids or None):
             t_last = time.perf_counter()
             if not answer_ids:
                 t_first = t_last

@@ -13,7 +13,8 @@ store is cleared before each setting, so reused tokens are what the setting itse
 A setting is `today` (5 chunks, canonical order: the defaults before this benchmark), `model` (the per-model
 default of `app.retrieval_plan`), or `+`-joined changes: `k=N` (a fixed top-k), `budget=T` (a context token
 budget), `order=relevance`, `hybrid`, `focus=N` (N question-relevant lines of each chunk, `app.focus`),
-`prompt=NAME` (an instruction of `PROMPTS` after the system prompt).
+`prompt=NAME` (an instruction of `PROMPTS` after the system prompt), `contrast=A` (context-aware decoding with
+weight A, `tpa_core.generate`).
 Per setting it reports accuracy with a 95% Wilson interval, partially right answers, answers whose cited
 sources hold the answer, median time to first token, mean prompt and reused tokens, and how often the
 grounding note fires on right and on wrong answers. With --follow-ups N, the first N questions of the half each
@@ -46,6 +47,9 @@ PROMPTS = {
     "exact": "Answer in one short sentence that quotes the exact name, value or string from the context.",
     "quote": "First copy the line of the context that answers the question, then answer in a few words.",
     "brief": "Give the answer in a few words, using the name or value exactly as the context writes it.",
+    # a worked example (a made-up function, in no question set's sources)
+    "example": "For example, if the context holds `def connect(host, port=5432, timeout=10.0):` and the question is "
+               "\"What is the default port of connect?\", the answer is \"The default port is 5432 [1].\"",
 }
 
 
@@ -85,10 +89,12 @@ def parse_setting(spec: str) -> dict:
             options["context_focus"] = int(value)
         elif key == "prompt" and value in PROMPTS:
             options["instructions"] = PROMPTS[value]
+        elif key == "contrast":
+            options["contrast"] = float(value)
         else:
             raise SystemExit(f"unknown setting part {part!r} in {spec!r}: use today, model, k=N, budget=T, "
                              "order=canonical|relevance, hybrid, focus=LINES, prompt=" + "|".join(PROMPTS) +
-                             ", joined with +")
+                             ", contrast=WEIGHT, joined with +")
     return options
 
 

@@ -3,8 +3,8 @@
 API::
 
     cfg = GenerationConfig(max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=None,
-                           stop_token_ids=(), stop_strings=(), prefill_chunk_size=512)
-    for event in generate(model, tokenizer, prompt_ids, cfg, cache=None):
+                           stop_token_ids=(), stop_strings=(), prefill_chunk_size=512, contrast=0.0)
+    for event in generate(model, tokenizer, prompt_ids, cfg, cache=None, contrast_ids=None):
         print(event.text, end="")          # a text delta, never a split UTF-8 character, never a stop string
         event.token_ids                    # the token(s) sampled at this step (the EOS token included)
         if event.finish_reason:            # "eos" | "stop_string" | "length" | "context_window" (last event)
@@ -19,11 +19,18 @@ a whole character come out as U+FFFD (what byte-level BPE and SentencePiece deco
 A cache that already holds a prefix of the prompt (imported from the store) is continued: `generate` prefills
 only `prompt_ids[cache.length(seq):]`, and `prefill` takes exactly the tokens not yet in the cache. After
 `generate` the cache holds the prompt and every generated token except the last one sampled.
+
+Context-aware decoding (Shi et al. 2023, "Trusting Your Evidence: Hallucinate Less with Context-aware Decoding"):
+with `contrast` = a > 0 and `contrast_ids` = the prompt without its context, each step samples from
+(1 + a) l(prompt) - a l(contrast prompt), both continued by the tokens generated so far: what the context makes
+likely gains over what the model would say without it. Tokens the prompt alone finds implausible (probability
+under `CONTRAST_PLAUSIBLE` of the best one's) are never chosen, so the difference cannot promote noise.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +46,7 @@ from tpa_core.model import TPAModel
 logger = logging.getLogger(__name__)
 
 FINISH_REASONS = ("eos", "stop_string", "length", "context_window")
+CONTRAST_PLAUSIBLE = 0.1  # context-aware decoding keeps the tokens within this factor of the best one's probability
 
 
 class DecodingTokenizer(Protocol):
@@ -59,6 +67,7 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] = ()  # in addition to the tokenizer's eos_token_ids
     stop_strings: tuple[str, ...] = ()
     prefill_chunk_size: int = 512
+    contrast: float = 0.0  # context-aware decoding's weight a (module docstring); 0 = off
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -71,6 +80,8 @@ class GenerationConfig:
             raise TPAError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.prefill_chunk_size, int) or self.prefill_chunk_size < 1:
             raise TPAError(f"prefill_chunk_size must be a positive integer, got {self.prefill_chunk_size!r}")
+        if not 0 <= self.contrast <= 10:
+            raise TPAError(f"contrast must be in [0, 10] (0 = off), got {self.contrast!r}")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
         self.stop_strings = tuple(s for s in self.stop_strings if s)
 
@@ -159,6 +170,42 @@ def sample_token(logits: Tensor, config: GenerationConfig, generator: torch.Gene
     return int(choice) if index is None else int(index[choice])
 
 
+def contrast_logits(logits: Tensor, plain: Tensor, weight: float) -> Tensor:
+    """Context-aware decoding's scores `[V]`: (1 + weight) logits - weight plain, where `logits` follow the prompt
+    and `plain` the prompt without its context; tokens whose probability under `logits` is below
+    CONTRAST_PLAUSIBLE of the best one's get -inf."""
+    mixed = (1 + weight) * logits - weight * plain  # [V]
+    implausible = logits < logits.max() + math.log(CONTRAST_PLAUSIBLE)
+    return mixed.masked_fill(implausible, float("-inf"))
+
+
+class _ContrastSequence:
+    """The contrast prompt of context-aware decoding, in a cache of its own, kept in step with the generation."""
+
+    def __init__(self, model: TPAModel, cache: FactorCache, seq: int, prompt: list[int], contrast_ids: list[int],
+                 chunk_size: int, max_new_tokens: int) -> None:
+        window = model.config.max_position_embeddings
+        if not contrast_ids or len(contrast_ids) > window:
+            raise TPAError(f"the contrast prompt needs 1 to {window} tokens, got {len(contrast_ids)}")
+        self.model = model
+        self.cache = model.new_cache(capacity=min(window, len(contrast_ids) + max_new_tokens))
+        # the tokens it shares with the prompt's start (the system prompt) are copied from the prompt's cache
+        shared = 0
+        limit = min(len(contrast_ids) - 1, cache.length(seq))
+        while shared < limit and contrast_ids[shared] == prompt[shared]:
+            shared += 1
+        if shared:
+            self.cache.import_(cache.export(seq, 0, shared), 0, 0)
+        self.logits = prefill(model, self.cache, contrast_ids[shared:], chunk_size=chunk_size)  # [V]
+        self.step_ids = torch.empty((1, 1), dtype=torch.long, device=model.device)
+
+    def step(self, token: int) -> None:
+        """Continue the contrast prompt by the token the generation chose (a full window stops here)."""
+        if self.cache.length(0) + 1 <= self.model.config.max_position_embeddings:
+            self.step_ids.fill_(token)
+            self.logits = _forward_last(self.model, self.cache, self.step_ids, 0)
+
+
 # ----- streaming text -----------------------------------------------------------------------------------------
 class TextStream:
     """Incremental detokenization whose deltas never contain part of a multi-byte character.
@@ -230,8 +277,10 @@ class StopStringFilter:
 
 # ----- the loop -----------------------------------------------------------------------------------------------
 def generate(model: TPAModel, tokenizer: Any, prompt_ids: Sequence[int], config: GenerationConfig,
-             cache: FactorCache | None = None, seq: int = 0) -> Iterator[GenerationEvent]:
+             cache: FactorCache | None = None, seq: int = 0, contrast_ids: Sequence[int] | None = None
+             ) -> Iterator[GenerationEvent]:
     """Stream the continuation of `prompt_ids` (the whole prompt; see the module docstring for a cached prefix).
+    `contrast_ids`: the prompt without its context, for context-aware decoding when `config.contrast` > 0.
 
     Yields one event per sampled token; the last event has `finish_reason` and `metrics`.
     Raises TPAError (before yielding anything) for an empty prompt, a prompt longer than the context window or
@@ -261,6 +310,10 @@ def generate(model: TPAModel, tokenizer: Any, prompt_ids: Sequence[int], config:
 
     t_prefill_start = time.perf_counter()
     logits = prefill(model, cache, prompt[cached:], seq=seq, chunk_size=config.prefill_chunk_size)
+    contrast = None
+    if config.contrast > 0 and contrast_ids is not None:
+        contrast = _ContrastSequence(model, cache, seq, prompt, [int(t) for t in contrast_ids],
+                                     config.prefill_chunk_size, config.max_new_tokens)
     t_prefill = time.perf_counter()
     stream, stops = TextStream(tokenizer), StopStringFilter(config.stop_strings)
     step_ids = torch.empty((1, 1), dtype=torch.long, device=model.device)
@@ -280,7 +333,8 @@ def generate(model: TPAModel, tokenizer: Any, prompt_ids: Sequence[int], config:
         return GenerationEvent(token, text, reason, metrics)
 
     while True:
-        token = sample_token(logits, config, generator)
+        scores = logits if contrast is None else contrast_logits(logits, contrast.logits, config.contrast)
+        token = sample_token(scores, config, generator)
         new_tokens += 1
         if new_tokens == 1:
             t_first = time.perf_counter()
@@ -303,3 +357,5 @@ def generate(model: TPAModel, tokenizer: Any, prompt_ids: Sequence[int], config:
         yield GenerationEvent([token], text)
         step_ids.fill_(token)
         logits = _forward_last(model, cache, step_ids, seq)
+        if contrast is not None:
+            contrast.step(token)

@@ -9,9 +9,11 @@ import torch
 
 from tpa_core.errors import TPAError
 from tpa_core.generate import (
+    CONTRAST_PLAUSIBLE,
     GenerationConfig,
     StopStringFilter,
     TextStream,
+    contrast_logits,
     generate,
     prefill,
     sample_token,
@@ -210,7 +212,7 @@ def test_user_errors(helpers):
     with pytest.raises(TPAError, match="context window"):
         prefill(model, cache, [0] * 27)
     for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0),
-                dict(top_p=1.5), dict(prefill_chunk_size=0)):
+                dict(top_p=1.5), dict(prefill_chunk_size=0), dict(contrast=-0.5), dict(contrast=11.0)):
         with pytest.raises(TPAError, match=next(iter(bad))):
             GenerationConfig(**bad)
 
@@ -239,3 +241,44 @@ def test_prefill_cuts_chunks_at_absolute_positions(helpers, monkeypatch):
     prefill(model, resumed, prompt[11:], chunk_size=8)
     assert cuts == [(11, 16), (16, 23)]
     assert torch.equal(resumed.export(0, 16, 23)["layers.0.bk"], fresh.export(0, 16, 23)["layers.0.bk"])
+
+
+def test_contrast_scores_weigh_out_what_the_context_does_not_change():
+    logits = torch.tensor([4.0, 3.9, 2.5, -3.0])
+    plain = torch.tensor([4.0, 2.0, 1.0, -9.0])  # without the context token 1 is much less likely
+    scores = contrast_logits(logits, plain, 1.0)
+    assert int(scores.argmax()) == 1  # (2 * 3.9 - 2.0) > (2 * 4.0 - 4.0)
+    # token 3 gains most from the context but the prompt itself finds it implausible: never chosen
+    assert float(torch.softmax(logits, 0)[3] / torch.softmax(logits, 0)[0]) < CONTRAST_PLAUSIBLE
+    assert scores[3] == float("-inf") and torch.isfinite(scores[:3]).all()
+    torch.testing.assert_close(contrast_logits(logits, plain, 0.0)[:3], logits[:3])
+
+
+def test_context_aware_decoding_follows_its_formula(helpers):
+    model = _model(helpers)
+    prompt = list(b"Context: the answer is 42. Question: the answer? ")
+    contrast = list(b"Context: Question: the answer? ")  # shares its first 9 tokens with the prompt
+    ids, _, _ = _run(model, prompt, max_new_tokens=8, stop_token_ids=(), contrast=2.0)
+    got = [t for e in generate(model, ByteTokenizer(), prompt, GenerationConfig(max_new_tokens=8, contrast=2.0),
+                               contrast_ids=contrast) for t in e.token_ids]
+    plain_run = ids  # contrast weight without contrast_ids: decoding is plain
+    want, full, bare = [], list(prompt), list(contrast)
+    with torch.inference_mode():
+        for _ in range(8):
+            scores = contrast_logits(model(torch.tensor([full]))[0, -1], model(torch.tensor([bare]))[0, -1], 2.0)
+            token = int(scores.argmax())
+            want.append(token)
+            if token == EOS:
+                break
+            full.append(token)
+            bare.append(token)
+    assert got == want
+    assert got != plain_run  # the contrast changed the answer of this random model
+
+
+def test_a_contrast_prompt_equal_to_the_prompt_changes_nothing(helpers):
+    model = _model(helpers)
+    plain, _, _ = _run(model, PROMPT, max_new_tokens=10, stop_token_ids=())
+    same = [t for e in generate(model, ByteTokenizer(), PROMPT, GenerationConfig(max_new_tokens=10, contrast=1.0),
+                                contrast_ids=PROMPT) for t in e.token_ids]
+    assert same == plain
