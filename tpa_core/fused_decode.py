@@ -1,8 +1,8 @@
 """Decode steps of fixed-head-factor (Llama-family) models on the CPU: one compiled call per block.
 
 For one new token a block's modules (two RMSNorms, four projections, RoPE, the cache write, grouped attention,
-SwiGLU, two residual adds) make about forty torch calls from Python; on the 135M default model those calls cost
-more than the arithmetic (benchmarks/NOTES.md). `torch.ops.tpa_gguf.decode_block` (tpa_core/csrc/decode_block.cpp)
+SwiGLU, two residual adds) make about forty torch calls from Python; on the 135M default model the small calls
+took a third of a decode step and SDPA's one-query attention another third (benchmarks/NOTES.md). `torch.ops.tpa_gguf.decode_block` (tpa_core/csrc/decode_block.cpp)
 does a whole block in one call. `DecodePlan` gathers once per model what it needs per layer: the norm weights, and
 each projection as parts, either float32 matrices or GGUF blocks in the packed layout (`tpa_core.quant`).
 

@@ -5,8 +5,9 @@
 // path): RMSNorm, the fused q|k|v projection (+ bias), RoPE on q and k, k and v written at `pos` of the layer's
 // cache, H query heads attending over G groups of cached keys and values [0, pos], the output projection, the
 // residual add, RMSNorm, gate|up, SiLU(gate) * up, down, the residual add. For a small model the Python calls and
-// torch dispatches of those steps cost more than their arithmetic (SmolLM2-135M: about 70% of a decode step,
-// benchmarks/NOTES.md); here they are plain loops, and each projection is one parallel loop over all its parts.
+// torch dispatches of those steps, and SDPA's setup for one query, cost as much as the projections (SmolLM2-135M:
+// 19.7 ms per token through the modules, 8.6 ms here; benchmarks/NOTES.md); here they are plain loops, and each
+// projection is one parallel loop over all its parts.
 //
 // A projection is a stack of parts (rows), each float32 [rows, K] (type F32: torch's GEMV) or GGUF blocks in the
 // packed layout (gguf_matmul.cpp: activations rounded to one or two int8 levels, integer products). Everything
