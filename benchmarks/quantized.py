@@ -85,10 +85,10 @@ print(json.dumps({"load_s": load, "prefill_tok_s": len(ids) / prefill, "decode_t
 
 
 def ours_child(path: str, threads: int, ids: list[int], new: int, models_dir: str, levels: str = "auto",
-               decode: str = "fused") -> dict:
+               decode_path: str = "fused") -> dict:
     """Our engine on `path` with quantized resident weights (run in a fresh process by `speed`); `levels`: the
     decode product's activation levels, "auto" (the engine's choice for the file) or "1" / "2" for every matrix;
-    `decode`: "fused" (the engine's default, one compiled call per block) or "modules" (the module path)."""
+    `decode_path`: "fused" (the engine's default, one compiled call per block) or "modules" (the module path)."""
     import torch
 
     from tpa_core.loading import load_model
@@ -100,7 +100,7 @@ def ours_child(path: str, threads: int, ids: list[int], new: int, models_dir: st
     loaded = load_model(path, models_dir, device="cpu", weights="quantized")
     load = time.perf_counter() - start
     model = loaded.model
-    model.fused_decode = decode == "fused"
+    model.fused_decode = decode_path == "fused"
     if levels != "auto":  # what the file-size rule (tpa_core.quant.formats.activation_levels) saves or costs
         for part in resident_matrices(model):
             part.levels = int(levels)
@@ -117,7 +117,7 @@ def ours_child(path: str, threads: int, ids: list[int], new: int, models_dir: st
             "prefill_tok_per_cpu_s": len(ids) / prefill_cpu, "decode_tok_per_cpu_s": new / decode_cpu,
             "peak_rss_mb": memory_mb("VmHWM"), "rss_before_load_mb": rss_before_load,
             "cache_mb": cache.nbytes_per_token() * cache.capacity / 2**20,
-            "levels": sorted({p.levels for p in model.packed_head.parts}), "decode": decode}
+            "levels": sorted({p.levels for p in model.packed_head.parts}), "decode_path": decode_path}
 
 
 def memory_mb(field: str) -> float:
