@@ -2,9 +2,10 @@
 
 For one new token a block's modules (two RMSNorms, four projections, RoPE, the cache write, grouped attention,
 SwiGLU, two residual adds) make about forty torch calls from Python; on the 135M default model the small calls
-took a third of a decode step and SDPA's one-query attention another third (benchmarks/NOTES.md). `torch.ops.tpa_gguf.decode_block` (tpa_core/csrc/decode_block.cpp)
-does a whole block in one call. `DecodePlan` gathers once per model what it needs per layer: the norm weights, and
-each projection as parts, either float32 matrices or GGUF blocks in the packed layout (`tpa_core.quant`).
+took a third of a decode step and SDPA's one-query attention another third (benchmarks/NOTES.md).
+`torch.ops.tpa_gguf.decode_block` (tpa_core/csrc/decode_block.cpp) does a whole block in one call. `DecodePlan`
+gathers once per model what it needs per layer: the norm weights, and each projection as parts, either float32
+matrices or GGUF blocks in the packed layout (`tpa_core.quant`).
 
 The module path stays the reference and runs everything else (prefill, batches, 16-bit models, contextual TPA
 forms, CUDA, CPUs or builds without the packed kernel); tests/tpa_core/test_fused_decode.py holds the two paths
