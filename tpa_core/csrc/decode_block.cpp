@@ -11,8 +11,8 @@
 //
 // A projection is a stack of parts (rows), each float32 [rows, K] (type F32: torch's GEMV) or GGUF blocks in the
 // packed layout (gguf_matmul.cpp: activations rounded to one or two int8 levels, integer products). Everything
-// else is float32: sums of 16 lanes for the dot products and norms, std::exp for softmax and SiLU, so results
-// match the module path to float rounding, not bit for bit.
+// else is float32: sums of 16 lanes for the dot products and norms, a polynomial exp for softmax (exp_nonpositive)
+// and std::exp for SiLU, so results match the module path to float rounding, not bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
