@@ -200,8 +200,8 @@ def plan_prompt(tokenizer: Any, units: Sequence[ContextUnit], turns: Sequence[An
     fitted = fit_prompt(units, history, question, count_tokens=lambda m: len(tokenizer.encode_chat(m)),
                         budget=budget, pinned=pinned, system=system)
     kept = turns[len(turns) - len(fitted.history):] if fitted.history else []
-    prompt_ids = encode_conversation(tokenizer, fitted.messages,
-                                     {2 + 2 * i: t.answer_ids for i, t in enumerate(kept)})
+    spelled = {2 + 2 * i: t.answer_ids for i, t in enumerate(kept)}  # message index -> the answer's own ids
+    prompt_ids = encode_conversation(tokenizer, fitted.messages, spelled)
     if len(prompt_ids) > budget:  # a generated spelling can be longer than the canonical one
         prompt_ids = tokenizer.encode_chat(fitted.messages)
     sources = [dict(u.source(), ref=number) for number, u in enumerate(fitted.units, start=1) if u.sort_key in hits]
@@ -211,7 +211,7 @@ def plan_prompt(tokenizer: Any, units: Sequence[ContextUnit], turns: Sequence[An
     boundaries = sorted({s.prefix for s in spans[:1]} | set(context_end(tokenizer, fitted.messages, fitted.units,
                                                                          prompt_ids)))
     contrast_ids = encode_conversation(tokenizer, build_messages([], fitted.history, question, system),
-                                       {2 + 2 * i: t.answer_ids for i, t in enumerate(kept)}) if contrast else []
+                                       spelled) if contrast else []
     return AskPlan(prompt_ids=prompt_ids, units=fitted.units, sources=sources, left_out=fitted.left_out,
                    kept_turns=len(kept), boundaries=boundaries, spans=spans, contrast_ids=contrast_ids)
 

@@ -80,9 +80,9 @@ def plan_for(model: TPAModel) -> DecodePlan | None:
     return plan
 
 
-def applies(cache: FactorCache, step: StepInfo, tokens: Tensor) -> bool:
+def applies(step: StepInfo, tokens: Tensor) -> bool:
     """Whether this forward call is one the plan covers: one new token of one sequence."""
-    return tokens.shape == (1, 1) and len(step.starts) == 1 and cache.storage["bk"].is_contiguous()
+    return tokens.shape == (1, 1) and len(step.starts) == 1
 
 
 class WeightsSnapshot:

@@ -170,6 +170,16 @@ def sample_token(logits: Tensor, config: GenerationConfig, generator: torch.Gene
     return int(choice) if index is None else int(index[choice])
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading token ids `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def contrast_logits(logits: Tensor, plain: Tensor, weight: float) -> Tensor:
     """Context-aware decoding's scores `[V]`: (1 + weight) logits - weight plain, where `logits` follow the prompt
     and `plain` the prompt without its context; tokens whose probability under `logits` is below
@@ -190,10 +200,7 @@ class _ContrastSequence:
         self.model = model
         self.cache = model.new_cache(capacity=min(window, len(contrast_ids) + max_new_tokens))
         # the tokens it shares with the prompt's start (the system prompt) are copied from the prompt's cache
-        shared = 0
-        limit = min(len(contrast_ids) - 1, cache.length(seq))
-        while shared < limit and contrast_ids[shared] == prompt[shared]:
-            shared += 1
+        shared = min(common_prefix(contrast_ids, prompt), len(contrast_ids) - 1, cache.length(seq))
         if shared:
             self.cache.import_(cache.export(seq, 0, shared), 0, 0)
         self.logits = prefill(model, self.cache, contrast_ids[shared:], chunk_size=chunk_size)  # [V]

@@ -179,7 +179,7 @@ class TPAModel(nn.Module):
         step = StepInfo(rows=rows, starts=starts, kv_lens=cache.lengths[rows] + N,
                         rope=self.rope.tables(positions, self.dtype), backend=self.attention_backend)
         x = self.embed(tokens).to(residual_dtype(self.dtype))  # [B, N, d], the residual stream
-        plan = fused_decode.plan_for(self) if self.fused_decode and fused_decode.applies(cache, step, tokens) else None
+        plan = fused_decode.plan_for(self) if self.fused_decode and fused_decode.applies(step, tokens) else None
         if plan is not None:
             plan.run(x, cache, step)  # x updated in place
         else:

@@ -150,7 +150,7 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
 # ----- chat ------------------------------------------------------------------------------------------------
 def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
     from tpa_core.errors import TPAError
-    from tpa_core.generate import generate
+    from tpa_core.generate import common_prefix, generate
 
     config = _generation_config(args, settings)
     loaded = _load(settings, args)
@@ -184,7 +184,7 @@ def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
         try:
             prompt_ids = tokenizer.encode_chat(_messages(args.system, candidate))
             # Keep the cached factors of the longest common prefix (earlier turns); prefill only the rest.
-            common = _common_prefix(cached_ids, prompt_ids)
+            common = common_prefix(cached_ids, prompt_ids)
             cache.truncate(0, common)
             cached_ids = cached_ids[:common]
             reply_ids: list[int] = []
@@ -206,15 +206,6 @@ def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
         cached_ids = prompt_ids + reply_ids[:-1]  # generate leaves the last sampled token out of the cache
         turns = candidate + [{"role": "assistant", "content": "".join(pieces)}]
     return 0
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # ----- models ----------------------------------------------------------------------------------------------
