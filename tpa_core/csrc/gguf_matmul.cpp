@@ -878,11 +878,14 @@ inline __m512i block32_dots(const uint8_t* sub, const XBlock& x) {
   return offset ? _mm512_sub_epi32(dots, _mm512_set1_epi32(offset * x.sum)) : dots;
 }
 
-// Software prefetch of the weight stream, `bytes` bytes kPrefetchAhead ahead of p: the hardware prefetcher alone
-// keeps too few lines in flight for one core (8192 x 2048 GEMV from memory, alternating builds: Q6_K 1.63-1.70 ->
-// 1.35-1.39 ms, Q4_K 1.09 -> 1.00, Q4_0 1.05-1.08 -> 0.95, Q8_0 1.52-1.56 -> 1.34-1.39; 512 and 2048 bytes ahead
-// about as good, 4096 worse).
-constexpr int64_t kPrefetchAhead = 1024;
+// Software prefetch of the weight stream, `bytes` bytes kPrefetchAhead ahead of p. The best distance depends on the
+// CPU's own prefetchers (benchmarks/NOTES.md, "Prefetch distance"): 1024 bytes on Intel, where the hardware
+// prefetcher alone keeps too few lines in flight for one core; 256 on AMD, where far prefetches compete with the
+// hardware's stream (1024 streams the weights 15-20% slower there).
+const int64_t kPrefetchAhead = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_is("amd") ? 256 : 1024;
+}();
 
 inline void prefetch_ahead(const uint8_t* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) {
