@@ -207,6 +207,8 @@ def test_the_packed_layout_is_the_files_blocks_rearranged(name):
     matrix = QuantMatrix(packed, fmt, rows, cols, packed=True)
     reference = _reference(raw[order].numpy(), name, rows, cols)
     assert torch.equal(matrix.dequantize(), reference)  # the prefill path: bit-identical dequantization
+    as_bf16 = matrix.dequantize_rows(0, rows, torch.empty(rows, cols, dtype=torch.bfloat16))
+    assert torch.equal(as_bf16, reference.to(torch.bfloat16))  # a bf16 prefill's weights: rounded once, to nearest
     assert torch.equal(matrix.lookup(some), reference[some])  # the embedding path
 
 

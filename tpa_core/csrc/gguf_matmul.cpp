@@ -823,25 +823,33 @@ inline __m512i to_bit4(__m512i t, int from) {
   return from <= 4 ? _mm512_slli_epi16(t, 4 - from) : _mm512_srli_epi16(t, from - 4);
 }
 
-// Lane r: the sum over the values of chunks [C0, C1) of a sub-block of kBits-bit codes (4, 5 or 6: the low
-// nibbles, then Q5's fifth bits or Q6_K's top bits) of code (r, v) * a[v].
+// Chunk i of a sub-block of kBits-bit codes (4, 5 or 6: the low nibbles, then Q5's fifth bits or Q6_K's top
+// bits) as whole codes: byte t of lane r of lo = code (r, 8i + t), of hi = code (r, 8i + 4 + t), t < 4.
+template <int kBits>
+inline void chunk_codes(const uint8_t* sub, int i, __m512i& lo, __m512i& hi) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), top2 = _mm512_set1_epi8(0x30), bit4 = _mm512_set1_epi8(0x10);
+  const __m512i v = load64(sub + 64 * i);
+  lo = _mm512_and_si512(v, low4);
+  hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+  if constexpr (kBits == 5) {  // the fifth bits of values 8i + t and 8i + 4 + t: bits 2i and 2i + 1
+    const __m512i fifth = load64(sub + 256);
+    lo = _mm512_or_si512(lo, _mm512_and_si512(to_bit4(fifth, 2 * i), bit4));
+    hi = _mm512_or_si512(hi, _mm512_and_si512(to_bit4(fifth, 2 * i + 1), bit4));
+  }
+  if constexpr (kBits == 6) {  // top bits of values 8i + t at bits 4(i % 2), of 8i + 4 + t at 4(i % 2) + 2: to bits 4, 5
+    const __m512i t = load64(sub + 256 + 64 * (i / 2));
+    lo = _mm512_or_si512(lo, _mm512_and_si512(i % 2 ? t : _mm512_slli_epi16(t, 4), top2));
+    hi = _mm512_or_si512(hi, _mm512_and_si512(i % 2 ? _mm512_srli_epi16(t, 2) : _mm512_slli_epi16(t, 2), top2));
+  }
+}
+
+// Lane r: the sum over the values of chunks [C0, C1) of a sub-block of kBits-bit codes of code (r, v) * a[v].
 template <int kBits, int C0, int C1>
 inline __m512i dot_sub(const uint8_t* sub, const int8_t* a) {
-  const __m512i low4 = _mm512_set1_epi8(0x0F), top2 = _mm512_set1_epi8(0x30), bit4 = _mm512_set1_epi8(0x10);
   __m512i p0 = _mm512_setzero_si512(), p1 = _mm512_setzero_si512();
-  const __m512i fifth = kBits == 5 ? load64(sub + 256) : _mm512_setzero_si512();
   for (int i = C0; i < C1; ++i) {
-    const __m512i v = load64(sub + 64 * i);
-    __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    if constexpr (kBits == 5) {  // the fifth bits of values 8i + t and 8i + 4 + t: bits 2i and 2i + 1
-      lo = _mm512_or_si512(lo, _mm512_and_si512(to_bit4(fifth, 2 * i), bit4));
-      hi = _mm512_or_si512(hi, _mm512_and_si512(to_bit4(fifth, 2 * i + 1), bit4));
-    }
-    if constexpr (kBits == 6) {  // top bits of values 8i + t at bits 4(i % 2), of 8i + 4 + t at 4(i % 2) + 2: to bits 4, 5
-      const __m512i t = load64(sub + 256 + 64 * (i / 2));
-      lo = _mm512_or_si512(lo, _mm512_and_si512(i % 2 ? t : _mm512_slli_epi16(t, 4), top2));
-      hi = _mm512_or_si512(hi, _mm512_and_si512(i % 2 ? _mm512_srli_epi16(t, 2) : _mm512_slli_epi16(t, 2), top2));
-    }
+    __m512i lo, hi;
+    chunk_codes<kBits>(sub, i, lo, hi);
     p0 = dpbusd16(p0, lo, four_at(a, 2 * i));
     p1 = dpbusd16(p1, hi, four_at(a, 2 * i + 1));
   }
@@ -970,6 +978,86 @@ void packed_group(const uint8_t* g, int64_t nb, const XBlock* x, float* y) {
     }
   }
   _mm512_storeu_ps(y, _mm512_add_ps(acc, acc2));
+}
+
+// 16 floats rounded to bfloat16, to nearest even (c10::BFloat16's rounding, for finite values).
+inline __m256i to_bf16(__m512 f) {
+  const __m512i bits = _mm512_castps_si512(f);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd,
+                                                                   _mm512_set1_epi32(0x7FFF))), 16));
+}
+
+// Lanes 4u..4u+3 of f (four values of one row) to dst, as float32 or bfloat16.
+template <int u, typename Out>
+inline void store_four(__m512 f, __m256i f16, Out* dst) {
+  if constexpr (std::is_same_v<Out, float>) {
+    _mm_storeu_ps(dst, _mm512_extractf32x4_ps(f, u));
+  } else {
+    const int64_t four = _mm256_extract_epi64(f16, u);
+    std::memcpy(dst, &four, sizeof(four));
+  }
+}
+
+// The 16 rows of packed K-quant group g (nb blocks of 256 values) as float32 or bfloat16 rows k apart at out:
+// dequantize_row's arithmetic (the same float32 products, so the same values) straight from the packed layout.
+// A chunk's 64 bytes hold 4 codes of each row; 16 of them (4 rows) widen to one vector of floats, scaled by each
+// row's sub-block scale and min, and go to a block's tile as 4 stores of 4 values per row. The tile's rows are
+// padded (rows k apart would share one L1 set) and copied out whole.
+template <int64_t kType, typename Out>
+void dequantize_group(const uint8_t* g, int64_t nb, int64_t k, Out* out) {
+  constexpr PackedLayout lay = packed_layout(kType);
+  constexpr int64_t bytes = lay.block_bytes();
+  constexpr bool six = kType == Q6_K;
+  __m512i quarter[4];  // lane l of quarter a: row 4a + l / 4
+  for (int a = 0; a < 4; ++a) {
+    quarter[a] = _mm512_add_epi32(_mm512_set1_epi32(4 * a), _mm512_srli_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2));
+  }
+  constexpr int64_t kTileStride = 256 + 16;
+  alignas(64) Out tile[kGroup * kTileStride];
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* pb = g + b * bytes;
+    const __m512 d = halves16(pb);
+    for (int j = 0; j < 8; ++j) {
+      // per row: values = scale * code - shift (Q4_K, Q5_K: d sc, dmin mn), or scale * (code - 32) (Q6_K: d sc per
+      // 16 values, [0] for chunks 0-1 and [1] for chunks 2-3)
+      __m512 scale[2], shift = _mm512_setzero_ps();
+      if constexpr (six) {
+        scale[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(bytes16_s(pb + 32 + 32 * j)));
+        scale[1] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(bytes16_s(pb + 32 + 32 * j + 16)));
+      } else {
+        scale[0] = scale[1] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(bytes16_u(pb + 64 + 16 * j)));
+        shift = _mm512_mul_ps(halves16(pb + 32), _mm512_cvtepi32_ps(bytes16_u(pb + 64 + 128 + 16 * j)));
+      }
+      const uint8_t* sub = pb + lay.codes_at() + j * lay.sub_block_bytes();
+      Out* at = tile + j * 32;
+      for (int i = 0; i < 4; ++i) {
+        __m512i codes[2];
+        chunk_codes<lay.code_bits>(sub, i, codes[0], codes[1]);
+        for (int half = 0; half < 2; ++half) {  // values 8i + 4 half + (0..3)
+          auto quarter_rows = [&](auto a) {
+            __m512i c = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(codes[half], a.value));
+            if constexpr (six) c = _mm512_sub_epi32(c, _mm512_set1_epi32(32));
+            const __m512 rs = _mm512_permutexvar_ps(quarter[a.value], scale[six && i >= 2]);
+            __m512 f = _mm512_mul_ps(rs, _mm512_cvtepi32_ps(c));
+            if constexpr (!six) f = _mm512_sub_ps(f, _mm512_permutexvar_ps(quarter[a.value], shift));
+            const __m256i f16 = std::is_same_v<Out, float> ? _mm256_setzero_si256() : to_bf16(f);
+            Out* dst = at + (4 * a.value) * kTileStride + 8 * i + 4 * half;
+            store_four<0>(f, f16, dst);
+            store_four<1>(f, f16, dst + kTileStride);
+            store_four<2>(f, f16, dst + 2 * kTileStride);
+            store_four<3>(f, f16, dst + 3 * kTileStride);
+          };
+          quarter_rows(std::integral_constant<int, 0>{});
+          quarter_rows(std::integral_constant<int, 1>{});
+          quarter_rows(std::integral_constant<int, 2>{});
+          quarter_rows(std::integral_constant<int, 3>{});
+        }
+      }
+    }
+    for (int64_t r = 0; r < kGroup; ++r) std::memcpy(out + r * k + b * 256, tile + r * kTileStride, 256 * sizeof(Out));
+  }
 }
 #endif
 
@@ -1145,6 +1233,26 @@ void dequantize(const at::Tensor& w, int64_t type, int64_t k, const at::Tensor& 
               (bf16 || out.scalar_type() == at::kFloat),
               "tpa_gguf: out must be a contiguous float32 or bfloat16 tensor [N, ", k, "]");
   const uint8_t* wp = w.data_ptr<uint8_t>();
+#ifdef TPA_GGUF_AVX512
+  if (packed && (type == Q4_K || type == Q5_K || type == Q6_K)) {  // straight from the layout, 16 rows at a time
+    with_packed_type(type, [&](auto kind) {
+      constexpr int64_t kType = decltype(kind)::value;
+      if constexpr (kType == Q4_K || kType == Q5_K || kType == Q6_K) {
+        at::parallel_for(0, w.size(0) / kGroup, 1, [&](int64_t g0, int64_t g1) {
+          for (int64_t g = g0; g < g1; ++g) {
+            if (bf16) {
+              dequantize_group<kType>(wp + g * group_bytes, k / 256, k,
+                                      reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()) + g * kGroup * k);
+            } else {
+              dequantize_group<kType>(wp + g * group_bytes, k / 256, k, out.data_ptr<float>() + g * kGroup * k);
+            }
+          }
+        });
+      }
+    });
+    return;
+  }
+#endif
   const int64_t row_bytes = k / layout_of(type).values * layout_of(type).bytes;
   at::parallel_for(0, w.size(0), kGroup, [&](int64_t n0, int64_t n1) {
     std::vector<uint8_t> row(packed ? row_bytes : 0);  // a packed row back in the file's layout
