@@ -50,7 +50,7 @@ from app.intake import NotAllowedError, accept_uploads, check_server_path
 from app.retrieval_plan import RetrievalPlan, choose_plan, within_budget
 from app.sessions import SessionInfo, SessionStore, Turn
 from app.spellings import AnswerSpellings
-from app.tokens import REPEATS, encode_conversation, repeating
+from app.tokens import encode_conversation, repeating, without_loop
 from app.ui_render import TurnCost
 from app.worker import ModelWorker, WorkerClosedError
 
@@ -628,7 +628,7 @@ class ChatService:
             log.info("ask in session %s cancelled after %d tokens", job.session_id, len(answer_ids))
             return
         if finish == "repetition":  # keep one copy of the repeated text
-            spelled = answer_ids[:len(answer_ids) - (REPEATS - 1) * done.period]
+            spelled = without_loop(answer_ids, done.period, loaded.tokenizer.decode)
             answer = loaded.tokenizer.decode(spelled)
         else:
             spelled = answer_ids[:-1] if finish == "eos" else answer_ids  # the end-of-turn token is the template's

@@ -9,12 +9,15 @@ begins. The rest of the prompt is tokenized as the chat template renders it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-# Generation stops when the answer ends with the same block of ids REPEATS times (8..200 ids per block).
-REPEATS = 3
+# Generation stops when the answer ends with one block of 8..200 ids said over and over: three times for a block
+# shorter than LONG_REPEAT_PERIOD ids (a phrase may be said twice on purpose), twice for a longer one (a sentence or
+# more said twice in a row is a loop: the default 135M model's greedy answers fall into ones of two sentences, which
+# three copies let run to the length limit).
 MIN_REPEAT_PERIOD = 8
+LONG_REPEAT_PERIOD = 24
 MAX_REPEAT_PERIOD = 200
 
 
@@ -44,14 +47,32 @@ def encode_conversation(tokenizer: Any, messages: list[dict[str, str]],
     return ids
 
 
+def copies_of_a_loop(period: int) -> int:
+    """How many back-to-back copies of a block of `period` ids make a loop."""
+    return 2 if period >= LONG_REPEAT_PERIOD else 3
+
+
 def repeating(ids: Sequence[int], min_period: int = MIN_REPEAT_PERIOD, max_period: int = MAX_REPEAT_PERIOD) -> int:
-    """The period p when the last REPEATS * p ids are one block of p ids repeated (a small model stuck in a
-    loop, as greedy decoding of a 135M model often is), else 0. Blocks shorter than `min_period` ids (a word
-    or two said twice) never count."""
+    """The period p when the last `copies_of_a_loop(p)` * p ids are one block of p ids repeated (a small model stuck
+    in a loop, as greedy decoding of a 135M model often is), else 0; the shortest such p. Blocks shorter than
+    `min_period` ids (a word or two said twice) never count."""
     n = len(ids)
-    for p in range(min_period, min(max_period, n // REPEATS) + 1):
-        if ids[-1] != ids[-1 - p]:
+    for p in range(min_period, min(max_period, n // 2) + 1):
+        copies = copies_of_a_loop(p)
+        if copies * p > n or ids[-1] != ids[-1 - p]:
             continue
-        if all(ids[n - p:] == ids[n - (k + 1) * p:n - k * p] for k in range(1, REPEATS)):
+        if all(ids[n - p:] == ids[n - (k + 1) * p:n - k * p] for k in range(1, copies)):
             return p
     return 0
+
+
+def without_loop(ids: Sequence[int], period: int, decode: Callable[[Sequence[int]], str]) -> list[int]:
+    """The ids of an answer that `repeating` found looping with `period`: one copy of the block kept, then cut back
+    to the last end of a sentence or paragraph inside that copy when there is one (the copies may start mid-sentence),
+    so that the answer does not stop halfway through a repeated sentence."""
+    kept = list(ids[:len(ids) - (copies_of_a_loop(period) - 1) * period])
+    for end in range(len(kept), max(len(kept) - period, 0), -1):
+        text = decode(kept[:end])
+        if text.endswith("\n\n") or text.rstrip().endswith((".", "!", "?")):
+            return kept[:end]
+    return kept

@@ -262,10 +262,31 @@ def test_repetition_detector():
 
     block = list(range(100, 112))
     assert repeating([1, 2, 3] + block * 3) == 12
-    assert repeating([1, 2, 3] + block * 2) == 0  # said twice is not a loop yet
+    assert repeating([1, 2, 3] + block * 2) == 0  # a short block said twice is not a loop yet
+    sentences = list(range(200, 230))  # 30 ids: a sentence or two
+    assert repeating([1, 2, 3] + sentences * 2) == 30  # said twice back to back is
+    assert repeating([1, 2, 3] + sentences + [4] + sentences) == 0  # not back to back: not a loop
+    assert repeating([1] + sentences + sentences[:29]) == 0  # one id short of the second copy
     assert repeating([5, 6] * 30) == 8  # a short cycle is caught at the smallest allowed period
     assert repeating(list(range(300))) == 0
     assert repeating([7] * 7) == 0
+
+
+def test_a_looping_answer_keeps_one_copy_cut_at_a_sentence_end():
+    from app.tokens import LONG_REPEAT_PERIOD, without_loop
+
+    words = {i: f" w{i}" for i in range(100)} | {99: "."}
+
+    def decode(ids):
+        return "".join(words[i] for i in ids)
+
+    # a loop whose copies start mid-sentence: "w10 ... w29. w30 w31 w32" said twice after the answer's start
+    block = [*range(10, 30), 99, 30, 31, 32]
+    assert len(block) >= LONG_REPEAT_PERIOD
+    kept = without_loop([1, *block, *block], len(block), decode)
+    assert decode(kept) == " w1" + decode(range(10, 30)) + "."
+    no_end = list(range(40, 64))  # no sentence end inside the kept copy: the copy as it is
+    assert without_loop(no_end * 2, len(no_end), decode) == no_end
 
 
 @BOTH_MODES
