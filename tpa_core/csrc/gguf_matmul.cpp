@@ -980,6 +980,8 @@ void packed_group(const uint8_t* g, int64_t nb, const XBlock* x, float* y) {
   _mm512_storeu_ps(y, _mm512_add_ps(acc, acc2));
 }
 
+constexpr bool is_k_quant(int64_t type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
+
 // 16 floats rounded to bfloat16, to nearest even (c10::BFloat16's rounding, for finite values).
 inline __m256i to_bf16(__m512 f) {
   const __m512i bits = _mm512_castps_si512(f);
@@ -1234,10 +1236,10 @@ void dequantize(const at::Tensor& w, int64_t type, int64_t k, const at::Tensor& 
               "tpa_gguf: out must be a contiguous float32 or bfloat16 tensor [N, ", k, "]");
   const uint8_t* wp = w.data_ptr<uint8_t>();
 #ifdef TPA_GGUF_AVX512
-  if (packed && (type == Q4_K || type == Q5_K || type == Q6_K)) {  // straight from the layout, 16 rows at a time
+  if (packed && is_k_quant(type)) {  // straight from the layout, 16 rows at a time
     with_packed_type(type, [&](auto kind) {
       constexpr int64_t kType = decltype(kind)::value;
-      if constexpr (kType == Q4_K || kType == Q5_K || kType == Q6_K) {
+      if constexpr (is_k_quant(kType)) {
         at::parallel_for(0, w.size(0) / kGroup, 1, [&](int64_t g0, int64_t g1) {
           for (int64_t g = g0; g < g1; ++g) {
             if (bf16) {
