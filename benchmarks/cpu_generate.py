@@ -12,13 +12,14 @@ torch thread count:
   copies): the cost of streaming every weight once per decode step with plain F.linear - a reference for how
   memory-bound decoding is, not a hard ceiling (a better GEMV layout beats it).
 
-Medians of --repeats runs per figure. Our engine is also measured in --extra-dtypes (default float16,quantized;
-float16: about twice the decode speed on an AVX-512 CPU, not bit-identical to float32; quantized: the GGUF's
-blocks resident, `tpa_core.quant`), against transformers in float32; each also reports how many of its greedy
+Medians of --repeats runs per figure. Our engine is also measured in --extra-dtypes (default float16,quantized,auto;
+float16: about twice the decode speed on an AVX-512 CPU, not bit-identical to float32; quantized: the GGUF's blocks
+resident, `tpa_core.quant`; auto: what `--weights auto` loads, for this model the blocks for decode and float32
+copies of the projections for prefill), against transformers in float32; each also reports how many of its greedy
 tokens equal the float32 engine's. llama.cpp is compared in benchmarks/quantized.py. The report starts with the
-conditions that decide CPU speed besides our code (CPU model and vector extensions, torch's CPU capability, MKL
-and oneDNN versions, whether our prefill went through oneDNN, the load average at start and end), so that two
-runs can be told apart by machine as well as by code.
+conditions that decide CPU speed besides our code (CPU model and vector extensions, torch's CPU capability, MKL and
+oneDNN versions, whether our prefill went through oneDNN, the load average at start and end), so that two runs can
+be told apart by machine as well as by code.
 
     .venv/bin/python benchmarks/cpu_generate.py [--threads 1,2] [--repeats 3] [--prompt-tokens 500]
 """
@@ -223,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts to measure")
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--extra-dtypes", default="float16,quantized",
-                        help="comma-separated dtypes (or quantized: the GGUF's blocks resident, tpa_core.quant) to "
-                             "measure our engine in besides float32 ('' for none)")
+    parser.add_argument("--extra-dtypes", default="float16,quantized,auto",
+                        help="comma-separated dtypes (or quantized: the GGUF's blocks resident, tpa_core.quant; "
+                             "auto: the product's default weights) to measure our engine in besides float32 ('' "
+                             "for none)")
     args = parser.parse_args(argv)
 
     from tpa_core import registry
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     start_conditions = conditions()
     loaded = load_model(args.model, args.models_dir, device="cpu", weights="float")
     extra = {name: load_model(args.model, args.models_dir, device="cpu",
-                              **({"weights": "quantized"} if name == "quantized" else
+                              **({"weights": name} if name in ("quantized", "auto") else
                                  {"dtype": getattr(torch, name), "weights": "float"}))
              for name in args.extra_dtypes.split(",") if name}
     gguf = registry.download_path(args.model, args.models_dir)

@@ -46,8 +46,14 @@ FINGERPRINT_VERSION = "tpa-rag-fingerprint/1"  # what the fingerprint hashes (ch
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 WEIGHT_MODES = ("auto", "float", "quantized")
-# GGUF files from this size up load with quantized resident weights under weights="auto" (see choose_weights).
+# Under weights="auto" (see choose_weights), GGUF files from AUTO_QUANTIZED_MIN_BYTES up load with quantized
+# resident weights, and from AUTO_DENSE_PREFILL_MIN_BYTES up to that size with quantized weights for decode and
+# float32 copies of the projections for prefill (the default model: decode 5x faster than float32, prefill the
+# float32 model's; benchmarks/NOTES.md). Smaller files load in float32: their weights stream from the CPU's caches.
 AUTO_QUANTIZED_MIN_BYTES = 256 * 2**20
+AUTO_DENSE_PREFILL_MIN_BYTES = 16 * 2**20
+# What choose_weights returns: how the loaded model holds its weights.
+FLOAT, QUANTIZED, QUANTIZED_DENSE_PREFILL = "float", "quantized", "quantized+float32 prefill"
 T6_KEYS = ("n_layer", "n_head", "n_embd", "rank")
 # Files of a source folder whose size/mtime identify a version of it.
 _SOURCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -69,7 +75,7 @@ class LoadedModel:
     name: str
     source: Path
     cache_dir: Path
-    weights: str = "float"  # "quantized" when the matrices stay in their GGUF blocks (tpa_core.quant)
+    weights: str = "float"  # FLOAT, QUANTIZED or QUANTIZED_DENSE_PREFILL: how the matrices are held (choose_weights)
 
     @property
     def device(self) -> torch.device:
@@ -102,9 +108,9 @@ def load_model(name_or_path: str | Path, models_dir: str | Path, device: str = "
     CUDA; float32 on the CPU but for bfloat16 Hugging Face weights on a CPU with a fast bf16 GEMM). A T6
     checkpoint folder without a tokenizer.json loads only with `require_tokenizer=False` (token ids in, token ids
     out). weights (`choose_weights`): "float" (converted to `dtype`), "quantized" (a
-    GGUF's matrices stay in their blocks on the CPU, `tpa_core.quant`) or "auto" (quantized for GGUF files of
-    `AUTO_QUANTIZED_MIN_BYTES` and more on the CPU, float otherwise). TPAError when the model will not fit in the
-    available memory, before anything large is read.
+    GGUF's matrices stay in their blocks on the CPU, `tpa_core.quant`) or "auto" (by the file's size on the CPU:
+    quantized, quantized for decode with float32 copies for prefill, or float). TPAError when the model will not
+    fit in the available memory, before anything large is read.
     """
     if weights not in WEIGHT_MODES:
         raise TPAError(f"unknown weights mode {weights!r}: use {', '.join(WEIGHT_MODES)}")
@@ -112,10 +118,10 @@ def load_model(name_or_path: str | Path, models_dir: str | Path, device: str = "
     target_device = resolve_device(device)
     source = resolve_source(name_or_path, models_dir, fetch=fetch)
     mode = choose_weights(weights, source, target_device, dtype)
-    if mode == "quantized":
+    if mode != FLOAT:
         from tpa_core.quant.cache import load_resident
 
-        return load_resident(source, models_dir, require_tokenizer)
+        return load_resident(source, models_dir, require_tokenizer, dense_prefill=mode == QUANTIZED_DENSE_PREFILL)
     if dtype is None:
         dtype = default_dtype(source, target_device)
     return _load_converted(source, models_dir, target_device, dtype, require_tokenizer)
@@ -148,16 +154,20 @@ def _hf_weights_dtype(folder: Path) -> str | None:
 
 
 def choose_weights(weights: str, source: Source, device: torch.device, dtype: torch.dtype | None) -> str:
-    """"float" or "quantized" for a weights mode ("auto", "float", "quantized"); TPAError for a quantized
-    request that cannot run (not a GGUF, not the CPU, a dtype other than float32, no compiled op)."""
+    """FLOAT, QUANTIZED or QUANTIZED_DENSE_PREFILL for a weights mode ("auto", "float", "quantized"); TPAError for
+    a quantized request that cannot run (not a GGUF, not the CPU, a dtype other than float32, no compiled op)."""
     if weights == "float":
-        return "float"
+        return FLOAT
     from tpa_core.quant import ops
 
     runnable = source.kind == "gguf" and device.type == "cpu" and dtype in (None, torch.float32)
     if weights == "auto":
-        large = source.kind == "gguf" and source.path.stat().st_size >= AUTO_QUANTIZED_MIN_BYTES
-        return "quantized" if runnable and large and ops.available() else "float"
+        if not (runnable and ops.available()):
+            return FLOAT
+        size = source.path.stat().st_size
+        if size >= AUTO_QUANTIZED_MIN_BYTES:
+            return QUANTIZED
+        return QUANTIZED_DENSE_PREFILL if size >= AUTO_DENSE_PREFILL_MIN_BYTES else FLOAT
     if not runnable:
         raise TPAError(f"quantized weights run GGUF models on the CPU in float32; {source.path} is a "
                        f"{source.kind} model on {device} ({dtype or 'default dtype'}): use --weights float")
@@ -166,7 +176,7 @@ def choose_weights(weights: str, source: Source, device: torch.device, dtype: to
     except ops.OpsUnavailable as exc:
         raise TPAError(f"quantized weights need the compiled op, which is not available: {exc}\n"
                        f"run `make setup` (it builds the op), or use --weights float") from None
-    return "quantized"
+    return QUANTIZED
 
 
 def _load_converted(source: Source, models_dir: Path, target_device: torch.device, dtype: torch.dtype,
@@ -402,7 +412,8 @@ def convert_to_cache(source: Source, models_dir: Path) -> Path:
 
 def list_cached(models_dir: str | Path) -> list[dict[str, Any]]:
     """The models in the cache: name, fingerprint, kind, source, size_mb (on disk in the cache), weights
-    ("float32" or "quantized"), resident_mb (memory its weights take when loaded), n_layers, arch, path."""
+    ("float32", "quantized" or "quantized+float32 prefill"), resident_mb (memory its weights take when loaded),
+    n_layers, arch, path."""
     models_dir = Path(models_dir)
     out = []
     if not models_dir.is_dir():
@@ -421,10 +432,17 @@ def list_cached(models_dir: str | Path) -> list[dict[str, Any]]:
             resident = (folder / WEIGHTS_FILE).stat().st_size
         out.append({"name": meta.get("name"), "fingerprint": meta.get("fingerprint"), "kind": meta.get("kind"),
                     "source": meta.get("source"), "size_mb": round(size / 2**20, 1),
-                    "weights": "quantized" if meta.get("weights") == "gguf-resident" else "float32",
+                    "weights": _weights_of(meta),
                     "resident_mb": None if resident is None else round(resident / 2**20, 1),
                     "n_layers": config.get("n_layers"), "arch": config.get("arch"), "path": str(folder)})
     return out
+
+
+def _weights_of(meta: dict[str, Any]) -> str:
+    """How a cached model holds its weights once loaded, for `list_cached_models`."""
+    if meta.get("weights") != "gguf-resident":
+        return "float32"
+    return QUANTIZED_DENSE_PREFILL if str(meta.get("numerics", "")).endswith("+dense") else QUANTIZED
 
 
 # ----- loading from the cache ------------------------------------------------------------------------------

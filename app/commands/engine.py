@@ -65,7 +65,8 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
                         help="quantized: a GGUF model's matrices stay in their quantized blocks (CPU; about the "
                              "file's size in memory, faster decoding, decode activations rounded in two 8-bit "
                              "levels); float: convert to --dtype; auto (default, or TPA_RAG_WEIGHTS): quantized for "
-                             "GGUF files of 256 MiB and more, float for smaller ones like the default model")
+                             "GGUF files of 256 MiB and more; from 16 MiB (the default model) quantized for "
+                             "decoding with float32 copies for prefill; float below")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for torch (default: torch's choice; decoding is memory-bound, and on a "
                              "busy 2-core machine 1 thread is several times faster than 2)")

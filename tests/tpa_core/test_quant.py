@@ -23,6 +23,7 @@ import pytest
 import torch
 from engine_fixtures import llama_cpp_permute, tiny_vocab, write_tiny_gguf
 
+from tpa_core import loading
 from tpa_core.errors import TPAError
 from tpa_core.gguf import GGUFFile, unpermute_rows
 from tpa_core.loading import list_cached, load_model
@@ -435,6 +436,51 @@ def test_weights_modes(tmp_path):
         load_model(path, tmp_path / "m", device="cpu", weights="q4")
     with pytest.raises(TPAError, match="float32"):
         load_model(path, tmp_path / "m", device="cpu", dtype=torch.bfloat16, weights="quantized")
+
+
+@pytest.mark.parametrize("size, expected", [
+    (loading.AUTO_DENSE_PREFILL_MIN_BYTES - 1, loading.FLOAT),
+    (loading.AUTO_DENSE_PREFILL_MIN_BYTES, loading.QUANTIZED_DENSE_PREFILL),
+    (loading.AUTO_QUANTIZED_MIN_BYTES - 1, loading.QUANTIZED_DENSE_PREFILL),
+    (loading.AUTO_QUANTIZED_MIN_BYTES, loading.QUANTIZED),
+])
+def test_auto_weights_follow_the_file_size(tmp_path, size, expected):
+    path = tmp_path / "model.gguf"
+    with open(path, "wb") as handle:
+        handle.truncate(size)  # a sparse file: only its size is read
+    source = loading.Source(name="model", path=path, kind="gguf")
+    cpu = torch.device("cpu")
+    assert loading.choose_weights("auto", source, cpu, None) == expected
+    assert loading.choose_weights("auto", source, cpu, torch.bfloat16) == loading.FLOAT
+    assert loading.choose_weights("float", source, cpu, None) == loading.FLOAT
+
+
+def test_auto_on_a_mid_size_file_prefills_as_the_float_model_and_decodes_with_the_blocks(tmp_path, monkeypatch):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, qtype="Q8_0")
+    monkeypatch.setattr(loading, "AUTO_DENSE_PREFILL_MIN_BYTES", path.stat().st_size)  # this file is "mid-size"
+    hybrid = load_model(path, tmp_path / "models", device="cpu")
+    floating = load_model(path, tmp_path / "models", device="cpu", weights="float")
+    assert hybrid.weights == loading.QUANTIZED_DENSE_PREFILL
+    layers = [layer for block in hybrid.model.layers for layer in (*block.attn.packed.values(),
+                                                                   *block.mlp.packed.values())]
+    assert layers and all(layer.dense is not None for layer in layers)
+    assert hybrid.model.packed_head.dense is None  # the head and the embedding stay in their blocks
+    ids = torch.tensor([hybrid.tokenizer.encode("the quick brown fox jumps over the lazy dog")])
+    torch.testing.assert_close(hybrid.model(ids), floating.model(ids), rtol=1e-6, atol=1e-6)  # prefill: float32's
+    cache = hybrid.model.new_cache(capacity=16)
+    hybrid.model(ids, cache)
+    prefills = []
+    monkeypatch.setattr(QuantLinear, "_prefill", lambda self, x2: prefills.append(self))
+    hybrid.model(torch.tensor([[3]]), cache)  # one decode step: the integer op on the blocks, not the copies
+    assert prefills == []
+    listed = {entry["fingerprint"]: entry for entry in list_cached(tmp_path / "models")}
+    assert listed[hybrid.fingerprint]["weights"] == loading.QUANTIZED_DENSE_PREFILL
+    assert listed[hybrid.fingerprint]["resident_mb"] * 2**20 >= sum(layer.dense.numel() * 4 for layer in layers)
+    assert hybrid.fingerprint != floating.fingerprint  # decode's rounding: a store namespace of its own
+    quantized = load_model(path, tmp_path / "models", device="cpu", weights="quantized")
+    assert quantized.fingerprint != hybrid.fingerprint and quantized.weights == loading.QUANTIZED
+
 
 
 def test_unpermuted_q_rows_are_whole_block_rows():

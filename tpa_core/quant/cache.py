@@ -56,10 +56,10 @@ def _index(models_dir: Path, key: str) -> Path:
     return models_dir / "sources" / f"{key}.resident.json"
 
 
-def _numerics(prefill) -> str:
-    """What of the model's arithmetic depends on this machine and changes its factors: the prefill GEMM's dtype
-    (`formats.prefill_dtype`)."""
-    return f"prefill={str(prefill).removeprefix('torch.')}"
+def _numerics(prefill, dense_prefill: bool = False) -> str:
+    """What of the model's arithmetic depends on this machine or the load and changes its factors: the prefill
+    GEMM's dtype (`formats.prefill_dtype`), and whether it multiplies float32 copies of the weights."""
+    return f"prefill={str(prefill).removeprefix('torch.')}" + ("+dense" if dense_prefill else "")
 
 
 def _cached_entry(models_dir: Path, key: str, numerics: str) -> tuple[Path, dict] | None:
@@ -107,24 +107,25 @@ def _write_entry(models_dir: Path, key: str, source, config, tokenizer, resident
     return final, meta
 
 
-def load_resident(source, models_dir: Path, require_tokenizer: bool = True):
-    """A LoadedModel of the GGUF `source` with its matrices resident in their blocks (`weights="quantized"`).
-    TPAError if it does not fit in the available memory (checked before any weight is read)."""
+def load_resident(source, models_dir: Path, require_tokenizer: bool = True, dense_prefill: bool = False):
+    """A LoadedModel of the GGUF `source` with its matrices resident in their blocks (`weights="quantized"`);
+    `dense_prefill`: the blocks' projections also held in float32 for prefill (`build_resident_model`). TPAError if
+    it does not fit in the available memory (checked before any weight is read)."""
     from tpa_core.config import TPAConfig
     from tpa_core.gguf import GGUFFile
-    from tpa_core.loading import LoadedModel, source_key
+    from tpa_core.loading import QUANTIZED, QUANTIZED_DENSE_PREFILL, LoadedModel, source_key
     from tpa_core.memory import check_fits
     from tpa_core.quant.formats import prefill_dtype
-    from tpa_core.quant.resident import build_resident_model, resident_nbytes
+    from tpa_core.quant.resident import build_resident_model, dense_prefill_nbytes, resident_nbytes
     from tpa_core.tokenizer import Tokenizer
 
     gguf = GGUFFile(source.path, writable_map=True)
-    resident = resident_nbytes(gguf)
+    resident = resident_nbytes(gguf) + (dense_prefill_nbytes(gguf) if dense_prefill else 0)
     check_fits(resident, f"{source.name} with quantized weights", "close other programs or pick a smaller model "
                "(a smaller quantization type of it, or fewer parameters)")
     key = source_key(source)
     prefill = prefill_dtype(source.path.stat().st_size)
-    numerics = _numerics(prefill)
+    numerics = _numerics(prefill, dense_prefill)
     entry = _cached_entry(models_dir, key, numerics)
     if entry is not None:
         folder, meta = entry
@@ -136,9 +137,10 @@ def load_resident(source, models_dir: Path, require_tokenizer: bool = True):
         folder, meta = _write_entry(models_dir, key, source, config, tokenizer, resident, numerics)
     if tokenizer is None and require_tokenizer:
         raise TPAError(f"no tokenizer found in {source.path}")
-    model = build_resident_model(gguf, config, packed_dir=folder, prefill=prefill)
-    logger.info("loaded %s with quantized weights: %.0f MiB resident", source.path.name, resident / 2**20)
+    model = build_resident_model(gguf, config, packed_dir=folder, prefill=prefill, dense_prefill=dense_prefill)
+    logger.info("loaded %s with quantized weights%s: %.0f MiB resident", source.path.name,
+                " (and float32 copies of the projections for prefill)" if dense_prefill else "", resident / 2**20)
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, fingerprint=meta["fingerprint"],
                        chat_template=tokenizer.chat_template if tokenizer is not None else None,
                        name=meta.get("name", source.name), source=source.path, cache_dir=folder,
-                       weights="quantized")
+                       weights=QUANTIZED_DENSE_PREFILL if dense_prefill else QUANTIZED)

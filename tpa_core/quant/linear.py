@@ -5,7 +5,7 @@ memory-mapped file) or, for F32 and the types the op does not compute with, a fl
 stacks matrices along the output dim (a fused q|k|v or gate|up projection whose parts may differ in type, as in
 Q4_K_M files). Few-row inputs (decode) run the compiled integer op; many-row inputs (prefill) dequantize a chunk
 of rows at a time into a reused scratch buffer and run a float32 GEMM (`tpa_core.quant.formats` says what each
-path rounds).
+path rounds), or multiply a float32 copy held for prefill (`QuantLinear.keep_dense`).
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ class QuantMatrix:
 class QuantLinear:
     """y = x @ W^T with W `[N, K]` the row-wise stack of `parts` (QuantMatrix, same K). A plain object, not an
     nn.Module: the model's state dict keeps its own names. `prefill_dtype`: the dtype of the prefill GEMM
-    (`formats.prefill_dtype`); its output is float32 either way."""
+    (`formats.prefill_dtype`); its output is float32 either way. `dense`: W dequantized once (`keep_dense`), which
+    prefill then multiplies directly, as the float32 model does, instead of dequantizing chunks per call."""
 
     def __init__(self, parts: list[QuantMatrix], prefill_dtype: torch.dtype = torch.float32) -> None:
         if not parts or len({p.cols for p in parts}) != 1:
@@ -114,10 +115,17 @@ class QuantLinear:
         self.parts, self.prefill_dtype = parts, prefill_dtype
         self.in_features = parts[0].cols
         self.out_features = sum(p.rows for p in parts)
+        self.dense: Tensor | None = None  # [N, K] float32
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts)
+        dense = 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
+        return sum(p.nbytes for p in self.parts) + dense
+
+    def keep_dense(self) -> None:
+        """Hold W in float32 for prefill (decode keeps computing with the blocks): prefill then runs the float32
+        model's GEMM on the float32 model's weights (the exact dequantization), at the memory cost of W in float32."""
+        self.dense = self.dequantize()
 
     def __call__(self, x: Tensor) -> Tensor:
         """x `[..., K]` -> `[..., N]` float32."""
@@ -131,12 +139,14 @@ class QuantLinear:
         return y.view(*x.shape[:-1], self.out_features)  # [..., N]
 
     def _prefill(self, x2: Tensor) -> Tensor:
-        """x2 `[M, K]` -> `[M, N]`: each chunk of rows dequantized into the scratch buffer, then a GEMM in
-        `prefill_dtype`."""
+        """x2 `[M, K]` -> `[M, N]`: the float32 GEMM with `dense` where it is held, else each chunk of rows
+        dequantized into the scratch buffer, then a GEMM in `prefill_dtype`."""
         from tpa_core.attention import (
             linear as float_linear,  # oneDNN for many rows (see its docstring)
         )
 
+        if self.dense is not None:
+            return float_linear(x2, self.dense)  # [M, N]
         dtype = self.prefill_dtype
         x_in = x2 if dtype == torch.float32 else x2.to(dtype)  # [M, K]
         y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)  # [M, N]

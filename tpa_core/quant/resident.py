@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# The GGUF tensors of a block's projections (`blk.<i>.<role>.weight`).
+PROJECTIONS = tuple(f"{role}.weight" for role in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                                   "ffn_down"))
+
 
 def matrix(gguf: GGUFFile, name: str, heads: int | None = None, levels: int = 2,
            stored: PackedStore | None = None, repacked: list[str] | None = None) -> QuantMatrix:
@@ -90,11 +94,19 @@ def resident_nbytes(gguf: GGUFFile) -> int:
     return total
 
 
+def dense_prefill_nbytes(gguf: GGUFFile) -> int:
+    """Bytes of the float32 copies `build_resident_model(dense_prefill=True)` holds: every block's projections (the
+    embedding and the LM head stay in their blocks)."""
+    return sum(4 * int(torch.Size(gguf.shape(name)).numel()) for name in gguf.tensor_names
+               if name.startswith("blk.") and name.endswith(PROJECTIONS))
+
+
 def build_resident_model(gguf: GGUFFile, config: TPAConfig, packed_dir: Path | None = None,
-                         prefill: torch.dtype = torch.float32):
+                         prefill: torch.dtype = torch.float32, dense_prefill: bool = False):
     """A TPAModel (eval mode, CPU, float32 compute) running `gguf`'s matrices in their blocks. `packed_dir`: the
     model's cache folder, where the packed matrices are kept (`packed_store`) and read back on the next load;
-    `prefill`: the dtype of its prefill GEMMs (`formats.prefill_dtype`)."""
+    `prefill`: the dtype of its prefill GEMMs (`formats.prefill_dtype`); `dense_prefill`: every block's projections
+    also held in float32 for prefill (`QuantLinear.keep_dense`; decode still computes with the blocks)."""
     from tpa_core.loading import skip_init
     from tpa_core.model import TPAModel
 
@@ -124,11 +136,13 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig, packed_dir: Path | N
             raise TPAError(f"{gguf.path}: {name} has {value.numel()} values, the config needs {size}")
         return nn.Parameter(value, requires_grad=False)
 
-    def linear(parts: list[QuantMatrix], rows: int, cols: int, label: str) -> QuantLinear:
+    def linear(parts: list[QuantMatrix], rows: int, cols: int, label: str, dense: bool = dense_prefill) -> QuantLinear:
         layer = QuantLinear(parts, prefill)
         if (layer.out_features, layer.in_features) != (rows, cols):
             raise TPAError(f"{gguf.path}: {label} is [{layer.out_features}, {layer.in_features}], the config needs "
                            f"[{rows}, {cols}]")
+        if dense:
+            layer.keep_dense()
         return layer
 
     c = config
@@ -162,7 +176,7 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig, packed_dir: Path | N
     if model.lm_head is None:
         model.packed_head = QuantLinear([embed], prefill)
     else:
-        model.packed_head = linear([resident("output.weight")], c.vocab_size, c.d_model, "output")
+        model.packed_head = linear([resident("output.weight")], c.vocab_size, c.d_model, "output", dense=False)
         model.lm_head.weight = nn.Parameter(placeholder(c.vocab_size, c.d_model), requires_grad=False)
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         raise TPAError(f"{gguf.path}: some model tensors were not in the file")
@@ -178,14 +192,18 @@ def resident_matrices(model) -> list[QuantMatrix]:
 
 
 def resident_bytes_of(model) -> int:
-    """Bytes the resident weights of a built model hold (matrices in their blocks plus float32 vectors)."""
+    """Bytes the resident weights of a built model hold (matrices in their blocks, float32 copies held for
+    prefill, float32 vectors)."""
     seen: set[int] = set()
     total = 0
     for part in resident_matrices(model):
         if part.data.data_ptr() not in seen:
             seen.add(part.data.data_ptr())
             total += part.nbytes
-    return total + sum(p.numel() * p.element_size() for p in model.parameters() if not is_placeholder(p))
+    dense = sum(layer.dense.numel() * 4 for b in model.layers for layer in (*b.attn.packed.values(),
+                                                                           *b.mlp.packed.values())
+                if layer.dense is not None)
+    return total + dense + sum(p.numel() * p.element_size() for p in model.parameters() if not is_placeholder(p))
 
 
 def is_placeholder(tensor: torch.Tensor) -> bool:
