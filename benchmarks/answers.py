@@ -2,7 +2,7 @@
 
     .venv/bin/tpa-rag models fetch            # once: the default model into the data folder's model cache
     .venv/bin/python benchmarks/answers.py --data-dir DIR --sets cpython click --half tuning \
-        --settings today k=2 k=1 budget=320 --out OUT_DIR [--threads 1] [--chunk-tokens N]
+        --settings today k=2 k=1 budget=320 --out OUT_DIR [--threads 1] [--chunk-tokens N] [--weights W]
 
 Each set (benchmarks/questions/*.json, see `answer_scoring`) is ingested as its own collection (for CPython the
 54 standard-library modules of retrieval_questions.json, as the chunk-reuse benchmark does; for click the whole
@@ -181,6 +181,8 @@ def main() -> int:
     parser.add_argument("--chunk-tokens", type=int, default=0,
                         help="ingest the sets in chunks of this many tokens (overlap a fifth) into collections of "
                              "their own, instead of the product's chunking (0)")
+    parser.add_argument("--weights", choices=("auto", "float", "quantized"), default="auto",
+                        help="how the model holds its weights (the product's --weights; default auto)")
     parser.add_argument("--out", required=True, help="folder for answers.json and answers.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -194,7 +196,7 @@ def main() -> int:
     options = {spec: parse_setting(spec) for spec in args.settings}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    service = ChatService(Settings.from_env({}, data_dir=args.data_dir))
+    service = ChatService(Settings.from_env({}, data_dir=args.data_dir, weights=args.weights))
     rows: list[dict] = []
     try:
         service.warm_up()
@@ -224,6 +226,7 @@ def main() -> int:
                 logging.info("%s %s %s: %s", name, args.half, spec, json.dumps(row["summary"]))
                 report = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
                           "torch": torch.__version__, "threads": args.threads, "model": service.model_name,
+                          "weights": args.weights,
                           "max_new_tokens": MAX_NEW_TOKENS, "rows": rows}
                 (out / "answers.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
                 (out / "answers.md").write_text(markdown(rows), encoding="utf-8")
