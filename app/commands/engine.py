@@ -219,8 +219,8 @@ def cmd_models_fetch(args: argparse.Namespace, settings: Settings) -> int:
         already = registry.is_fetched(name, settings.models_dir)
         path = registry.fetch(name, settings.models_dir)
         print(f"{name}: {'already fetched' if already else 'fetched'} ({path})")
-    loaded = load_model(name, settings.models_dir, device="cpu", require_tokenizer=False)
-    print(f"{loaded.name}: converted, fingerprint {loaded.fingerprint} ({loaded.cache_dir})")
+    loaded = load_model(name, settings.models_dir, device="cpu", require_tokenizer=False, weights=settings.weights)
+    print(f"{loaded.name}: ready ({loaded.weights} weights), fingerprint {loaded.fingerprint} ({loaded.cache_dir})")
     return 0
 
 
