@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tpa_core.attention import StepInfo, linear
+from tpa_core.attention import StepInfo
 from tpa_core.cache import FactorCache
 from tpa_core.errors import TPAError
 from tpa_core.model import TPAModel, residual_dtype
@@ -77,7 +77,7 @@ def _layer(model: TPAModel, i: int, x: Tensor, cache: FactorCache, seq: int, pos
     out = _scattered_attention(f, buf, pos)  # [S, H, D]
     out = out.to(attn.w_o.dtype)
     out = out.reshape(1, S, attn.n_heads * attn.head_dim)  # [S, H, D] -> [1, S, H*D]
-    x = x + linear(out, attn.w_o)
+    x = x + attn.output(out)
     return x + block.mlp.forward(block.mlp_norm.forward(x))
 
 

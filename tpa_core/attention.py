@@ -215,6 +215,11 @@ class TPAAttention(FusedParams):
             out["av"] = parts["av"].view(B, N, H, self.v_rank)  # [B, N, H, R_V]
         return out
 
+    def output(self, out: Tensor) -> Tensor:
+        """The output projection: out `[B, N, H*D]` -> `[B, N, d]`, with the resident blocks where the model holds
+        them (`packed`; `w_o` is then a placeholder)."""
+        return linear(out, self.w_o, packed=self.packed.get("w_o"))
+
     def forward(self, x: Tensor, cache: FactorCache | Tensor, layer: int = 0, step: StepInfo | None = None) -> Tensor:
         """x `[B, N, d]` -> `[B, N, d]`.
 
@@ -235,7 +240,7 @@ class TPAAttention(FusedParams):
             kv_lens=step.kv_lens, backend=step.backend,
         )  # [B, N, H, D]
         out = out.reshape(B, N, self.n_heads * self.head_dim)  # [B, N, H, D] -> [B, N, H*D]
-        return linear(out, self.w_o, packed=self.packed.get("w_o"))  # [B, N, d]
+        return self.output(out)  # [B, N, d]
 
     def forward_dense(self, x: Tensor, positions: Tensor) -> Tensor:
         """Causal self-attention over the N tokens of x `[B, N, d]` at RoPE `positions` `[N]` or `[B, N]`.
@@ -267,4 +272,4 @@ class TPAAttention(FusedParams):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D ** -0.5,
                                              enable_gqa=k.shape[1] != H)  # [B, H, N, D]
         out = out.transpose(1, 2).reshape(B, N, H * D)  # [B, H, N, D] -> [B, N, H*D]
-        return F.linear(out, self.w_o)  # [B, N, d]
+        return self.output(out)  # [B, N, d]

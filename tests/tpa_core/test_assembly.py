@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_fixtures import write_tiny_gguf
 
 from tpa_core.assembly import place, recompute, select_deviating
 from tpa_core.errors import TPAError
+from tpa_core.loading import load_model
+from tpa_core.quant import ops
 
 ROPES = {
     "plain": None,
@@ -64,8 +67,29 @@ def test_recomputing_every_token_is_a_full_prefill(helpers, form):
     """Chunks encoded alone, moved into place, then every chunk token recomputed: the next-token logits equal a
     full prefill's (float32, 1e-4 of the largest value)."""
     model = helpers.random_model(helpers.tiny_config(form, rope_tables_bf16=False), seed=4)
+    assembled, approx, full = _assemble_and_recompute(model, vocab=101)
+    assert _rel_err(assembled, full) <= 1e-4
+    assert _rel_err(approx, full) > 1e-3  # without the recompute chunk b never saw chunk a
+
+
+@pytest.mark.skipif(not ops.available(), reason="the quantized-weights op could not be built (no C++ compiler)")
+def test_recomputing_with_resident_quantized_weights_is_a_full_prefill(tmp_path):
+    """The same with a GGUF's matrices resident in their blocks (their float parameters are placeholders): the
+    recompute goes through the blocks too. The tail's few rows run the integer decode product, the full prefill
+    dequantized rows, hence the looser bound."""
+    path = tmp_path / "tiny-q8_0.gguf"
+    write_tiny_gguf(path, qtype="Q8_0")
+    model = load_model(path, tmp_path / "models", device="cpu", weights="quantized").model
+    assembled, approx, full = _assemble_and_recompute(model, vocab=model.config.vocab_size)
+    assert _rel_err(assembled, full) <= 1e-2
+    assert _rel_err(approx, full) > 3 * _rel_err(assembled, full)
+
+
+def _assemble_and_recompute(model, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits after the recompute, logits of the assembled cache without it, logits of a full prefill) for a head,
+    two chunks each encoded after the head alone, and a tail."""
     g = torch.Generator().manual_seed(2)
-    head, a, b, tail = (torch.randint(0, 101, (n,), generator=g).tolist() for n in (6, 11, 9, 5))
+    head, a, b, tail = (torch.randint(0, vocab, (n,), generator=g).tolist() for n in (6, 11, 9, 5))
     full = model(torch.tensor([head + a + b + tail]), last_only=True)[0, -1]
 
     cache = model.new_cache(capacity=64)
@@ -80,8 +104,7 @@ def test_recomputing_every_token_is_a_full_prefill(helpers, form):
     approx = model(torch.tensor([tail]), _copy(model, cache), last_only=True)[0, -1]
     recompute(model, cache, ids, positions)
     assembled = model(torch.tensor([tail]), cache, last_only=True)[0, -1]
-    assert _rel_err(assembled, full) <= 1e-4
-    assert _rel_err(approx, full) > 1e-3  # without the recompute chunk b never saw chunk a
+    return assembled, approx, full
 
 
 def test_selection_picks_the_requested_share(helpers):
