@@ -76,13 +76,13 @@ def test_recomputing_every_token_is_a_full_prefill(helpers, form):
 def test_recomputing_with_resident_quantized_weights_is_a_full_prefill(tmp_path):
     """The same with a GGUF's matrices resident in their blocks (their float parameters are placeholders): the
     recompute goes through the blocks too. The tail's few rows run the integer decode product, the full prefill
-    dequantized rows, hence the looser bound."""
+    dequantized rows: the bound is looser."""
     path = tmp_path / "tiny-q8_0.gguf"
     write_tiny_gguf(path, qtype="Q8_0")
     model = load_model(path, tmp_path / "models", device="cpu", weights="quantized").model
     assembled, approx, full = _assemble_and_recompute(model, vocab=model.config.vocab_size)
-    assert _rel_err(assembled, full) <= 1e-2
-    assert _rel_err(approx, full) > 3 * _rel_err(assembled, full)
+    assert _rel_err(assembled, full) <= 1e-3  # 1e-5 here; 3e-2 when the recompute skipped the blocks
+    assert _rel_err(approx, full) > 10 * _rel_err(assembled, full)
 
 
 def _assemble_and_recompute(model, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
