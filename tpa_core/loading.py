@@ -439,7 +439,7 @@ def list_cached(models_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def _weights_of(meta: dict[str, Any]) -> str:
-    """How a cached model holds its weights once loaded, for `list_cached_models`."""
+    """How a cached model holds its weights once loaded, for `list_cached`."""
     if meta.get("weights") != "gguf-resident":
         return "float32"
     return QUANTIZED_DENSE_PREFILL if str(meta.get("numerics", "")).endswith("+dense") else QUANTIZED
