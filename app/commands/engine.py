@@ -242,8 +242,9 @@ def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
     print(f"Converted models in {settings.models_dir} (resident: the memory its weights take when loaded):")
     if not cached:
         print("  (none; run `tpa-rag models fetch`)")
+    weights_width = max((len(entry["weights"]) for entry in cached), default=0)
     for entry in cached:
         resident = "?" if entry["resident_mb"] is None else f"{entry['resident_mb']:.1f} MB"
-        print(f"  {entry['name']:<24} {entry['fingerprint'][:12]}  {entry['weights']:<9}  resident {resident:>11}  "
-              f"{entry['source']}")
+        print(f"  {entry['name']:<24} {entry['fingerprint'][:12]}  {entry['weights']:<{weights_width}}  "
+              f"resident {resident:>11}  {entry['source']}")
     return 0
