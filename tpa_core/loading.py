@@ -440,9 +440,11 @@ def list_cached(models_dir: str | Path) -> list[dict[str, Any]]:
 
 def _weights_of(meta: dict[str, Any]) -> str:
     """How a cached model holds its weights once loaded, for `list_cached`."""
-    if meta.get("weights") != "gguf-resident":
+    from tpa_core.quant.cache import RESIDENT_KIND, holds_dense_prefill
+
+    if meta.get("weights") != RESIDENT_KIND:
         return "float32"
-    return QUANTIZED_DENSE_PREFILL if str(meta.get("numerics", "")).endswith("+dense") else QUANTIZED
+    return QUANTIZED_DENSE_PREFILL if holds_dense_prefill(meta) else QUANTIZED
 
 
 # ----- loading from the cache ------------------------------------------------------------------------------

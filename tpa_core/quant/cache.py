@@ -56,10 +56,18 @@ def _index(models_dir: Path, key: str) -> Path:
     return models_dir / "sources" / f"{key}.resident.json"
 
 
+_DENSE_TAG = "+dense"  # in an entry's numerics: prefill multiplies float32 copies of the projections
+
+
 def _numerics(prefill, dense_prefill: bool = False) -> str:
     """What of the model's arithmetic depends on this machine or the load and changes its factors: the prefill
     GEMM's dtype (`formats.prefill_dtype`), and whether it multiplies float32 copies of the weights."""
-    return f"prefill={str(prefill).removeprefix('torch.')}" + ("+dense" if dense_prefill else "")
+    return f"prefill={str(prefill).removeprefix('torch.')}" + (_DENSE_TAG if dense_prefill else "")
+
+
+def holds_dense_prefill(meta: dict) -> bool:
+    """Whether a resident entry's model (its config.json `meta`) is loaded with float32 copies for prefill."""
+    return str(meta.get("numerics", "")).endswith(_DENSE_TAG)
 
 
 def _cached_entry(models_dir: Path, key: str, numerics: str) -> tuple[Path, dict] | None:

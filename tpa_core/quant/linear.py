@@ -83,7 +83,7 @@ class QuantMatrix:
             raise ValueError(f"a packed matrix's rows are read {group} at a time, not [{start}, {stop})")
         stored = self.data[start:stop] if self.order is None else self.data.index_select(0, self.order[start:stop])
         if self.fmt is None:
-            return stored
+            return stored if out is None else out.copy_(stored)
         if out is None:
             out = torch.empty(stop - start, self.cols, dtype=torch.float32)
         return ops.dequantize_into(stored, self.fmt.type_id, self.cols, out, self.packed)
@@ -98,7 +98,7 @@ class QuantMatrix:
 
     def dequantize(self) -> Tensor:
         """The whole matrix as float32 `[rows, cols]` (tests and diagnostics; the model never holds one)."""
-        return self.dequantize_rows(0, self.rows).clone()
+        return self.dequantize_rows(0, self.rows, torch.empty(self.rows, self.cols, dtype=torch.float32))
 
 
 class QuantLinear:
@@ -167,8 +167,13 @@ class QuantLinear:
         return y
 
     def dequantize(self) -> Tensor:
-        """W as float32 `[N, K]` (tests and diagnostics)."""
-        return torch.cat([p.dequantize() for p in self.parts])
+        """W as float32 `[N, K]`, each part dequantized straight into its rows."""
+        out = torch.empty(self.out_features, self.in_features, dtype=torch.float32)  # [N, K]
+        row = 0
+        for part in self.parts:
+            part.dequantize_rows(0, part.rows, out[row:row + part.rows])
+            row += part.rows
+        return out
 
 
 class QuantEmbedding(nn.Module):
