@@ -27,6 +27,7 @@ embedding, is asserted in tests/tpa_core/test_quant.py on the same sequences.)
 
     .venv/bin/python benchmarks/quantized.py speed FILE.gguf... [--threads 1,2] [--prompt 512] [--new 64] [--repeats 2]
                                                 [--levels auto|1|2] [--decode fused|modules]
+                                                [--cache auto|float32|float16]
     .venv/bin/python benchmarks/quantized.py quality [--types Q4_0,...]
 """
 
@@ -85,10 +86,11 @@ print(json.dumps({"load_s": load, "prefill_tok_s": len(ids) / prefill, "decode_t
 
 
 def ours_child(path: str, threads: int, ids: list[int], new: int, models_dir: str, levels: str = "auto",
-               decode_path: str = "fused") -> dict:
+               decode_path: str = "fused", cache_dtype: str = "auto") -> dict:
     """Our engine on `path` with quantized resident weights (run in a fresh process by `speed`); `levels`: the
     decode product's activation levels, "auto" (the engine's choice for the file) or "1" / "2" for every matrix;
-    `decode_path`: "fused" (the engine's default, one compiled call per block) or "modules" (the module path)."""
+    `decode_path`: "fused" (the engine's default, one compiled call per block) or "modules" (the module path);
+    `cache_dtype`: the factor cache's dtype, "auto" (the engine's choice for the file) or a torch dtype name."""
     import torch
 
     from tpa_core.loading import load_model
@@ -101,6 +103,8 @@ def ours_child(path: str, threads: int, ids: list[int], new: int, models_dir: st
     load = time.perf_counter() - start
     model = loaded.model
     model.fused_decode = decode_path == "fused"
+    if cache_dtype != "auto":
+        model.cache_dtype = getattr(torch, cache_dtype)
     if levels != "auto":  # what the file-size rule (tpa_core.quant.formats.activation_levels) saves or costs
         for part in resident_matrices(model):
             part.levels = int(levels)
@@ -117,7 +121,8 @@ def ours_child(path: str, threads: int, ids: list[int], new: int, models_dir: st
             "prefill_tok_per_cpu_s": len(ids) / prefill_cpu, "decode_tok_per_cpu_s": new / decode_cpu,
             "peak_rss_mb": memory_mb("VmHWM"), "rss_before_load_mb": rss_before_load,
             "cache_mb": cache.nbytes_per_token() * cache.capacity / 2**20,
-            "levels": sorted({p.levels for p in model.packed_head.parts}), "decode_path": decode_path}
+            "levels": sorted({p.levels for p in model.packed_head.parts}), "decode_path": decode_path,
+            "cache_dtype": str(model.cache_dtype).removeprefix("torch.")}
 
 
 def memory_mb(field: str) -> float:
@@ -157,7 +162,7 @@ def speed(args: argparse.Namespace) -> dict:
         ids = prompt_ids(file, args.prompt)
         ours_cmd = [sys.executable, __file__, "ours-child", str(file), "--models-dir", str(args.models_dir),
                     "--new", str(args.new), "--levels", args.levels, "--decode", args.decode,
-                    "--ids", json.dumps(ids)]
+                    "--cache", args.cache, "--ids", json.dumps(ids)]
         # writes our model-cache entry and brings the file into the page cache for both engines
         _run_json([*ours_cmd[:-2], "--ids", json.dumps(ids[:8]), "--threads", "1"])
         for threads in (int(t) for t in args.threads.split(",")):
@@ -276,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="our decode's activation levels: the engine's choice for each file, or 1 / 2 for all")
     sp.add_argument("--decode", choices=("fused", "modules"), default="fused",
                     help="our decode steps: one compiled call per block (the default) or the module path")
+    sp.add_argument("--cache", choices=("auto", "float32", "float16"), default="auto",
+                    help="our factor cache's dtype: the engine's choice for each file, or one for all")
     qp = sub.add_parser("quality")
     qp.add_argument("--types", default="Q4_0,Q5_0,Q5_1,Q8_0,Q4_K_M,Q5_K_M,Q6_K")
     qp.add_argument("--default-models-dir", type=Path, default=DEFAULT_MODELS_DIR)
@@ -289,10 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     child.add_argument("--models-dir", required=True)
     child.add_argument("--levels", default="auto")
     child.add_argument("--decode", default="fused")
+    child.add_argument("--cache", default="auto")
     args = parser.parse_args(argv)
     if args.command == "ours-child":
         print(json.dumps(ours_child(args.file, args.threads, json.loads(args.ids), args.new, args.models_dir,
-                                    args.levels, args.decode)))
+                                    args.levels, args.decode, args.cache)))
         return 0
     report = {"conditions": conditions(), "command": " ".join(sys.argv)}
     report.update(speed(args) if args.command == "speed" else quality(args))

@@ -24,10 +24,10 @@ from tpa_core.model import TPAModel, residual_dtype
 
 def place(model: TPAModel, tensors: dict[str, Tensor], offset: int) -> dict[str, Tensor]:
     """A chunk's export dict (`layers.{i}.{name} -> [T, ...]`) moved by `offset` positions: B_K rotated, the
-    rest as is. Returns a new dict in the model's dtype."""
+    rest as is. Returns a new dict in the model's cache dtype."""
     out: dict[str, Tensor] = {}
     for key, value in tensors.items():
-        value = value.to(model.dtype)
+        value = value.to(model.cache_dtype)
         out[key] = model.rope.shift(value, offset) if key.endswith(".bk") else value  # bk: [T, R_K, D]
     return out
 

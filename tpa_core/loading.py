@@ -86,6 +86,11 @@ class LoadedModel:
         return next(self.model.parameters()).dtype
 
     @property
+    def cache_dtype(self) -> torch.dtype:
+        """The factor cache's dtype (`TPAModel.cache_dtype`): what the store's namespace is keyed by."""
+        return self.model.cache_dtype
+
+    @property
     def context_window(self) -> int:
         return self.config.max_position_embeddings
 

@@ -123,6 +123,7 @@ class TPAModel(nn.Module):
         self._head_t: Tensor | None = None  # see _head_transposed
         self._head_t_key: tuple | None = None
         self.packed_head: QuantLinear | None = None  # the LM head resident in GGUF blocks (tpa_core.quant)
+        self._cache_dtype: torch.dtype | None = None  # see cache_dtype
 
     @property
     def device(self) -> torch.device:
@@ -132,9 +133,19 @@ class TPAModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype of this model's factor cache: the model's own, or a narrower one set at load (resident GGUF
+        weights, `tpa_core.quant.formats.cache_dtype`). Attention reads it in the compute dtype."""
+        return self._cache_dtype or self.dtype
+
+    @cache_dtype.setter
+    def cache_dtype(self, dtype: torch.dtype | None) -> None:
+        self._cache_dtype = dtype
+
     def new_cache(self, batch_size: int = 1, capacity: int = 256) -> FactorCache:
-        """An empty factor cache for this model (its dtype and device)."""
-        return FactorCache(self.config, batch_size=batch_size, capacity=capacity, dtype=self.dtype,
+        """An empty factor cache for this model (its cache dtype and device)."""
+        return FactorCache(self.config, batch_size=batch_size, capacity=capacity, dtype=self.cache_dtype,
                            device=self.device)
 
     @torch.inference_mode()
@@ -157,10 +168,10 @@ class TPAModel(nn.Module):
         B, N = tokens.shape
         if cache is None:
             cache = self.new_cache(batch_size=B, capacity=max(N, 1))
-        elif cache.dtype != self.dtype or not _same_device(cache.device, self.device) or (
+        elif cache.dtype != self.cache_dtype or not _same_device(cache.device, self.device) or (
                 cache.config is not self.config and cache.config != self.config):
             raise TPAError(f"the cache was made for another model ({cache.config.arch}, {cache.dtype}, "
-                           f"{cache.device}); this one is {self.config.arch}, {self.dtype}, {self.device}")
+                           f"{cache.device}); this one is {self.config.arch}, {self.cache_dtype}, {self.device}")
         rows = slice(None) if seq is None else slice(seq, seq + 1)
         if seq is not None:
             cache.length(seq)  # validates seq

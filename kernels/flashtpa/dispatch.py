@@ -58,7 +58,8 @@ def attention(
         backend: "auto" | "torch" | "triton".
 
     Returns:
-        [B, N, H, D] in the dtype of bk.
+        [B, N, H, D] in the dtype of bk; the torch path takes a cache (bk, bv, ak, av) narrower than the queries
+        and returns the queries' dtype (a float16 cache under a float32 model on the CPU).
 
     Raises:
         AttentionInputError: shapes, devices or lengths that do not fit the contract, or an unknown backend.
@@ -68,6 +69,9 @@ def attention(
     D = bk.shape[-1]
     if backend == "auto" and not (16 <= D <= 256 and D & (D - 1) == 0):
         chosen = "torch"  # head dims the kernels do not tile run on the reference
+    query = q if q is not None else bq
+    if backend == "auto" and query is not None and query.dtype != bk.dtype:
+        chosen = "torch"  # the kernels read queries and cache in one dtype
     if chosen == "torch":
         return attention_reference(x, scale)
     from flashtpa.triton_attention import attention_triton

@@ -12,7 +12,8 @@ Three paths, chosen by cost:
   materialising the [T, H, D] keys or values;
 - contextual K/V with many queries (prefill): K and V are built once ([B, H, T, D], cheap next to N*T attention)
   and handed to SDPA, whose fused kernel keeps memory linear in N.
-All arithmetic runs in float32 (float64 stays float64); the result has the dtype of bk.
+All arithmetic runs in float32 (float64 stays float64); the result has the dtype of the queries (q, or bq),
+which a cache in a narrower dtype (bk, bv) does not change.
 """
 
 from __future__ import annotations
@@ -189,13 +190,14 @@ def attention_reference(x: AttentionInputs, scale: float | None = None) -> Tenso
         scale: logit scale, default 1/sqrt(D).
 
     Returns:
-        [B, N, H, D] in the dtype of bk.
+        [B, N, H, D] in the dtype of the queries.
 
     Raises:
         AttentionInputError: shapes, devices or lengths that do not fit the contract.
     """
     shape = x.check()
     q, aq, bq, ak, bk, av, bv, kv_lens = x.q, x.aq, x.bq, x.ak, x.bk, x.av, x.bv, x.kv_lens
+    out_dtype = (q if q is not None else bq).dtype
     lens = kv_lens.tolist()
     check_lengths(lens, shape.N, shape.T_cap)
     T = max(lens)
@@ -222,4 +224,4 @@ def attention_reference(x: AttentionInputs, scale: float | None = None) -> Tenso
             if q is None:
                 q = _full_queries(aq, bq, dtype)
             out = _materialised_attention(q.to(dtype), ak, bk, av, bv, kv_lens, lens, scale, dtype)
-    return out.to(bk.dtype)
+    return out.to(out_dtype)

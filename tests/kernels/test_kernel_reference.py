@@ -61,6 +61,19 @@ def test_reference_bfloat16_output_dtype() -> None:
     assert rel_err(out, oracle_attention(AttentionInputs(**args))) <= TOLERANCES[torch.bfloat16]
 
 
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("N", [1, 3, FACTOR_SPACE_MAX_QUERIES + 1])  # decode, short extend, prefill
+def test_a_float16_cache_under_float32_queries(form: str, N: int) -> None:
+    """A cache held narrower than the model (float16 under float32, the CPU's resident GGUF weights): read widened,
+    computed and returned in the queries' dtype, equal to the float32 computation on the widened cache."""
+    args = make_inputs(form=form, B=2, N=N, H=4, D=16, T_cap=40, kv_lens=[40, 30], R_K=2, R_V=2, poison=False)
+    narrow = {k: (v.half() if k in ("ak", "bk", "av", "bv") and v is not None else v) for k, v in args.items()}
+    widened = {k: (v.float() if k in ("ak", "bk", "av", "bv") and v is not None else v) for k, v in narrow.items()}
+    out = attention(**narrow)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, attention(**widened), rtol=1e-6, atol=1e-6)
+
+
 def test_fixed_heads_are_gqa() -> None:
     """Fixed head factors equal SDPA over K/V repeated per head (the definition of GQA)."""
     args = make_inputs(form="fixed", B=1, N=5, H=8, D=16, T_cap=20, kv_lens=[20], R_K=2, R_V=2, poison=False)

@@ -103,6 +103,36 @@ def test_quantized_mixed_model_decodes_as_the_module_path(tmp_path):
         torch.testing.assert_close(storage[name], expected[2][name], rtol=0, atol=1e-3 * scale)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"head_dim": 64}, {"head_dim": 128, "n_heads": 10}],
+                         ids=["gqa", "gqa-d64", "gqa-d128"])
+def test_a_float16_cache_decodes_as_the_module_path(overrides):
+    model = _random_model(_config(**overrides))
+    model.cache_dtype = torch.float16
+    prompt = [(7 * i + 3) % 97 for i in range(300)]
+    expected = _decode(model, prompt, steps=6, fused=False, capacity=512)
+    logits, tokens, storage = _decode(model, prompt, steps=6, fused=True, capacity=512)
+    assert all(s.dtype == torch.float16 for s in storage.values())
+    torch.testing.assert_close(logits, expected[0], rtol=1e-5, atol=1e-5)
+    assert tokens == expected[1]
+    for name in storage:  # both round to nearest even; float32 sums in another order can tip one half-ulp
+        torch.testing.assert_close(storage[name].float(), expected[2][name].float(), rtol=1e-3, atol=1e-3)
+
+
+def test_a_float16_cache_changes_decode_by_its_rounding_only():
+    model = _random_model(_config(head_dim=64))
+    prompt = [(5 * i + 1) % 97 for i in range(200)]
+    wide = _decode(model, prompt, steps=6, fused=True, capacity=256)
+    model.cache_dtype = torch.float16
+    narrow = _decode(model, prompt, steps=6, fused=True, capacity=256)
+    spread = float(wide[0].max() - wide[0].min())
+    # keys and values rounded to 11 significant bits: relative error 2^-11 per value
+    assert (narrow[0] - wide[0]).abs().max() <= 5e-3 * spread
+    for name in wide[2]:  # layer 0's factors are the same values rounded (prefill and the fused steps alike)
+        assert torch.equal(narrow[2][name][0], wide[2][name][0].half())
+        scale = float(wide[2][name].abs().max())  # later layers also see the rounded attention before them
+        torch.testing.assert_close(narrow[2][name].float(), wide[2][name], rtol=0, atol=5e-3 * scale)
+
+
 def test_one_sequence_of_a_batch_cache_is_written_alone():
     model = _random_model(_config())
     caches = {}

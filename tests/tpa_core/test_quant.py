@@ -301,6 +301,36 @@ def test_a_large_file_decodes_with_one_activation_level(mixed, monkeypatch):
     monkeypatch.setattr(formats, "ONE_LEVEL_MIN_BYTES", path.stat().st_size)
     model = build_resident_model(GGUFFile(path), quantized.config)
     assert {p.levels for p in resident_matrices(model)} == {1}
+    assert model.cache_dtype == torch.float16 and quantized.model.cache_dtype == torch.float32
+
+
+def test_a_float16_cache_runs_prefill_decode_and_chunk_assembly(mixed):
+    from tpa_core.assembly import place
+
+    _, _, quantized, floating = mixed
+    model = quantized.model
+    ids = [5, 17, 42, 99, 7, 3, 250, 11, 64, 120, 33, 8]
+
+    def run(cache):  # prefill (attending over the cache it writes), then three decode steps: [4, V] logits
+        steps = [model(torch.tensor([ids]), cache, last_only=True)[0, -1]]
+        steps += [model(torch.tensor([[token]]), cache)[0, -1] for token in (3, 77, 150)]
+        return torch.stack(steps)
+
+    wide_cache = model.new_cache(capacity=32)
+    wide = run(wide_cache)
+    model.cache_dtype = torch.float16
+    try:
+        cache = model.new_cache(capacity=32)
+        narrow = run(cache)
+        assert cache.storage["bk"].dtype == torch.float16
+        assert narrow.dtype == torch.float32
+        assert (narrow - wide).abs().max() <= 5e-3 * float(wide.max() - wide.min())
+        with pytest.raises(TPAError, match="another model"):
+            model(torch.tensor([[1]]), wide_cache)
+        moved = place(model, {"layers.0.bk": wide_cache.storage["bk"][0, 0, :4]}, 2)  # a float32 chunk cache
+        assert moved["layers.0.bk"].dtype == torch.float16
+    finally:
+        model.cache_dtype = None
 
 
 def test_the_resident_model_holds_about_its_file_size(mixed):

@@ -10,8 +10,9 @@
 // projection is one parallel loop over all its parts.
 //
 // A projection is a stack of parts (rows), each float32 [rows, K] (type F32: torch's GEMV) or GGUF blocks in the
-// packed layout (gguf_matmul.cpp: activations rounded to one or two int8 levels, integer products). Everything
-// else is float32: sums of 16 lanes for the dot products and norms, a polynomial exp for softmax (exp_nonpositive)
+// packed layout (gguf_matmul.cpp: activations rounded to one or two int8 levels, integer products). The cache is
+// float32 or float16 (written rounded to nearest even, as torch's conversion; read widened exactly). Everything else is
+// float32: sums of 16 lanes for the dot products and norms, a polynomial exp for softmax (exp_nonpositive)
 // and std::exp for SiLU, so results match the module path to float rounding, not bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -38,17 +39,19 @@ namespace {
 
 constexpr int kLanes = 16;  // independent partial sums: the compiler keeps them in one vector register
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// b: float32, or the cache's float16 (widened exactly).
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   float lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * b[i + j];
+    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * static_cast<float>(b[i + j]);
   }
   for (int width = kLanes / 2; width > 0; width /= 2) {  // a tree: 4 dependent vector adds, not 16 scalar ones
     for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
   }
   float sum = lanes[0];
-  for (; i < n; ++i) sum += a[i] * b[i];
+  for (; i < n; ++i) sum += a[i] * static_cast<float>(b[i]);
   return sum;
 }
 
@@ -167,29 +170,35 @@ constexpr int64_t kChunk = 256;           // most cached positions per unit of w
 constexpr int64_t kChunkBytes = 1 << 17;  // and at most this many bytes of keys (or values) per unit: L2-resident
 constexpr int64_t kRowsAhead = 4;         // cache rows prefetched ahead by the group loops
 
-inline void prefetch_floats(const float* p, int64_t n) {
+// The n values at p into L1, one 64-byte line at a time.
+template <typename T>
+inline void prefetch_values(const T* p, int64_t n) {
 #ifdef TPA_DECODE_AVX512
-  for (int64_t i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(T)); i += 64) _mm_prefetch(bytes + i, _MM_HINT_T0);
 #endif
 }
 
-// p[j * kChunk + t] = scale q_j . key_t for the n keys `keys` (rows `stride` floats apart), heads j < Hg at qg.
-void scores(const float* qg, const float* keys, int64_t n, int64_t stride, int64_t Hg, int64_t D, float scale,
+// The cache holds float32 or float16 (T); every product and sum below runs in float32.
+// p[j * kChunk + t] = scale q_j . key_t for the n keys `keys` (rows `stride` values apart), heads j < Hg at qg.
+template <typename T>
+void scores(const float* qg, const T* keys, int64_t n, int64_t stride, int64_t Hg, int64_t D, float scale,
             float* p) {
   for (int64_t t = 0; t < n; ++t) {
-    const float* key = keys + t * stride;
+    const T* key = keys + t * stride;
     for (int64_t j = 0; j < Hg; ++j) p[j * kChunk + t] = dot(qg + j * D, key, D) * scale;
   }
 }
 
-// o[j] = sum_t p[j * kChunk + t] value_t for the n values `values` (rows `stride` floats apart), heads j < Hg.
-void weighted_values(const float* p, const float* values, int64_t n, int64_t stride, int64_t Hg, int64_t D,
+// o[j] = sum_t p[j * kChunk + t] value_t for the n values `values` (rows `stride` values apart), heads j < Hg.
+template <typename T>
+void weighted_values(const float* p, const T* values, int64_t n, int64_t stride, int64_t Hg, int64_t D,
                      float* o) {
   std::fill(o, o + Hg * D, 0.0f);
   for (int64_t t = 0; t < n; ++t) {
-    const float* v = values + t * stride;
+    const T* v = values + t * stride;
     for (int64_t j = 0; j < Hg; ++j) {
-      for (int64_t i = 0; i < D; ++i) o[j * D + i] += p[j * kChunk + t] * v[i];
+      for (int64_t i = 0; i < D; ++i) o[j * D + i] += p[j * kChunk + t] * static_cast<float>(v[i]);
     }
   }
 }
@@ -197,17 +206,23 @@ void weighted_values(const float* p, const float* values, int64_t n, int64_t str
 #ifdef TPA_DECODE_AVX512
 // The same two loops for D = 16 kVecs, kHeads heads of a group at a time with their queries (scores) or outputs
 // (weighted values) held in registers across the positions, each cached row loaded once per tile of heads.
-template <int kVecs, int kHeads>
-void scores_tile(const float* qg, const float* keys, int64_t n, int64_t stride, float scale, float* p) {
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int kVecs, int kHeads, typename T>
+void scores_tile(const float* qg, const T* keys, int64_t n, int64_t stride, float scale, float* p) {
   __m512 q[kHeads][kVecs];
   for (int h = 0; h < kHeads; ++h) {
     for (int v = 0; v < kVecs; ++v) q[h][v] = _mm512_loadu_ps(qg + h * 16 * kVecs + 16 * v);
   }
   for (int64_t t = 0; t < n; ++t) {
-    const float* key = keys + t * stride;
-    prefetch_floats(key + kRowsAhead * stride, 16 * kVecs);
+    const T* key = keys + t * stride;
+    prefetch_values(key + kRowsAhead * stride, 16 * kVecs);
     __m512 k[kVecs];
-    for (int v = 0; v < kVecs; ++v) k[v] = _mm512_loadu_ps(key + 16 * v);
+    for (int v = 0; v < kVecs; ++v) k[v] = load16(key + 16 * v);
     for (int h = 0; h < kHeads; ++h) {
       __m512 acc = _mm512_mul_ps(q[h][0], k[0]);
       for (int v = 1; v < kVecs; ++v) acc = _mm512_fmadd_ps(q[h][v], k[v], acc);
@@ -216,17 +231,17 @@ void scores_tile(const float* qg, const float* keys, int64_t n, int64_t stride, 
   }
 }
 
-template <int kVecs, int kHeads>
-void values_tile(const float* p, const float* values, int64_t n, int64_t stride, float* o) {
+template <int kVecs, int kHeads, typename T>
+void values_tile(const float* p, const T* values, int64_t n, int64_t stride, float* o) {
   __m512 acc[kHeads][kVecs];
   for (int h = 0; h < kHeads; ++h) {
     for (int v = 0; v < kVecs; ++v) acc[h][v] = _mm512_setzero_ps();
   }
   for (int64_t t = 0; t < n; ++t) {
-    const float* row = values + t * stride;
-    prefetch_floats(row + kRowsAhead * stride, 16 * kVecs);
+    const T* row = values + t * stride;
+    prefetch_values(row + kRowsAhead * stride, 16 * kVecs);
     __m512 x[kVecs];
-    for (int v = 0; v < kVecs; ++v) x[v] = _mm512_loadu_ps(row + 16 * v);
+    for (int v = 0; v < kVecs; ++v) x[v] = load16(row + 16 * v);
     for (int h = 0; h < kHeads; ++h) {
       const __m512 w = _mm512_set1_ps(p[h * kChunk + t]);
       for (int v = 0; v < kVecs; ++v) acc[h][v] = _mm512_fmadd_ps(w, x[v], acc[h][v]);
@@ -260,11 +275,12 @@ bool for_each_tile(int64_t Hg, int64_t D, F f) {
 #endif
 
 // Heads [g Hg, (g + 1) Hg) of q over the n cached rows at keys: scores into p (rows kChunk apart).
-void group_scores(const float* qg, const float* keys, int64_t n, int64_t stride, int64_t Hg, int64_t D, float scale,
+template <typename T>
+void group_scores(const float* qg, const T* keys, int64_t n, int64_t stride, int64_t Hg, int64_t D, float scale,
                   float* p) {
 #ifdef TPA_DECODE_AVX512
   if (for_each_tile(Hg, D, [&](auto vecs, auto heads, int64_t h0) {
-        scores_tile<decltype(vecs)::value, decltype(heads)::value>(qg + h0 * D, keys, n, stride, scale,
+        scores_tile<decltype(vecs)::value, decltype(heads)::value, T>(qg + h0 * D, keys, n, stride, scale,
                                                                   p + h0 * kChunk);
       })) {
     return;
@@ -273,10 +289,11 @@ void group_scores(const float* qg, const float* keys, int64_t n, int64_t stride,
   scores(qg, keys, n, stride, Hg, D, scale, p);
 }
 
-void group_values(const float* p, const float* values, int64_t n, int64_t stride, int64_t Hg, int64_t D, float* o) {
+template <typename T>
+void group_values(const float* p, const T* values, int64_t n, int64_t stride, int64_t Hg, int64_t D, float* o) {
 #ifdef TPA_DECODE_AVX512
   if (for_each_tile(Hg, D, [&](auto vecs, auto heads, int64_t h0) {
-        values_tile<decltype(vecs)::value, decltype(heads)::value>(p + h0 * kChunk, values, n, stride, o + h0 * D);
+        values_tile<decltype(vecs)::value, decltype(heads)::value, T>(p + h0 * kChunk, values, n, stride, o + h0 * D);
       })) {
     return;
   }
@@ -289,17 +306,18 @@ void group_values(const float* p, const float* values, int64_t n, int64_t stride
 // its key rows are prefetched whole, then each group's heads score them, a partial softmax (max m, sum l) per
 // head, the value rows likewise; the units' partials are combined per head at the end. One pass over the cache
 // (rows stay in L2 across the groups), the units spread over the threads.
-void attend(const float* q, const float* keys, const float* values, int64_t T, int64_t H, int64_t G, int64_t D,
+template <typename C>
+void attend(const float* q, const C* keys, const C* values, int64_t T, int64_t H, int64_t G, int64_t D,
             float scale, float* out) {
   const int64_t Hg = H / G, row = G * D;
-  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / static_cast<int64_t>(sizeof(float)) / row, 16, kChunk);
+  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / static_cast<int64_t>(sizeof(C)) / row, 16, kChunk);
   const int64_t chunks = (T + chunk - 1) / chunk;
   std::vector<float> m(chunks * H), l(chunks * H), acc(chunks * H * D);  // [chunks, H(, D)]
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> p(H * kChunk);  // [H, kChunk] scores, then weights
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t t0 = c * chunk, n = std::min(T, t0 + chunk) - t0;
-      prefetch_floats(keys + t0 * row, n * row);
+      prefetch_values(keys + t0 * row, n * row);
       for (int64_t g = 0; g < G; ++g) {
         group_scores(q + g * Hg * D, keys + t0 * row + g * D, n, row, Hg, D, scale, p.data() + g * Hg * kChunk);
       }
@@ -314,7 +332,7 @@ void attend(const float* q, const float* keys, const float* values, int64_t T, i
         m[c * H + h] = top;
         l[c * H + h] = total;
       }
-      prefetch_floats(values + t0 * row, n * row);
+      prefetch_values(values + t0 * row, n * row);
       for (int64_t g = 0; g < G; ++g) {
         group_values(p.data() + g * Hg * kChunk, values + t0 * row + g * D, n, row, Hg, D,
                      acc.data() + (c * H + g * Hg) * D);
@@ -350,10 +368,13 @@ void decode_block(const at::Tensor& x, const std::optional<at::Tensor>& attn_nor
                   int64_t pos, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, double scale) {
   TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "tpa_gguf.decode_block: x must be a contiguous float32 CPU vector [d], got ", x.sizes());
-  TORCH_CHECK(keys.dim() == 3 && keys.scalar_type() == at::kFloat && keys.is_contiguous() && keys.device().is_cpu()
-              && values.sizes() == keys.sizes() && values.scalar_type() == at::kFloat && values.is_contiguous(),
-              "tpa_gguf.decode_block: keys and values must be contiguous float32 CPU tensors [T_cap, G, D] of one "
-              "shape, got ", keys.sizes(), " and ", values.sizes());
+  const bool half_cache = keys.scalar_type() == at::kHalf;
+  TORCH_CHECK(keys.dim() == 3 && (half_cache || keys.scalar_type() == at::kFloat) && keys.is_contiguous()
+              && keys.device().is_cpu() && values.sizes() == keys.sizes()
+              && values.scalar_type() == keys.scalar_type() && values.is_contiguous(),
+              "tpa_gguf.decode_block: keys and values must be contiguous float32 or float16 CPU tensors "
+              "[T_cap, G, D] of one shape and dtype, got ", keys.scalar_type(), " ", keys.sizes(), " and ",
+              values.scalar_type(), " ", values.sizes());
   const int64_t d = x.size(0), G = keys.size(1), D = keys.size(2), H = heads;
   TORCH_CHECK(G > 0 && H > 0 && H % G == 0 && D % 2 == 0, "tpa_gguf.decode_block: ", H, " heads over ", G,
               " groups of head dim ", D, " (heads must be a multiple of groups, D even)");
@@ -397,10 +418,16 @@ void decode_block(const at::Tensor& x, const std::optional<at::Tensor>& attn_nor
   float* v = k + G * D;
   rope(q.data(), H, D, cos.data_ptr<float>(), sin.data_ptr<float>());
   rope(k, G, D, cos.data_ptr<float>(), sin.data_ptr<float>());
-  std::copy(k, k + G * D, keys.data_ptr<float>() + pos * G * D);
-  std::copy(v, v + G * D, values.data_ptr<float>() + pos * G * D);
-  attend(q.data(), keys.data_ptr<float>(), values.data_ptr<float>(), pos + 1, H, G, D, static_cast<float>(scale),
-         mixed.data());
+  auto write_and_attend = [&](auto* cached_keys, auto* cached_values) {  // float32, or float16 rounded to nearest even
+    std::copy(k, k + G * D, cached_keys + pos * G * D);
+    std::copy(v, v + G * D, cached_values + pos * G * D);
+    attend(q.data(), cached_keys, cached_values, pos + 1, H, G, D, static_cast<float>(scale), mixed.data());
+  };
+  if (half_cache) {
+    write_and_attend(keys.data_ptr<c10::Half>(), values.data_ptr<c10::Half>());
+  } else {
+    write_and_attend(keys.data_ptr<float>(), values.data_ptr<float>());
+  }
   project(o, mixed.data(), update.data());
   for (int64_t i = 0; i < d; ++i) xp[i] += update[i];
   // MLP: x += down(silu(gate) * up)

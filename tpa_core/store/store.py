@@ -150,7 +150,8 @@ class FactorStore:
         """The namespace key for a model and the factor dtype of its cache; registers it in the index.
 
         `model` is a loaded model (anything with `.fingerprint` and `.config`) or a fingerprint string, then
-        with `config` (a TPAConfig or its dict). `dtype` is the cache's dtype (torch.float32, "bfloat16"...).
+        with `config` (a TPAConfig or its dict). `dtype` is the cache's dtype (torch.float32, "bfloat16"...;
+        default: the model's `cache_dtype`, else its `dtype`).
         """
         fingerprint = model if isinstance(model, str) else getattr(model, "fingerprint", None)
         if not isinstance(fingerprint, str) or not fingerprint:
@@ -159,7 +160,7 @@ class FactorStore:
         if config is None:
             raise StoreError("namespace_for needs the model config (pass config=... with a fingerprint string)")
         if dtype is None:
-            dtype = getattr(model, "dtype", None)
+            dtype = getattr(model, "cache_dtype", None) or getattr(model, "dtype", None)
         if dtype is None:
             raise StoreError("namespace_for needs the cache's factor dtype (dtype=torch.float32, ...)")
         cfg = _config_dict(config)

@@ -150,6 +150,11 @@ def test_namespace_for_a_loaded_model_and_bad_calls(store, tiny_config, tiny_mod
     loaded = LoadedModel(model=tiny_model, tokenizer=None, config=tiny_config, fingerprint="f" * 64,
                          chat_template=None, name="tiny", source=tmp_path, cache_dir=tmp_path)
     assert store.namespace_for(loaded) == store.namespace_for("f" * 64, tiny_config, torch.float32)
+    tiny_model.cache_dtype = torch.float16  # a narrower cache (resident GGUF weights): its own pages
+    try:
+        assert store.namespace_for(loaded) == store.namespace_for("f" * 64, tiny_config, torch.float16)
+    finally:
+        tiny_model.cache_dtype = None
     # 16-bit factors computed over a float32 residual (tpa_core.model) never meet an earlier build's pages;
     # float32 namespaces keep their earlier keys
     cfg = tiny_config.to_dict()
