@@ -11,9 +11,9 @@
 //
 // A projection is a stack of parts (rows), each float32 [rows, K] (type F32: torch's GEMV) or GGUF blocks in the
 // packed layout (gguf_matmul.cpp: activations rounded to one or two int8 levels, integer products). The cache is
-// float32 or float16 (written rounded to nearest even, as torch's conversion; read widened exactly). Everything else is
-// float32: sums of 16 lanes for the dot products and norms, a polynomial exp for softmax (exp_nonpositive)
-// and std::exp for SiLU, so results match the module path to float rounding, not bit for bit.
+// float32 or float16 (written rounded to nearest even, as torch's conversion; read widened exactly). Everything
+// else is float32: sums of 16 lanes for the dot products and norms, a polynomial exp for softmax
+// (exp_nonpositive) and std::exp for SiLU, so results match the module path to float rounding, not bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
