@@ -71,7 +71,7 @@ def _layer(model: TPAModel, i: int, x: Tensor, cache: FactorCache, seq: int, pos
     S = pos.numel()
     f = attn.factors(block.attn_norm.forward(x), step.rope)  # name -> [1, S, ...]
     for name in cache.names:
-        cache.storage[name][i, seq, pos] = f[name][0]  # scatter the S tokens' factors to their places
+        cache.storage[name][i, seq, pos] = f[name][0].to(cache.dtype)  # scatter the S tokens' factors to their places
     T = int(pos[-1]) + 1
     buf = {name: store[i, seq, :T] for name, store in cache.storage.items()}  # name -> [T, ...]
     out = _scattered_attention(f, buf, pos)  # [S, H, D]

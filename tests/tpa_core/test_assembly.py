@@ -73,16 +73,25 @@ def test_recomputing_every_token_is_a_full_prefill(helpers, form):
 
 
 @pytest.mark.skipif(not ops.available(), reason="the quantized-weights op could not be built (no C++ compiler)")
-def test_recomputing_with_resident_quantized_weights_is_a_full_prefill(tmp_path):
+@pytest.mark.parametrize("cache_dtype", [None, torch.float16], ids=["float32-cache", "float16-cache"])
+def test_recomputing_with_resident_quantized_weights_is_a_full_prefill(tmp_path, cache_dtype):
     """The same with a GGUF's matrices resident in their blocks (their float parameters are placeholders): the
     recompute goes through the blocks too. The tail's few rows run the integer decode product, the full prefill
-    dequantized rows: the bound is looser."""
+    dequantized rows: the bound is looser. With the float16 cache of large files the recomputed factors are
+    rounded into it as a prefill rounds its own."""
     path = tmp_path / "tiny-q8_0.gguf"
     write_tiny_gguf(path, qtype="Q8_0")
     model = load_model(path, tmp_path / "models", device="cpu", weights="quantized").model
+    model.cache_dtype = cache_dtype
     assembled, approx, full = _assemble_and_recompute(model, vocab=model.config.vocab_size)
-    assert _rel_err(assembled, full) <= 1e-3  # 1e-5 here; 3e-2 when the recompute skipped the blocks
+    assert _rel_err(assembled, full) <= 1e-3  # 1e-5 here (float32); 3e-2 when the recompute skipped the blocks
     assert _rel_err(approx, full) > 10 * _rel_err(assembled, full)
+    cache = model.new_cache(capacity=32)
+    ids = list(range(3, 23))
+    model(torch.tensor([ids]), cache)
+    chosen, states = select_deviating(model, cache, ids[4:], list(range(4, 20)), 0.25)
+    recompute(model, cache, [ids[p] for p in chosen], chosen, first_layer_states=states)
+    assert len(chosen) == 4 and cache.storage["bk"].dtype == (cache_dtype or torch.float32)
 
 
 def _assemble_and_recompute(model, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
