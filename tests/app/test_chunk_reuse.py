@@ -192,3 +192,25 @@ def test_a_new_question_on_other_chunks_restores_the_system_prompt_exactly(make_
         other = service.ask(OTHER, "docs", options=options)  # another chunk, a new session
         assert {s["path"] for s in other.sources}.isdisjoint({s["path"] for s in first.sources})
         assert other.metrics["reused_tokens"] == system
+
+
+def test_a_float16_cache_asks_assembles_and_restores(make_service, corpus_dir):
+    """A model whose factor cache is narrower than its compute (resident GGUF files of 256 MiB and more): its
+    pages live in a namespace of their own, chunk caches assemble and recompute in float16, and a restart
+    restores them."""
+    from tiny import tiny_loaded_model
+
+    loaded = tiny_loaded_model()
+    loaded.model.cache_dtype = torch.float16
+    service = make_service(model=loaded)
+    service.ingest_paths("docs", [str(corpus_dir)])
+    first = service.ask(QUESTION, "docs", options=ON)
+    second = service.ask(OTHER, "docs", options=ON)
+    assert first.metrics["recomputed_tokens"] > 0 and second.metrics["chunk_tokens"] > 0
+    assert service.namespace() == service.store.namespace_for(loaded.fingerprint, loaded.config, torch.float16)
+    restarted = make_service(model=loaded)
+    again = restarted.ask(QUESTION, "docs", options=ON)
+    # the assembled prompt's pages, restored from the store (as float16) after the restart
+    assert again.metrics["chunk_tokens"] >= first.metrics["chunk_tokens"] > 0
+    assert again.metrics["chunk_caches_encoded"] == 0
+    assert again.answer == first.answer
