@@ -136,7 +136,7 @@ class TPAModel(nn.Module):
     @property
     def cache_dtype(self) -> torch.dtype:
         """The dtype of this model's factor cache: the model's own, or a narrower one set at load (resident GGUF
-        weights, `tpa_core.quant.formats.cache_dtype`). Attention reads it in the compute dtype."""
+        weights, `tpa_core.quant.formats.CACHE_DTYPE`). Attention reads it in the compute dtype."""
         return self._cache_dtype or self.dtype
 
     @cache_dtype.setter

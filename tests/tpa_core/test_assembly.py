@@ -73,7 +73,7 @@ def test_recomputing_every_token_is_a_full_prefill(helpers, form):
 
 
 @pytest.mark.skipif(not ops.available(), reason="the quantized-weights op could not be built (no C++ compiler)")
-@pytest.mark.parametrize("cache_dtype", [None, torch.float16], ids=["float32-cache", "float16-cache"])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16], ids=["float32-cache", "float16-cache"])
 def test_recomputing_with_resident_quantized_weights_is_a_full_prefill(tmp_path, cache_dtype):
     """The same with a GGUF's matrices resident in their blocks (their float parameters are placeholders): the
     recompute goes through the blocks too. The tail's few rows run the integer decode product, the full prefill
@@ -91,7 +91,7 @@ def test_recomputing_with_resident_quantized_weights_is_a_full_prefill(tmp_path,
     model(torch.tensor([ids]), cache)
     chosen, states = select_deviating(model, cache, ids[4:], list(range(4, 20)), 0.25)
     recompute(model, cache, [ids[p] for p in chosen], chosen, first_layer_states=states)
-    assert len(chosen) == 4 and cache.storage["bk"].dtype == (cache_dtype or torch.float32)
+    assert len(chosen) == 4 and cache.storage["bk"].dtype == cache_dtype
 
 
 def _assemble_and_recompute(model, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -301,7 +301,7 @@ def test_a_large_file_decodes_with_one_activation_level(mixed, monkeypatch):
     monkeypatch.setattr(formats, "ONE_LEVEL_MIN_BYTES", path.stat().st_size)
     model = build_resident_model(GGUFFile(path), quantized.config)
     assert {p.levels for p in resident_matrices(model)} == {1}
-    assert model.cache_dtype == torch.float16 and quantized.model.cache_dtype == torch.float32
+    assert model.cache_dtype == quantized.model.cache_dtype == torch.float16  # every resident model's cache
 
 
 def test_a_float16_cache_runs_prefill_decode_and_chunk_assembly(mixed):
@@ -316,6 +316,7 @@ def test_a_float16_cache_runs_prefill_decode_and_chunk_assembly(mixed):
         steps += [model(torch.tensor([[token]]), cache)[0, -1] for token in (3, 77, 150)]
         return torch.stack(steps)
 
+    model.cache_dtype = torch.float32
     wide_cache = model.new_cache(capacity=32)
     wide = run(wide_cache)
     model.cache_dtype = torch.float16
@@ -330,7 +331,7 @@ def test_a_float16_cache_runs_prefill_decode_and_chunk_assembly(mixed):
         moved = place(model, {"layers.0.bk": wide_cache.storage["bk"][0, 0, :4]}, 2)  # a float32 chunk cache
         assert moved["layers.0.bk"].dtype == torch.float16
     finally:
-        model.cache_dtype = None
+        model.cache_dtype = torch.float16
 
 
 def test_the_resident_model_holds_about_its_file_size(mixed):
@@ -403,6 +404,14 @@ def test_a_damaged_packed_store_is_rebuilt(mixed, tmp_path, damage):
 def test_quantized_and_float_paths_agree(mixed):
     _, _, quantized, floating = mixed
     ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11, 64, 120, 33, 8]])  # 12 tokens: the prefill path
+    floating.model.cache_dtype = quantized.model.cache_dtype  # the float model over the same float16 cache
+    try:
+        _check_paths_agree(quantized, floating, ids)
+    finally:
+        floating.model.cache_dtype = None
+
+
+def _check_paths_agree(quantized, floating, ids):
     cache_q = quantized.model.new_cache(capacity=16)
     cache_f = floating.model.new_cache(capacity=16)
     prefill_q = quantized.model(ids, cache_q)
@@ -497,7 +506,10 @@ def test_auto_on_a_mid_size_file_prefills_as_the_float_model_and_decodes_with_th
     assert layers and all(layer.dense is not None for layer in layers)
     assert hybrid.model.packed_head.dense is None  # the head and the embedding stay in their blocks
     ids = torch.tensor([hybrid.tokenizer.encode("the quick brown fox jumps over the lazy dog")])
+    assert hybrid.model.cache_dtype == torch.float16 and floating.model.cache_dtype == torch.float32
+    floating.model.cache_dtype = torch.float16  # the float model over the same float16 cache
     torch.testing.assert_close(hybrid.model(ids), floating.model(ids), rtol=1e-6, atol=1e-6)  # prefill: float32's
+    floating.model.cache_dtype = None
     cache = hybrid.model.new_cache(capacity=16)
     hybrid.model(ids, cache)
     prefills = []

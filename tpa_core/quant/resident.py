@@ -20,7 +20,7 @@ from torch import nn
 
 from tpa_core.errors import TPAError
 from tpa_core.quant import ops, packed_store
-from tpa_core.quant.formats import FORMATS, BlockFormat, activation_levels, cache_dtype
+from tpa_core.quant.formats import CACHE_DTYPE, FORMATS, BlockFormat, activation_levels
 from tpa_core.quant.linear import QuantEmbedding, QuantLinear, QuantMatrix, placeholder
 from tpa_core.quant.packed_store import PackedStore
 
@@ -103,7 +103,7 @@ def dense_prefill_nbytes(gguf: GGUFFile) -> int:
 
 def build_resident_model(gguf: GGUFFile, config: TPAConfig, packed_dir: Path | None = None,
                          prefill: torch.dtype = torch.float32, dense_prefill: bool = False):
-    """A TPAModel (eval mode, CPU, float32 compute, its cache in `formats.cache_dtype`) running `gguf`'s matrices
+    """A TPAModel (eval mode, CPU, float32 compute, its cache in `formats.CACHE_DTYPE`) running `gguf`'s matrices
     in their blocks. `packed_dir`: the
     model's cache folder, where the packed matrices are kept (`packed_store`) and read back on the next load;
     `prefill`: the dtype of its prefill GEMMs (`formats.prefill_dtype`); `dense_prefill`: every block's projections
@@ -183,7 +183,7 @@ def build_resident_model(gguf: GGUFFile, config: TPAConfig, packed_dir: Path | N
         raise TPAError(f"{gguf.path}: some model tensors were not in the file")
     if repacked and packed_dir is not None:
         packed_store.save(packed_dir, {name: m.data for name, m in built.items() if m.packed})
-    model.cache_dtype = cache_dtype(gguf.path.stat().st_size)
+    model.cache_dtype = CACHE_DTYPE
     return model.eval()
 
 
