@@ -104,10 +104,10 @@ def dense_prefill_nbytes(gguf: GGUFFile) -> int:
 def build_resident_model(gguf: GGUFFile, config: TPAConfig, packed_dir: Path | None = None,
                          prefill: torch.dtype = torch.float32, dense_prefill: bool = False):
     """A TPAModel (eval mode, CPU, float32 compute, its cache in `formats.CACHE_DTYPE`) running `gguf`'s matrices
-    in their blocks. `packed_dir`: the
-    model's cache folder, where the packed matrices are kept (`packed_store`) and read back on the next load;
-    `prefill`: the dtype of its prefill GEMMs (`formats.prefill_dtype`); `dense_prefill`: every block's projections
-    also held in float32 for prefill (`QuantLinear.keep_dense`; decode still computes with the blocks)."""
+    in their blocks. `packed_dir`: the model's cache folder, where the packed matrices are kept (`packed_store`) and
+    read back on the next load; `prefill`: the dtype of its prefill GEMMs (`formats.prefill_dtype`);
+    `dense_prefill`: every block's projections also held in float32 for prefill (`QuantLinear.keep_dense`; decode
+    still computes with the blocks)."""
     from tpa_core.loading import skip_init
     from tpa_core.model import TPAModel
 
