@@ -15,8 +15,9 @@ torch thread count:
 Medians of --repeats runs per figure. Our engine is also measured in --extra-dtypes (default float16,quantized,auto;
 float16: about twice the decode speed on an AVX-512 CPU, not bit-identical to float32; quantized: the GGUF's blocks
 resident, `tpa_core.quant`; auto: what `--weights auto` loads, for this model the blocks for decode, float32
-copies of the projections for prefill and a float16 factor cache), against transformers in float32; each also reports how many of its greedy
-tokens equal the float32 engine's. llama.cpp is compared in benchmarks/quantized.py. The report starts with the
+copies of the projections for prefill and a float16 factor cache), against transformers in float32; each also
+reports how many of its greedy tokens equal the float32 engine's. llama.cpp is compared in
+benchmarks/quantized.py. The report starts with the
 conditions that decide CPU speed besides our code (CPU model and vector extensions, torch's CPU capability, MKL and
 oneDNN versions, whether our prefill went through oneDNN, the load average at start and end), so that two runs can
 be told apart by machine as well as by code.
