@@ -195,7 +195,7 @@ def test_a_new_question_on_other_chunks_restores_the_system_prompt_exactly(make_
 
 
 def test_a_float16_cache_asks_assembles_and_restores(make_service, corpus_dir):
-    """A model whose factor cache is narrower than its compute (resident GGUF files of 256 MiB and more): its
+    """A model whose factor cache is narrower than its compute (every model resident in GGUF blocks): its
     pages live in a namespace of their own, chunk caches assemble and recompute in float16, and a restart
     restores them."""
     from tiny import tiny_loaded_model

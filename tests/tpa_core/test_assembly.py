@@ -77,7 +77,7 @@ def test_recomputing_every_token_is_a_full_prefill(helpers, form):
 def test_recomputing_with_resident_quantized_weights_is_a_full_prefill(tmp_path, cache_dtype):
     """The same with a GGUF's matrices resident in their blocks (their float parameters are placeholders): the
     recompute goes through the blocks too. The tail's few rows run the integer decode product, the full prefill
-    dequantized rows: the bound is looser. With the float16 cache of large files the recomputed factors are
+    dequantized rows: the bound is looser. With the float16 cache resident models keep, the recomputed factors are
     rounded into it as a prefill rounds its own."""
     path = tmp_path / "tiny-q8_0.gguf"
     write_tiny_gguf(path, qtype="Q8_0")

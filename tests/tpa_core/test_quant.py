@@ -316,6 +316,7 @@ def test_a_float16_cache_runs_prefill_decode_and_chunk_assembly(mixed):
         steps += [model(torch.tensor([[token]]), cache)[0, -1] for token in (3, 77, 150)]
         return torch.stack(steps)
 
+    loaded_with = model.cache_dtype
     model.cache_dtype = torch.float32
     wide_cache = model.new_cache(capacity=32)
     wide = run(wide_cache)
@@ -331,7 +332,7 @@ def test_a_float16_cache_runs_prefill_decode_and_chunk_assembly(mixed):
         moved = place(model, {"layers.0.bk": wide_cache.storage["bk"][0, 0, :4]}, 2)  # a float32 chunk cache
         assert moved["layers.0.bk"].dtype == torch.float16
     finally:
-        model.cache_dtype = torch.float16
+        model.cache_dtype = loaded_with
 
 
 def test_the_resident_model_holds_about_its_file_size(mixed):
@@ -508,8 +509,10 @@ def test_auto_on_a_mid_size_file_prefills_as_the_float_model_and_decodes_with_th
     ids = torch.tensor([hybrid.tokenizer.encode("the quick brown fox jumps over the lazy dog")])
     assert hybrid.model.cache_dtype == torch.float16 and floating.model.cache_dtype == torch.float32
     floating.model.cache_dtype = torch.float16  # the float model over the same float16 cache
-    torch.testing.assert_close(hybrid.model(ids), floating.model(ids), rtol=1e-6, atol=1e-6)  # prefill: float32's
-    floating.model.cache_dtype = None
+    try:
+        torch.testing.assert_close(hybrid.model(ids), floating.model(ids), rtol=1e-6, atol=1e-6)  # prefill: float32's
+    finally:
+        floating.model.cache_dtype = None
     cache = hybrid.model.new_cache(capacity=16)
     hybrid.model(ids, cache)
     prefills = []
