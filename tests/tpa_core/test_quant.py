@@ -27,7 +27,7 @@ from tpa_core import loading
 from tpa_core.errors import TPAError
 from tpa_core.gguf import GGUFFile, unpermute_rows
 from tpa_core.loading import list_cached, load_model
-from tpa_core.quant import ops
+from tpa_core.quant import linear, ops
 from tpa_core.quant.formats import (
     FORMATS,
     ONE_LEVEL_MIN_BYTES,
@@ -35,7 +35,7 @@ from tpa_core.quant.formats import (
     activation_levels,
     random_blocks,
 )
-from tpa_core.quant.linear import DECODE_MAX_ROWS, QuantLinear, QuantMatrix
+from tpa_core.quant.linear import INTEGER_MAX_ROWS, QuantLinear, QuantMatrix
 from tpa_core.quant.resident import is_placeholder, packs, resident_bytes_of, resident_matrices
 
 pytestmark = pytest.mark.skipif(not ops.available(), reason="the compiled op could not be built (no C++ compiler)")
@@ -95,9 +95,9 @@ def test_prefill_rows_use_the_dequantized_gemm_with_float32_accuracy():
              for name, rows in (("Q4_K", 24), ("Q6_K", 8), ("Q8_0", 16))]
     layer = QuantLinear(parts)
     weight = layer.dequantize()  # [48, 256]
-    x = torch.randn(2, DECODE_MAX_ROWS + 5, 256)
+    x = torch.randn(2, INTEGER_MAX_ROWS + 5, 256)
     y = layer(x)
-    assert y.shape == (2, DECODE_MAX_ROWS + 5, 48)
+    assert y.shape == (2, INTEGER_MAX_ROWS + 5, 48)
     torch.testing.assert_close(y, x @ weight.t(), rtol=1e-5, atol=1e-5 * float(weight.abs().max()))
 
 
@@ -222,7 +222,7 @@ def test_the_packed_product_equals_the_file_layouts(name, levels):
     raw = torch.from_numpy(random_blocks(name, rows, cols, rng))
     packed = QuantMatrix(ops.repack(raw, fmt.type_id, cols), fmt, rows, cols, levels=levels, packed=True)
     plain = QuantMatrix(raw, fmt, rows, cols, levels=levels)
-    x = torch.randn(DECODE_MAX_ROWS, cols, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(INTEGER_MAX_ROWS, cols, generator=torch.Generator().manual_seed(3))
     expected = plain.matmul(x)
     # the same integer products; only the float32 summation order differs
     tolerance = 1e-5 * (x.abs() @ plain.dequantize().abs().t())
@@ -254,7 +254,7 @@ def test_a_bfloat16_prefill_is_the_float32_one_rounded_to_bfloat16(name):
     if fmt.values > 1:  # the op writes bfloat16 rows: the float32 ones rounded to nearest even
         out = ops.dequantize_into(raw, fmt.type_id, cols, torch.empty(rows, cols, dtype=torch.bfloat16))
         assert torch.equal(out, matrix.dequantize().to(torch.bfloat16))
-    x = torch.randn(DECODE_MAX_ROWS + 5, cols, generator=torch.Generator().manual_seed(4))  # the prefill path
+    x = torch.randn(INTEGER_MAX_ROWS + 5, cols, generator=torch.Generator().manual_seed(4))  # the prefill path
     full = QuantLinear([matrix])(x)
     low = QuantLinear([matrix], torch.bfloat16)(x)
     assert low.dtype == torch.float32
@@ -287,6 +287,7 @@ def test_a_bfloat16_prefill_model_has_its_own_fingerprint(mixed, tmp_path, monke
     one_level = load_model(path, tmp_path, device="cpu", weights="quantized")
     # separate store namespaces (the activation levels follow from the file's bytes, which the fingerprint hashes)
     assert low.fingerprint not in (one_level.fingerprint, quantized.fingerprint)
+    monkeypatch.setattr(linear, "INTEGER_MAX_ROWS", 8)  # 12 tokens stand for a long prompt (64-token window)
     ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11, 64, 120, 33, 8]])  # 12 tokens: the prefill path
     logits = low.model(ids, low.model.new_cache(capacity=16))
     reference = floating.model(ids, floating.model.new_cache(capacity=16))
@@ -402,8 +403,9 @@ def test_a_damaged_packed_store_is_rebuilt(mixed, tmp_path, damage):
     assert torch.equal(again.model.layers[0].mlp.packed["w_gate_up"].parts[1].dequantize(), expected)
 
 
-def test_quantized_and_float_paths_agree(mixed):
+def test_quantized_and_float_paths_agree(mixed, monkeypatch):
     _, _, quantized, floating = mixed
+    monkeypatch.setattr(linear, "INTEGER_MAX_ROWS", 8)  # 12 tokens stand for a long prompt (64-token window)
     ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11, 64, 120, 33, 8]])  # 12 tokens: the prefill path
     floating.model.cache_dtype = quantized.model.cache_dtype  # the float model over the same float16 cache
     try:
@@ -508,6 +510,7 @@ def test_auto_on_a_mid_size_file_prefills_as_the_float_model_and_decodes_with_th
     assert hybrid.model.packed_head.dense is None  # the head and the embedding stay in their blocks
     ids = torch.tensor([hybrid.tokenizer.encode("the quick brown fox jumps over the lazy dog")])
     assert hybrid.model.cache_dtype == torch.float16 and floating.model.cache_dtype == torch.float32
+    monkeypatch.setattr(linear, "INTEGER_MAX_ROWS", 8)  # these few tokens stand for a long prompt (64-token window)
     floating.model.cache_dtype = torch.float16  # the float model over the same float16 cache
     try:
         torch.testing.assert_close(hybrid.model(ids), floating.model(ids), rtol=1e-6, atol=1e-6)  # prefill: float32's
@@ -515,10 +518,12 @@ def test_auto_on_a_mid_size_file_prefills_as_the_float_model_and_decodes_with_th
         floating.model.cache_dtype = None
     cache = hybrid.model.new_cache(capacity=16)
     hybrid.model(ids, cache)
+    monkeypatch.setattr(linear, "INTEGER_MAX_ROWS", INTEGER_MAX_ROWS)
     prefills = []
     monkeypatch.setattr(QuantLinear, "_prefill", lambda self, x2: prefills.append(self))
     hybrid.model(torch.tensor([[3]]), cache)  # one decode step: the integer op on the blocks, not the copies
-    assert prefills == []
+    hybrid.model(ids, hybrid.model.new_cache(capacity=16))  # a short input (a follow-up's question) too
+    assert ids.shape[1] <= INTEGER_MAX_ROWS and prefills == []
     listed = {entry["fingerprint"]: entry for entry in list_cached(tmp_path / "models")}
     assert listed[hybrid.fingerprint]["weights"] == loading.QUANTIZED_DENSE_PREFILL
     assert listed[hybrid.fingerprint]["resident_mb"] * 2**20 >= sum(layer.dense.numel() * 4 for layer in layers)

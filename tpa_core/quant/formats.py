@@ -5,15 +5,15 @@ for the bit layouts). The resident form is those bytes, unchanged or, on CPUs wi
 loss into groups of 16 rows for the decode kernel (`ops.repack`): the codes, the block scales and mins are exactly
 the file's. What is rounded is the arithmetic:
 
-- decode (few rows): every 32 activations (256 for the K-quants, as llama.cpp's Q8_K) are rounded to int8
-  with one float32 scale (as llama.cpp's decode does) and, for files under `ONE_LEVEL_MIN_BYTES`
-  (`activation_levels`), the rounding error once more to int8 at 1/256 of that scale; the integer dot products
-  are exact, the scale products float32. A product's error is the activation rounding: at most one step of the
-  last level, |x| max of the group / 127 (/ (127 * 256) with two levels), times the weights' absolute sum over
-  that block (`activation_error_bound`). One int8 level agreed with float32 on 190 of 196 teacher-forced
-  positions of the default model, two levels on 196.
+- decode and short inputs (up to `linear.INTEGER_MAX_ROWS` rows): every 32 activations (256 for the K-quants,
+  as llama.cpp's Q8_K) are rounded to int8 with one float32 scale (as llama.cpp's decode does) and, for files
+  under `ONE_LEVEL_MIN_BYTES` (`activation_levels`), the rounding error once more to int8 at 1/256 of that
+  scale; the integer dot products are exact, the scale products float32. A product's error is the activation
+  rounding: at most one step of the last level, |x| max of the group / 127 (/ (127 * 256) with two levels),
+  times the weights' absolute sum over that block (`activation_error_bound`). One int8 level agreed with float32
+  on 190 of 196 teacher-forced positions of the default model, two levels on 196.
 - F16 / BF16 matrices multiply float32 activations directly: float32 rounding only.
-- prefill (many rows): chunks of rows are dequantized to float32 (bit-identical to gguf's `dequantize`) and
+- prefill (more rows): chunks of rows are dequantized to float32 (bit-identical to gguf's `dequantize`) and
   multiplied by a float32 GEMM: the same as the float32 model up to the GEMM's summation order. Files that decode
   with one level, on CPUs with AMX or AVX-512 BF16 (`prefill_dtype`), dequantize to bfloat16 and round the
   activations to bfloat16 too (8 significant bits, about what llama.cpp's int8 activations keep); the GEMM sums in

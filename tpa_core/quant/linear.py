@@ -3,9 +3,10 @@
 `QuantMatrix` is one GGUF matrix `[rows, cols]`: its block bytes `[rows, row_bytes]` (uint8, usually a view of the
 memory-mapped file) or, for F32 and the types the op does not compute with, a float32 tensor. `QuantLinear`
 stacks matrices along the output dim (a fused q|k|v or gate|up projection whose parts may differ in type, as in
-Q4_K_M files). Few-row inputs (decode) run the compiled integer op; many-row inputs (prefill) dequantize a chunk
-of rows at a time into a reused scratch buffer and run a float32 GEMM (`tpa_core.quant.formats` says what each
-path rounds), or multiply a float32 copy held for prefill (`QuantLinear.keep_dense`).
+Q4_K_M files). Inputs of up to `INTEGER_MAX_ROWS` rows (decode, a follow-up question's tokens) run the compiled
+integer op; longer ones (prefill) dequantize a chunk of rows at a time into a reused scratch buffer and run a
+float32 GEMM (`tpa_core.quant.formats` says what each path rounds), or multiply a float32 copy held for prefill
+(`QuantLinear.keep_dense`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from tpa_core.quant import ops
 from tpa_core.quant.formats import BlockFormat
 
 # Inputs of up to this many rows run the integer op; more rows dequantize and run a float GEMM. A row costs the
-# integer op one pass over the weight's codes per 32 activations, the GEMM path one dequantization per matrix.
-DECODE_MAX_ROWS = 8
+# integer op one pass over the weight's codes per 32 activations, the GEMM path one dequantization per matrix (or,
+# with a float32 copy held, one read of it). Measured on AVX-512 at one and two threads (benchmarks/NOTES.md,
+# "Short extends"): at 64 rows the integer op is 1.1-3.2x faster for every type but Q6_K (0.93x), at 16 rows 2.3-10x.
+INTEGER_MAX_ROWS = 64
 SCRATCH_VALUES = 1 << 23  # float32 values dequantized per chunk (32 MiB per thread)
 _scratch = threading.local()
 
@@ -131,7 +134,7 @@ class QuantLinear:
         """x `[..., K]` -> `[..., N]` float32."""
         rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features).float()  # [M, K]
-        if rows <= DECODE_MAX_ROWS:
+        if rows <= INTEGER_MAX_ROWS:
             outs = [p.matmul(x2) for p in self.parts]  # [M, rows of each part]
             y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [M, N]
         else:
