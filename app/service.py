@@ -235,7 +235,7 @@ class ChatService:
     def namespace(self) -> str:
         if self._namespace is None:
             loaded = self.loaded
-            self._namespace = self.store.namespace_for(loaded, dtype=loaded.cache_dtype)
+            self._namespace = self.store.namespace_for(loaded)  # keyed by its cache dtype
         return self._namespace
 
     def warm_up(self) -> None:

@@ -96,7 +96,7 @@ def _open(args) -> tuple:
     loaded = load_model(args.model, Path(args.data_dir) / "models", device="cpu")
     store = FactorStore.open(make_engine(f"sqlite:///{args.store_dir}/store.sqlite"),
                              Path(args.store_dir) / "blobs", 64 * 1024**3)
-    return loaded, store, store.namespace_for(loaded, dtype=loaded.cache_dtype)
+    return loaded, store, store.namespace_for(loaded)  # keyed by its cache dtype
 
 
 def phase_cold(args) -> dict:
