@@ -80,7 +80,11 @@ class SwiGLU(FusedParams):
     def forward(self, x: Tensor) -> Tensor:
         """x `[B, N, d]` -> `[B, N, d]`."""
         gate, up = linear(x, self.w_gate_up, packed=self.packed.get("w_gate_up")).split(self.hidden, dim=-1)
-        return linear(F.silu(gate) * up, self.w_down, packed=self.packed.get("w_down"))  # gate, up: [B, N, F]
+        if torch.is_grad_enabled():  # gate, up: [B, N, F] views of one [B, N, 2F] product
+            hidden = F.silu(gate) * up
+        else:  # in place: a prefill holds the one product, not two more tensors of its half's size
+            hidden = F.silu(gate, inplace=True).mul_(up)
+        return linear(hidden, self.w_down, packed=self.packed.get("w_down"))
 
 
 class Block(nn.Module):
